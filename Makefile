@@ -1,0 +1,41 @@
+# seaice_nb: every target sets up the isolated environment (.venv) first; a second run reuses it.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.seaice-installed
+
+.PHONY: env demo test docs export clean-nbs readme lab clean
+
+$(STAMP): settings.ini setup.py
+	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 10), "seaice_nb needs Python >= 3.10, found " + sys.version.split()[0]'
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip wheel setuptools
+	$(BIN)/python -m pip install --progress-bar off -e ".[dev]"
+	@touch $@
+
+env: $(STAMP)  ## create .venv and install seaice_nb with its dev tools
+
+demo: env  ## the main job on the built-in synthetic data (no downloads)
+	$(BIN)/python tools/demo.py
+
+test: env  ## the whole test suite (what CI runs)
+	bash tools/test.sh
+
+docs: env  ## build the docs site into _docs/
+	bash tools/docs.sh
+
+export: env  ## notebooks -> library
+	$(BIN)/nbdev_export
+
+clean-nbs: env  ## strip execution counts and metadata from notebooks (keeps tags)
+	$(BIN)/nbdev_clean
+
+readme: env  ## README.md from nbs/index.ipynb
+	$(BIN)/python tools/readme.py
+
+lab: env  ## JupyterLab on the notebooks
+	$(BIN)/jupyter lab --no-browser --ip 127.0.0.1 nbs
+
+clean:
+	rm -rf _proc _docs .pytest_cache

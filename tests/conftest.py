@@ -1,0 +1,26 @@
+"""Shared pytest fixtures and helpers for seaice_nb's integration tests."""
+import os, shutil
+from pathlib import Path
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+IN_CI = os.environ.get('CI', '').lower() in ('1', 'true', 'yes')
+
+
+def require(condition: bool, reason: str):
+    """Skip the test when `condition` is false — except in CI, where the missing piece is a failure."""
+    if condition: return
+    if IN_CI: pytest.fail(f"required in CI: {reason}")
+    pytest.skip(reason)
+
+
+def require_tool(name: str, package: str | None = None) -> str:
+    """Path of the command `name`; skip (fail in CI) naming the Debian package that provides it."""
+    path = shutil.which(name)
+    require(path is not None, f"{name} not found: install the Debian package {package or name} (tools/sysdeps.sh does)")
+    return path
+
+
+@pytest.fixture
+def repo() -> Path:
+    return REPO

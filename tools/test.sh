@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# The test suite (make test): library/notebook sync, clean notebooks, notebook tests, pytest.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+BIN=${VENV:-.venv}/bin
+start=$(date +%s)
+fail=0
+step() { echo; echo "== $* =="; }
+
+[ "${SEAICE_SKIP_SYSDEPS:-}" = 1 ] || bash tools/sysdeps.sh || fail=1
+
+step "nbdev_export changes nothing (notebooks are the source of truth)"
+snap=$(mktemp -d); cp -r seaice_nb "$snap/"
+"$BIN/nbdev_export" || { echo "FAIL: nbdev_export errored"; fail=1; }
+if ! diff -r -x __pycache__ "$snap/seaice_nb" seaice_nb; then
+  echo "FAIL: nbdev_export changed seaice_nb/ — a library file was edited without its notebook."
+  echo "      Edit the notebook (or run nbdev_update) and export again. Restoring the library as it was."
+  rm -rf seaice_nb && cp -r "$snap/seaice_nb" seaice_nb; fail=1
+fi
+rm -rf "$snap"
+
+step "nbdev_clean changes nothing"
+snap=$(mktemp -d); cp -r nbs "$snap/"
+"$BIN/nbdev_clean" || { echo "FAIL: nbdev_clean errored"; fail=1; }
+if ! diff -r "$snap/nbs" nbs >/dev/null; then
+  echo "FAIL: nbdev_clean would change these notebooks (run make clean-nbs and commit):"
+  diff -rq "$snap/nbs" nbs; rm -rf nbs && cp -r "$snap/nbs" nbs; fail=1
+fi
+rm -rf "$snap"
+
+step "nbdev_test (notebook examples)"
+t0=$(date +%s)
+"$BIN/nbdev_test" --n_workers 2 --timing || { echo "FAIL: nbdev_test"; fail=1; }
+echo "nbdev_test took $(( $(date +%s) - t0 )) s"
+
+step "pytest"
+t0=$(date +%s)
+"$BIN/python" -m pytest tests -ra --durations=15 "$@"; rc=$?
+[ $rc -ne 0 ] && { echo "FAIL: pytest exited $rc"; fail=1; }
+echo "pytest took $(( $(date +%s) - t0 )) s"
+
+echo; echo "== test suite wall time: $(( $(date +%s) - start )) s =="
+[ $fail -eq 0 ] && echo "ALL CHECKS PASSED" || echo "SOME CHECKS FAILED"
+exit $fail
