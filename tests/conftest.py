@@ -21,6 +21,8 @@ def require_tool(name: str, package: str | None = None) -> str:
     return path
 
 
-@pytest.fixture
+@pytest.fixture(scope='session')
 def repo() -> Path:
     return REPO
+
+from slurm_cluster import slurm_cluster  # noqa: E402,F401  session fixture: a private single-node SLURM cluster

@@ -9,7 +9,7 @@ The notebook stays the source of truth: the script is a scratch copy (keep it ou
 `build` executes the notebook in nbs/ (so saved outputs reach the docs), runs nbdev_clean on it and
 nbdev_export for the whole library.
 """
-import subprocess, sys
+import ast, subprocess, sys
 from pathlib import Path
 import jupytext, nbformat
 
@@ -25,12 +25,39 @@ def topy(nb_path, out=None):
     print(out)
 
 
+def split_imports(nb):
+    """nbdev's doc build executes every non-exported cell that contains an import: give such imports a
+    cell of their own so the example code around them is not run while building the docs."""
+    out = []
+    for cell in nb.cells:
+        src = cell.source
+        if cell.cell_type != 'code' or any(l.startswith('#|') and l[2:].split()[:1] in (['export'], ['exports'], ['exporti'], ['exec_doc'])
+                                           for l in src.splitlines()):
+            out.append(cell); continue
+        try: tree = ast.parse('\n'.join(l for l in src.splitlines() if not l.lstrip().startswith(('%', '!'))))
+        except SyntaxError: out.append(cell); continue
+        imports = [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))]
+        if not imports or len(imports) == len(tree.body) or 'nbdev_export()' in src: out.append(cell); continue
+        lines = src.splitlines()
+        keep = set(range(len(lines)))
+        imp_lines = []
+        for n in imports:
+            imp_lines += lines[n.lineno - 1:n.end_lineno]; keep -= set(range(n.lineno - 1, n.end_lineno))
+        dirs = [l for l in lines if l.startswith('#|')]
+        out.append(nbformat.v4.new_code_cell('\n'.join(dirs + imp_lines)))
+        cell.source = '\n'.join(l for i, l in enumerate(lines) if i in keep)
+        out.append(cell)
+    nb.cells = out
+    return nb
+
+
 def build(src, nb_path, execute=True):
-    nb = jupytext.read(src, fmt='py:percent')
+    nb = split_imports(jupytext.read(src, fmt='py:percent'))
     nb.metadata = {'kernelspec': KERNEL}
-    old = Path(nb_path)
-    if old.exists():  # keep cell tags (e.g. papermill's `parameters`) written in the script as metadata
-        pass
+    for cell in nb.cells:  # nbclient does not read nbdev directives: honour `#| eval: false` while executing
+        if cell.cell_type == 'code' and any(l.replace(' ', '') == '#|eval:false' for l in cell.source.splitlines()):
+            tags = cell.metadata.setdefault('tags', [])
+            if 'skip-execution' not in tags: tags.append('skip-execution')
     nbformat.write(nb, nb_path)
     if execute:
         r = subprocess.run([BIN / 'jupyter', 'nbconvert', '--to', 'notebook', '--execute', '--inplace',

@@ -10,14 +10,10 @@ step() { echo; echo "== $* =="; }
 [ "${SEAICE_SKIP_SYSDEPS:-}" = 1 ] || bash tools/sysdeps.sh || fail=1
 
 step "nbdev_export changes nothing (notebooks are the source of truth)"
-snap=$(mktemp -d); cp -r seaice_nb "$snap/"
-"$BIN/nbdev_export" || { echo "FAIL: nbdev_export errored"; fail=1; }
-if ! diff -r -x __pycache__ "$snap/seaice_nb" seaice_nb; then
-  echo "FAIL: nbdev_export changed seaice_nb/ — a library file was edited without its notebook."
-  echo "      Edit the notebook (or run nbdev_update) and export again. Restoring the library as it was."
-  rm -rf seaice_nb && cp -r "$snap/seaice_nb" seaice_nb; fail=1
-fi
-rm -rf "$snap"
+bash tools/check_sync.sh "$BIN" || fail=1
+
+step "README.md is generated from nbs/index.ipynb"
+"$BIN/python" tools/readme.py --check || fail=1
 
 step "nbdev_clean changes nothing"
 snap=$(mktemp -d); cp -r nbs "$snap/"
