@@ -34,7 +34,7 @@ setuptools.setup(
     url=cfg['git_url'],
     packages=setuptools.find_packages(include=['seaice_nb', 'seaice_nb.*']),
     include_package_data=True,
-    package_data={'seaice_nb': ['data/**/*']},
+    package_data={'seaice_nb': ['assets/**/*']},
     install_requires=requirements,
     extras_require={'dev': dev_requirements, 'mlflow': ['mlflow']},
     python_requires='>=' + min_python,
