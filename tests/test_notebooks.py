@@ -19,7 +19,7 @@ def directives(src):
 def test_skeleton(nb):
     cs = cells(nb)
     assert cs[0][1].startswith('#| default_exp '), f'{nb.name}: first cell must be `#| default_exp <module>`'
-    module = cs[0][1].split()[2]
+    module = cs[0][1].split()[2].removesuffix('.__init__')
     assert nb.stem.split('_', 1)[1] == module, f'{nb.name} exports {module}: name the notebook NN_{module}.ipynb'
     md = [s for t, s in cs if t == 'markdown']
     assert md and md[0].lstrip().startswith('# ') and '\n> ' in md[0], f'{nb.name}: needs a `# title` and `> summary` cell'

@@ -26,26 +26,39 @@ def topy(nb_path, out=None):
 
 
 def split_imports(nb):
-    """nbdev's doc build executes every non-exported cell that contains an import: give such imports a
-    cell of their own so the example code around them is not run while building the docs."""
+    """nbdev's doc build executes every non-exported cell that contains an import (anywhere in it): give
+    such imports a cell of their own so the example code around them is not run while building the docs."""
     out = []
     for cell in nb.cells:
         src = cell.source
-        if cell.cell_type != 'code' or any(l.startswith('#|') and l[2:].split()[:1] in (['export'], ['exports'], ['exporti'], ['exec_doc'])
-                                           for l in src.splitlines()):
-            out.append(cell); continue
-        try: tree = ast.parse('\n'.join(l for l in src.splitlines() if not l.lstrip().startswith(('%', '!'))))
-        except SyntaxError: out.append(cell); continue
-        imports = [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))]
-        if not imports or len(imports) == len(tree.body) or 'nbdev_export()' in src: out.append(cell); continue
         lines = src.splitlines()
-        keep = set(range(len(lines)))
-        imp_lines = []
-        for n in imports:
-            imp_lines += lines[n.lineno - 1:n.end_lineno]; keep -= set(range(n.lineno - 1, n.end_lineno))
+        exported = any(l.startswith('#|') and l[2:].split()[:1] in (['export'], ['exports'], ['exporti'], ['exec_doc'])
+                       for l in lines)
+        if cell.cell_type != 'code' or exported or 'nbdev_export()' in src: out.append(cell); continue
+        try: tree = ast.parse('\n'.join('' if l.lstrip().startswith(('%', '!')) else l for l in lines))
+        except SyntaxError: out.append(cell); continue
+        imports = [n for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom))]
+        if not imports or all(isinstance(n, (ast.Import, ast.ImportFrom)) for n in tree.body): out.append(cell); continue
+        hoisted = []
+        for n in sorted(imports, key=lambda n: (n.lineno, n.col_offset), reverse=True):
+            hoisted.insert(0, ast.unparse(n))
+            i = n.lineno - 1
+            line = lines[i]
+            rest = (line[:n.col_offset] + line[n.end_col_offset:]).strip()
+            if n.lineno == n.end_lineno and rest.strip(';').strip():  # `import x; code` on one line
+                head = line[:n.col_offset]
+                lines[i] = head + line[n.end_col_offset:].lstrip().lstrip(';').lstrip()
+            else:
+                indent = line[:len(line) - len(line.lstrip())]
+                lines[i:n.end_lineno] = [indent + 'pass'] if indent else []
+        for i in range(len(lines) - 1, -1, -1):  # drop the `pass` placeholders that a sibling statement makes unneeded
+            if lines[i].strip() == 'pass':
+                ind = lines[i][:len(lines[i]) - len(lines[i].lstrip())]
+                nxt = lines[i + 1] if i + 1 < len(lines) else ''
+                if nxt.startswith(ind) and nxt.strip() and not nxt[len(ind):].startswith(' '): del lines[i]
         dirs = [l for l in lines if l.startswith('#|')]
-        out.append(nbformat.v4.new_code_cell('\n'.join(dirs + imp_lines)))
-        cell.source = '\n'.join(l for i, l in enumerate(lines) if i in keep)
+        out.append(nbformat.v4.new_code_cell('\n'.join(dirs + list(dict.fromkeys(hoisted)))))
+        cell.source = '\n'.join(lines)
         out.append(cell)
     nb.cells = out
     return nb
