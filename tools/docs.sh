@@ -10,6 +10,7 @@ else
   rm -rf _proc _docs
   "$BIN/nbdev_proc_nbs" >/dev/null
   cp nbs/styles.css _proc/ 2>/dev/null || true
+  mkdir -p _proc/docs && cp -r docs/images _proc/docs/  # figures the index (README) shows
   "$BIN/smalldocs" render --quiet _proc
   mv _proc/_docs _docs
 fi

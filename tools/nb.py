@@ -9,7 +9,7 @@ The notebook stays the source of truth: the script is a scratch copy (keep it ou
 `build` executes the notebook in nbs/ (so saved outputs reach the docs), runs nbdev_clean on it and
 nbdev_export for the whole library.
 """
-import ast, subprocess, sys
+import ast, hashlib, subprocess, sys
 from pathlib import Path
 import jupytext, nbformat
 
@@ -67,6 +67,12 @@ def split_imports(nb):
 def build(src, nb_path, execute=True):
     nb = split_imports(jupytext.read(src, fmt='py:percent'))
     nb.metadata = {'kernelspec': KERNEL}
+    seen = set()
+    for cell in nb.cells:  # ids from content: a rebuild leaves unchanged cells (and their export markers) alone
+        h = hashlib.sha1(f"{cell.cell_type}\n{cell.source}".encode()).hexdigest()
+        cid, k = h[:8], 0
+        while cid in seen: k += 1; cid = hashlib.sha1(f"{h}{k}".encode()).hexdigest()[:8]
+        seen.add(cid); cell.id = cid
     for cell in nb.cells:  # nbclient does not read nbdev directives: honour `#| eval: false` while executing
         if cell.cell_type == 'code' and any(l.replace(' ', '') == '#|eval:false' for l in cell.source.splitlines()):
             tags = cell.metadata.setdefault('tags', [])
