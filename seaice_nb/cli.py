@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("seaice: interrupted; finished work is kept, rerun the same command to resume", file=sys.stderr); return 130
 
-# %% ../nbs/90_cli.ipynb #1d4a6db4
+# %% ../nbs/90_cli.ipynb #95b93b6b
 CONFIG_KINDS = {
     'preprocess': 'seaice_nb.preprocess:PreprocessConfig',
     'train': 'seaice_nb.train:TrainConfig',
@@ -88,6 +88,6 @@ def config_main(argv: list[str]) -> int:
     for o in a.override:
         if '=' not in o: raise ConfigError(f"override {o!r} must look like key=value")
         k, v = o.split('=', 1); overrides[k] = yaml.safe_load(v)
-    cfg = load_config(data, _resolve(CONFIG_KINDS[kind]), overrides)
+    cfg = load_config(path, _resolve(CONFIG_KINDS[kind]), overrides, kind=kind)
     print(yaml.safe_dump({'kind': kind, **to_dict(cfg)}, sort_keys=False), end='')
     return 0

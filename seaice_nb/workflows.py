@@ -85,7 +85,7 @@ def run_notebook(name: str | Path, # workflow name ('train', ...) or a notebook 
                             f"the executed notebook {out} holds the traceback") from None
     return out
 
-# %% ../nbs/70_workflows.ipynb #af9711aa
+# %% ../nbs/70_workflows.ipynb #2a57fafc
 def load_preset(preset: str, # preset name in configs/ or a YAML path; '' = `base` alone
                 cls, # the config dataclass (TrainConfig, PreprocessConfig, ...)
                 overrides: dict | None = None, # dotted keys; None values are dropped (= keep the preset's)
@@ -93,16 +93,8 @@ def load_preset(preset: str, # preset name in configs/ or a YAML path; '' = `bas
                 base: dict | None = None, # settings used when no preset is given
                ):
     "Typed config from a preset (checking and dropping its `kind`) or `base`, with the non-None `overrides` applied."
-    import yaml
-    from seaice_nb.core import find_config, load_config
-    data = dict(base or {})
-    if preset:
-        path = find_config(preset)
-        data = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(data, dict): raise ConfigError(f"{path} must hold a mapping of keys to values")
-        k = data.pop('kind', None)
-        if kind and k not in (None, kind): raise ConfigError(f"{path} is a {k!r} preset; this notebook needs kind {kind!r}")
-    return load_config(data, cls, {k: v for k, v in (overrides or {}).items() if v is not None})
+    from seaice_nb.core import load_config
+    return load_config(preset or dict(base or {}), cls, {k: v for k, v in (overrides or {}).items() if v is not None}, kind=kind)
 
 # %% ../nbs/70_workflows.ipynb #8d2a822e
 def save_show(fig, # a matplotlib Figure
