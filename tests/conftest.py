@@ -5,6 +5,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 IN_CI = os.environ.get('CI', '').lower() in ('1', 'true', 'yes')
+# the official AI4Arctic scene lists, in shared/ beside the checkout (as CI lays it out)
+SHARED_LISTS = REPO.parent / 'shared' / 'data' / 'ai4arctic'
 
 
 def require(condition: bool, reason: str):

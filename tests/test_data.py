@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import SHARED_LISTS, require
 
 from seaice_nb.data import PatchDataset, RareClassSampler, SceneDataset, SceneStore, crop_sample, flip_rotate, make_loader
 from seaice_nb.preprocess import PreprocessConfig, preprocess
@@ -104,11 +105,11 @@ def test_bad_arguments_name_the_fix(store):
     with pytest.raises(Exception, match='not in'): SceneStore(store, scenes=['20990101T000000_dmi'])
 
 
-REAL = Path('/work/shared/data/ai4arctic/dataset.json')
+REAL = SHARED_LISTS / 'dataset.json'
 
 
-@pytest.mark.skipif(not REAL.exists(), reason='real scene list not present')
 def test_split_has_no_leakage():
+    require(REAL.exists(), f'the official scene list {REAL} is not present')
     names, prov = load_scene_list(REAL)
     recs = scene_records(names)
     m = make_split(recs, SplitConfig(), scene_list=prov)

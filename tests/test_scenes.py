@@ -5,11 +5,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import SHARED_LISTS, require
 
 from seaice_nb import scenes as S
 from seaice_nb.synth import generate_scenes
 
-SHARED = Path(__file__).resolve().parents[2] / 'shared' / 'data' / 'ai4arctic'
+SHARED = SHARED_LISTS
 SEAICE = [str(Path(sys.executable).parent / 'seaice')]
 
 
@@ -36,7 +37,7 @@ def _errors(path):
 
 
 def test_official_lists_parse():
-    if not SHARED.exists(): pytest.skip('shared/data/ai4arctic not present')
+    require(SHARED.exists(), f'the official scene lists {SHARED} are not present')
     names = json.loads((SHARED / 'dataset.json').read_text())
     parsed = [S.parse_raw_name(n) for n in names]
     assert len(parsed) == 512
