@@ -18,7 +18,8 @@ from tqdm.auto import tqdm
 
 from .core import (CheckpointError, ConfigError, DataError, atomic_write, code_version, from_dict, get_logger,
                             load_config, make_run_dir, save_config, seed_everything, to_dict)
-from .metrics import CHARTS, N_CLASSES, ScoreAccumulator
+from .charts import CHARTS, N_CLASSES
+from .metrics import ScoreAccumulator
 
 # %% auto #0
 __all__ = ['CKPT_FORMAT', 'TrainConfig', 'resolve', 'build_model', 'lr_factor', 'ResumableSampler', 'ShardSampler', 'rng_state',

@@ -11,7 +11,7 @@ from torch import nn
 
 from seaice_nb.core import CheckpointError, ConfigError, DataError
 from seaice_nb.evaluate import (check_store, check_submission, predict_scene, upsample_nearest, write_submission)
-from seaice_nb.metrics import CHARTS, N_CLASSES
+from seaice_nb.charts import CHARTS, N_CLASSES
 
 
 class PixelNet(nn.Module):

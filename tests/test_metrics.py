@@ -6,7 +6,8 @@ from sklearn.metrics import f1_score, r2_score
 
 from seaice_nb.charts import UnknownChartError
 from seaice_nb.core import DataError
-from seaice_nb.metrics import (CHARTS, N_CLASSES, ConditionAccumulator, ScoreAccumulator, combine_scores, confusion_matrix,
+from seaice_nb.charts import CHARTS, N_CLASSES
+from seaice_nb.metrics import (ConditionAccumulator, ScoreAccumulator, combine_scores, confusion_matrix,
                                f1_from_confusion, official_score, r2_from_confusion, pixel_conditions)
 
 
@@ -154,3 +155,18 @@ def test_condition_breakdown_partitions_the_pool():
     sub_t = {c: [t[m] for t, m in zip(true[c], sel)] for c in CHARTS}; sub_p = {c: [p[m] for p, m in zip(pred[c], sel)] for c in CHARTS}
     row = next(r for r in rows if r['condition'] == 'distance_to_land' and r['value'] == '2-4 km')
     assert {k: row[k] for k in ('sic', 'sod', 'floe', 'combined')} == sklearn_score(sub_t, sub_p)
+
+
+def test_chart_constants_have_one_home():
+    "Issue 17: class counts and chart names are defined in seaice_nb.charts only; the old names still import."
+    import re
+    from pathlib import Path
+    import seaice_nb
+    from seaice_nb import charts, metrics, scenes, preprocess
+    from seaice_nb.models import losses
+    pat = re.compile(r"^\s*(CHARTS|N_CLASSES|CHART_VARS|CHART_CLASSES|CLASS_TABLES)\s*(:[^=]*)?=\s*[({]|'(sic|SIC)': 11\b", re.M)
+    root = Path(seaice_nb.__file__).parent
+    homes = sorted(str(p.relative_to(root)) for p in root.rglob('*.py') if p.name != '_modidx.py' and pat.search(p.read_text()))
+    assert homes == ['charts.py'], homes
+    assert metrics.N_CLASSES is scenes.N_CLASSES is losses.CHART_CLASSES is charts.N_CLASSES
+    assert preprocess.CHARTS is metrics.CHARTS is charts.CHARTS and scenes.CHART_VARS == ('SIC', 'SOD', 'FLOE')
