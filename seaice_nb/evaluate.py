@@ -390,7 +390,7 @@ def main(argv: list[str]) -> int:
     ap.add_argument('--out', default='evaluation', help='output folder')
     ap.add_argument('--tile', type=int, default=256); ap.add_argument('--overlap', type=int, default=64)
     ap.add_argument('--batch-size', type=int, default=8); ap.add_argument('--device', default='auto')
-    ap.add_argument('--submission', action='store_true', help='write upload_package.nc')
+    ap.add_argument('--submission', action='store_true', help='keep upload_package.nc (the package the 80 m score is computed from)')
     ap.add_argument('--no-figures', action='store_true')
     a = ap.parse_args(argv)
     scenes = None
@@ -399,5 +399,5 @@ def main(argv: list[str]) -> int:
         scenes = scenes_of(load_manifest(a.split), a.subset)
         if not scenes: raise ConfigError(f"split {a.split} has no {a.subset!r} scenes")
     s = evaluate(a.checkpoint, a.store, scenes, a.out, a.scene_dir, a.tile, a.overlap, a.batch_size, a.device, a.submission, not a.no_figures)
-    print(json.dumps({'official_80m': s['official_80m'], 'store_grid': s['store_grid'], 'out': a.out}))
+    print(json.dumps({'official_80m': s['official_80m'], 'scored_from': s['scored_from'], 'store_grid': s['store_grid'], 'out': a.out}))
     return 0
