@@ -15,14 +15,14 @@ __all__ = ['CHARTS', 'CHART_VARS', 'CHART_FILL', 'CHART_LONG_NAMES', 'N_CLASSES'
            'UnknownChartError', 'chart_key', 'chart_var', 'ChartMap', 'chart_dict', 'ChartClass', 'class_names',
            'chart_cmap']
 
-# %% ../nbs/01_charts.ipynb #41eb2748
+# %% ../nbs/01_charts.ipynb #16a155d6
 CHARTS = ('sic', 'sod', 'floe')          # the project's chart keys (samples, model heads, configs, scores)
 CHART_VARS = ('SIC', 'SOD', 'FLOE')      # the official names (RTT files, upload package, official code)
 CHART_FILL = 255                         # masked chart pixel (land, no data, ambiguous polygon)
 CHART_LONG_NAMES = {'sic': 'sea ice concentration', 'sod': 'stage of development', 'floe': 'floe size'}
 
 class UnknownChartError(ConfigError, KeyError):
-    "A chart name that is neither a project key (`sic`, `sod`, `floe`) nor an official name (`SIC`, `SOD`, `FLOE`)."
+    "A chart name that is neither a project key (`sic`, `sod`, `floe`) nor an official one (`SIC`, `SOD`, `FLOE`)."
     __str__ = Exception.__str__   # KeyError would quote the message
 
 def chart_key(name: Any, # 'sic', 'SIC', 'Sic', ...
@@ -40,7 +40,7 @@ def chart_var(name: Any) -> str:
     "The official (upper-case) name of a chart given in either spelling."
     return chart_key(name).upper()
 
-# %% ../nbs/01_charts.ipynb #643bcda0
+# %% ../nbs/01_charts.ipynb #2530fcfd
 class ChartMap(Mapping):
     "Read-only `{chart: value}` keyed by `sic`/`sod`/`floe` that also accepts `SIC`/`SOD`/`FLOE`."
     def __init__(self, values: Mapping[str, Any]): self._d = chart_dict(values, 'ChartMap')
@@ -51,9 +51,9 @@ class ChartMap(Mapping):
 
 def chart_dict(d: Mapping[str, Any], # chart name (either spelling) -> anything
                where: str = 'charts', # what `d` is, for error messages
-               charts: Iterable[str] | None = None, # charts that must be present (either spelling); None: no check
+               charts: Iterable[str] | None = None, # charts that must be present (either spelling)
               ) -> dict[str, Any]:
-    "A copy of `d` keyed by the project's chart keys (in `CHARTS` order); `UnknownChartError` for a name that is no chart, `DataError` for a doubled or missing chart."
+    "`d` keyed by the project's chart keys, in `CHARTS` order; unknown names, doubled or missing charts raise."
     out = {}
     for name, v in d.items():
         k = chart_key(name, where)
@@ -61,14 +61,15 @@ def chart_dict(d: Mapping[str, Any], # chart name (either spelling) -> anything
         out[k] = v
     if charts is not None:
         missing = [c for c in (chart_key(c, where) for c in charts) if c not in out]
-        if missing: raise DataError(f"{where}: no {', '.join(missing)} chart; it has {', '.join(out) or 'none'}")
+        if missing:
+            raise DataError(f"{where}: no {', '.join(missing)} chart; it has {', '.join(out) or 'none'}")
     return {c: out[c] for c in CHARTS if c in out}
 
 N_CLASSES = ChartMap({'sic': 11, 'sod': 6, 'floe': 7})    # SIC 0..10 (0-100 %), SOD 0..5, FLOE 0..6
 CHART_WEIGHTS = ChartMap({'sic': 2, 'sod': 2, 'floe': 1})  # combined = (2 SIC + 2 SOD + FLOE) / 5
 METRIC_NAMES = ChartMap({'sic': 'r2', 'sod': 'f1', 'floe': 'f1'})
 
-# %% ../nbs/01_charts.ipynb #cdf26c9f
+# %% ../nbs/01_charts.ipynb #5af0573d
 @dataclasses.dataclass(frozen=True)
 class ChartClass:
     "One class of an ice chart."
@@ -96,5 +97,6 @@ def chart_cmap(chart: str):  # either spelling
     "A matplotlib `(cmap, norm)` pair that draws class indices in the chart's colours (255 transparent)."
     from matplotlib.colors import BoundaryNorm, ListedColormap  # deferred: matplotlib is only needed for figures
     table = CLASS_TABLES[chart]
-    cmap = ListedColormap([c.colour for c in table], name=chart_key(chart)).with_extremes(bad=(0, 0, 0, 0), over=(0, 0, 0, 0))
+    cmap = ListedColormap([c.colour for c in table], name=chart_key(chart))
+    cmap = cmap.with_extremes(bad=(0, 0, 0, 0), over=(0, 0, 0, 0))
     return cmap, BoundaryNorm(np.arange(len(table) + 1) - 0.5, len(table))

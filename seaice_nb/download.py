@@ -94,12 +94,12 @@ class RemoteFile:
         if md5 and not re.fullmatch(r'[0-9a-f]{32}', md5): raise DownloadError(f"file {name!r}: malformed md5 {md5!r}")
         return cls(fid, name, size, md5, url_forms(fid, obj.get('download_url'), api))
 
-# %% ../nbs/13_download.ipynb #b81545e3
+# %% ../nbs/13_download.ipynb #9b8354fa
 @dataclass
 class Retry:
     "How hard to try: attempts per file, exponential backoff with jitter, timeouts."
     attempts: int = 8            # failed attempts without progress before a file is given up
-    challenges: int = 4          # bot challenges (HTTP 202 / empty body) met on one URL form before the next form is tried
+    challenges: int = 4          # bot challenges (HTTP 202 / empty body) on one URL form before trying the next
     backoff: float = 1.0         # first delay in seconds; doubles each failure
     backoff_max: float = 60.0    # cap of one delay (a `Retry-After` is honoured up to `wait_max`)
     wait_max: float = 300.0      # longest `Retry-After` honoured
@@ -165,12 +165,12 @@ def list_files(article: str | int,      # `train`, `test`, `raw-train`, `raw-tes
         if len(objs) < page_size: return out
         page += 1
 
-# %% ../nbs/13_download.ipynb #2abf7932
+# %% ../nbs/13_download.ipynb #826cfcf0
 class _Stop(Exception): "Raised inside a worker when the download was interrupted."
 
 class _Permanent(Exception): "This URL form cannot serve the file (403/404/410, an unexpected status)."
 
-class _Challenge(Exception): "A bot challenge (HTTP 202, or any 2xx with an empty body): transient, retried on the same URL."
+class _Challenge(Exception): "A bot challenge (HTTP 202 or an empty 2xx body): transient, retried on the same URL."
 
 @dataclass
 class Outcome:
@@ -192,7 +192,7 @@ def verify(path: Path, size: int, md5: str | None) -> str | None:
     if md5 and (got := file_digest(path, 'md5')) != md5: return f"md5 {got} != expected {md5}"
     return None
 
-# %% ../nbs/13_download.ipynb #5c6c6335
+# %% ../nbs/13_download.ipynb #5beb2679
 class Downloader:
     "Parallel, resumable, verified downloads of `RemoteFile`s into one destination folder."
     def __init__(self,
@@ -297,14 +297,15 @@ class Downloader:
         try:
             while True:
                 live = [u for u in urls if u not in dead]
-                if not live: return out('failed', 'every URL form failed: ' + '; '.join(f"{u} -> {w}" for u, w in dead.items()))
+                if not live:
+                    return out('failed', 'every URL form failed: ' + '; '.join(f"{u} -> {w}" for u, w in dead.items()))
                 url = live[0]; state.pop('md5', None); state['retry_after'] = None
                 try:
                     self._attempt(f, url, part, meta, state, pbar)
                 except _Stop: raise
                 except _Permanent as e:
                     log.info("%s: %s on %s; trying the next URL form", f.name, e, url); dead[url] = str(e); continue
-                except _Challenge as e:  # transient (DTU's challenge clears): back off on the same URL, then the next form
+                except _Challenge as e:  # transient (DTU's clears): back off on this URL, then the next form
                     n = challenged[url] = challenged.get(url, 0) + 1
                     if n >= self.retry.challenges:
                         log.info("%s: %s %d times on %s; trying the next URL form", f.name, e, n, url)
@@ -361,7 +362,8 @@ class Downloader:
             except DownloadError as e:
                 report.add(Outcome(str(f.name), 'refused', str(e))); log.warning("refused %r: %s", f.name, e); continue
             if f.name in seen:
-                report.add(Outcome(f.name, 'refused', 'duplicate name in the listing; refusing to guess which one is right')); continue
+                why = 'duplicate name in the listing; refusing to guess which one is right'
+                report.add(Outcome(f.name, 'refused', why)); continue
             seen.add(f.name); ok.append(f)
         need = self.missing_bytes(ok)
         if self.check_space and need > (free := shutil.disk_usage(self.dest).free):

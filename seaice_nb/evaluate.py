@@ -143,7 +143,7 @@ def upsample_nearest(a: np.ndarray, # [H, W] class map on the store grid
     if ph >= factor or pw >= factor: raise DataError(f"a {a.shape} map times {factor} cannot cover {tuple(shape)}: store and scene do not match")
     return np.pad(up, ((0, ph), (0, pw)), mode='edge') if (ph or pw) else up
 
-# %% ../nbs/42_evaluate.ipynb #e7e4d646
+# %% ../nbs/42_evaluate.ipynb #dffb911d
 SUBMISSION_CHARTS = CHART_VARS   # the official chart names, as in the package's variable names
 
 def submission_name(scene: str) -> str:
@@ -165,14 +165,15 @@ def check_classes(a: np.ndarray, # a class map (any integer dtype)
     bad = (a != CHART_FILL) & ((a < 0) | (a >= n))
     if bad.any():
         vals = np.unique(a[bad])
+        also = f"; also {', '.join(f'{v:g}' for v in vals[1:6])}" if len(vals) > 1 else ''
         raise DataError(f"{where}{scene} {c}: value {vals[0]:g} at {int(bad.sum())} pixel(s) is not a {c} class "
-                        f"(0..{n - 1}, or 255 for no data){'; also ' + ', '.join(f'{v:g}' for v in vals[1:6]) if len(vals) > 1 else ''}")
+                        f"(0..{n - 1}, or 255 for no data){also}")
 
 def write_submission(predictions: Mapping[str, Mapping[str, np.ndarray]], # scene -> {'sic'|'SIC': class map [H80, W80]}
                      path: str | Path = 'upload_package.nc', # output file
                      shapes: Mapping[str, tuple] | None = None, # expected 80 m shape per scene (None: not checked)
                     ) -> Path:
-    "Write the official AutoICE upload package (NetCDF-4, zlib level 1, uint8 `<scene19>_<CHART>` arrays); bad input writes nothing."
+    "Write the AutoICE upload package (NetCDF-4, zlib 1, uint8 `<scene19>_<CHART>` arrays); bad input writes nothing."
     import xarray as xr
     ds, keys = xr.Dataset(), {}
     for scene, charts in predictions.items():
@@ -187,7 +188,8 @@ def write_submission(predictions: Mapping[str, Mapping[str, np.ndarray]], # scen
             a = np.asarray(got[c])
             if a.ndim != 2: raise DataError(f"{scene} {chart_var(c)}: expected a 2-D map, got shape {a.shape}")
             want = want or a.shape
-            if a.shape != want: raise DataError(f"{scene} {chart_var(c)}: shape {a.shape}, expected {want} (the scene's 80 m grid)")
+            if a.shape != want:
+                raise DataError(f"{scene} {chart_var(c)}: shape {a.shape}, expected {want} (the scene's 80 m grid)")
             check_classes(a, key, c)
             name = f"{key}_{chart_var(c)}"
             ds[name] = xr.DataArray(a.astype(np.uint8), dims=(f"{name}_dim0", f"{name}_dim1"), name=name)
@@ -217,7 +219,8 @@ def check_submission(path: str | Path, # an upload package
             check_classes(v[:], key, chart, f"{path}: ")
             out.setdefault(key, {})[chart] = v.shape
     for key, ch in out.items():
-        if set(ch) != set(SUBMISSION_CHARTS): raise DataError(f"{path}: {key} has charts {sorted(ch)}, expected {list(SUBMISSION_CHARTS)}")
+        if set(ch) != set(SUBMISSION_CHARTS):
+            raise DataError(f"{path}: {key} has charts {sorted(ch)}, expected {list(SUBMISSION_CHARTS)}")
         if len(set(ch.values())) != 1: raise DataError(f"{path}: {key} charts differ in shape: {ch}")
     if scenes is not None:
         want = {submission_name(s) for s in scenes}
@@ -226,7 +229,7 @@ def check_submission(path: str | Path, # an upload package
         if out[submission_name(s)]['SIC'] != tuple(shp): raise DataError(f"{path}: {s} has shape {out[submission_name(s)]['SIC']}, expected {tuple(shp)}")
     return {k: v['SIC'] for k, v in out.items()}
 
-# %% ../nbs/42_evaluate.ipynb #8dab9edc
+# %% ../nbs/42_evaluate.ipynb #74ba1e57
 def _zone_channels(store, arrays) -> dict:
     "Pixel conditions (physical units) from the target frame's store channels, when the store has them."
     from seaice_nb.scenes import destandardise
@@ -256,7 +259,7 @@ def reference_charts(scene_dir: str | Path, scene: str) -> dict[str, np.ndarray]
     raise MissingFileError(f"no {scene}_prep.nc or {scene}_prep_reference.nc in {d}: the 80 m charts are needed for the official score")
 
 def scene_nodata(scene_dir: str | Path, scene: str) -> np.ndarray | None:
-    "Bool `[H80, W80]`: the scene's own no-data pixels (HH == 0 or NaN in `<scene>_prep.nc`); None when the file has no SAR."
+    "Bool `[H80, W80]`: the scene's own no-data (HH == 0 or NaN in `<scene>_prep.nc`); None without that file's SAR."
     from seaice_nb.scenes import SAR_FILL, open_scene
     f = Path(scene_dir) / f"{scene}_prep.nc"
     if not f.exists(): return None
@@ -270,14 +273,15 @@ def scene_nodata(scene_dir: str | Path, scene: str) -> np.ndarray | None:
 def submission_maps(pred: Mapping[str, np.ndarray], # chart -> class map on the store grid
                     factor: int, # store downsampling factor
                     shape80: tuple[int, int], # the scene's 80 m shape
-                    nodata: np.ndarray | None = None, # bool [H80, W80]: the scene's own no-data (255 there); None: a class everywhere
+                    nodata: np.ndarray | None = None, # bool [H80, W80]: the scene's no-data (255 there); None: none
                    ) -> dict[str, np.ndarray]:
     "The 80 m uint8 maps of the upload package: upsampled predictions, 255 only on the scene's no-data."
     out = {}
     for c, v in chart_dict(pred, 'prediction', CHARTS).items():
         up = upsample_nearest(v, factor, shape80).astype(np.uint8)
         if nodata is not None:
-            if nodata.shape != tuple(shape80): raise DataError(f"no-data mask {nodata.shape} does not match the 80 m shape {tuple(shape80)}")
+            if nodata.shape != tuple(shape80):
+                raise DataError(f"no-data mask {nodata.shape} does not match the 80 m shape {tuple(shape80)}")
             up = np.where(nodata, np.uint8(CHART_FILL), up)
         out[chart_var(c)] = up
     return out
@@ -286,7 +290,7 @@ def score_submission(path: str | Path, # an upload package
                      scene_dir: str | Path, # folder of the RTT files holding the 80 m reference charts
                      scenes: Iterable[str] | None = None, # scenes to score (None: every scene in the package)
                     ) -> ScoreAccumulator:
-    "Score an upload package against the 80 m references as AutoICE does: pooled pixels, reference 255 removed, masked predictions counted."
+    "Score an upload package against the 80 m charts as AutoICE does: pooled, reference 255 dropped, package 255 counted."
     import netCDF4
     shapes = check_submission(path, scenes)
     acc = ScoreAccumulator(allow_masked=True)
@@ -294,7 +298,8 @@ def score_submission(path: str | Path, # an upload package
         for key in sorted(shapes):
             ref = reference_charts(scene_dir, key)
             if ref['sic'].shape != shapes[key]:
-                raise DataError(f"{path}: {key} has shape {shapes[key]} but its reference in {scene_dir} is {ref['sic'].shape}")
+                raise DataError(f"{path}: {key} has shape {shapes[key]} "
+                                f"but its reference in {scene_dir} is {ref['sic'].shape}")
             pred = {}
             for c in SUBMISSION_CHARTS:
                 v = nc.variables[f"{key}_{c}"]; v.set_auto_mask(False); pred[c] = np.asarray(v[:])
@@ -306,7 +311,7 @@ def _write_csv(path: Path, rows: list[dict]):
     with atomic_write(path, 'w') as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0])); w.writeheader(); w.writerows(rows)
 
-# %% ../nbs/42_evaluate.ipynb #cc5d27bd
+# %% ../nbs/42_evaluate.ipynb #06915ab5
 def evaluate(checkpoint: str | Path, # checkpoint written by `seaice_nb.train.train`
              store: str | Path, # preprocessed zarr store (or an open `SceneStore`)
              scenes: list[str] | None = None, # scene names (None: all in the store)
@@ -322,7 +327,7 @@ def evaluate(checkpoint: str | Path, # checkpoint written by `seaice_nb.train.tr
              model: nn.Module | None = None, # model to load the checkpoint into (default: rebuilt from its config)
              maps: int = 2, # with `figures`: map figures (prediction vs chart vs SAR) of the first `maps` scenes
             ) -> dict:
-    "Score a checkpoint on a store's scenes (official score at 80 m of the written package when `scene_dir` is given); returns the scores."
+    "Score a checkpoint on a store's scenes (the official 80 m score of its package when `scene_dir` is given)."
     from seaice_nb.data import SceneStore
     from seaice_nb.train import load_checkpoint
     import zarr
@@ -346,7 +351,8 @@ def evaluate(checkpoint: str | Path, # checkpoint written by `seaice_nb.train.tr
         if scene_dir is not None or submission:
             shape80 = tuple(zarr.open_group(st.root / name, mode='r').attrs.get('seaice:shape80') or ())
             if len(shape80) != 2: raise DataError(f"scene {name} in {st.root} does not record its 80 m shape (seaice:shape80)")
-            subs[name] = submission_maps(pred, st.factor, shape80, scene_nodata(scene_dir, name) if scene_dir is not None else None)
+            nodata = scene_nodata(scene_dir, name) if scene_dir is not None else None
+            subs[name] = submission_maps(pred, st.factor, shape80, nodata)
             shapes[name] = shape80
     package = None
     if subs:  # the 80 m score is the score of the package: write it, re-open it, score it
@@ -354,9 +360,9 @@ def evaluate(checkpoint: str | Path, # checkpoint written by `seaice_nb.train.tr
             package = Path(out_dir) / 'upload_package.nc' if submission else Path(tmp) / 'upload_package.nc'
             write_submission(subs, package, shapes); check_submission(package, subs, shapes)
             if scene_dir is not None: official = score_submission(package, scene_dir, subs)
-        if scene_dir is None: log.info("no scene_dir: the package has a class on every pixel (no 80 m no-data mask was available)")
-    scores = {'official_80m': official.scores() if official is not None else None,
-              'scored_from': (str(package) if submission else 'a temporary upload package') if official is not None else None,
+        if scene_dir is None: log.info("no scene_dir: the package has a class on every pixel (no 80 m no-data mask)")
+    scored_from = None if official is None else str(package) if submission else 'a temporary upload package'
+    scores = {'official_80m': official.scores() if official is not None else None, 'scored_from': scored_from,
               'store_grid': grid.total.scores(), 'store_factor': st.factor, 'scenes': list(st.names),
               'n_pixels_80m': official.n_pixels() if official is not None else None,
               'n_masked_80m': official.n_masked() if official is not None else None,
@@ -379,7 +385,7 @@ def evaluate(checkpoint: str | Path, # checkpoint written by `seaice_nb.train.tr
             plots.evaluation_figures(out)
     return scores
 
-# %% ../nbs/42_evaluate.ipynb #d3a26281
+# %% ../nbs/42_evaluate.ipynb #13d8d111
 def main(argv: list[str]) -> int:
     "`seaice evaluate CHECKPOINT STORE [--scenes-dir DIR] [--split MANIFEST] [--out DIR] [--submission]`."
     ap = argparse.ArgumentParser(prog='seaice evaluate', description='Score a checkpoint on preprocessed scenes (official AI4Arctic score).')
@@ -399,5 +405,6 @@ def main(argv: list[str]) -> int:
         scenes = scenes_of(load_manifest(a.split), a.subset)
         if not scenes: raise ConfigError(f"split {a.split} has no {a.subset!r} scenes")
     s = evaluate(a.checkpoint, a.store, scenes, a.out, a.scene_dir, a.tile, a.overlap, a.batch_size, a.device, a.submission, not a.no_figures)
-    print(json.dumps({'official_80m': s['official_80m'], 'scored_from': s['scored_from'], 'store_grid': s['store_grid'], 'out': a.out}))
+    print(json.dumps({'official_80m': s['official_80m'], 'scored_from': s['scored_from'], 'store_grid': s['store_grid'],
+                      'out': a.out}))
     return 0

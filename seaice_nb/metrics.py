@@ -21,7 +21,7 @@ __all__ = ['IGNORE', 'SEASONS', 'DISTANCE_ZONES', 'INCIDENCE_EDGES', 'WIND_EDGES
 # %% ../nbs/40_metrics.ipynb #647091a3
 IGNORE = CHART_FILL   # reference pixels with this value are not scored
 
-# %% ../nbs/40_metrics.ipynb #4ff64d7e
+# %% ../nbs/40_metrics.ipynb #e59843ea
 def _pred_values(cm: np.ndarray) -> np.ndarray:
     "The predicted value of each column: the class indices, then 255 for an extra 'masked' column."
     n, m = cm.shape
@@ -29,7 +29,7 @@ def _pred_values(cm: np.ndarray) -> np.ndarray:
     return np.array(list(range(n)) + [IGNORE] * (m - n), np.float64)
 
 def r2_from_confusion(cm: np.ndarray) -> float:
-    "R² of class indices (rows = reference, columns = prediction, an optional last column = predicted 255), equal to `sklearn.metrics.r2_score`."
+    "R² of class indices (rows reference, columns prediction, optional last column predicted 255), as `sklearn`'s `r2_score`."
     cm = np.asarray(cm, dtype=np.float64)
     n = cm.sum()
     if n == 0: return float('nan')
@@ -71,7 +71,7 @@ def scores_from_confusion(cms: Mapping[str, np.ndarray]) -> dict:
     out['combined'] = combine_scores(out)
     return out
 
-# %% ../nbs/40_metrics.ipynb #2cae60a3
+# %% ../nbs/40_metrics.ipynb #54e15dfc
 def _as_numpy(a) -> np.ndarray:
     if hasattr(a, 'detach'): a = a.detach().cpu().numpy()
     return np.asarray(a)
@@ -82,7 +82,7 @@ def confusion_matrix(true, # reference class indices, 255 = ignore (any shape)
                      chart: str = 'chart', # name used in error messages
                      masked: bool = False, # accept predicted 255: one extra last column counts it
                     ) -> np.ndarray:
-    "`n_classes²` int64 confusion matrix of the pixels whose reference is not 255 (rows = reference; `masked`: one more column, predicted 255)."
+    "int64 confusion matrix (rows = reference) of the pixels whose reference is not 255; `masked`: a last column for predicted 255."
     k = n_classes + 1 if masked else n_classes
     if hasattr(true, 'detach') and hasattr(pred, 'detach'):  # stay on the tensor's device: no big host copies
         if true.shape != pred.shape: raise DataError(f"{chart}: reference shape {tuple(true.shape)} != prediction shape {tuple(pred.shape)}")
@@ -107,7 +107,7 @@ def _check_range(chart, n, t, p, masked):
     if pmax >= n or pmin < 0:
         raise DataError(f"{chart}: predicted classes must be 0..{n - 1}{' or 255' if masked else ''}, got {pmin}..{pmax}")
 
-# %% ../nbs/40_metrics.ipynb #48228a10
+# %% ../nbs/40_metrics.ipynb #6497a3e4
 def score_charts(charts: Iterable[str] | None) -> tuple[str, ...]:
     "The charts to score: all three (None, the official score) or the named ones in either spelling."
     if charts is None: return CHARTS
@@ -116,7 +116,11 @@ def score_charts(charts: Iterable[str] | None) -> tuple[str, ...]:
     if not want: raise DataError("charts=(): name at least one chart to score")
     return tuple(c for c in CHARTS if c in want)
 
-def chart_pair(true: Mapping[str, Any], pred: Mapping[str, Any], charts: tuple[str, ...], explicit: bool) -> tuple[dict, dict]:
+def chart_pair(true: Mapping[str, Any], # reference, chart -> anything (either spelling)
+               pred: Mapping[str, Any], # prediction, chart -> anything (either spelling)
+               charts: tuple[str, ...], # the charts to score (project keys)
+               explicit: bool, # the caller named the charts (no hint about the official score in the error)
+              ) -> tuple[dict, dict]:
     "`true` and `pred` keyed by the project's chart keys; a clear `DataError` when a chart to score is missing."
     true, pred = chart_dict(true, 'reference'), chart_dict(pred, 'prediction')
     for what, d in (('reference', true), ('prediction', pred)):
@@ -139,16 +143,17 @@ def official_score(true: Mapping[str, Any], # chart -> reference class indices (
         ts, ps = true[c], pred[c]
         if isinstance(ts, (list, tuple)):
             if not isinstance(ps, (list, tuple)) or len(ps) != len(ts):
-                raise DataError(f"{c}: {len(ts)} reference scenes but {len(ps) if isinstance(ps, (list, tuple)) else 'one'} prediction(s)")
+                got = len(ps) if isinstance(ps, (list, tuple)) else 'one'
+                raise DataError(f"{c}: {len(ts)} reference scenes but {got} prediction(s)")
             cms[c] = sum(confusion_matrix(t, p, N_CLASSES[c], c) for t, p in zip(ts, ps))
         else: cms[c] = confusion_matrix(ts, ps, N_CLASSES[c], c)
     return scores_from_confusion(cms)
 
-# %% ../nbs/40_metrics.ipynb #c8ea2cb9
+# %% ../nbs/40_metrics.ipynb #cd946f38
 class ScoreAccumulator:
     "Per-chart confusion matrices accumulated over batches; `.scores()` gives the official score of everything seen."
     def __init__(self, charts: Iterable[str] | None = None, # charts to score (either spelling); None: all three
-                 allow_masked: bool = False, # accept predicted 255 (an upload package) and score it as the official code does
+                 allow_masked: bool = False, # accept predicted 255 (a package) and score it as the official code
                 ):
         self.explicit = charts is not None
         self.charts, self.allow_masked = score_charts(charts), allow_masked
@@ -156,7 +161,7 @@ class ScoreAccumulator:
         self.masked = {c: np.zeros(N_CLASSES[c], np.int64) for c in self.charts}  # per reference class: predicted 255
 
     def update(self, true: Mapping[str, Any], pred: Mapping[str, Any]) -> 'ScoreAccumulator':
-        "Add a batch: `true[chart]` and `pred[chart]` are class-index arrays or tensors of equal shape (either chart spelling)."
+        "Add a batch: `true[chart]` and `pred[chart]` are class-index arrays or tensors of equal shape (chart: either spelling)."
         true, pred = chart_pair(true, pred, self.charts, self.explicit)
         for c in self.charts:
             n = N_CLASSES[c]
@@ -184,7 +189,8 @@ class ScoreAccumulator:
     def full(self, chart: str) -> np.ndarray:
         "The chart's matrix with the masked-prediction column appended when any pixel was masked."
         c = chart_key(chart)
-        return np.concatenate([self.cms[c], self.masked[c][:, None]], 1) if self.masked[c].any() else self.cms[c]
+        if not self.masked[c].any(): return self.cms[c]
+        return np.concatenate([self.cms[c], self.masked[c][:, None]], 1)
 
     def n_masked(self) -> dict:
         "Per chart: scored pixels (reference has a class) whose prediction is 255."
