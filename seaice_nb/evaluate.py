@@ -4,7 +4,7 @@
 
 # %% ../nbs/42_evaluate.ipynb #9339823f
 from __future__ import annotations
-import argparse, csv, json, math, os, tempfile
+import argparse, csv, json, math, tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Optional
 

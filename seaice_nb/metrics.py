@@ -10,7 +10,8 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 from .core import DataError
-from .charts import CHART_FILL, CHART_WEIGHTS, CHARTS, METRIC_NAMES, N_CLASSES, chart_dict, chart_key
+from .charts import (CHART_FILL, CHART_WEIGHTS, CHARTS, METRIC_NAMES, N_CLASSES,  # noqa: F401 (also re-exported)
+                              chart_dict, chart_key)
 
 # %% auto #0
 __all__ = ['IGNORE', 'SEASONS', 'DISTANCE_ZONES', 'INCIDENCE_EDGES', 'WIND_EDGES', 'r2_from_confusion', 'f1_from_confusion',

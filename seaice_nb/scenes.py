@@ -12,7 +12,7 @@ from typing import Literal, Sequence
 import numpy as np
 import xarray as xr
 from .core import DataError, MissingFileError, SeaIceError
-from .charts import CHART_FILL, CHART_VARS, CLASS_TABLES, N_CLASSES, ChartClass, chart_cmap  # re-exported here
+from .charts import CHART_FILL, CHART_VARS, CLASS_TABLES, N_CLASSES, ChartClass, chart_cmap  # noqa: F401 (re-exported)
 
 # %% auto #0
 __all__ = ['SAR_VARS', 'GEO_VARS', 'AMSR2_VARS', 'ERA5_VARS', 'ALL_VARS', 'SAR_DIMS', 'TIE_DIMS', 'COARSE_DIMS', 'SAR_FILL',
