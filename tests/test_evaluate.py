@@ -150,7 +150,7 @@ def test_perfect_model_at_factor_10_scores_99_through_the_package(tmp_path):
     from seaice_nb.evaluate import evaluate, score_submission, submission_maps
     from seaice_nb.preprocess import PreprocessConfig, preprocess
     from seaice_nb.synth import generate_scenes
-    from seaice_nb.train import save_checkpoint
+    from seaice_nb.runs import save_checkpoint
     generate_scenes(tmp_path / 'scenes', 3, seed=4, size=(300, 360), progress=False)
     preprocess(tmp_path / 'scenes', tmp_path / 'store.zarr', PreprocessConfig(factor=10, max_frames=1, chunk=64), workers=0, progress=False)
     ckpt = save_checkpoint(tmp_path / 'oracle.pt', Oracle(), {'n_frames': 1})
@@ -189,7 +189,7 @@ def test_evaluate_without_submission_still_scores_a_package(tmp_path, monkeypatc
     monkeypatch.setattr(ev, 'score_submission', lambda p, *a, **k: (seen.append(Path(p)), real(p, *a, **k))[1])
     from seaice_nb.preprocess import PreprocessConfig, preprocess
     from seaice_nb.synth import generate_scenes
-    from seaice_nb.train import save_checkpoint
+    from seaice_nb.runs import save_checkpoint
     generate_scenes(tmp_path / 'scenes', 1, seed=6, size=(100, 120), progress=False)
     preprocess(tmp_path / 'scenes', tmp_path / 'store.zarr', PreprocessConfig(factor=4, max_frames=1, chunk=64), workers=0, progress=False)
     ckpt = save_checkpoint(tmp_path / 'oracle.pt', Oracle(), {'n_frames': 1})
@@ -210,8 +210,9 @@ def trained(tmp_path_factory):
     tmp = tmp_path_factory.mktemp('e2e')
     generate_scenes(tmp / 'scenes', 3, seed=2, size=(160, 200), progress=False)
     preprocess(tmp / 'scenes', tmp / 'store.zarr', PreprocessConfig(factor=4, max_frames=1, chunk=64), workers=0, progress=False)
-    cfg = TrainConfig(name='e2e', model='unet_baseline', model_kwargs={'in_chans': 18, 'filters': [8, 8]}, epochs=1, batch_size=4,
-                      data={'store': str(tmp / 'store.zarr'), 'patch_size': 32}, progress=False)
+    from seaice_nb.data import DataConfig
+    cfg = TrainConfig(name='e2e', model='unet_baseline', model_kwargs={'filters': [8, 8]}, epochs=1, batch_size=4,
+                      data=DataConfig(store=str(tmp / 'store.zarr'), crop=32), progress=False)
     res = train(cfg, run_dir=tmp / 'run')
     return tmp, res
 
@@ -220,7 +221,7 @@ def test_cli_evaluate_scores_at_80m_and_writes_package(trained):
     from seaice_nb import cli
     from seaice_nb.data import SceneStore
     from seaice_nb.scenes import open_scene
-    from seaice_nb.train import load_checkpoint
+    from seaice_nb.runs import load_checkpoint
     tmp, res = trained
     out = tmp / 'eval'
     assert cli.main(['evaluate', str(res.last_checkpoint), str(tmp / 'store.zarr'), '--scene-dir', str(tmp / 'scenes'),
