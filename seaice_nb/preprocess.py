@@ -259,7 +259,7 @@ def scene_frame(path: str | Path, # RTT NetCDF file
     ds, md5 = read_scene(path, strict)
     with ds: return {**frame_of(ds, path, cfg, charts), 'md5': md5, 'file': Path(path).name}
 
-# %% ../nbs/20_preprocess.ipynb #05f451c1
+# %% ../nbs/20_preprocess.ipynb #23d13f6e
 def pixel_latlon(ds: xr.Dataset, H: int, W: int, factor: int) -> tuple[np.ndarray, np.ndarray]:
     "Lat/lon at the centres of the downsampled pixels (80 m centres `i f + (f-1)/2`), from the tie points."
     from seaice_nb import scenes
@@ -277,7 +277,8 @@ def pixel_latlon(ds: xr.Dataset, H: int, W: int, factor: int) -> tuple[np.ndarra
 def scene_meta(ds: xr.Dataset, path) -> dict:
     "Scene id, ice service, region and acquisition time from the file's attributes and its raw name."
     from seaice_nb import scenes
-    sid = str(ds.attrs.get('scene_id', Path(path).name))
+    try: scenes.parse_rtt_name(Path(path).name); sid = Path(path).name  # the file name names the group (as the planner does)
+    except SeaIceError: sid = str(ds.attrs.get('scene_id', Path(path).name))
     stem = sid.replace('_prep.nc', '').replace('.nc', '')
     region = ''
     if ds.attrs.get('original_id'):
