@@ -634,7 +634,7 @@ class _Engine:
         if self.client is not None and futs: self.client.cancel(list(futs))
         if self.pool is not None: self.pool.shutdown(wait=True, cancel_futures=True)
 
-# %% ../nbs/20_preprocess.ipynb #6c2db73e
+# %% ../nbs/20_preprocess.ipynb #310a1d3d
 def find_scenes(src: str | Path | list) -> list[Path]:
     "RTT scene files from a folder (`*_prep.nc`) or a list of paths."
     if isinstance(src, (list, tuple)): return [Path(p) for p in src]
@@ -720,7 +720,8 @@ def preprocess(src: str | Path | list, # folder of RTT scenes or a list of files
                 try: _tmp_root(out).rmdir()
                 except OSError: pass
     summary = {'written': sorted(written), 'skipped': sorted(done & targets & set(plan)), 'failed': dict(sorted(failed.items())),
-               'seconds': round(time.time() - t0, 2), 'reads': len(needed)}
+               'seconds': round(time.time() - t0, 2), 'reads': len(needed),
+               'workers': 0 if len(needed) <= 1 or client is not None else workers}
     log.info(f"preprocess: {len(written)} written, {len(summary['skipped'])} already done, {len(failed)} failed "
              f"({len(needed)} scenes read once each)")
     return summary
