@@ -177,7 +177,8 @@ def test_preprocess_on_dask_slurmcluster(slurm_cluster, tmp_path):
     from seaice_nb.synth import generate_scenes
     generate_scenes(tmp_path / 'scenes', 3, seed=1, size=(100, 120), progress=False)
     with slurm_cluster.activated():
-        cluster, client = dask_slurm_client(1, cores=1, memory='1GB', walltime='00:10:00', host='127.0.0.1', timeout=120)
+        cluster, client = dask_slurm_client(1, cores=1, memory='1GB', walltime='00:10:00', host='127.0.0.1', timeout=120,
+                                            job_extra_directives=[f'--output={tmp_path}/worker-%j.out'])
         try:
             queue = slurm_cluster.run(['squeue', '-h', '-o', '%j %T']).stdout
             pids = client.run(os.getpid)
