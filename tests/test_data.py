@@ -139,7 +139,8 @@ def test_bench_runs_tiny(workdir):
     from seaice_nb.bench_loader import run_benchmark
     r = run_benchmark(workdir, n_scenes=3, size=(200, 240), factor=2, patch=32, batch_size=4, frames=2,
                       n_batches=3, warmup=1, workers=(0,))
-    assert {'store_T1_w0', 'store_T2_w0', 'netcdf_T1_w0', 'raw_copy'} <= set(r['results'])
+    assert {'store_T1_w0', 'store_T2_w0', 'store_lazy_T1_w0', 'netcdf_T1_w0', 'memcpy'} <= set(r['results'])
+    assert all(v['batches_s'] > 0 for v in r['results'].values()) and 0 < r['ratios']['store_fraction_of_memcpy']
     assert r['ratios']['store_vs_netcdf_speedup'] > 0 and json.dumps(r)
 
 
