@@ -62,7 +62,7 @@ class PreprocessConfig:
             bad = [c for c in names if c not in ok]
             if bad: raise ConfigError(f"{k}: unknown channel {bad[0]!r}; choose from {', '.join(sorted(ok))}")
 
-# %% ../nbs/20_preprocess.ipynb #5c1f91a2
+# %% ../nbs/20_preprocess.ipynb #23964760
 def _blocks(a: np.ndarray, factor: int) -> np.ndarray:
     "View `a[..., H, W]` as `[..., H//f, W//f, f*f]` blocks (trailing remainder dropped)."
     h, w = a.shape[-2] // factor, a.shape[-1] // factor
@@ -77,13 +77,15 @@ def downsample_mean(a: np.ndarray, # [..., H, W] values
                    ) -> tuple[np.ndarray, np.ndarray]:
     "Block mean over valid pixels; returns (mean with 0 on invalid blocks, block validity)."
     if factor == 1: return np.where(valid, a, 0).astype(np.float32), valid.copy()
-    vb = _blocks(valid.astype(np.float32), factor)
-    n = vb.sum(-1)
-    s = (_blocks(np.where(valid, a, 0).astype(np.float64), factor)).sum(-1)
+    h, w = a.shape[-2] // factor, a.shape[-1] // factor
+    v = valid[:h * factor, :w * factor]
+    x = np.where(v, a[..., :h * factor, :w * factor], 0)  # reshaped views, sums accumulated in float64: no 8 B/px copy
+    n = v.reshape(h, factor, w, factor).sum((1, 3), dtype=np.int32)
+    s = x.reshape(*x.shape[:-2], h, factor, w, factor).sum((-3, -1), dtype=np.float64)
     ok = n >= min_valid * factor * factor
     return np.where(ok, s / np.maximum(n, 1), 0).astype(np.float32), ok
 
-# %% ../nbs/20_preprocess.ipynb #c8958d23
+# %% ../nbs/20_preprocess.ipynb #e51c4cc3
 def downsample_labels(a: np.ndarray, # [H, W] uint8 class indices, `ignore` = no label
                       factor: int, # block size
                       method: str = 'mode', # 'mode' or 'max'
@@ -91,15 +93,15 @@ def downsample_labels(a: np.ndarray, # [H, W] uint8 class indices, `ignore` = no
                      ) -> np.ndarray:
     "Block mode (or max) of a chart, ignoring `ignore`; all-ignore blocks stay `ignore`."
     if factor == 1: return a.astype(np.uint8)
-    b = _blocks(a.astype(np.int64), factor)
+    b = _blocks(a.astype(np.uint8), factor)  # 1 byte per pixel: the class loop below is memory-bound
     lab = b != ignore
     if method == 'max':
-        out = np.where(lab, b, -1).max(-1)
+        out = np.where(lab, b.astype(np.int16), -1).max(-1)
         return np.where(out < 0, ignore, out).astype(np.uint8)
     if method != 'mode': raise ConfigError(f"chart method must be 'mode' or 'max', got {method!r}")
     n = int(b[lab].max()) + 1 if lab.any() else 1
     counts = np.zeros(b.shape[:-1] + (n,), np.int32)
-    for c in range(n): counts[..., c] = ((b == c) & lab).sum(-1)
+    for c in range(n): counts[..., c] = (b == c).sum(-1, dtype=np.int32)  # c < n never equals `ignore`
     out = counts.argmax(-1)  # ties: the lower class
     return np.where(counts.sum(-1) == 0, ignore, out).astype(np.uint8)
 
@@ -133,7 +135,7 @@ def official_crop(a: np.ndarray, y0: int, x0: int, size: int, grid_factor: int =
     return resample_2km(a, (size, size), origin=(y0 // grid_factor * grid_factor, x0 // grid_factor * grid_factor),
                         grid_factor=grid_factor)
 
-# %% ../nbs/20_preprocess.ipynb #a38bfa79
+# %% ../nbs/20_preprocess.ipynb #954d5b03
 def standardise(a: np.ndarray, # values of one variable
                 name: str, # AI4Arctic variable name
                 stats: dict, # {name: (mean, std)} official statistics
@@ -141,11 +143,14 @@ def standardise(a: np.ndarray, # values of one variable
                ) -> tuple[np.ndarray, bool]:
     "Standardise `a` unless it already is; returns (values, was_already_standardised)."
     mean, std = stats[name]
-    x = a[valid] if valid is not None else a
+    k = max(1, a.size // 200_000)  # the detection needs a location, not every pixel: an even subsample
+    pick = lambda k: (a.ravel()[::k] if valid is None else a.ravel()[::k][valid.ravel()[::k]])
+    x = pick(k)
     x = x[np.isfinite(x)]
+    if x.size == 0 and k > 1: x = pick(1); x = x[np.isfinite(x)]  # a small valid region the subsample missed
     if x.size == 0: return np.zeros_like(a, np.float32), True
     m = float(x.mean())
-    if abs(m) <= abs(m - mean): return a.astype(np.float32), True
+    if abs(m) <= abs(m - mean): return a.astype(np.float32, copy=False), True
     return ((a - mean) / std).astype(np.float32), False
 
 # %% ../nbs/20_preprocess.ipynb #8afbd8c1
@@ -160,7 +165,7 @@ def encodings(names: list[str], # subset of ENCODINGS
          'lat': lambda: (lat - 75.0) / 15.0, 'lon_sin': lambda: np.sin(np.deg2rad(lon)), 'lon_cos': lambda: np.cos(np.deg2rad(lon))}
     return np.stack([f[n]() for n in names]).astype(np.float32) if names else np.zeros((0, *lat.shape), np.float32)
 
-# %% ../nbs/20_preprocess.ipynb #17311458
+# %% ../nbs/20_preprocess.ipynb #1a1a7c96
 class SceneInvalidError(DataError):
     "A scene file failed validation; `.path` and `.problems` say which file and what is wrong."
     def __init__(self, path, problems: list):
@@ -187,7 +192,7 @@ def read_scene(path: str | Path, # RTT scene file (its `_reference.nc` is merged
     try: nc = netCDF4.Dataset(path.name, mode='r', memory=data)
     except OSError as e: raise _unreadable(path, f"not a NetCDF-4 file, or truncated ({e}): download it again") from e
     try:
-        ds = xr.open_dataset(xr.backends.NetCDF4DataStore(nc), mask_and_scale=False, decode_times=False)
+        ds = xr.open_dataset(xr.backends.NetCDF4DataStore(nc), engine='store', mask_and_scale=False, decode_times=False)
         for v in ds.variables.values():  # in place; a variable that cannot be decoded is reported by the validator
             try: v.load()
             except (OSError, RuntimeError, ValueError, KeyError): pass
@@ -203,7 +208,7 @@ def read_scene(path: str | Path, # RTT scene file (its `_reference.nc` is merged
         return ds, md5
     finally: nc.close()
 
-# %% ../nbs/20_preprocess.ipynb #20c1213a
+# %% ../nbs/20_preprocess.ipynb #b7a7ee40
 def frame_of(ds: xr.Dataset, # a scene loaded by `read_scene` (validated)
              path: str | Path, # the file it came from (names errors)
              cfg: PreprocessConfig, # preprocessing parameters
@@ -220,8 +225,8 @@ def frame_of(ds: xr.Dataset, # a scene loaded by `read_scene` (validated)
     for name in [c for c in cfg.channels if c in SAR_CHANNELS]:
         var = SAR_CHANNELS[name]
         x, std_flags[var] = standardise(ds[var].values, var, scenes.STATS, valid80)
-        chans[name], _ = downsample_mean(x, valid80, f, cfg.min_valid)
-    _, valid = downsample_mean(np.zeros(hh.shape, np.float32), valid80, f, cfg.min_valid)
+        chans[name], valid = downsample_mean(x, valid80, f, cfg.min_valid)
+    if not chans: _, valid = downsample_mean(np.zeros(hh.shape, np.float32), valid80, f, cfg.min_valid)
     coarse_names = sorted(set(cfg.amsr2) | set(cfg.era5) | {c for c in cfg.channels if c in AMSR2_CHANNELS or c in ERA5_CHANNELS})
     fine = {}
     for var in coarse_names:
