@@ -416,10 +416,11 @@ def write_group(ds: xr.Dataset, root: str | Path, name: str, chunk: int = 256) -
     finally:
         if tmp.exists(): shutil.rmtree(tmp, ignore_errors=True)
 
-# %% ../nbs/20_preprocess.ipynb #08741766
+# %% ../nbs/20_preprocess.ipynb #d69d8035
 def open_store(root: str | Path, # zarr store folder
                cfg: PreprocessConfig | None = None, # parameters a writer wants to use (checked against the store's)
                create: bool = False, # create the root group when missing
+               audit: bool = False, # accept older formats too (for `validate_store` only: they cannot be read for training)
               ) -> Path:
     "Check (or create, atomically) the root group of a preprocessed store; a writer's parameters must match the store's."
     import zarr
@@ -435,6 +436,7 @@ def open_store(root: str | Path, # zarr store folder
     if not meta.exists(): raise MissingFileError(f"{root} is not a preprocessed store (no zarr.json); run `seaice preprocess` first")
     attrs = json.loads(meta.read_text()).get('attributes', {})
     fmt = attrs.get('seaice:format')
+    if fmt in _OLD_FORMATS and audit: return root
     if fmt in _OLD_FORMATS:
         raise DataError(f"{root} is an old store (format {fmt}: {_OLD_FORMATS[fmt]}); this version reads {STORE_FORMAT}. "
                         f"Rebuild it: `seaice preprocess SCENES {root} --overwrite`")
@@ -731,15 +733,17 @@ def preprocess(src: str | Path | list, # folder of RTT scenes or a list of files
              f"({len(needed)} scenes read once each)")
     return summary
 
-# %% ../nbs/20_preprocess.ipynb #558250b8
+# %% ../nbs/20_preprocess.ipynb #18072e2e
 def validate_store(root: str | Path, # store folder
                    src: str | Path | list | None = None, # scene files to compare with (None: structure and values only)
                    check_md5: bool = True, # recompute the md5 of the sources
                   ) -> list[str]:
-    "Problems found in a preprocessed store (empty when it is good)."
-    open_store(root)
+    "Problems found in a preprocessed store (empty when it is good); stores of older formats are audited too."
+    open_store(root, audit=True)
+    fmt = json.loads((Path(root) / 'zarr.json').read_text()).get('attributes', {}).get('seaice:format')
+    problems = [] if fmt == STORE_FORMAT else [f"{root}: format {fmt} ({_OLD_FORMATS[fmt]}), this version reads {STORE_FORMAT}: "
+                                               f"rebuild it with `seaice preprocess SCENES {root} --overwrite`"]
     files = {_stem(p): p for p in find_scenes(src)} if src is not None else {}
-    problems = []
     for name in done_scenes(root):
         ds = xr.open_zarr(Path(root) / name, consolidated=False, zarr_format=3)
         try:

@@ -144,3 +144,20 @@ def test_bench_preprocess_tiny(capsys):
     assert r['results']['three_frame']['frames_per_target'] == [1, 2, 3] and r['results']['three_frame']['scene_reads'] == 3
     assert all(v['cpu_s_per_scene'] > 0 and v['peak_rss_MB'] > 0 for v in r['results'].values())
     assert r['ratios']['three_vs_single_frame_cpu'] > 0 and r['extrapolation']['scenes'] == 512
+
+
+def test_old_store_is_refused_but_audited(scenes_dir, store, tmp_path):
+    "A store of format 1 cannot be trained on (the message says how to rebuild it) but validation still checks its values."
+    import zarr
+    from seaice_nb.data import SceneStore
+    out, _ = store
+    old = tmp_path / 'old.zarr'; shutil.copytree(out, old)
+    meta = json.loads((old / 'zarr.json').read_text()); meta['attributes']['seaice:format'] = 'seaice_nb.preprocess/1'
+    (old / 'zarr.json').write_text(json.dumps(meta))
+    name = done_scenes(old)[0]
+    g = zarr.open_group(old / name, mode='r+')
+    sic = g['sic'][...]; sic[3, 4] = 200; g['sic'][...] = sic
+    with pytest.raises(Exception, match='--overwrite'): SceneStore(old)
+    problems = validate_store(old)
+    assert any('format seaice_nb.preprocess/1' in p and '--overwrite' in p for p in problems), problems
+    assert f"{name}: sic has 1 pixels outside 0..10 (or 255), e.g. 200" in problems
