@@ -81,10 +81,10 @@ def sbatch_directives(kind: str, # job kind, names the job and its log file
     if bad: raise ConfigError(f"sbatch option {bad[0]!r} must be one line starting with '--'")
     return [f"#SBATCH {l}" for l in lines]
 
-# %% ../nbs/60_slurm.ipynb #faba14e9
+# %% ../nbs/60_slurm.ipynb #e57e285e
 BYTES_PER_PX = 19 # decoded bytes per 80 m pixel a worker holds (4 x float32 SAR-grid variables + 3 x uint8 charts)
 PEAK_FACTOR = 4 # a worker's peak memory / its decoded scene (float64 temporaries of downsampling)
-SECONDS_PER_MPX = 1.5 # CPU-seconds per million 80 m pixels of a scene (read, validate, downsample, stack, write)
+SECONDS_PER_MPX = 0.5 # CPU-seconds per million 80 m pixels (read, validate, downsample, stack, write; measured ~0.24 at 5000 x 5200)
 
 def _scene_size(scenes_dir: Path) -> tuple[int, int, int]:
     "(scene count, lines, samples) of the RTT files in a folder (size: the largest of the first three headers)."
