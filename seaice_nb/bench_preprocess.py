@@ -101,16 +101,18 @@ def _rss_mb() -> float:
         if line.startswith('VmRSS:'): return int(line.split()[1]) / 1024
     return 0.0
 
-# %% ../nbs/25_bench_preprocess.ipynb #26e8035b
+# %% ../nbs/25_bench_preprocess.ipynb #7f98acbe
 def main(argv: list[str]) -> int:
     "`seaice bench preprocess`: time preprocessing against a plain xarray read and print JSON."
     ap = argparse.ArgumentParser(prog='seaice bench preprocess', description='Preprocessing wall/CPU/peak memory per scene, '
                                  'single- vs 3-frame, against an xarray read of the same scenes; extrapolated to 512 scenes.')
     ap.add_argument('--workdir', help='folder for the synthetic scenes (reused when present; default: a temp dir)')
-    ap.add_argument('--size', type=int, nargs=2, default=(5000, 5200), metavar=('LINES', 'SAMPLES'))
-    ap.add_argument('--scenes', type=int, default=3); ap.add_argument('--factor', type=int, default=10)
-    ap.add_argument('--repeats', type=int, default=1); ap.add_argument('--cores', type=int, default=16)
-    ap.add_argument('--total', type=int, default=512)
+    ap.add_argument('--size', type=int, nargs=2, default=(5000, 5200), metavar=('LINES', 'SAMPLES'), help='scene size in 80 m pixels')
+    ap.add_argument('--scenes', type=int, default=3, help='synthetic scenes (one site; 3 give a 3-frame stack)')
+    ap.add_argument('--factor', type=int, default=10, help='downsampling factor of the store')
+    ap.add_argument('--repeats', type=int, default=1, help='rounds of the three ways, alternated (medians reported)')
+    ap.add_argument('--cores', type=int, default=16, help='worker processes of the 512-scene extrapolation')
+    ap.add_argument('--total', type=int, default=512, help='scenes of the extrapolation')
     a = ap.parse_args(argv)
     print(json.dumps(run_benchmark(a.workdir, tuple(a.size), a.scenes, a.factor, a.repeats, a.cores, a.total), indent=1))
     return 0
