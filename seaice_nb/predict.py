@@ -179,7 +179,7 @@ class OnnxModel(nn.Module):
         feeds = {k: batch[k].detach().cpu().numpy() for k in self.input_keys}
         return {n: torch.from_numpy(o) for n, o in zip(self.output_names, self.session.run(None, feeds))}
 
-# %% ../nbs/45_predict.ipynb #7cfaf01d
+# %% ../nbs/45_predict.ipynb #9e054016
 def _tiling(settings: RunSettings, model: nn.Module, tile: Optional[int], overlap: Optional[int]) -> tuple[int, int]:
     cf = settings.preprocess.coarse_factor
     fixed = fixed_tile(model) if isinstance(model, nn.Module) and not isinstance(model, OnnxModel) else getattr(model, 'info', {}).get('tile')
@@ -198,6 +198,7 @@ def predict_maps(model: nn.Module, # a sea-ice model or an `OnnxModel`
                  probabilities: bool = False, # also keep the per-class probabilities
                  device: str = 'cpu', # where a PyTorch model runs
                  progress: bool = True, # tqdm bar over the scene's rows
+                 mask_invalid: bool = True, # 255 where the scene has no SAR data (False: scoring, as `evaluate` does)
                 ) -> dict:
     "Class maps `{chart: uint8 [h, w]}` on the model grid, probabilities, the target frame, inputs meta and timings."
     t0 = time.perf_counter()
@@ -207,7 +208,7 @@ def predict_maps(model: nn.Module, # a sea-ice model or an `OnnxModel`
     tile, overlap = _tiling(settings, model, tile, overlap)
     rec = ProbabilityRecorder(meta['shape'], probabilities, progress)
     maps = predict_scene(model, arrays, meta, settings.preprocess.coarse_factor, tile, overlap, settings.n_frames, None,
-                         batch_size, device, predict=rec, mask_invalid=True)
+                         batch_size, device, predict=rec, mask_invalid=mask_invalid)
     t2 = time.perf_counter()
     return dict(maps=maps, probs=rec.probs, target=target, meta=meta, tile=tile, overlap=overlap,
                 seconds={'read_preprocess': round(t1 - t0, 3), 'inference': round(t2 - t1, 3)})
