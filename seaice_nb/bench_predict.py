@@ -13,7 +13,7 @@ from .core import ConfigError, get_logger, to_dict
 # %% auto #0
 __all__ = ['FAMILIES', 'BACKENDS', 'make_run', 'run_config', 'bench_predict', 'main']
 
-# %% ../nbs/47_bench_predict.ipynb #5195d21e
+# %% ../nbs/47_bench_predict.ipynb #b0c4fbb8
 FAMILIES = {  # family -> (preset, frames it reads, tiny keyword overrides for smoke runs)
     'unet': ('unet_winner', 1, {'filters': [8, 8, 16, 16]}),
     'tsvit_v1': ('seaice_tsvit_v1', 1, {'img_size': 32, 'dim': 32, 'temporal_depth': 1, 'spatial_depth': 1}),
@@ -26,13 +26,16 @@ def make_run(family: str, # key of FAMILIES
              root: str | Path, # where the run folder goes
              factor: int = 10, # preprocessing factor the run claims
              tiny: bool = False, # small model (smoke runs)
+             scene: str | Path | None = None, # calibration scene for static int8 (U-Nets); None: dynamic int8
             ) -> Path:
     "A run directory with an untrained checkpoint of `family` (as `train` writes it), its ONNX export and int8 version."
-    from seaice_nb.export import export_onnx, quantize_int8
+    from seaice_nb.export import auto_method, export_onnx, quantize_int8, real_batches
+    from seaice_nb.predict import run_settings
     from seaice_nb.models import create_model
     from seaice_nb.preprocess import PreprocessConfig
     from seaice_nb.train import save_checkpoint
     from seaice_nb.core import file_digest
+    from seaice_nb.predict import fixed_tile
     if family not in FAMILIES: raise ConfigError(f"family {family!r}; choose from {', '.join(FAMILIES)}")
     preset, frames, small = FAMILIES[family]
     pre = PreprocessConfig(factor=factor, max_frames=frames)
@@ -45,7 +48,9 @@ def make_run(family: str, # key of FAMILIES
     ckpt = save_checkpoint(run / 'checkpoints' / 'last.pt', model, meta)
     onnx = run / 'export' / 'model.onnx'
     export_onnx(model, onnx, frames, metadata={'checkpoint': str(ckpt), 'checkpoint_md5': file_digest(ckpt), 'model': preset})
-    quantize_int8(onnx, run / 'export' / 'model.int8.onnx')
+    method = auto_method(onnx) if scene is not None else 'dynamic'
+    calib = real_batches(run_settings(meta, ckpt), scene, fixed_tile(model) or 256, 4, 4) if method == 'static' else []
+    quantize_int8(onnx, run / 'export' / 'model.int8.onnx', method, calib)
     return run
 
 # %% ../nbs/47_bench_predict.ipynb #8cca0866
@@ -82,7 +87,7 @@ def run_config(spec: dict, timeout: float = 900) -> dict:
         return {**{k: spec[k] for k in ('family', 'backend', 'threads')}, 'error': (p.stderr or p.stdout).strip().splitlines()[-3:]}
     return json.loads(line[2:])
 
-# %% ../nbs/47_bench_predict.ipynb #56eae920
+# %% ../nbs/47_bench_predict.ipynb #57a2c109
 def bench_predict(size: tuple[int, int] = (5000, 5200), # scene (lines, samples) at 80 m
                   factor: int = 10, # preprocessing downsampling
                   families: Sequence[str] = tuple(FAMILIES), # model families
@@ -109,7 +114,7 @@ def _sweep(work, size, factor, families, backends, threads, repeat, tiny, progre
     generate_scenes(work / 'scene', 1, seed=0, size=tuple(size), progress=False)
     scene = next((work / 'scene').glob('*_prep.nc'))
     synth_s = time.perf_counter() - t
-    runs = {f: make_run(f, work / 'runs', factor, tiny) for f in families}
+    runs = {f: make_run(f, work / 'runs', factor, tiny, scene) for f in families}
     configs = [(f, b, n) for f in families for b in backends for n in threads]
     rows = []
     for r in range(repeat):  # whole sweeps alternate: A B C ... A B C ...

@@ -17,8 +17,8 @@ from .metrics import CHARTS, ScoreAccumulator
 from .predict import OnnxModel, RunSettings, find_checkpoint, fixed_tile, load_run, predict_maps, scene_inputs
 
 # %% auto #0
-__all__ = ['OUTPUTS', 'example_inputs', 'export_onnx', 'max_logit_diff', 'check_export', 'real_batches', 'quantize_int8',
-           'score_scenes', 'describe_scenes', 'export_run', 'main']
+__all__ = ['OUTPUTS', 'example_inputs', 'export_onnx', 'max_logit_diff', 'check_export', 'real_batches', 'auto_method',
+           'quantize_int8', 'score_scenes', 'describe_scenes', 'export_run', 'main']
 
 # %% ../nbs/46_export.ipynb #82a2eb89
 OUTPUTS = tuple(CHARTS)
@@ -142,7 +142,13 @@ def real_batches(settings: RunSettings, # the run
         out.append({k: torch.from_numpy(np.stack([t[k] for t in s])) for k in settings.input_keys})
     return out
 
-# %% ../nbs/46_export.ipynb #8a0d12e7
+# %% ../nbs/46_export.ipynb #8d6bf04a
+def auto_method(path: str | Path) -> str:
+    "'static' for graphs dominated by convolutions (int8 Conv needs fixed activation ranges to be fast), else 'dynamic'."
+    import onnx
+    ops = [n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node]
+    return 'static' if ops.count('Conv') > ops.count('MatMul') + ops.count('Gemm') else 'dynamic'
+
 @contextlib.contextmanager
 def _quiet_root_logger():
     "onnxruntime's quantiser reports every tensor it skips (e.g. boolean masks) on the root logger: keep that out of the output."
@@ -153,11 +159,12 @@ def _quiet_root_logger():
 
 def quantize_int8(src: str | Path, # fp32 .onnx
                   dst: str | Path, # int8 .onnx (written atomically)
-                  method: str = 'dynamic', # 'dynamic' or 'static'
+                  method: str = 'auto', # 'dynamic', 'static' or 'auto' (`auto_method`)
                   calibration: Sequence[Mapping[str, torch.Tensor]] = (), # batches of real tiles for 'static'
                  ) -> dict:
     "Quantise an exported model to int8 for the CPU; the metadata travels along. Returns sizes and the method."
     import onnx
+    if method == 'auto': method = auto_method(src)
     from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType, quant_pre_process, quantize_dynamic,
                                           quantize_static)
     src, dst = Path(src), Path(dst)
@@ -217,12 +224,13 @@ def describe_scenes(scenes: Sequence[str | Path]) -> str:
             return f"synthetic (seaice synth, seed {man['params']['seed']}, split {'/'.join(splits) or '?'}, {len(scenes)} scenes)"
     return f"{len(scenes)} scenes from {d}"
 
-# %% ../nbs/46_export.ipynb #02700366
+# %% ../nbs/46_export.ipynb #1bbf0655
 def export_run(run: str | Path, # run directory or checkpoint file
                out: str | Path | None = None, # .onnx path (default `<run>/export/model.onnx`)
                scenes: Sequence[str | Path] = (), # RTT scenes: real check inputs, static calibration, scoring
                int8: bool = False, # also write `<out stem>.int8.onnx`
-               method: str = 'dynamic', # quantisation: 'dynamic' or 'static'
+               method: str = 'auto', # quantisation: 'dynamic', 'static' or 'auto' (static for convolutional models)
+               calibration: Sequence[str | Path] = (), # scenes for static calibration (default: `scenes`; better training scenes)
                score: bool = False, # official score of PyTorch, fp32 ONNX and int8 on `scenes` (need charts)
                tile: Optional[int] = None, # example tile for dynamic models
                opset: int = 17, # ONNX opset
@@ -238,7 +246,10 @@ def export_run(run: str | Path, # run directory or checkpoint file
     rep['max_abs_logit_diff'] = check_export(model, out, settings.n_frames, real)
     rep['within_1e-4'] = max(rep['max_abs_logit_diff'].values()) <= 1e-4
     if int8:
-        calib = [b for s in scenes for b in real_batches(settings, s, t, 4, 4)] if method == 'static' else []
+        method = auto_method(out) if method == 'auto' else method
+        cal = list(calibration or scenes)
+        if method == 'static' and not cal: raise ConfigError("static int8 quantisation needs calibration scenes (--calib or --scenes)")
+        calib = [b for s in cal for b in real_batches(settings, s, t, 4, 4)] if method == 'static' else []
         q = out.with_name(out.stem + '.int8.onnx')
         rep['int8'] = quantize_int8(out, q, method, calib)
     if score and scenes:
@@ -251,19 +262,20 @@ def export_run(run: str | Path, # run directory or checkpoint file
     get_logger('export').info(f"exported {settings.model} to {out}: max abs logit difference {max(rep['max_abs_logit_diff'].values()):.2e}")
     return rep
 
-# %% ../nbs/46_export.ipynb #da940781
+# %% ../nbs/46_export.ipynb #92d8d79c
 def main(argv: list[str]) -> int:
-    "`seaice export RUN --onnx OUT.onnx [--scenes S.nc ...] [--int8 [--method static]] [--score]`."
+    "`seaice export RUN --onnx OUT.onnx [--scenes S.nc ...] [--int8 [--method auto|static|dynamic] [--calib S.nc ...]] [--score]`."
     ap = argparse.ArgumentParser(prog='seaice export', description='Export a run to ONNX (checked against PyTorch), optionally int8-quantised and scored.')
     ap.add_argument('run', help='run directory or checkpoint file')
     ap.add_argument('--onnx', default=None, help='output .onnx (default <run>/export/model.onnx)')
     ap.add_argument('--scenes', nargs='*', default=[], help='RTT scenes: real check inputs, static calibration, scoring')
     ap.add_argument('--int8', action='store_true', help='also write <out>.int8.onnx')
-    ap.add_argument('--method', choices=('dynamic', 'static'), default='dynamic', help='int8 quantisation method')
+    ap.add_argument('--method', choices=('auto', 'dynamic', 'static'), default='auto', help='int8 method (auto: static for U-Nets)')
+    ap.add_argument('--calib', nargs='*', default=[], help='scenes for static calibration (default --scenes; prefer training scenes)')
     ap.add_argument('--score', action='store_true', help='official score of torch / onnx fp32 / int8 on --scenes (need charts)')
     ap.add_argument('--tile', type=int, default=None, help='example tile for models with a dynamic tile')
     ap.add_argument('--opset', type=int, default=17)
     a = ap.parse_args(argv)
-    rep = export_run(a.run, a.onnx, a.scenes, a.int8, a.method, a.score, a.tile, a.opset)
+    rep = export_run(a.run, a.onnx, a.scenes, a.int8, a.method, a.calib, a.score, a.tile, a.opset)
     print(json.dumps(rep, indent=1))
     return 0 if rep['within_1e-4'] else 1

@@ -257,12 +257,12 @@ def charts_dataset(maps80: Mapping[str, np.ndarray], # {chart: uint8 [H80, W80]}
                 'seaice:preprocess': json.dumps(dataclasses.asdict(settings.preprocess)), 'seaice:code_version': code_version()}
     return ds
 
-# %% ../nbs/45_predict.ipynb #a4b8b106
-def to_epsg3413(maps: Mapping[str, np.ndarray], # {chart: uint8 [h, w]} on the model grid
+# %% ../nbs/45_predict.ipynb #941320f0
+def to_epsg3413(maps: Mapping[str, np.ndarray], # {name: [h, w]} on the model grid (uint8 classes, or floats)
                 lat: np.ndarray, lon: np.ndarray, # [h, w] pixel centres (degrees)
                 pixel: float, # output pixel size in metres
                ) -> tuple[dict, np.ndarray, np.ndarray]:
-    "Nearest-neighbour resampling onto a north-up EPSG:3413 grid: `({chart: [ny, nx]}, x centres, y centres)`, 255 outside."
+    "Nearest-neighbour resampling onto a north-up EPSG:3413 grid: `({name: [ny, nx]}, x centres, y centres)`; 255 (NaN) outside."
     from seaice_nb.scenes import from_polar_stereo, to_polar_stereo
     from seaice_nb.stack import source_coords
     x, y = to_polar_stereo(lat, lon)
@@ -274,7 +274,11 @@ def to_epsg3413(maps: Mapping[str, np.ndarray], # {chart: uint8 [h, w]} on the m
     h, w = lat.shape
     inside = np.isfinite(r) & np.isfinite(c) & (r > -0.5) & (r < h - 0.5) & (c > -0.5) & (c < w - 0.5)
     ri = np.clip(np.rint(np.nan_to_num(r)), 0, h - 1).astype(np.intp); ci = np.clip(np.rint(np.nan_to_num(c)), 0, w - 1).astype(np.intp)
-    return {k: np.where(inside, np.asarray(m)[ri, ci], 255).astype(np.uint8) for k, m in maps.items()}, xs, ys
+    out = {}
+    for k, m in maps.items():
+        m = np.asarray(m)
+        out[k] = np.where(inside, m[ri, ci], 255).astype(np.uint8) if m.dtype == np.uint8 else np.where(inside, m[ri, ci], np.nan).astype(np.float32)
+    return out, xs, ys
 
 def write_geotiff(a: np.ndarray, xs: np.ndarray, ys: np.ndarray, chart: str, path: str | Path) -> Path:
     "One chart as a deflate-compressed EPSG:3413 GeoTIFF with a colour table, class names and nodata 255."
@@ -290,34 +294,33 @@ def write_geotiff(a: np.ndarray, xs: np.ndarray, ys: np.ndarray, chart: str, pat
         dst.update_tags(1, **{f"class_{c.index}": c.name for c in CLASS_TABLES[chart.upper()]})
     return Path(path)
 
-# %% ../nbs/45_predict.ipynb #aeab92d1
-def quicklook(maps: Mapping[str, np.ndarray], # {chart: uint8 [h, w]} on the model grid
-              lat: np.ndarray, lon: np.ndarray, # [h, w] degrees
-              hh: Optional[np.ndarray] = None, # [h, w] standardised HH (0 = no data), or None
+# %% ../nbs/45_predict.ipynb #a045e768
+def quicklook(maps: Mapping[str, np.ndarray], # {chart: uint8 [ny, nx]} on the EPSG:3413 grid (`to_epsg3413`), 255 = none
+              xs: np.ndarray, ys: np.ndarray, # grid centres (m), ys from north to south
+              hh: Optional[np.ndarray] = None, # [ny, nx] standardised HH on the same grid (0 or NaN = no data), or None
               title: str = '', # figure title
-              max_pixels: int = 300, # decimate to at most this many pixels per side
              ):
     "HH and the three predicted charts on a polar stereographic map with coastlines and class legends; returns the figure."
     import matplotlib.pyplot as plt
-    from seaice_nb.scenes import CLASS_TABLES, add_land, chart_cmap, destandardise, polar_stereo_crs, to_polar_stereo
-    s = max(1, -(-max(lat.shape) // max_pixels))
-    sub = (slice(None, None, s), slice(None, None, s))
-    x, y = to_polar_stereo(lat[sub], lon[sub])
+    from seaice_nb.scenes import CLASS_TABLES, add_land, chart_cmap, destandardise, polar_stereo_crs
     crs = polar_stereo_crs()
+    p = abs(xs[1] - xs[0]) if len(xs) > 1 else 1.0
+    extent = (xs[0] - p / 2, xs[-1] + p / 2, ys[-1] - p / 2, ys[0] + p / 2)  # imshow of the regular grid: no per-cell mesh
     panels = ([('HH (dB)', None)] if hh is not None else []) + [(c.upper(), c) for c in CHARTS]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.3 * len(panels), 4.8), subplot_kw={'projection': crs}, constrained_layout=True)
-    pad = 0.1 * max(np.ptp(x), np.ptp(y), 1.0)
+    pad = 0.1 * max(extent[1] - extent[0], extent[3] - extent[2])
     for ax, (name, c) in zip(np.atleast_1d(axes), panels):
-        ax.set_extent((x.min() - pad, x.max() + pad, y.min() - pad, y.max() + pad), crs=crs)
+        ax.set_extent((extent[0] - pad, extent[1] + pad, extent[2] - pad, extent[3] + pad), crs=crs)
         if c is None:
-            h = np.asarray(hh[sub], np.float64); db = np.where(h == 0, np.nan, destandardise(h, 'nersc_sar_primary'))
+            h = np.asarray(hh, np.float64); db = np.where((h == 0) | ~np.isfinite(h), np.nan, destandardise(h, 'nersc_sar_primary'))
             ok = np.isfinite(db).any()
-            ax.pcolormesh(x, y, db, transform=crs, shading='auto', cmap='gray',
-                          vmin=np.nanpercentile(db, 2) if ok else 0, vmax=np.nanpercentile(db, 98) if ok else 1)
+            ax.imshow(db, extent=extent, transform=crs, origin='upper', interpolation='nearest', cmap='gray',
+                      vmin=np.nanpercentile(db, 2) if ok else 0, vmax=np.nanpercentile(db, 98) if ok else 1)
         else:
             cmap, norm = chart_cmap(c.upper())
-            m = np.asarray(maps[c][sub])
-            ax.pcolormesh(x, y, np.ma.masked_equal(m.astype(np.float64), 255), transform=crs, shading='auto', cmap=cmap, norm=norm)
+            m = np.asarray(maps[c])
+            ax.imshow(np.ma.masked_equal(m.astype(np.float64), 255), extent=extent, transform=crs, origin='upper',
+                      interpolation='nearest', cmap=cmap, norm=norm)
             present = [k for k in np.unique(m) if k != 255]
             ax.legend(handles=[plt.Rectangle((0, 0), 1, 1, color=CLASS_TABLES[c.upper()][k].colour, label=CLASS_TABLES[c.upper()][k].name)
                                for k in present], fontsize=6, loc='lower left', framealpha=0.85, title='predicted', title_fontsize=6)
@@ -327,7 +330,7 @@ def quicklook(maps: Mapping[str, np.ndarray], # {chart: uint8 [h, w]} on the mod
     if title: fig.suptitle(title, fontsize=10)
     return fig
 
-# %% ../nbs/45_predict.ipynb #f0380c49
+# %% ../nbs/45_predict.ipynb #b611e14f
 def write_outputs(result: Mapping[str, Any], # `predict_maps` output
                   settings: RunSettings, # the run
                   scene: str | Path, # the input file
@@ -350,17 +353,20 @@ def write_outputs(result: Mapping[str, Any], # `predict_maps` output
         for c in CHARTS: enc[c.upper()].update(_FillValue=np.uint8(255), chunksizes=tuple(min(1024, n) for n in shape80))
         ds.to_netcdf(tmp / f"{name}_charts.nc", format='NETCDF4', engine='netcdf4', encoding=enc)
         files['netcdf'] = f"{name}_charts.nc"; secs['netcdf'] = round(time.perf_counter() - t, 3)
+        if geotiff or png:
+            t = time.perf_counter()
+            ch = settings.preprocess.channels
+            grids = dict(result['maps'], **({'hh': tgt['image'][ch.index('hh')]} if 'hh' in ch and png else {}))
+            proj, xs, ys = to_epsg3413(grids, tgt['lat'], tgt['lon'], 80.0 * f)
+            secs['reproject'] = round(time.perf_counter() - t, 3)
         if geotiff:
             t = time.perf_counter()
-            proj, xs, ys = to_epsg3413(result['maps'], tgt['lat'], tgt['lon'], 80.0 * f)
-            for c, a in proj.items():
-                write_geotiff(a, xs, ys, c, tmp / f"{name}_{c.upper()}.tif"); files[f'geotiff_{c}'] = f"{name}_{c.upper()}.tif"
+            for c in CHARTS:
+                write_geotiff(proj[c], xs, ys, c, tmp / f"{name}_{c.upper()}.tif"); files[f'geotiff_{c}'] = f"{name}_{c.upper()}.tif"
             secs['geotiff'] = round(time.perf_counter() - t, 3)
         if png:
             t = time.perf_counter()
-            ch = settings.preprocess.channels
-            hh = tgt['image'][ch.index('hh')] if 'hh' in ch else None
-            fig = quicklook(result['maps'], tgt['lat'], tgt['lon'], hh, f"{name} — {Path(str(settings.model)).name}")
+            fig = quicklook({c: proj[c] for c in CHARTS}, xs, ys, proj.get('hh'), f"{name} — {Path(str(settings.model)).name}")
             try: fig.savefig(tmp / f"{name}_quicklook.png", dpi=110)
             finally: plt.close(fig)
             files['quicklook'] = f"{name}_quicklook.png"; secs['quicklook'] = round(time.perf_counter() - t, 3)
