@@ -13,7 +13,7 @@ from .core import ConfigError, get_logger, to_dict
 # %% auto #0
 __all__ = ['FAMILIES', 'BACKENDS', 'make_run', 'run_config', 'bench_predict', 'main']
 
-# %% ../nbs/47_bench_predict.ipynb #b0c4fbb8
+# %% ../nbs/47_bench_predict.ipynb #389cd140
 FAMILIES = {  # family -> (preset, frames it reads, tiny keyword overrides for smoke runs)
     'unet': ('unet_winner', 1, {'filters': [8, 8, 16, 16]}),
     'tsvit_v1': ('seaice_tsvit_v1', 1, {'img_size': 32, 'dim': 32, 'temporal_depth': 1, 'spatial_depth': 1}),
@@ -33,7 +33,8 @@ def make_run(family: str, # key of FAMILIES
     from seaice_nb.predict import run_settings
     from seaice_nb.models import create_model
     from seaice_nb.preprocess import PreprocessConfig
-    from seaice_nb.train import save_checkpoint
+    from seaice_nb.data import DataConfig
+    from seaice_nb.runs import TrainConfig, save_checkpoint
     from seaice_nb.core import file_digest
     from seaice_nb.predict import fixed_tile
     if family not in FAMILIES: raise ConfigError(f"family {family!r}; choose from {', '.join(FAMILIES)}")
@@ -43,13 +44,15 @@ def make_run(family: str, # key of FAMILIES
     if preset.startswith('seaice_tsvit_v3'): kw.update(amsr2_chans=len(pre.amsr2), era5_chans=len(pre.era5), coarse_factor=pre.coarse_factor)
     model = create_model(preset, **kw).eval()
     run = Path(root) / family
-    meta = {'config': {'model': preset, 'model_kwargs': kw}, 'model': preset, 'preprocess': to_dict(pre), 'channels': list(pre.channels),
-            'n_frames': frames, 'input_keys': list(model.input_keys), 'amsr2_channels': list(pre.amsr2), 'era5_channels': list(pre.era5)}
+    tile = fixed_tile(model) or 256
+    conf = TrainConfig(name=family, model=preset, model_kwargs=kw, data=DataConfig(crop=tile, n_frames=frames))
+    meta = {'config': to_dict(conf), 'model': preset, 'preprocess': to_dict(pre), 'channels': list(pre.channels),
+            'input_keys': list(model.input_keys), 'amsr2_channels': list(pre.amsr2), 'era5_channels': list(pre.era5)}
     ckpt = save_checkpoint(run / 'checkpoints' / 'last.pt', model, meta)
     onnx = run / 'export' / 'model.onnx'
     export_onnx(model, onnx, frames, metadata={'checkpoint': str(ckpt), 'checkpoint_md5': file_digest(ckpt), 'model': preset})
     method = auto_method(onnx) if scene is not None else 'dynamic'
-    calib = real_batches(run_settings(meta, ckpt), scene, fixed_tile(model) or 256, 4, 4) if method == 'static' else []
+    calib = real_batches(run_settings(meta, ckpt), scene, tile, 4, 4) if method == 'static' else []
     quantize_int8(onnx, run / 'export' / 'model.int8.onnx', method, calib)
     return run
 

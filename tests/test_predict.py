@@ -18,7 +18,9 @@ def world(tmp_path_factory):
     """Six synthetic scenes of one world (3 train, 3 test with charts only in _reference.nc), two stores, a tiny U-Net."""
     from seaice_nb.preprocess import PreprocessConfig, preprocess
     from seaice_nb.synth import generate_scenes
-    from seaice_nb.train import TrainConfig, train
+    from seaice_nb.data import DataConfig
+    from seaice_nb.runs import TrainConfig
+    from seaice_nb.train import train
     tmp = tmp_path_factory.mktemp('predict')
     m = json.loads(generate_scenes(tmp / 'scenes', 6, seed=2, size=(160, 200), test_fraction=0.5, progress=False).read_text())
     split = {s: [tmp / 'scenes' / r['file'] for r in m['scenes'] if r['split'] == s] for s in ('train', 'test')}
@@ -26,8 +28,8 @@ def world(tmp_path_factory):
     preprocess(split['train'], tmp / 'train.zarr', pre, workers=0, progress=False)
     preprocess(split['test'], tmp / 'test.zarr', pre, workers=0, progress=False)
     torch.manual_seed(0)
-    cfg = TrainConfig(name='p', model='unet_baseline', model_kwargs={'in_chans': 18, 'filters': [8, 8]}, epochs=20, batch_size=4, lr=0.01,
-                      data={'store': str(tmp / 'train.zarr'), 'patch_size': 32}, progress=False, figures=False)
+    cfg = TrainConfig(name='p', model='unet_baseline', model_kwargs={'filters': [8, 8]}, epochs=20, batch_size=4, lr=0.01,
+                      data=DataConfig(store=str(tmp / 'train.zarr'), crop=32), progress=False)
     res = train(cfg, run_dir=tmp / 'run')
     return tmp, res, split
 
@@ -48,7 +50,7 @@ def test_predict_cli_on_unlabelled_test_scene_matches_evaluation(world):
     from seaice_nb import cli
     from seaice_nb.data import SceneStore
     from seaice_nb.evaluate import predict_scene, upsample_nearest
-    from seaice_nb.train import load_checkpoint
+    from seaice_nb.runs import load_checkpoint
     tmp, res, _ = world
     scene = _alone(world)
     with netCDF4.Dataset(scene) as nc: assert 'SIC' not in nc.variables          # a test-set file: no charts
