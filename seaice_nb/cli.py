@@ -10,7 +10,7 @@ from . import __version__
 # %% auto #0
 __all__ = ['COMMANDS', 'BENCHES', 'CONFIG_KINDS', 'bench_main', 'main', 'config_main']
 
-# %% ../nbs/90_cli.ipynb #e8b4e1c0
+# %% ../nbs/90_cli.ipynb #8004edda
 COMMANDS = {
     'config':     ('seaice_nb.cli:config_main', 'show a preset resolved into its typed config'),
     'validate':   ('seaice_nb.scenes:validate_main', 'check AI4Arctic RTT scene files against the schema'),
@@ -29,6 +29,7 @@ BENCHES = {
     'loader':     ('seaice_nb.bench_loader:main', 'loader batches/s: zarr store vs per-patch NetCDF vs raw copy'),
     'download':   ('seaice_nb.download:bench_main', 'downloader throughput vs a plain copy over loopback, resume re-fetch'),
     'autolabel':  ('seaice_nb.autolabel.parallel:bench_main', 'labeller/filter Mpx/s per core vs memcpy and the per-tile HSV way; pool and Dask speed-up'),
+    'explore':    ('seaice_nb.explore:bench_main', 'explorer redraw ms per action (layer, frame, overlay, opacity): in-place updates vs rebuilding the figure'),
 }
 
 # %% ../nbs/90_cli.ipynb #d06c61de

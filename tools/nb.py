@@ -80,8 +80,7 @@ def build(src, nb_path, execute=True):
     nbformat.write(nb, nb_path)
     if execute:
         r = subprocess.run([BIN / 'jupyter', 'nbconvert', '--to', 'notebook', '--execute', '--inplace',
-                            '--ExecutePreprocessor.timeout=900',
-                            '--ExecutePreprocessor.store_widget_state=False', str(nb_path)], cwd=Path(nb_path).parent.parent)
+                            '--ExecutePreprocessor.timeout=900', str(nb_path)], cwd=Path(nb_path).parent.parent)
         if r.returncode: sys.exit(f"executing {nb_path} failed")
     subprocess.run([BIN / 'nbdev_clean', '--fname', str(nb_path)], check=True)
     subprocess.run([BIN / 'nbdev_export'], check=True)
