@@ -278,5 +278,5 @@ def test_explorer_renders_in_jupyterlab_under_headless_chromium(tiny, tmp_path):
         c = np.array([int(colour[i:i + 2], 16) for i in (1, 3, 5)])
         return int((np.abs(im - c).max(-1) <= tol).sum())
     assert all(has(c.colour) > 20 for c in CLASS_TABLES['SOD']), [(c.name, has(c.colour)) for c in CLASS_TABLES['SOD']]   # the legend's WMO colours
-    assert has('#e8e4da') > 200                                                 # the map's land
+    assert has('#ff0000', tol=40) > 10                                         # the map's selected footprint
     print(json.dumps({k: v for k, v in facts.items() if k in ('server_s', 'seconds')}))
