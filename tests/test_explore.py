@@ -23,12 +23,14 @@ CHANNELS = ['hh', 'hv', 'incidence_angle', 'distance_map']
 
 def tiny_run(root: Path, store: Path, name: str, preset: str, **kw) -> Path:
     "A checkpoint as the trainer writes it (meta with config, channels, frames, preprocessing), initialised with seed 0."
-    from seaice_nb.train import build_model, save_checkpoint
+    from seaice_nb.core import to_dict
+    from seaice_nb.data import DataConfig
+    from seaice_nb.runs import TrainConfig, build_model, save_checkpoint
+    cfg = TrainConfig(model=preset, model_kwargs=kw, data=DataConfig(crop=32, n_frames=3, channels=CHANNELS))
     torch.manual_seed(0)
-    model = build_model(preset, kw)
+    model = build_model(cfg)
     params = json.loads(json.loads((store / 'zarr.json').read_text())['attributes']['seaice:params'])
-    meta = {'config': {'model': preset, 'model_kwargs': kw, 'data': {'n_frames': 3}}, 'channels': CHANNELS,
-            'input_keys': list(model.input_keys), 'n_frames': 3,
+    meta = {'config': to_dict(cfg), 'channels': CHANNELS, 'input_keys': list(model.input_keys),
             'preprocess': {k: params[k] for k in ('factor', 'coarse_factor', 'chart_method', 'min_valid', 'grid_offset')}}
     save_checkpoint(root / name / 'checkpoints' / 'best.pt', model, meta)
     return root / name
