@@ -202,8 +202,16 @@ def _run_all(page, timeout: float):
     page.locator('.lm-Menu-itemLabel', has_text='Run All Cells').first.click()
     page.locator('.seaice-explorer').wait_for(timeout=timeout * 1000)
     page.locator('.seaice-inspector').wait_for(timeout=timeout * 1000)      # the last cell ran: a pixel is inspected
-    page.wait_for_function("document.querySelectorAll('.seaice-explorer canvas').length >= 3", timeout=timeout * 1000)
-    page.wait_for_timeout(1500)                                               # the canvases receive their images
+    page.wait_for_function(DRAWN + ' >= 3', timeout=timeout * 1000)    # map, scene and explanation canvases show images
+
+
+DRAWN = """[...document.querySelectorAll('.seaice-explorer canvas')].filter(c => {
+    if (!c.width || !c.height) return false;                  // an ipympl figure: an image canvas + a clear rubber-band canvas
+    const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+    let n = 0;
+    for (let i = 0; i < d.length; i += 4 * 13) if (d[i + 3] > 0 && (d[i] < 230 || d[i + 1] < 230 || d[i + 2] < 230)) n++;
+    return n > 30;
+}).length"""
 
 
 def open_in_lab(store: Path, run: Path, work: Path, screenshot: Path, timeout: float = 50) -> dict:
@@ -248,7 +256,7 @@ def open_in_lab(store: Path, run: Path, work: Path, screenshot: Path, timeout: f
             facts.update(page.evaluate("""() => {
                 const p = document.querySelector('.seaice-explorer');
                 const figs = [...p.querySelectorAll('.jupyter-matplotlib-figure, .jupyter-matplotlib')].length;
-                return {text: p.innerText, canvases: p.querySelectorAll('canvas').length, figures: figs,
+                return {text: p.innerText, canvases: p.querySelectorAll('canvas').length, figures: figs, drawn: """ + DRAWN + """,
                         options: p.querySelectorAll('.seaice-scene-picker option').length,
                         legend: (p.querySelector('.seaice-legend') || {}).innerText || '',
                         errors: document.body.innerText.match(/Error displaying widget|Failed to load model|Traceback/g) || []};
@@ -271,7 +279,7 @@ def test_explorer_renders_in_jupyterlab_under_headless_chromium(tiny, tmp_path):
     png = tmp_path / 'explore.png'
     facts = open_in_lab(store, tsvit, tmp_path / 'lab', png)
     assert not facts['errors'], facts['errors']
-    assert facts['canvases'] >= 3 and facts['options'] == 4                   # map, scene, explanations; the picker
+    assert facts['drawn'] == 3 and facts['options'] == 4                      # map, scene, explanations drawn; the picker
     assert 'seaice_nb explorer' in facts['text'] and 'lat, lon' in facts['text'] and 'model SOD' in facts['text']
     assert 'SOD chart' in facts['legend'] and 'open water' in facts['legend'] and 'old ice' in facts['legend']
     im = np.asarray(Image.open(png).convert('RGB')).astype(int)
