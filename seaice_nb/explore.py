@@ -857,9 +857,14 @@ def explore_demo(root: str | Path = 'runs/demo', # demo folder written by `make 
     if not run.exists(): raise MissingFileError(f"{run} does not exist; the demo trains 'tsvit_v2' and 'unet_baseline'")
     return explore(store, run, **kwargs)
 
-# %% ../nbs/44_explore.ipynb #58411a6a
+# %% ../nbs/44_explore.ipynb #3436530f
 def _render(fig):
     fig.canvas.draw()
+
+def _deferred(fig):
+    "Make `draw_idle` a no-op, as in ipympl, where it only schedules the one render the browser receives."
+    fig.canvas.draw_idle = lambda *a, **k: None
+    return fig
 
 def bench_redraw(data: ExploreData, # scenes (and a model for prediction/explanation timings)
                  scene: str | None = None, # scene (None: the largest)
@@ -867,16 +872,20 @@ def bench_redraw(data: ExploreData, # scenes (and a model for prediction/explana
                 ) -> dict:
     "Median ms per explorer action (update in place + render) vs rebuilding the figure, and their ratio."
     import matplotlib.pyplot as plt
-    scene = scene or max(data.names, key=lambda n: np.prod(data.src.meta[n]['shape']))
+    scene = scene or max(data.names, key=lambda n: (len(data.frames(n)), np.prod(data.src.meta[n]['shape'])))
     T = len(data.frames(scene))
     layers = layer_names(data.src)[:2]
     res = {'scene': scene, 'shape': list(data.src.meta[scene]['shape']), 'frames': T, 'repeats': repeats,
            'load_average': [round(x, 2) for x in os.getloadavg()]}
     t = time.perf_counter(); data.prediction(scene); res['first_prediction_ms'] = round((time.perf_counter() - t) * 1e3, 1)
     with plt.ioff():
-        panel = ScenePanel(data)
+        panel = ScenePanel(data, _deferred(plt.figure(figsize=(6.6, 4.8))))
     st = ViewState(scene, layers[0], -1, 'prediction' if data.model is not None else 'chart', 'sod')
     panel.update(st); _render(panel.fig)
+    r = []
+    for _ in range(repeats):
+        t = time.perf_counter(); _render(panel.fig); r.append(time.perf_counter() - t)
+    res['render_only_ms'] = round(float(np.median(r)) * 1e3, 1)
     actions = {'layer': ('base', lambda i: setattr(st, 'layer', layers[i % len(layers)])),
                'frame': ('base', lambda i: setattr(st, 'frame', i % T)),
                'overlay': ('overlay', lambda i: setattr(st, 'task', TASKS[i % 3])),
@@ -888,7 +897,7 @@ def bench_redraw(data: ExploreData, # scenes (and a model for prediction/explana
             change(i + 1)
             t = time.perf_counter(); panel.update(st, (part,)); _render(panel.fig); a.append(time.perf_counter() - t)
             t = time.perf_counter()
-            with plt.ioff(): p2 = ScenePanel(data)
+            with plt.ioff(): p2 = ScenePanel(data, _deferred(plt.figure(figsize=(6.6, 4.8))))
             p2.update(st); _render(p2.fig); plt.close(p2.fig); b.append(time.perf_counter() - t)
         upd[name], reb[name] = float(np.median(a)) * 1e3, float(np.median(b)) * 1e3
     res['update_ms'] = {k: round(v, 1) for k, v in upd.items()}
