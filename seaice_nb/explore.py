@@ -915,7 +915,7 @@ def bench_main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog='seaice bench explore', description=bench_main.__doc__)
     ap.add_argument('store', nargs='?', help='preprocessed store or folder of scenes (default: 4 synthetic scenes, demo-sized)')
     ap.add_argument('--run', help='run directory or checkpoint')
-    ap.add_argument('--repeats', type=int, default=5)
+    ap.add_argument('--repeats', type=int, default=5, help='A/B pairs per action (default 5)')
     a = ap.parse_args(argv)
     import matplotlib; matplotlib.use('Agg')
     with tempfile.TemporaryDirectory() as tmp:
