@@ -5,7 +5,7 @@
 # %% ../nbs/44_explore.ipynb #be5af5c8
 from __future__ import annotations
 import argparse, html, json, math, os, tempfile, time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 

@@ -1,5 +1,5 @@
 """The explorer driven as a user would: widgets in the kernel, and the panel in JupyterLab under headless Chromium."""
-import json, os, secrets, shutil, socket, subprocess, sys, time, urllib.request
+import json, os, secrets, socket, subprocess, sys, time, urllib.request
 from pathlib import Path
 
 import matplotlib
@@ -13,7 +13,7 @@ from matplotlib.backend_bases import MouseEvent, PickEvent
 from conftest import require
 
 from seaice_nb.core import DataError, MissingFileError
-from seaice_nb.explore import explore, explore_demo, layer_array
+from seaice_nb.explore import explore, explore_demo
 from seaice_nb.scenes import CLASS_TABLES, destandardise
 
 FLAGS = ['--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run', '--disable-background-networking',
