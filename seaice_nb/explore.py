@@ -22,8 +22,8 @@ from .evaluate import check_store, predict_scene
 from .models.losses import outputs_to_classes
 from .models.tsvit import TSViT, attention_rollout, record_attention
 from .runs import load_run
-from .scenes import (CHART_FILL, CLASS_TABLES, add_land, chart_cmap, destandardise, open_scene, polar_stereo_crs,
-                              to_polar_stereo)
+from .charts import CHART_FILL, CLASS_TABLES, chart_cmap
+from .scenes import add_land, destandardise, open_scene, polar_stereo_crs, to_polar_stereo
 # matplotlib and ipywidgets are imported where figures and widgets are made: reading and computing need neither
 
 # %% auto #0

@@ -14,7 +14,8 @@ from conftest import require
 
 from seaice_nb.core import DataError, MissingFileError
 from seaice_nb.explore import explore, explore_demo
-from seaice_nb.scenes import CLASS_TABLES, destandardise
+from seaice_nb.charts import CLASS_TABLES
+from seaice_nb.scenes import destandardise
 
 FLAGS = ['--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run', '--disable-background-networking',
          '--disable-component-update', '--disable-sync', '--disable-dev-shm-usage']
