@@ -33,6 +33,7 @@ BENCHES = {
     'preprocess': ('seaice_nb.bench_preprocess:main', 'preprocessing wall/CPU/peak memory per full-size scene, 1 vs 3 frames, vs an xarray read'),
     'download':   ('seaice_nb.download:bench_main', 'downloader throughput vs a plain copy over loopback, resume re-fetch'),
     'autolabel':  ('seaice_nb.autolabel.parallel:bench_main', 'labeller/filter Mpx/s per core vs memcpy and the per-tile HSV way; pool and Dask speed-up'),
+    'explore':    ('seaice_nb.explore:bench_main', 'explorer redraw ms per action (layer, frame, overlay, opacity): in-place updates vs rebuilding the figure'),
 }
 
 # %% ../nbs/90_cli.ipynb #d06c61de
