@@ -140,7 +140,7 @@ def map_figures(checkpoint: str | Path, # checkpoint written by `seaice_nb.train
                 tile: int = 256, overlap: int = 64, # inference tiling (store pixels)
                 charts: tuple[str, ...] = ('sic', 'sod'), # charts to draw
                 device: str = 'cpu', # where the model runs
-                formats: tuple[str, ...] = ('png',), # one file per format; the PNGs are returned
+                formats: tuple[str, ...] = ('png',), # one file per format; the first format's files are returned
                ) -> list[Path]:
     "Chart-vs-prediction maps of `names` (with `seaice_nb.plots.scene_map`); the model reads the frames it was trained with."
     from seaice_nb.data import SceneStore
@@ -157,8 +157,7 @@ def map_figures(checkpoint: str | Path, # checkpoint written by `seaice_nb.train
         pred = predict_scene(model, st.arrays(name), st.meta[name], st.coarse_factor, tile, overlap, n_frames, chans,
                              device=device, mask_invalid=True)
         for c in charts:
-            for f in formats: p = scene_map(st, name, pred, Path(out_dir) / f"map_{name}_{c}.{f}", c)
-            out.append(Path(out_dir) / f"map_{name}_{c}.png")
+            out.append(scene_map(st, name, pred, Path(out_dir) / f"map_{name}_{c}", c, formats=formats))  # drawn once, saved per format
     return out
 
 # %% ../nbs/70_workflows.ipynb #837240d3
