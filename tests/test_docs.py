@@ -134,6 +134,8 @@ def test_site_has_a_page_per_notebook(site, repo):
 @pytest.mark.parametrize('page,expected', [
     ('index.html', ['seaice_nb', 'make demo', 'make test', 'Publishing the docs']),
     ('core.html', ['load_config', 'make_run_dir', 'overrides', 'seed_everything', 'atomic_write']),
+    ('ai4arctic.html', ['AI4Arctic data card', '10.11583/DTU.c.6244065.v2', 'thick first-year ice', '#007800',
+                        'nersc_sar_primary', '-14.508255', 'Known pitfalls of the official tooling']),
 ])
 def test_page_renders_in_chromium(site, page, expected):
     url, _ = site
@@ -175,7 +177,7 @@ def test_browser_follows_a_cross_reference_and_sees_figures(site, browser):
     page.click('#quarto-sidebar a[href="scenes.html"]')
     page.wait_for_url(f'{url}/scenes.html')
     widths = page.eval_on_selector_all('main img', 'imgs => imgs.map(i => i.complete ? i.naturalWidth : 0)')
-    assert any(w >= 300 for w in widths), f"no figure rendered on the scenes page (image widths {widths})"
+    assert sum(w >= 300 for w in widths) >= 2, f"the scenes page should show its footprint map and a scene (image widths {widths})"
     link = page.locator('main a[href^="core.html#"]').first  # e.g. `MissingFileError` in a signature's docs
     href = link.get_attribute('href')
     link.click()
