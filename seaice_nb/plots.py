@@ -437,7 +437,7 @@ def plot_training_curves(run_dir: str | Path, # run directory with metrics.csv
 
 # %% ../nbs/43_plots.ipynb #3deaa699
 def evaluation_figures(eval_dir: str | Path, # folder written by `evaluate`
-                       min_pixels: int = 1000, # per-condition values with fewer labelled pixels are left out
+                       min_pixels: int = 100, # per-condition values with fewer labelled pixels are left out (a run's quick look)
                       ) -> list[Path]:
     "Draw every figure of an evaluation folder into `eval_dir/figures/` (all figures closed)."
     d = Path(eval_dir); out = d / 'figures'
