@@ -5,7 +5,6 @@ Checks that every figure of the paper is written as PNG at 300 dpi and as PDF, a
 and that the run comparison groups the seeds. The scores themselves mean nothing (synthetic data, one epoch).
 """
 import json
-from pathlib import Path
 
 import nbformat
 import pytest

@@ -105,7 +105,7 @@ def fix_anchors(docs: Path) -> int:
     n = 0
     for page in docs.rglob('*.html'):
         text = page.read_text()
-        def fix(m):
+        def fix(m, page=page):
             nonlocal n
             path, frag = m.group(1), m.group(2)
             target = (page.parent / path).resolve()
