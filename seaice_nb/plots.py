@@ -418,7 +418,7 @@ def plot_training_curves(run_dir: str | Path, # run directory with metrics.csv
                          path: str | Path | None = None, # output (default: run_dir/training_curves.png)
                         ) -> Path:
     "Training/validation loss and validation scores against steps (figure closed)."
-    from seaice_nb.train import read_metrics  # train draws its curves with this module: import it lazily
+    from seaice_nb.runs import read_metrics  # runs brings torch: only the curves need it
     run_dir = Path(run_dir)
     if not (run_dir / 'metrics.csv').exists(): raise MissingFileError(f"{run_dir / 'metrics.csv'} does not exist: is this a run directory?")
     rows = read_metrics(run_dir)

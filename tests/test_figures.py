@@ -17,6 +17,7 @@ WIDTH_MM = 174.0
 
 @pytest.fixture(scope='module')
 def runs(tmp_path_factory):
+    from seaice_nb.data import DataConfig
     from seaice_nb.evaluate import evaluate
     from seaice_nb.preprocess import PreprocessConfig, preprocess
     from seaice_nb.synth import generate_scenes
@@ -26,8 +27,8 @@ def runs(tmp_path_factory):
     preprocess(tmp / 'scenes', tmp / 'store.zarr', PreprocessConfig(factor=4, max_frames=1, chunk=64), workers=0, progress=False)
     out = []
     for name, seed, filters in (('tiny', 0, [8, 8]), ('tiny', 1, [8, 8]), ('tiny_wide', 0, [12, 12])):
-        cfg = TrainConfig(name=name, seed=seed, model='unet_baseline', model_kwargs={'in_chans': 18, 'filters': filters},
-                          epochs=1, batch_size=4, data={'store': str(tmp / 'store.zarr'), 'patch_size': 32}, progress=False)
+        cfg = TrainConfig(name=name, seed=seed, model='unet_baseline', model_kwargs={'filters': filters},
+                          epochs=1, batch_size=4, data=DataConfig(store=str(tmp / 'store.zarr'), crop=32), progress=False)
         run = tmp / f'{name}_s{seed}'
         res = train(cfg, run_dir=run)
         evaluate(res.last_checkpoint, tmp / 'store.zarr', out_dir=run / 'evaluation' / 'val', scene_dir=tmp / 'scenes',
