@@ -13,7 +13,8 @@ import matplotlib.pyplot as plt
 from matplotlib.patches import Patch
 
 from .core import DataError, MissingFileError
-from .metrics import CHARTS, DISTANCE_ZONES, INCIDENCE_EDGES, N_CLASSES, SEASONS, WIND_EDGES, band_labels
+from .charts import CHARTS, CLASS_TABLES, N_CLASSES
+from .metrics import DISTANCE_ZONES, INCIDENCE_EDGES, SEASONS, WIND_EDGES, band_labels
 
 # %% auto #0
 __all__ = ['COLUMN_MM', 'PAGE_MM', 'DPI', 'FIGURE_STYLE', 'SIC_GROUPS', 'MONTHS', 'SCORE_KEYS', 'figure_size', 'figure_style',
@@ -73,12 +74,10 @@ def save_figure(fig, # a matplotlib Figure
 
 # %% ../nbs/43_plots.ipynb #be619c01
 def _names(chart: str, short: bool = False) -> list[str]:
-    from seaice_nb.scenes import CLASS_TABLES  # scenes imports matplotlib lazily; plots must not import it at load
     names = [c.name for c in CLASS_TABLES[chart.upper()]]
     return [textwrap.fill(n, 13) for n in names] if short else names
 
 def _colours(chart: str) -> list[str]:
-    from seaice_nb.scenes import CLASS_TABLES
     return [c.colour for c in CLASS_TABLES[chart.upper()]]
 
 def _save(fig, path: str | Path, dpi: int = DPI) -> Path:
@@ -347,7 +346,8 @@ def plot_scene_map(pred: np.ndarray, # [H, W] predicted class map (255 = none)
                    formats: Sequence[str] = ('png', 'pdf'), # files written when `path` is given
                   ):
     "SAR (dB), chart and prediction side by side on a polar stereographic map; returns the figure (or the first file saved)."
-    from seaice_nb.scenes import add_land, chart_cmap, polar_stereo_crs, to_polar_stereo  # cartopy: loaded only for maps
+    from seaice_nb.charts import chart_cmap
+    from seaice_nb.scenes import add_land, polar_stereo_crs, to_polar_stereo  # cartopy: loaded only for maps
     if not (np.shape(pred) == np.shape(chart) == np.shape(sar) == np.shape(lat) == np.shape(lon)):
         raise DataError(f"map arrays differ in shape: pred {np.shape(pred)}, chart {np.shape(chart)}, sar {np.shape(sar)}, "
                         f"lat {np.shape(lat)}, lon {np.shape(lon)}: pass maps of one grid")

@@ -17,7 +17,7 @@ from torch import nn
 from .core import (CheckpointError, ConfigError, atomic_write, code_version, from_dict, get_logger, resolve,
                             save_config, to_dict)
 from .data import DataConfig
-from .metrics import CHARTS
+from .charts import CHARTS
 
 # %% auto #0
 __all__ = ['CKPT_FORMAT', 'TrainConfig', 'model_factory', 'model_accepts', 'with_model_inputs', 'build_model', 'default_run_dir',
