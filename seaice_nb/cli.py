@@ -10,7 +10,7 @@ from . import __version__
 # %% auto #0
 __all__ = ['COMMANDS', 'BENCHES', 'CONFIG_KINDS', 'bench_main', 'main', 'config_main']
 
-# %% ../nbs/90_cli.ipynb #e8b4e1c0
+# %% ../nbs/90_cli.ipynb #f8ed7442
 COMMANDS = {
     'config':     ('seaice_nb.cli:config_main', 'show a preset resolved into its typed config'),
     'validate':   ('seaice_nb.scenes:validate_main', 'check AI4Arctic RTT scene files against the schema'),
@@ -26,7 +26,8 @@ COMMANDS = {
 
 BENCHES = {
     'model':      ('seaice_nb.models.bench:main', 'training-step samples/s per model preset, fused vs explicit attention, GFLOP/s vs matmul'),
-    'loader':     ('seaice_nb.bench_loader:main', 'loader batches/s: zarr store vs per-patch NetCDF vs raw copy'),
+    'loader':     ('seaice_nb.bench_loader:main', 'loader batches/s after warm-up: zarr store vs per-patch NetCDF, fraction of memcpy bandwidth'),
+    'preprocess': ('seaice_nb.bench_preprocess:main', 'preprocessing wall/CPU/peak memory per full-size scene, 1 vs 3 frames, vs an xarray read'),
     'download':   ('seaice_nb.download:bench_main', 'downloader throughput vs a plain copy over loopback, resume re-fetch'),
     'autolabel':  ('seaice_nb.autolabel.parallel:bench_main', 'labeller/filter Mpx/s per core vs memcpy and the per-tile HSV way; pool and Dask speed-up'),
 }

@@ -12,10 +12,10 @@ import yaml
 from .core import SeaIceError, ConfigError, MissingFileError, source_root
 
 # %% auto #0
-__all__ = ['KINDS', 'CHAIN', 'TERMINAL', 'NEVER', 'Resources', 'template_dir', 'default_notebook', 'papermill_args',
-           'sbatch_directives', 'render', 'SlurmError', 'JobFailedError', 'submit', 'JobInfo', 'parse_scontrol',
-           'job_state', 'cancel', 'wait', 'Job', 'submit_job', 'submit_chain', 'report', 'check', 'dask_cluster_kwargs',
-           'main']
+__all__ = ['KINDS', 'CHAIN', 'BYTES_PER_PX', 'PEAK_FACTOR', 'SECONDS_PER_MPX', 'TERMINAL', 'NEVER', 'Resources', 'template_dir',
+           'default_notebook', 'papermill_args', 'sbatch_directives', 'preprocess_resources', 'with_defaults', 'render',
+           'SlurmError', 'JobFailedError', 'submit', 'JobInfo', 'parse_scontrol', 'job_state', 'cancel', 'wait', 'Job',
+           'submit_job', 'submit_chain', 'report', 'check', 'dask_cluster_kwargs', 'dask_slurm_client', 'main']
 
 # %% ../nbs/60_slurm.ipynb #78ce019b
 @dataclass
@@ -81,7 +81,57 @@ def sbatch_directives(kind: str, # job kind, names the job and its log file
     if bad: raise ConfigError(f"sbatch option {bad[0]!r} must be one line starting with '--'")
     return [f"#SBATCH {l}" for l in lines]
 
-# %% ../nbs/60_slurm.ipynb #5f2ed58f
+# %% ../nbs/60_slurm.ipynb #e57e285e
+BYTES_PER_PX = 19 # decoded bytes per 80 m pixel a worker holds (4 x float32 SAR-grid variables + 3 x uint8 charts)
+PEAK_FACTOR = 4 # a worker's peak memory / its decoded scene (float64 temporaries of downsampling)
+SECONDS_PER_MPX = 0.5 # CPU-seconds per million 80 m pixels (read, validate, downsample, stack, write; measured ~0.24 at 5000 x 5200)
+
+def _scene_size(scenes_dir: Path) -> tuple[int, int, int]:
+    "(scene count, lines, samples) of the RTT files in a folder (size: the largest of the first three headers)."
+    import netCDF4
+    files = sorted(Path(scenes_dir).glob('*_prep.nc'))
+    sizes = []
+    for f in files[:3]:
+        try:
+            with netCDF4.Dataset(f) as nc: sizes.append((nc.dimensions['sar_lines'].size, nc.dimensions['sar_samples'].size))
+        except (OSError, KeyError): continue
+    h, w = max(sizes) if sizes else (5000, 5200)
+    return len(files), h, w
+
+def preprocess_resources(n_scenes: int, # scenes in the whole job
+                         size: tuple[int, int] = (5000, 5200), # (lines, samples) per scene
+                         tasks: int = 1, # array tasks sharing the scenes
+                         cpus: int | None = None, # CPUs per task (None: 4, fewer for few scenes)
+                         safety: float = 3.0, # time safety factor
+                        ) -> Resources:
+    "Default `--cpus-per-task`, `--mem` and `--time` of a preprocess task for `n_scenes` scenes of `size`."
+    per_task = max(1, -(-n_scenes // max(1, tasks)))
+    cpus = cpus or max(1, min(4, per_task))
+    px = size[0] * size[1]
+    mem_mb = int(cpus * (PEAK_FACTOR * BYTES_PER_PX * px / 2**20 + 250) + 512)  # + interpreter per worker, + the task's own
+    secs = int(safety * -(-per_task // cpus) * SECONDS_PER_MPX * px / 1e6 + 600)
+    return Resources(cpus_per_task=cpus, mem=f'{-(-mem_mb // 1024)}G', time=f'{secs // 3600:02d}:{secs % 3600 // 60:02d}:00')
+
+def _array_tasks(array: str | None) -> int:
+    "Task count of an sbatch --array spec ('0-7', '0-99%10', '1,3,5')."
+    if not array: return 1
+    n = 0
+    for part in array.split('%')[0].split(','):
+        a, _, b = part.partition('-')
+        n += int(b.split(':')[0]) - int(a) + 1 if b else 1
+    return n
+
+def with_defaults(kind: str, res: Resources, params: dict | None) -> Resources:
+    "`res` with the preprocess defaults filled in where the user left a field unset (other kinds: unchanged)."
+    if kind != 'preprocess': return res
+    params = params or {}
+    if params.get('scenes_dir') and Path(params['scenes_dir']).is_dir(): n, h, w = _scene_size(Path(params['scenes_dir']))
+    elif 'n_scenes' in params: n, (h, w) = int(params['n_scenes']), tuple(params.get('scene_size', (250, 300)))
+    else: return res  # nothing known about the scenes: the cluster's defaults apply
+    d = preprocess_resources(max(n, 1), (h, w), _array_tasks(res.array), res.cpus_per_task)
+    return dataclasses.replace(res, **{k: getattr(d, k) for k in ('cpus_per_task', 'mem', 'time') if getattr(res, k) is None})
+
+# %% ../nbs/60_slurm.ipynb #e0501bba
 def _resources(r) -> Resources:
     if r is None: return Resources()
     if isinstance(r, Resources): return r
@@ -110,6 +160,7 @@ def render(kind: str, # one of KINDS (or any template name in template_dir())
     if not _NAME.match(name): raise ConfigError(f"name {name!r} must be letters, digits, '.', '_' or '-'")
     res = _resources(resources)
     if kind == 'train' and res.ntasks_per_node is None: res = dataclasses.replace(res, ntasks_per_node=res.gpus_per_node or 1)
+    res = with_defaults(kind, res, params)
     reserved = {'run_dir', 'seed', 'slurm_job_id', 'array_task_id', 'array_task_count'} & set(params or {})
     if reserved: raise ConfigError(f"parameter {sorted(reserved)[0]!r} is set by the job itself; pass it as an argument of render/submit instead")
     run_dir = Path(run_dir).absolute()
@@ -348,6 +399,27 @@ def dask_cluster_kwargs(cores: int = 1, # cores per worker job
     if walltime: out['walltime'] = walltime
     if host: out['scheduler_options'] = {'host': host, 'dashboard_address': f'{host}:0'}  # the dashboard too, never all interfaces
     return {**out, **kw}
+
+# %% ../nbs/60_slurm.ipynb #443f0644
+def dask_slurm_client(n_jobs: int = 1, # worker jobs to submit
+                      cores: int = 1, # cores per worker job
+                      memory: str = '2GB', # memory per worker job
+                      walltime: str | None = None, # worker job time limit
+                      host: str | None = None, # scheduler address the workers reach ('127.0.0.1' on one node)
+                      timeout: float = 600, # seconds to wait for the first worker
+                      **kw, # further SLURMCluster arguments
+                     ):
+    "Start `dask_jobqueue.SLURMCluster` with `n_jobs` worker jobs and a Client on it; returns (cluster, client)."
+    from dask_jobqueue import SLURMCluster  # optional dependency (the `dask` extra): imported only when used
+    from distributed import Client
+    cluster = SLURMCluster(**dask_cluster_kwargs(cores, memory, walltime, host, **kw))
+    try:
+        cluster.scale(jobs=n_jobs)
+        client = Client(cluster)
+        client.wait_for_workers(1, timeout=timeout)
+    except BaseException:
+        cluster.close(); raise
+    return cluster, client
 
 # %% ../nbs/60_slurm.ipynb #155b485d
 def _cli_value(v: str):

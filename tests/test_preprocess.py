@@ -133,3 +133,31 @@ def test_cli_registered(tmp_path, capsys):
     assert BENCHES['loader'][0] == 'seaice_nb.bench_loader:main'
     assert main(['preprocess', str(tmp_path / 'nowhere'), str(tmp_path / 'o.zarr')]) == 1
     assert 'neither a scene file nor a folder' in capsys.readouterr().err
+
+
+def test_bench_preprocess_tiny(capsys):
+    "`seaice bench preprocess` at a tiny size: the JSON has every way, each scene read once, the ratios and the extrapolation."
+    from seaice_nb.cli import main
+    assert main(['bench', 'preprocess', '--size', '100', '120', '--scenes', '3', '--factor', '2']) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert set(r['results']) == {'xarray_read', 'single_frame', 'three_frame'}
+    assert r['results']['three_frame']['frames_per_target'] == [1, 2, 3] and r['results']['three_frame']['scene_reads'] == 3
+    assert all(v['cpu_s_per_scene'] > 0 and v['peak_rss_MB'] > 0 for v in r['results'].values())
+    assert r['ratios']['three_vs_single_frame_cpu'] > 0 and r['extrapolation']['scenes'] == 512
+
+
+def test_old_store_is_refused_but_audited(scenes_dir, store, tmp_path):
+    "A store of format 1 cannot be trained on (the message says how to rebuild it) but validation still checks its values."
+    import zarr
+    from seaice_nb.data import SceneStore
+    out, _ = store
+    old = tmp_path / 'old.zarr'; shutil.copytree(out, old)
+    meta = json.loads((old / 'zarr.json').read_text()); meta['attributes']['seaice:format'] = 'seaice_nb.preprocess/1'
+    (old / 'zarr.json').write_text(json.dumps(meta))
+    name = done_scenes(old)[0]
+    g = zarr.open_group(old / name, mode='r+')
+    sic = g['sic'][...]; sic[3, 4] = 200; g['sic'][...] = sic
+    with pytest.raises(Exception, match='--overwrite'): SceneStore(old)
+    problems = validate_store(old)
+    assert any('format seaice_nb.preprocess/1' in p and '--overwrite' in p for p in problems), problems
+    assert f"{name}: sic has 1 pixels outside 0..10 (or 255), e.g. 200" in problems

@@ -164,3 +164,52 @@ def test_cli_dry_run_and_errors(tmp_path, capsys):
     assert main(['submit', 'figures', '--notebook', str(tmp_path / 'missing.ipynb'), '--run-dir', str(tmp_path)]) == 1
     err = capsys.readouterr().err
     assert err.startswith('seaice: error: notebook') and 'missing.ipynb' in err
+
+
+# ---------------------------------------------------------------------------------------------------
+# preprocessing on the cluster: Dask workers as SLURM jobs, array tasks on all their CPUs
+
+def test_preprocess_on_dask_slurmcluster(slurm_cluster, tmp_path):
+    "Scenes preprocessed on a Dask worker that dask_jobqueue.SLURMCluster submitted as a SLURM job (no hand-started scheduler)."
+    pytest.importorskip('dask_jobqueue')
+    from seaice_nb.preprocess import PreprocessConfig, done_scenes, preprocess
+    from seaice_nb.slurm import dask_slurm_client
+    from seaice_nb.synth import generate_scenes
+    generate_scenes(tmp_path / 'scenes', 3, seed=1, size=(100, 120), progress=False)
+    with slurm_cluster.activated():
+        cluster, client = dask_slurm_client(1, cores=1, memory='1GB', walltime='00:10:00', host='127.0.0.1', timeout=120,
+                                            job_extra_directives=[f'--output={tmp_path}/worker-%j.out'])
+        try:
+            queue = slurm_cluster.run(['squeue', '-h', '-o', '%j %T']).stdout
+            pids = client.run(os.getpid)
+            s = preprocess(tmp_path / 'scenes', tmp_path / 's.zarr', PreprocessConfig(factor=2, chunk=32), client=client, progress=False)
+        finally:
+            client.close(); cluster.close()
+    assert 'dask-worker RUNNING' in queue, queue
+    assert pids and os.getpid() not in pids.values()  # the work ran in the SLURM job's worker process
+    assert s['failed'] == {} and len(s['written']) == 3 and len(done_scenes(tmp_path / 's.zarr')) == 3
+
+
+def test_preprocess_array_tasks_use_their_cpus(slurm_cluster, tmp_path):
+    "An array job of 2 tasks with 2 CPUs each: each writes its block of scenes with 2 worker processes, sharing the store lock."
+    from seaice_nb.preprocess import done_scenes, validate_store
+    from seaice_nb.synth import generate_scenes
+    generate_scenes(tmp_path / 'scenes', 4, seed=1, size=(100, 120), progress=False)
+    seaice = Path(sys.executable).parent / 'seaice'
+    script = f"""#!/bin/bash
+#SBATCH --array=0-1
+#SBATCH --cpus-per-task=2
+#SBATCH --time=00:05:00
+#SBATCH --output={tmp_path}/task-%a.log
+set -euo pipefail
+{seaice} preprocess {tmp_path / 'scenes'} {tmp_path / 's.zarr'} --shard $SLURM_ARRAY_TASK_ID $SLURM_ARRAY_TASK_COUNT \\
+  --no-progress -o factor=2 -o chunk=32 > {tmp_path}/task-$SLURM_ARRAY_TASK_ID.json
+"""
+    job = submit(script, env=slurm_cluster.env)
+    info = wait(job, timeout=180, poll=0.5, env=slurm_cluster.env)[job]
+    logs = '\n'.join(p.read_text() for p in tmp_path.glob('task-*.log'))
+    assert info.ok and info.tasks == {'0': 'COMPLETED', '1': 'COMPLETED'}, (info, logs)
+    outs = [json.loads((tmp_path / f'task-{t}.json').read_text()) for t in (0, 1)]
+    assert [o['workers'] for o in outs] == [2, 2], outs  # $SLURM_CPUS_PER_TASK worker processes in each task
+    assert sorted(o['written'] for o in outs) == [2, 2] and all(o['failed'] == {} for o in outs)
+    assert len(done_scenes(tmp_path / 's.zarr')) == 4 and validate_store(tmp_path / 's.zarr', check_md5=False) == []
