@@ -21,11 +21,14 @@ COMMANDS = {
     'autolabel':  ('seaice_nb.autolabel.parallel:autolabel_main', 'label 8-bit Sentinel-2 RGB scenes into water/thin/thick ice tiles (pool, Dask or SLURM; resumable)'),
     'train':      ('seaice_nb.train:main', 'train a model from a preset (resumes; --nproc N for local DDP; torchrun/srun aware)'),
     'evaluate':   ('seaice_nb.evaluate:main', 'official AI4Arctic score, per-condition tables, figures and the upload package of a checkpoint'),
+    'predict':    ('seaice_nb.predict:main', 'charts of one new scene with a trained run: CF NetCDF at 80 m, EPSG:3413 GeoTIFFs, quick-look (torch or onnx)'),
+    'export':     ('seaice_nb.export:main', 'export a run to ONNX checked against PyTorch; int8 quantisation scored before and after'),
     'demo':       ('seaice_nb.workflows:demo_main', 'the synthetic-data demo end to end as executed notebooks in runs/demo (what `make demo` runs)'),
 }
 
 BENCHES = {
     'model':      ('seaice_nb.models.bench:main', 'training-step samples/s per model preset, fused vs explicit attention, GFLOP/s vs matmul'),
+    'predict':    ('seaice_nb.bench_predict:main', 'whole-scene prediction end to end per model family: torch vs onnxruntime fp32 vs int8, 1/2 threads'),
     'loader':     ('seaice_nb.bench_loader:main', 'loader batches/s after warm-up: zarr store vs per-patch NetCDF, fraction of memcpy bandwidth'),
     'preprocess': ('seaice_nb.bench_preprocess:main', 'preprocessing wall/CPU/peak memory per full-size scene, 1 vs 3 frames, vs an xarray read'),
     'download':   ('seaice_nb.download:bench_main', 'downloader throughput vs a plain copy over loopback, resume re-fetch'),

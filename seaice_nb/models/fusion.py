@@ -26,7 +26,8 @@ _AUX = ('amsr2', 'era5', 'optical')
 
 def _present(x: Optional[torch.Tensor], B: int, p: float, training: bool, device) -> torch.Tensor:
     "Per-sample presence of a modality [B] after modality dropout."
-    keep = torch.full((B,), x is not None, dtype=torch.bool, device=device)
+    # ones/zeros, not torch.full with a Python bool: the TorchScript tracer behind the ONNX export cannot trace that
+    keep = (torch.ones if x is not None else torch.zeros)(B, dtype=torch.bool, device=device)
     if training and p > 0: keep &= torch.rand(B, device=device) >= p
     return keep
 
