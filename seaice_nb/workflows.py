@@ -140,7 +140,7 @@ def map_figures(checkpoint: str | Path, # checkpoint written by the trainer, or 
                 tile: int | None = None, overlap: int | None = None, # inference tiling (None: the run's data config)
                 charts: tuple[str, ...] = ('sic', 'sod'), # charts to draw
                 device: str = 'cpu', # where the model runs
-                formats: tuple[str, ...] = ('png',), # one file per format; the PNGs are returned
+                formats: tuple[str, ...] = ('png',), # one file per format; the first format's files are returned
                ) -> list[Path]:
     "Chart-vs-prediction maps of `names` (with `seaice_nb.plots.scene_map`); the model reads the frames it was trained with."
     from seaice_nb.data import SceneStore
@@ -160,8 +160,7 @@ def map_figures(checkpoint: str | Path, # checkpoint written by the trainer, or 
         pred = predict_scene(model, st.arrays(name), st.meta[name], st.coarse_factor, tile, overlap, data.n_frames, chans,
                              device=device, mask_invalid=True)
         for c in charts:
-            for f in formats: p = scene_map(st, name, pred, Path(out_dir) / f"map_{name}_{c}.{f}", c)
-            out.append(Path(out_dir) / f"map_{name}_{c}.png")
+            out.append(scene_map(st, name, pred, Path(out_dir) / f"map_{name}_{c}", c, formats=formats))  # drawn once, saved per format
     return out
 
 # %% ../nbs/70_workflows.ipynb #d9d71535
@@ -184,7 +183,7 @@ def demo_steps(root: str | Path = 'runs/demo', # demo folder
     steps_ += [(f'train {m}', 'train', root / m, {**common, **p}) for m, p in models.items()]
     steps_ += [(f'evaluate {m}', 'evaluate', root / m, dict(seed=seed, store=common['store'], split=common['split'], submission=True,
                                                               max_scenes=2 if quick else 0, n_maps=1 if quick else 2)) for m in models]
-    fig = dict(seed=seed, runs=[str(root / m) for m in models])
+    fig = dict(seed=seed, runs=[str(root / m) for m in models], min_pixels=100)  # tiny synthetic scenes: few pixels per value
     if quick: fig.update(maps=False, formats=['png'])
     steps_ += [('figures', 'figures', root / 'figures', fig)]
     return steps_
