@@ -368,7 +368,7 @@ class Downloader:
         need = self.missing_bytes(ok)
         if self.check_space and need > (free := shutil.disk_usage(self.dest).free):
             raise DownloadError(f"{self.dest} has {_fmt(free)} free but {_fmt(need)} are still to download; "
-                                f"free space, pick another --dest, or select files with --only")
+                                f"free space, pick another --out, or select files with --only")
         self._stop.clear()
         self._bar = tqdm(total=need, desc='total', unit='B', unit_scale=True, unit_divisor=1024, position=0,
                          dynamic_ncols=True) if self.progress else None
@@ -515,17 +515,17 @@ def main(argv: list[str] | None = None) -> int:
                "partial files and skips verified ones. Exit status: 0 when every downloadable file is verified (listing "
                "entries refused as unsafe are printed as warnings), 1 when any file failed.")
     ap.add_argument('--article', default='train', help="train, test, raw-train, raw-test or a figshare article id (default: train)")
-    ap.add_argument('--dest', type=Path, help='destination folder (required unless --manifest-only)')
+    ap.add_argument('--out', type=Path, help='destination folder (required unless --manifest-only)')
     ap.add_argument('--workers', type=int, default=4, help='parallel downloads (default: 4)')
     ap.add_argument('--only', action='append', default=[], metavar='PATTERN', help="download only names matching this glob (repeatable)")
     ap.add_argument('--manifest', type=Path, metavar='FILE', help='file manifest: read it instead of listing online (recorded first if missing)')
     ap.add_argument('--manifest-only', action='store_true', help='list the article online and write --manifest, download nothing')
-    ap.add_argument('--verify', action='store_true', help='verify --dest against --manifest offline, download nothing')
+    ap.add_argument('--verify', action='store_true', help='verify --out against --manifest offline, download nothing')
     ap.add_argument('--api', default=DEFAULT_API, help=f'figshare API base URL (default: {DEFAULT_API})')
     ap.add_argument('--retries', type=int, default=8, help='failed attempts without progress before a file is given up (default: 8)')
     ap.add_argument('--backoff', type=float, default=1.0, help='first retry delay in seconds, doubling (default: 1)')
     ap.add_argument('--timeout', type=float, default=60.0, help='connect/read timeout in seconds (default: 60)')
-    ap.add_argument('--no-progress', action='store_true', help='no progress bars')
+    ap.add_argument('--quiet', action='store_true', help='no progress bars')
     a = ap.parse_args(argv)
     if a.workers < 1: raise ConfigError(f"--workers {a.workers}: must be at least 1")
     retry = Retry(attempts=a.retries, backoff=a.backoff, timeout=a.timeout)
@@ -534,17 +534,17 @@ def main(argv: list[str] | None = None) -> int:
         files = list_files(a.article, a.api, retry=retry)
         write_manifest(a.manifest, files, a.article, a.api)
         print(f"wrote {a.manifest}: {len(files)} files, {_fmt(sum(f.size for f in files))}"); return 0
-    if a.dest is None: raise ConfigError("--dest DIR is required (where the files go)")
+    if a.out is None: raise ConfigError("--out DIR is required (where the files go)")
     if a.manifest is not None and (a.verify or a.manifest.exists()): _, files = read_manifest(a.manifest)
     elif a.verify: raise ConfigError("--verify needs --manifest FILE (the recorded listing to check against)")
     else:
         files = list_files(a.article, a.api, retry=retry)
         if a.manifest is not None: write_manifest(a.manifest, files, a.article, a.api); print(f"recorded {a.manifest}")
     if a.only: files = [f for f in files if any(fnmatch.fnmatchcase(str(f.name), p) for p in a.only)]
-    if a.verify: rep = verify_dir(a.dest, files)
+    if a.verify: rep = verify_dir(a.out, files)
     else:
         logging.basicConfig(level=logging.WARNING, format='%(message)s')
-        rep = Downloader(a.dest, a.workers, retry, progress=not a.no_progress).run(files)
+        rep = Downloader(a.out, a.workers, retry, progress=not a.quiet).run(files)
     print(rep.summary())
     return 0 if rep.ok else 1
 
@@ -558,8 +558,8 @@ def seaice_command() -> list[str]:
 def kill_and_resume(srv, article: int, f, dest: Path, kill_after: float = 1.0, timeout: float = 60) -> dict:
     "Run `seaice download` on a slow file in a subprocess, SIGKILL it after `kill_after` s, rerun; return the byte counts."
     import signal, subprocess
-    cmd = seaice_command() + ['download', '--article', str(article), '--api', srv.api, '--dest', str(dest), '--workers', '1',
-                              '--only', f.name, '--no-progress', '--backoff', '0.05']
+    cmd = seaice_command() + ['download', '--article', str(article), '--api', srv.api, '--out', str(dest), '--workers', '1',
+                              '--only', f.name, '--quiet', '--backoff', '0.05']
     part = Path(dest) / f".{f.name}.part"
     srv.reset_counts()
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)

@@ -275,7 +275,7 @@ def main(argv: list[str]) -> int:
     ap.add_argument('--calib', nargs='*', default=[], help='scenes for static calibration (default --scenes; prefer training scenes)')
     ap.add_argument('--score', action='store_true', help='official score of torch / onnx fp32 / int8 on --scenes (need charts)')
     ap.add_argument('--tile', type=int, default=None, help='example tile for models with a dynamic tile')
-    ap.add_argument('--opset', type=int, default=17)
+    ap.add_argument('--opset', type=int, default=17, help='ONNX opset version')
     a = ap.parse_args(argv)
     rep = export_run(a.run, a.onnx, a.scenes, a.int8, a.method, a.calib, a.score, a.tile, a.opset)
     print(json.dumps(rep, indent=1))

@@ -791,7 +791,7 @@ def main(argv: list[str]) -> int:
     ap.add_argument('--strict', action='store_true', help='validation warnings reject a scene too')
     ap.add_argument('--overwrite', action='store_true', help='delete the store first (under the store lock)')
     ap.add_argument('--validate', action='store_true', help='reopen and check the store against the inputs afterwards')
-    ap.add_argument('--no-progress', action='store_true')
+    ap.add_argument('--quiet', action='store_true', help='no progress bars')
     a = ap.parse_args(argv)
     over = {}
     for o in a.override:
@@ -805,7 +805,7 @@ def main(argv: list[str]) -> int:
     elif a.slurm_workers:
         from seaice_nb.slurm import dask_slurm_client
         cluster, client = dask_slurm_client(a.slurm_workers, a.slurm_cores, a.slurm_memory, a.slurm_walltime, a.scheduler_host)
-    try: s = preprocess(a.src, a.out, cfg, a.workers, client, a.overwrite, not a.no_progress, a.strict, tuple(a.shard) if a.shard else None)
+    try: s = preprocess(a.src, a.out, cfg, a.workers, client, a.overwrite, not a.quiet, a.strict, tuple(a.shard) if a.shard else None)
     finally:
         if client is not None: client.close()
         if cluster is not None: cluster.close()

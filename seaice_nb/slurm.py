@@ -445,12 +445,17 @@ def main(argv: list[str]) -> int:
     ap.add_argument('kind', choices=KINDS, help='job kind')
     ap.add_argument('-p', '--param', nargs=2, action='append', default=[], metavar=('NAME', 'VALUE'), help='papermill parameter (YAML value); STAGE.NAME for one stage of a chain')
     ap.add_argument('--run-dir', help='run directory (default: runs/<date>_<kind>, a new one each time)')
-    ap.add_argument('--seed', type=int, default=0)
+    ap.add_argument('--seed', type=int, default=0, help='seed passed to the notebooks')
     ap.add_argument('--notebook', help='notebook to execute (default nbs/workflows/KIND.ipynb; not with --chain)')
-    for opt in ('partition', 'account', 'time', 'mem', 'array'): ap.add_argument(f'--{opt}')
+    for opt, what in (('partition', "SLURM partition (default: the cluster's)"), ('account', 'SLURM account to charge'),
+                      ('time', 'wall-time limit, e.g. 04:00:00 (preprocess: derived from the scenes)'),
+                      ('mem', 'memory per node, e.g. 32G (preprocess: derived from the scenes)'),
+                      ('array', 'array indices, e.g. 0-7%4 (preprocess)')):
+        ap.add_argument(f'--{opt}', help=what)
     ap.add_argument('--gpus', type=int, dest='gpus_per_node', help='GPUs per node (train: one rank each)')
-    ap.add_argument('--nodes', type=int); ap.add_argument('--cpus', type=int, dest='cpus_per_task', help='CPUs per task')
-    ap.add_argument('--ntasks-per-node', type=int)
+    ap.add_argument('--nodes', type=int, help='nodes (train: multi-node DDP)')
+    ap.add_argument('--cpus', type=int, dest='cpus_per_task', help='CPUs per task')
+    ap.add_argument('--ntasks-per-node', type=int, help='tasks per node (default: one per GPU)')
     ap.add_argument('--sbatch', action='append', default=[], dest='extra', metavar='OPTION', help='extra sbatch option, e.g. --sbatch=--qos=short')
     ap.add_argument('--chain', action='store_true', help='also submit the stages after KIND (afterok dependencies)')
     ap.add_argument('--dry-run', action='store_true', help='print the sbatch script(s), submit nothing')

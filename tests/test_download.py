@@ -14,7 +14,7 @@ from seaice_nb.figshare_server import FakeFile, FigshareServer, make_files
 from conftest import require
 
 pytestmark = pytest.mark.timeout(60)
-FAST = ['--backoff', '0.01', '--timeout', '2', '--no-progress']
+FAST = ['--backoff', '0.01', '--timeout', '2', '--quiet']
 
 
 def tree(root: Path) -> list[str]:
@@ -43,7 +43,7 @@ def test_every_fault_at_once(tmp_path, capsys):
     root = tmp_path / 'root'; dest = root / 'dest'
     with FigshareServer({5: good + evil}) as srv:
         t0 = time.monotonic()
-        rc = main(['--article', '5', '--api', srv.api, '--dest', str(dest), '--workers', '4'] + FAST)
+        rc = main(['--article', '5', '--api', srv.api, '--out', str(dest), '--workers', '4'] + FAST)
         took = time.monotonic() - t0
         out = capsys.readouterr().out
         assert rc == 0                                    # every downloadable file verified; the malicious names are refused
@@ -62,7 +62,7 @@ def test_every_fault_at_once(tmp_path, capsys):
         assert took < 30
         # a rerun skips every verified file and fetches nothing
         srv.reset_counts()
-        assert main(['--article', '5', '--api', srv.api, '--dest', str(dest), '--only', '2*'] + FAST) == 0
+        assert main(['--article', '5', '--api', srv.api, '--out', str(dest), '--only', '2*'] + FAST) == 0
         assert srv.served == {}
         assert f'skipped {len(good)} (already verified)' in capsys.readouterr().out
 
@@ -121,7 +121,7 @@ def test_rerun_with_a_traversal_entry_exits_0_with_a_warning(tmp_path, capsys):
     files = make_files([5_000, 6_000], seed=23) + [FakeFile(99001, '../../outside.nc', b'evil')]
     root = tmp_path / 'root'; dest = root / 'dest'
     with FigshareServer({5: files}) as srv:
-        args = ['--article', '5', '--api', srv.api, '--dest', str(dest)] + FAST
+        args = ['--article', '5', '--api', srv.api, '--out', str(dest)] + FAST
         assert main(args) == 0
         out = capsys.readouterr().out
         assert 'downloaded 2, skipped 0 (already verified), failed 0, refused 1 (unsafe listing entries)' in out
@@ -192,14 +192,14 @@ def test_manifest_record_then_verify_offline(tmp_path):
     m = tmp_path / 'files.json'
     with FigshareServer({5: files}) as srv:
         assert main(['--article', '5', '--api', srv.api, '--manifest-only', '--manifest', str(m)]) == 0
-        assert main(['--article', '5', '--manifest', str(m), '--dest', str(tmp_path / 'd')] + FAST) == 0
+        assert main(['--article', '5', '--manifest', str(m), '--out', str(tmp_path / 'd')] + FAST) == 0
     doc = json.loads(m.read_text())
     assert doc['format'] == 'seaice_nb.file_manifest/1' and doc['article_id'] == 5
     assert [(x['name'], x['size'], x['md5']) for x in doc['files']] == [(f.name, len(f.data), f.md5) for f in files]
     # the server is gone: verification uses the manifest alone
-    assert main(['--manifest', str(m), '--dest', str(tmp_path / 'd'), '--verify']) == 0
+    assert main(['--manifest', str(m), '--out', str(tmp_path / 'd'), '--verify']) == 0
     (tmp_path / 'd' / files[1].name).write_bytes(b'x' * 2000)
-    assert main(['--manifest', str(m), '--dest', str(tmp_path / 'd'), '--verify']) == 1
+    assert main(['--manifest', str(m), '--out', str(tmp_path / 'd'), '--verify']) == 1
 
 
 def test_kill_midway_then_resume(tmp_path):
@@ -220,7 +220,7 @@ def test_ctrl_c_keeps_finished_work(tmp_path):
     done = make_files([20_000], seed=20, pattern='done{i}.nc')[0]
     slow = make_files([2_000_000], seed=21, pattern='slow{i}.nc', first_id=50000001)[0]; slow.rate = 500_000
     with FigshareServer({5: [done, slow]}) as srv:
-        cmd = seaice_command() + ['download', '--article', '5', '--api', srv.api, '--dest', str(tmp_path), '--workers', '2'] + FAST
+        cmd = seaice_command() + ['download', '--article', '5', '--api', srv.api, '--out', str(tmp_path), '--workers', '2'] + FAST
         p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         part = tmp_path / f'.{slow.name}.part'
         t0 = time.monotonic()

@@ -56,7 +56,7 @@ def test_predict_cli_on_unlabelled_test_scene_matches_evaluation(world):
     with netCDF4.Dataset(scene) as nc: assert 'SIC' not in nc.variables          # a test-set file: no charts
     out = tmp / 'out_cli'
     assert cli.main(['predict', str(tmp / 'run'), str(scene), '--out', str(out), '--tile', '32', '--overlap', '8',
-                     '--probabilities', '--no-progress']) == 0
+                     '--probabilities', '--quiet']) == 0
     name = scene.name.replace('_prep.nc', '')
     assert sorted(p.name for p in out.iterdir()) == sorted([f'{name}_charts.nc', f'{name}_quicklook.png'] +
                                                           [f'{name}_{c}.tif' for c in ('SIC', 'SOD', 'FLOE')])
@@ -103,7 +103,7 @@ def test_onnx_backend_and_int8_within_one_point(world):
     outs = {}
     for b in ('torch', 'onnx'):
         args = ['predict', str(tmp / 'run'), str(scene), '--out', str(tmp / f'o_{b}'), '--tile', '32', '--overlap', '8',
-                '--no-geotiff', '--no-png', '--no-progress', '--backend', b, '--threads', '1']
+                '--no-geotiff', '--no-png', '--quiet', '--backend', b, '--threads', '1']
         if b == 'onnx': args += ['--onnx', str(tmp / 'export' / 'unet.onnx')]
         assert cli.main(args) == 0
         with netCDF4.Dataset(next((tmp / f'o_{b}').glob('*_charts.nc'))) as nc: outs[b] = {c: nc.variables[c.upper()][:].filled(255) for c in CHARTS}

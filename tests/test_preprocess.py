@@ -83,7 +83,7 @@ def test_shifted_copy_lands_where_it_should(scenes_dir):
 def test_resume_after_sigkill(scenes_dir, tmp_path):
     out = tmp_path / 'killed.zarr'
     cmd = [sys.executable, '-c', 'import sys; from seaice_nb.preprocess import main; sys.exit(main(sys.argv[1:]))',
-           str(scenes_dir), str(out), '--workers', '0', '--no-progress', '-o', 'factor=2', '-o', 'chunk=64']
+           str(scenes_dir), str(out), '--workers', '0', '--quiet', '-o', 'factor=2', '-o', 'chunk=64']
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     t0 = time.time()
     while time.time() - t0 < 120 and p.poll() is None:
@@ -112,7 +112,7 @@ def test_corrupt_scene_is_reported_and_skipped(scenes_dir, tmp_path, capsys):
     bad = src / files[1].name
     bad.write_bytes(bad.read_bytes()[:5000])  # truncated download
     (src / '20200101T000000_dmi_prep.nc').write_bytes(b'not a netcdf file')
-    rc = preprocess_main([str(src), str(tmp_path / 'c.zarr'), '--workers', '0', '--no-progress', '-o', 'factor=2'])
+    rc = preprocess_main([str(src), str(tmp_path / 'c.zarr'), '--workers', '0', '--quiet', '-o', 'factor=2'])
     out = json.loads(capsys.readouterr().out)
     assert rc == 1
     assert set(out['failed']) == {files[1].name, '20200101T000000_dmi_prep.nc'}

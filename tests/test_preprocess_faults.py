@@ -86,7 +86,7 @@ def test_bad_scenes_named_never_written(mixed, tmp_path, monkeypatch, capsys):
     real = pp.read_scene
     monkeypatch.setattr(pp, 'read_scene', lambda p, strict=False: (reads.append(Path(p).name), real(p, strict))[1])
     out = tmp_path / 'store.zarr'
-    rc = pp.main([str(src), str(out), '--workers', '0', '--no-progress', *OPTS])
+    rc = pp.main([str(src), str(out), '--workers', '0', '--quiet', *OPTS])
     cap = capsys.readouterr()
     s = json.loads(cap.out)
     assert rc == 1
@@ -108,7 +108,7 @@ def test_bad_scenes_named_never_written(mixed, tmp_path, monkeypatch, capsys):
     assert not pp._tmp_root(out).exists() and not pp._lock_dir(out).exists()  # nothing temporary left
     # rerun: no good scene is read or written again; the bad ones are reported again
     reads.clear()
-    rc = pp.main([str(src), str(out), '--workers', '0', '--no-progress', *OPTS])
+    rc = pp.main([str(src), str(out), '--workers', '0', '--quiet', *OPTS])
     s2 = json.loads(capsys.readouterr().out)
     assert rc == 1 and s2['written'] == 0 and s2['skipped'] == len(good) and set(s2['failed']) == bad
     assert not set(reads) & set(names[1:]), reads
@@ -153,7 +153,7 @@ CMD = [sys.executable, '-c', 'import sys; from seaice_nb.preprocess import main;
 
 def test_kill_parent_kills_workers(good, tmp_path):
     out = tmp_path / 'k.zarr'
-    p = subprocess.Popen(CMD + [str(good), str(out), '--workers', '2', '--no-progress', *OPTS],
+    p = subprocess.Popen(CMD + [str(good), str(out), '--workers', '2', '--quiet', *OPTS],
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     t0, kids = time.time(), []
     while time.time() - t0 < 60 and p.poll() is None and len(kids) < 2:
@@ -178,7 +178,7 @@ GATED = [sys.executable, '-c', 'import os, sys, time; from seaice_nb.cli import 
 def test_concurrent_runs_one_store(good, tmp_path):
     "Two runs start together on a new store (one with --overwrite): one proceeds, the other gets a clear error."
     out, go = tmp_path / 'c.zarr', tmp_path / 'go'
-    args = [str(good), str(out), '--workers', '0', '--no-progress', *OPTS]
+    args = [str(good), str(out), '--workers', '0', '--quiet', *OPTS]
     ps = [subprocess.Popen(GATED + [str(go)] + args + extra, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
           for extra in ([], ['--overwrite'])]
     t0 = time.time()  # both have imported seaice_nb and wait at the gate

@@ -203,7 +203,7 @@ def test_preprocess_array_tasks_use_their_cpus(slurm_cluster, tmp_path):
 #SBATCH --output={tmp_path}/task-%a.log
 set -euo pipefail
 {seaice} preprocess {tmp_path / 'scenes'} {tmp_path / 's.zarr'} --shard $SLURM_ARRAY_TASK_ID $SLURM_ARRAY_TASK_COUNT \\
-  --no-progress -o factor=2 -o chunk=32 > {tmp_path}/task-$SLURM_ARRAY_TASK_ID.json
+  --quiet -o factor=2 -o chunk=32 > {tmp_path}/task-$SLURM_ARRAY_TASK_ID.json
 """
     job = submit(script, env=slurm_cluster.env)
     info = wait(job, timeout=180, poll=0.5, env=slurm_cluster.env)[job]

@@ -70,7 +70,7 @@ def test_train_presets_load_and_build(preset):
 def demo(tmp_path_factory):
     root = tmp_path_factory.mktemp('demo') / 'demo'
     t0 = time.time()
-    r = subprocess.run([PY, 'tools/demo.py', '--quick', '--no-progress', '--root', str(root)], cwd=REPO,
+    r = subprocess.run([PY, 'tools/demo.py', '--quick', '--quiet', '--root', str(root)], cwd=REPO,
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, f"demo failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
     return root, r.stdout, time.time() - t0
@@ -130,7 +130,7 @@ def test_demo_second_run_reuses_finished_steps(demo):
     root, _, _ = demo
     nbs = {p: p.stat().st_mtime_ns for p in root.rglob('*.ipynb')}
     t0 = time.time()
-    r = subprocess.run([PY, 'tools/demo.py', '--quick', '--no-progress', '--root', str(root)], cwd=REPO,
+    r = subprocess.run([PY, 'tools/demo.py', '--quick', '--quiet', '--root', str(root)], cwd=REPO,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.count('finished earlier, reused') == 6, r.stdout
