@@ -22,6 +22,7 @@ COMMANDS = {
     'train':      ('seaice_nb.train:main', 'train a model from a preset (resumes; --nproc N for local DDP; torchrun/srun aware)'),
     'evaluate':   ('seaice_nb.evaluate:main', 'official AI4Arctic score, per-condition tables, figures and the upload package of a checkpoint'),
     'demo':       ('seaice_nb.workflows:demo_main', 'the synthetic-data demo end to end as executed notebooks in runs/demo (what `make demo` runs)'),
+    'benchmark':  ('seaice_nb.benchmark:main', 'synthetic benchmark with known signals: baselines, U-Nets, TSViT v1/v2/v3 over seeds on held-out sites (what `make benchmark` runs)'),
 }
 
 BENCHES = {
