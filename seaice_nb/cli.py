@@ -68,27 +68,25 @@ def main(argv: list[str] | None = None) -> int:
 # %% ../nbs/90_cli.ipynb #95b93b6b
 CONFIG_KINDS = {
     'preprocess': 'seaice_nb.preprocess:PreprocessConfig',
-    'train': 'seaice_nb.train:TrainConfig',
+    'train': 'seaice_nb.runs:TrainConfig',
     'autolabel': 'seaice_nb.autolabel:AutolabelConfig',
 }
 
 def config_main(argv: list[str]) -> int:
     "`seaice config PRESET [-o key=value ...]`: print the resolved preset."
     import yaml
-    from seaice_nb.core import find_config, load_config, to_dict, ConfigError
-    ap = argparse.ArgumentParser(prog='seaice config', description='Show a preset resolved into its typed config.')
+    from seaice_nb.core import find_config, load_config, parse_overrides, to_dict, ConfigError
+    ap = argparse.ArgumentParser(prog='seaice config', description='Show a preset resolved into its typed config '
+                                 '(every value checked, defaults filled in).')
     ap.add_argument('preset', help='preset name in configs/ or a YAML path')
-    ap.add_argument('-o', '--override', action='append', default=[], metavar='KEY=VALUE', help='dotted override, YAML value')
+    ap.add_argument('-o', '--override', action='append', default=[], metavar='KEY=VALUE',
+                    help='dotted override with a YAML value, e.g. -o data.crop=128 (repeatable)')
     a = ap.parse_args(argv)
     path = find_config(a.preset)
     data = yaml.safe_load(path.read_text()) or {}
     kind = data.pop('kind', None) if isinstance(data, dict) else None
     if kind not in CONFIG_KINDS:
         raise ConfigError(f"{path}: top-level 'kind' is {kind!r}; known kinds: {', '.join(sorted(CONFIG_KINDS)) or 'none yet'}")
-    overrides = {}
-    for o in a.override:
-        if '=' not in o: raise ConfigError(f"override {o!r} must look like key=value")
-        k, v = o.split('=', 1); overrides[k] = yaml.safe_load(v)
-    cfg = load_config(path, _resolve(CONFIG_KINDS[kind]), overrides, kind=kind)
+    cfg = load_config(path, _resolve(CONFIG_KINDS[kind]), parse_overrides(a.override), kind=kind)
     print(yaml.safe_dump({'kind': kind, **to_dict(cfg)}, sort_keys=False), end='')
     return 0

@@ -16,8 +16,9 @@ import seaice_nb
 
 # %% auto #0
 __all__ = ['SeaIceError', 'ConfigError', 'MissingFileError', 'DataError', 'DownloadError', 'CheckpointError', 'from_dict',
-           'to_dict', 'source_root', 'config_dirs', 'find_config', 'set_dotted', 'load_config', 'save_config',
-           'atomic_write', 'file_digest', 'seed_everything', 'code_version', 'get_logger', 'make_run_dir']
+           'to_dict', 'source_root', 'config_dirs', 'find_config', 'resolve', 'set_dotted', 'load_config',
+           'parse_overrides', 'save_config', 'atomic_write', 'file_digest', 'seed_everything', 'code_version',
+           'get_logger', 'make_run_dir']
 
 # %% ../nbs/00_core.ipynb #5fe5c03e
 class SeaIceError(Exception):
@@ -93,7 +94,7 @@ def _convert(value, tp, where: str):
         raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}")
     return value
 
-# %% ../nbs/00_core.ipynb #19b9106c
+# %% ../nbs/00_core.ipynb #4856d676
 def from_dict(cls, data: dict, where: str = '', source: str | None = None):
     "Build the dataclass `cls` from `data`, rejecting unknown keys and wrong types with the key's dotted path."
     if not isinstance(data, dict): raise ConfigError(f"{where or cls.__name__}: expected a mapping, got {data!r}")
@@ -103,6 +104,8 @@ def from_dict(cls, data: dict, where: str = '', source: str | None = None):
     unknown = [k for k in data if k not in fields]
     if unknown:
         k = unknown[0]
+        renamed = getattr(cls, 'RENAMED', {}).get(k)  # a class may list keys it renamed: {'old': 'new'}
+        if renamed: raise ConfigError(f"{'.'.join(filter(None, [where, str(k)]))!r}{suffix} was renamed to {renamed!r}")
         close = difflib.get_close_matches(str(k), fields, n=1)
         hint = f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(fields)}"
         raise ConfigError(f"unknown key {'.'.join(filter(None, [where, str(k)]))!r}{suffix}{hint}")
@@ -155,7 +158,19 @@ def find_config(name: str | Path) -> Path:
     raise MissingFileError(f"no preset named {str(name)!r} in {', '.join(map(str, config_dirs()))}; "
                            f"known presets: {', '.join(known) or 'none'}")
 
-# %% ../nbs/00_core.ipynb #2401808e
+# %% ../nbs/00_core.ipynb #2b7664c2
+def resolve(spec: str) -> Any:
+    "The object named by `'package.module:attr'` (how configs name user code: a model, a dataset builder)."
+    import importlib
+    if ':' not in spec: raise ConfigError(f"{spec!r} is not of the form 'package.module:callable'")
+    mod, attr = spec.split(':', 1)
+    try: obj = importlib.import_module(mod)
+    except ImportError as e: raise ConfigError(f"cannot import {mod!r} (from {spec!r}): {e}") from None
+    for a in attr.split('.'):
+        if not hasattr(obj, a): raise ConfigError(f"{mod!r} has no attribute {attr!r}")
+        obj = getattr(obj, a)
+    return obj
+
 def set_dotted(d: dict, key: str, value) -> dict:
     "Set `d['a']['b'] = value` for `key='a.b'`, creating mappings on the way."
     parts = key.split('.')
@@ -178,6 +193,16 @@ def load_config(src: str | Path | dict, cls, overrides: dict | None = None, kind
     base = to_dict(from_dict(cls, data, source=source))
     for k, v in (overrides or {}).items(): set_dotted(base, k, v)
     return from_dict(cls, base, source=source)
+
+def parse_overrides(pairs: list[str]) -> dict:
+    "Command-line overrides `['a.b=1', 'c=[x, y]']` -> `{'a.b': 1, 'c': ['x', 'y']}` (values read as YAML)."
+    out = {}
+    for o in pairs:
+        if '=' not in o: raise ConfigError(f"override {o!r} must look like key=value, e.g. -o epochs=5")
+        k, v = o.split('=', 1)
+        try: out[k.strip()] = yaml.safe_load(v)
+        except yaml.YAMLError as e: raise ConfigError(f"override {o!r}: the value is not valid YAML: {e}") from None
+    return out
 
 def save_config(cfg, path: str | Path) -> Path:
     "Write the resolved config `cfg` as YAML (atomically)."

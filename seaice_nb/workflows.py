@@ -121,7 +121,7 @@ def save_show(fig, # a matplotlib Figure
     plt.close(fig)
     return files
 
-# %% ../nbs/70_workflows.ipynb #690d6239
+# %% ../nbs/70_workflows.ipynb #4be30e1a
 def show_files(paths, # PNG files (or one)
                root: str | Path | None = None, # print names relative to this folder
               ) -> list[Path]:
@@ -133,11 +133,11 @@ def show_files(paths, # PNG files (or one)
         display(Image(filename=str(p)))
     return paths
 
-def map_figures(checkpoint: str | Path, # checkpoint written by `seaice_nb.train`
+def map_figures(checkpoint: str | Path, # checkpoint written by the trainer, or a run directory
                 store: str | Path, # preprocessed store
                 names: list[str], # scenes to draw
                 out_dir: str | Path, # folder for `map_<scene>_<chart>.png`
-                tile: int = 256, overlap: int = 64, # inference tiling (store pixels)
+                tile: int | None = None, overlap: int | None = None, # inference tiling (None: the run's data config)
                 charts: tuple[str, ...] = ('sic', 'sod'), # charts to draw
                 device: str = 'cpu', # where the model runs
                 formats: tuple[str, ...] = ('png',), # one file per format; the PNGs are returned
@@ -146,22 +146,25 @@ def map_figures(checkpoint: str | Path, # checkpoint written by `seaice_nb.train
     from seaice_nb.data import SceneStore
     from seaice_nb.evaluate import check_store, predict_scene
     from seaice_nb.plots import scene_map
-    from seaice_nb.train import load_checkpoint
+    from seaice_nb.runs import checkpoint_config, find_checkpoint, load_checkpoint
     if not names: return []
+    checkpoint = find_checkpoint(checkpoint)
     model, meta = load_checkpoint(checkpoint)
+    data = checkpoint_config(meta, str(checkpoint)).data
+    tile = data.inference_tile if tile is None else tile
+    overlap = data.inference_overlap if overlap is None else overlap
     st = SceneStore(store, list(names), in_memory=False)
     chans = check_store(meta, st)
-    n_frames = int(meta.get('n_frames') or ((meta.get('config') or {}).get('data') or {}).get('n_frames') or 1)
     out = []
     for name in st.names:
-        pred = predict_scene(model, st.arrays(name), st.meta[name], st.coarse_factor, tile, overlap, n_frames, chans,
+        pred = predict_scene(model, st.arrays(name), st.meta[name], st.coarse_factor, tile, overlap, data.n_frames, chans,
                              device=device, mask_invalid=True)
         for c in charts:
             for f in formats: p = scene_map(st, name, pred, Path(out_dir) / f"map_{name}_{c}.{f}", c)
             out.append(Path(out_dir) / f"map_{name}_{c}.png")
     return out
 
-# %% ../nbs/70_workflows.ipynb #837240d3
+# %% ../nbs/70_workflows.ipynb #d9d71535
 def demo_steps(root: str | Path = 'runs/demo', # demo folder
                quick: bool = False, # the smaller variant used by the tests
                seed: int = 0, # seed of the data and the models
@@ -172,7 +175,7 @@ def demo_steps(root: str | Path = 'runs/demo', # demo folder
     else: n_scenes, size, epochs, steps, patch, val_tiles = 12, [400, 480], 4, 30, 32, 16
     pre = dict(seed=seed, n_scenes=n_scenes, scene_size=size, factor=4, max_frames=3, n_val=2 if quick else 3)
     common = dict(seed=seed, store=str(data / 'store.zarr'), split=str(data / 'split.json'), epochs=epochs,
-                  steps_per_epoch=steps, batch_size=8, patch_size=patch, max_val_tiles=val_tiles, evaluate_val=False)
+                  steps_per_epoch=steps, batch_size=8, crop=patch, max_val_tiles=val_tiles, evaluate_val=False)
     brief = {'warmup_steps': 2 if quick else 10, 'scheduler': 'cosine'}  # a brief schedule: the presets' warm-up alone is 2000 steps
     models = {'tsvit_v2': dict(preset='tsvit_v2', n_frames=3, lr=1e-3, overrides=brief,
                                model_kwargs={'dim': 64, 'temporal_depth': 2, 'spatial_depth': 2, 'patch_size': 4}),

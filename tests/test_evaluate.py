@@ -108,8 +108,9 @@ def trained(tmp_path_factory):
     tmp = tmp_path_factory.mktemp('e2e')
     generate_scenes(tmp / 'scenes', 3, seed=2, size=(160, 200), progress=False)
     preprocess(tmp / 'scenes', tmp / 'store.zarr', PreprocessConfig(factor=4, max_frames=1, chunk=64), workers=0, progress=False)
-    cfg = TrainConfig(name='e2e', model='unet_baseline', model_kwargs={'in_chans': 18, 'filters': [8, 8]}, epochs=1, batch_size=4,
-                      data={'store': str(tmp / 'store.zarr'), 'patch_size': 32}, progress=False)
+    from seaice_nb.data import DataConfig
+    cfg = TrainConfig(name='e2e', model='unet_baseline', model_kwargs={'filters': [8, 8]}, epochs=1, batch_size=4,
+                      data=DataConfig(store=str(tmp / 'store.zarr'), crop=32), progress=False)
     res = train(cfg, run_dir=tmp / 'run')
     return tmp, res
 
@@ -118,7 +119,7 @@ def test_cli_evaluate_scores_at_80m_and_writes_package(trained):
     from seaice_nb import cli
     from seaice_nb.data import SceneStore
     from seaice_nb.scenes import open_scene
-    from seaice_nb.train import load_checkpoint
+    from seaice_nb.runs import load_checkpoint
     tmp, res = trained
     out = tmp / 'eval'
     assert cli.main(['evaluate', str(res.last_checkpoint), str(tmp / 'store.zarr'), '--scene-dir', str(tmp / 'scenes'),

@@ -55,7 +55,7 @@ def argmax(out): return {c: v.argmax(1) for c, v in out.items()}
 
 def resume_cfg(**kw):
     base = dict(name='resume', epochs=2, batch_size=8, accum_steps=2, lr=0.05, optimizer='adamw', warmup_steps=3,
-                scheduler='cosine', ckpt_every=4, progress=False, seed=3, figures=False)
+                scheduler='cosine', ckpt_every=4, progress=False, seed=3)
     return TrainConfig(**{**base, **kw})
 
 
@@ -178,7 +178,7 @@ def test_ddp_two_cpu_processes_match_one(tmp_path, one_thread):
 
 def test_early_stopping(tmp_path, one_thread):
     # a learning rate too small to change the loss: no validation improves on the first, patience 0 stops after the second
-    cfg = resume_cfg(epochs=5, lr=1e-12, warmup_steps=0, ckpt_every=0, patience=0, monitor='loss', figures=False)
+    cfg = resume_cfg(epochs=5, lr=1e-12, warmup_steps=0, ckpt_every=0, patience=0, monitor='loss')
     res = train(cfg, TinyNet(dropout=0.0), RandomSamples(16), RandomSamples(8, seed=1), run_dir=tmp_path, loss_fn=ce_loss, predict=argmax)
     assert (res.epochs, res.stopped_early, res.steps) == (2, True, 4)
     again = train(cfg, TinyNet(dropout=0.0), RandomSamples(16), RandomSamples(8, seed=1), run_dir=tmp_path, loss_fn=ce_loss, predict=argmax)
@@ -193,11 +193,11 @@ class WiderNet(TinyNet):
 
 
 def test_transfer_learning_loads_matching_tensors_at_lower_lr(tmp_path, one_thread):
-    src = train(resume_cfg(epochs=1, ckpt_every=0, figures=False), TinyNet(), RandomSamples(16), None, run_dir=tmp_path / 'a',
+    src = train(resume_cfg(epochs=1, ckpt_every=0), TinyNet(), RandomSamples(16), None, run_dir=tmp_path / 'a',
                 loss_fn=ce_loss, predict=argmax)
     body = weights(src.last_checkpoint)['body.0.weight']
     cfg = resume_cfg(epochs=1, ckpt_every=0, scheduler='constant', warmup_steps=0, lr=1e-9, init_from=str(src.last_checkpoint),
-                     transfer_lr_scale=0.5, figures=False)
+                     transfer_lr_scale=0.5)
     res = train(cfg, WiderNet(), RandomSamples(16), None, run_dir=tmp_path / 'b',
                 loss_fn=lambda o, b: ce_loss({**o, 'sod': o['sod'][:, :6]}, b), predict=argmax)
     assert res.history[0]['train']['lr'] == pytest.approx(0.5e-9)
@@ -210,9 +210,10 @@ def test_transfer_learning_loads_matching_tensors_at_lower_lr(tmp_path, one_thre
         train(cfg, Other(), RandomSamples(16), None, run_dir=tmp_path / 'c', loss_fn=ce_loss, predict=argmax)
 
 
-def make_data(n_train: int = 16, n_val: int = 8):
-    """`data.builder` for the config-only path."""
-    return RandomSamples(n_train), RandomSamples(n_val, seed=1)
+def make_data(data, seed: int = 0):
+    """`data.builder` for the config-only path: sizes from `data.builder_kwargs`."""
+    kw = {'n_train': 16, 'n_val': 8, **data.builder_kwargs}
+    return RandomSamples(kw['n_train'], seed=seed), RandomSamples(kw['n_val'], seed=seed + 1)
 
 
 def test_cli_train_from_a_preset(tmp_path, one_thread, monkeypatch):
@@ -221,10 +222,10 @@ def test_cli_train_from_a_preset(tmp_path, one_thread, monkeypatch):
     monkeypatch.syspath_prepend(str(HERE))
     preset = tmp_path / 'tiny.yaml'
     preset.write_text(yaml.safe_dump({'kind': 'train', 'name': 'tiny', 'model': 'test_train:TinyNet', 'model_kwargs': {'dropout': 0.0},
-                                      'data': {'builder': 'test_train:make_data', 'n_train': 16}, 'epochs': 1, 'batch_size': 8,
-                                      'progress': False, 'figures': True}))
+                                      'data': {'builder': 'test_train:make_data', 'builder_kwargs': {'n_train': 16}}, 'epochs': 1,
+                                      'batch_size': 8, 'progress': False}))
     assert cli.main(['train', str(preset), '-o', 'lr=0.01', '--run-dir', str(tmp_path / 'run')]) == 0
     run = tmp_path / 'run'
-    assert {'config.yaml', 'metrics.csv', 'summary.json', 'training_curves.png'} <= {p.name for p in run.iterdir()}
+    assert {'config.yaml', 'metrics.csv', 'summary.json', 'run.json'} <= {p.name for p in run.iterdir()}
     assert yaml.safe_load((run / 'config.yaml').read_text())['lr'] == 0.01
     assert cli.main(['train', str(preset), '-o', 'optimizer=adam']) == 1  # a ConfigError is reported, not raised

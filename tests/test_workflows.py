@@ -51,14 +51,14 @@ def test_parameters_cell_is_typed_and_documented(name):
 
 @pytest.mark.parametrize('preset', ['unet_baseline', 'unet_winner', 'tsvit_v1', 'tsvit_v2', 'tsvit_v3'])
 def test_train_presets_load_and_build(preset):
-    "Every train preset is a valid TrainConfig whose model builds (at a small tile) and whose data keys the trainer knows."
-    from seaice_nb.train import TrainConfig, build_model
+    "Every train preset is a valid TrainConfig whose model builds with sizes that follow a (small) data config."
+    from seaice_nb.runs import TrainConfig, build_model, with_model_inputs
     from seaice_nb.workflows import load_preset
-    cfg = load_preset(preset, TrainConfig, kind='train')
-    assert set(cfg.data) <= {'store', 'splits', 'patch_size', 'n_frames', 'channels', 'val_tile', 'in_memory', 'min_valid', 'augment'}
-    kw = {**cfg.model_kwargs, **({'img_size': 32} if 'tsvit' in cfg.model else {})}
-    model = build_model(cfg.model, kw)
-    assert ('amsr2' in model.input_keys) == (preset == 'tsvit_v3') and (cfg.data['n_frames'] == 3) == (preset in ('tsvit_v2', 'tsvit_v3'))
+    cfg = load_preset(preset, TrainConfig, {'data.crop': 32}, kind='train')
+    sizes = {'in_chans': len(cfg.data.channels or range(18)), 'img_size': cfg.data.crop, 'n_frames': cfg.data.n_frames,
+             'amsr2_chans': 14, 'era5_chans': 6, 'coarse_factor': 4}
+    model = build_model(with_model_inputs(cfg, sizes))
+    assert ('amsr2' in model.input_keys) == (preset == 'tsvit_v3') and (cfg.data.n_frames == 3) == (preset in ('tsvit_v2', 'tsvit_v3'))
     assert (cfg.loss_weights == {'sic': 1.0, 'sod': 3.0, 'floe': 3.0}) == (preset != 'unet_baseline')
     if preset == 'unet_winner': assert model.sic_regression and cfg.optimizer == 'sgd' and cfg.scheduler == 'restarts'
 
@@ -161,7 +161,7 @@ def test_autolabel_notebook(tmp_path):
 # the SLURM chain on a real single-node cluster
 
 CHAIN = {'preprocess': {'n_val': 1, 'workers': 1},  # + scenes_dir: an array job preprocesses existing scenes
-         'train': {'preset': 'unet_baseline', 'epochs': 1, 'steps_per_epoch': 1, 'batch_size': 2, 'patch_size': 32,
+         'train': {'preset': 'unet_baseline', 'epochs': 1, 'steps_per_epoch': 1, 'batch_size': 2, 'crop': 32,
                    'evaluate_val': False},
          'evaluate': {'max_scenes': 1, 'n_maps': 0},
          'figures': {'maps': False, 'formats': ['png']}}

@@ -40,6 +40,7 @@ def _check_aux(name, x, chans, B, size):
 # %% ../../nbs/32_models.fusion.ipynb #33a15abd
 class EarlyFusionTSViT(nn.Module):
     "TSViT on SAR frames whose target frame also carries AMSR2/ERA5 (upsampled) and optical channels."
+    kwargs_to = TSViT  # where `**tsvit_kwargs` go: `runs.model_accepts` reads this to know every keyword
     def __init__(self, tasks: Mapping[str, int] = {'sic': 11, 'sod': 6, 'floe': 7}, # task -> output channels
                  in_chans: int = 4, # SAR-grid channels of `image`
                  amsr2_chans: int = 14, # AMSR2 channels (0: not used)
@@ -79,6 +80,7 @@ class EarlyFusionTSViT(nn.Module):
 # %% ../../nbs/32_models.fusion.ipynb #9010615b
 class CrossAttnFusionTSViT(nn.Module):
     "TSViT whose class streams cross-attend to AMSR2/ERA5 tokens on their own coarse grid (and optical tokens)."
+    kwargs_to = TSViT  # where `**tsvit_kwargs` go: `runs.model_accepts` reads this to know every keyword
     def __init__(self, tasks: Mapping[str, int] = {'sic': 11, 'sod': 6, 'floe': 7}, # task -> output channels
                  in_chans: int = 4, # SAR-grid channels of `image`
                  amsr2_chans: int = 14, # AMSR2 channels (0: not used)
