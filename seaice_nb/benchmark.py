@@ -39,13 +39,14 @@ NETWORKS = {
 }
 BASELINES = ('majority', 'gbm', 'gbm_frames', 'gbm_frames_amsr2')
 
-# %% ../nbs/47_benchmark.ipynb #efce242c
+# %% ../nbs/47_benchmark.ipynb #0a616493
 @dataclass
 class BenchmarkConfig:
     "Size and knobs of one benchmark run (defaults: about 30 minutes on 2 cores)."
     seed: int = 0  # world seed: fixes the scenes, charts and split
-    sites: int = 12  # acquisition sites (campaigns)
-    per_site: int = 4  # passes per site within a week (the earlier ones are the stacks' frames)
+    sites: int = 16  # acquisition sites (campaigns)
+    per_site: int = 3  # passes per site within a week (the earlier ones are the stacks' frames)
+    months: tuple[int, ...] = (1, 2, 3, 4)  # campaign months (the freezing season: held-out sites look like the training ones)
     scene_size: tuple[int, int] = (400, 480)  # synthetic scene size in 80 m pixels
     factor: int = 8  # downsampling to the store grid (640 m)
     n_frames: int = 3  # frames per stack (target + earlier passes)
@@ -56,14 +57,17 @@ class BenchmarkConfig:
     models: dict = field(default_factory=lambda: {'signals': list(BASELINES) + list(NETWORKS),
                                                   'knobs_off': list(BASELINES) + ['tsvit_v1', 'tsvit_v2', 'tsvit_v3']})  # per world
     seeds: list = field(default_factory=lambda: [0, 1, 2])  # training seeds of the networks
-    steps: int = 300  # optimiser steps per network
-    epochs: int = 3  # ... in this many epochs (checkpoints, validation, resume points)
+    steps: int = 200  # optimiser steps per network
+    epochs: int = 3  # validations (best checkpoint) during those steps
     batch_size: int = 8  # patches per step
     patch: int = 32  # training patch and evaluation tile (store pixels, 20 km)
     lr: float = 1e-3  # peak learning rate (AdamW)
-    warmup_steps: int = 30  # linear warm-up
+    warmup_steps: int = 20  # linear warm-up
     gbm_pixels: int = 30_000  # training pixels of the gradient-boosting baselines
     gbm_iter: int = 40  # boosting iterations (trees per class)
+    head_bias: bool = True  # start every output head at the training class priors (`models.layers.init_head_bias`)
+    class_weights: str = 'none'  # 'none', 'inverse' or 'sqrt_inverse' class weights in the loss
+    sampler: str = 'uniform'  # 'uniform' or 'rare_class' training crops
     workers: int = 2  # parallel jobs (each one CPU thread)
 
     def __post_init__(self):
@@ -88,7 +92,7 @@ def tiny_config(**kw) -> BenchmarkConfig:
                 models={'signals': ['majority', 'gbm', 'tsvit_v1']})
     return BenchmarkConfig(**{**base, **kw})
 
-# %% ../nbs/47_benchmark.ipynb #1d55dd2a
+# %% ../nbs/47_benchmark.ipynb #07cae2ac
 def world_config(cfg: BenchmarkConfig, world: str):
     "The `WorldConfig` of benchmark world `world`."
     from seaice_nb.synth import WorldConfig
@@ -101,7 +105,8 @@ def build_world(cfg: BenchmarkConfig, world: str, root: str | Path, progress: bo
     from seaice_nb.synth import generate_scenes
     d = Path(root) / world
     generate_scenes(d / 'scenes', cfg.sites * cfg.per_site, seed=cfg.seed, size=tuple(cfg.scene_size),
-                    world=world_config(cfg, world), progress=progress, workers=cfg.workers, per_site=cfg.per_site)
+                    world=world_config(cfg, world), progress=progress, workers=cfg.workers, per_site=cfg.per_site,
+                    months=tuple(cfg.months))
     pcfg = pp.PreprocessConfig(factor=cfg.factor, max_frames=cfg.n_frames, chunk=128)
     s = pp.preprocess(d / 'scenes', d / 'store.zarr', pcfg, workers=cfg.workers, progress=progress)
     if s['failed']: raise DataError(f"{len(s['failed'])} scenes of world {world} failed to preprocess, e.g. {next(iter(s['failed'].items()))}")
@@ -112,7 +117,7 @@ def scene_sites(store: str | Path) -> dict[str, int]:
     m = json.loads((Path(store).parent / 'scenes' / 'manifest.json').read_text())
     return {r['file'].replace('_prep.nc', ''): int(r['site']) for r in m['scenes']}
 
-# %% ../nbs/47_benchmark.ipynb #3a4f5d45
+# %% ../nbs/47_benchmark.ipynb #48cb2e1b
 def class_counts(store: str | Path, scenes: list[str]) -> dict[str, np.ndarray]:
     "Labelled pixels per class and chart over `scenes` of a store (target charts)."
     import zarr
@@ -170,7 +175,7 @@ def chart_site_counts(cfg: BenchmarkConfig, world: str | None = None, stride: in
     from seaice_nb.synth import World, plan_passes
     w = World(world_config(cfg, world or next(iter(cfg.worlds))))
     H, W = cfg.scene_size; out = {}
-    for p in plan_passes(w, cfg.sites * cfg.per_site, (H, W), cfg.seed, cfg.per_site):
+    for p in plan_passes(w, cfg.sites * cfg.per_site, (H, W), cfg.seed, cfg.per_site, tuple(cfg.months)):
         X, Y = p.xy(np.arange(0, H, stride), np.arange(0, W, stride))
         ch = w.chart(X, Y, w.days(p.start)); d = out.setdefault(p.site, {c: np.zeros(N_CLASSES[c], np.int64) for c in CHARTS})
         for c in CHARTS:
@@ -190,7 +195,7 @@ def score_record(acc: ScoreAccumulator) -> dict:
     out['confusion'] = {c: acc.cms[c].tolist() for c in CHARTS}
     return out
 
-# %% ../nbs/47_benchmark.ipynb #f677ba8d
+# %% ../nbs/47_benchmark.ipynb #2f6a1842
 def pixel_features(arr: dict, # SceneStore.arrays() of one scene
                    ch: list[int], # indices of the SAR channels in the store's image
                    n_frames: int = 1, # frames used (target last)
@@ -251,7 +256,7 @@ def fit_baseline(kind: str, # 'majority', 'gbm', 'gbm_frames' or 'gbm_frames_ams
         X = np.concatenate(X)
         for c in CHARTS:
             y = np.concatenate(Y[c]); keep = y != 255
-            models[c] = HistGradientBoostingClassifier(max_iter=max_iter, learning_rate=0.2, random_state=seed).fit(X[keep], y[keep])
+            models[c] = HistGradientBoostingClassifier(max_iter=max_iter, learning_rate=0.2, early_stopping=False, random_state=seed).fit(X[keep], y[keep])
     acc = ScoreAccumulator()
     for n in test:
         a = store.arrays(n); ok = np.asarray(a['valid'][-1]).ravel()
@@ -262,25 +267,29 @@ def fit_baseline(kind: str, # 'majority', 'gbm', 'gbm_frames' or 'gbm_frames_ams
         acc.update(true, pred)
     return {**score_record(acc), 'steps': 0, 'params': 0, 'wall_s': round(time.time() - t0, 1)}
 
-# %% ../nbs/47_benchmark.ipynb #28a0b517
-def network_config(cfg: BenchmarkConfig, name: str, seed: int, store, n_amsr2: int, n_era5: int, n_channels: int):
-    "The `TrainConfig` and model keyword arguments of benchmark network `name`."
-    from seaice_nb.train import TrainConfig
+# %% ../nbs/47_benchmark.ipynb #e72cd9d2
+def network_config(cfg: BenchmarkConfig, name: str, seed: int, store, n_crops: int) -> 'TrainConfig':
+    "The `TrainConfig` of benchmark network `name` for `n_crops` training crops (model sizes filled in from the store)."
+    from seaice_nb.data import DataConfig, model_inputs
+    from seaice_nb.runs import TrainConfig, with_model_inputs
     spec = NETWORKS[name]
-    kw = {'in_chans': n_channels, **spec['kwargs']}
-    if 'tsvit' in spec['model']: kw['img_size'] = cfg.patch
-    if 'v3' in spec['model']: kw.update(amsr2_chans=n_amsr2, era5_chans=n_era5, coarse_factor=store.coarse_factor)
-    per_epoch = cfg.steps // cfg.epochs
-    tc = TrainConfig(name=f"{name}_s{seed}", model=spec['model'], model_kwargs=kw, optimizer='adamw', lr=cfg.lr,
-                     weight_decay=0.01, scheduler='cosine', warmup_steps=cfg.warmup_steps, min_lr_ratio=0.02,
-                     epochs=cfg.epochs, steps_per_epoch=per_epoch, batch_size=cfg.batch_size, seed=seed,
-                     device='cpu', progress=False, figures=False, monitor='combined',
+    # an epoch is one pass over the crops (jittered and augmented anew each time): as many as `steps` needs,
+    # validated about `cfg.epochs` times
+    per_epoch = max(1, n_crops // cfg.batch_size)
+    epochs = max(1, math.ceil(cfg.steps / per_epoch)); per_epoch = math.ceil(cfg.steps / epochs)
+    val_every = max(1, epochs // cfg.epochs)
+    data = DataConfig(channels=spec['channels'], crop=cfg.patch, n_frames=spec['n_frames'], min_valid=0.3, augment=True,
+                      sampler=cfg.sampler, in_memory=True)
+    tc = TrainConfig(name=f"{name}_s{seed}", model=spec['model'], model_kwargs=dict(spec['kwargs']), data=data,
+                     optimizer='adamw', lr=cfg.lr, weight_decay=0.01, scheduler='cosine', warmup_steps=cfg.warmup_steps,
+                     min_lr_ratio=0.02, epochs=epochs, steps_per_epoch=per_epoch, batch_size=cfg.batch_size, val_every=val_every,
+                     seed=seed, device='cpu', progress=False, monitor='combined', class_weights=cfg.class_weights,
+                     head_bias=cfg.head_bias,
                      **{'loss_weights': {'sic': 1.0, 'sod': 3.0, 'floe': 3.0}, **spec['train']})
-    return tc
+    return with_model_inputs(tc, model_inputs(data, store))
 
 def test_scores(model, store, scenes: list[str], n_frames: int, channels, tile: int, batch_size: int = 8) -> dict:
     "`score_record` of `model` on `scenes` (tiles of `tile` px)."
-    import torch
     from torch.utils.data import DataLoader
     from seaice_nb.data import SceneDataset
     from seaice_nb.train import evaluate_loader
@@ -292,15 +301,16 @@ def train_network(cfg: BenchmarkConfig, name: str, seed: int, store_path, split:
     "Train benchmark network `name` with `seed` (resumes in `run_dir`) and score its best checkpoint on the test scenes."
     import torch
     from seaice_nb.data import PatchDataset, SceneDataset, SceneStore
-    from seaice_nb.train import build_model, load_weights, read_checkpoint, train
+    from seaice_nb.runs import build_model, load_weights, read_checkpoint
+    from seaice_nb.train import train
     spec = NETWORKS[name]; T = spec['n_frames']
-    st = SceneStore(store_path, split['train'] + split['val'] + split['test'])
-    channels = spec['channels'] or list(st.channels)
-    tr = PatchDataset(SceneStore(store_path, split['train']), patch_size=cfg.patch, n_frames=T, channels=channels, seed=seed)
+    train_store = SceneStore(store_path, split['train'])
+    channels = spec['channels'] or list(train_store.channels)
+    tr = PatchDataset(train_store, patch_size=cfg.patch, n_frames=T, channels=channels, seed=seed)
+    tc = network_config(cfg, name, seed, train_store, len(tr))
     va = SceneDataset(SceneStore(store_path, split['val']), n_frames=T, channels=channels, tile=cfg.patch)
-    tc = network_config(cfg, name, seed, st, len(st.amsr2_channels), len(st.era5_channels), len(channels))
     torch.manual_seed(seed)
-    model = build_model(tc.model, tc.model_kwargs)
+    model = build_model(tc)   # the trainer starts its heads at the class priors when `tc.head_bias`
     t0 = time.time()
     res = train(tc, model, tr, va, run_dir=run_dir)
     ck = res.best_checkpoint or res.last_checkpoint

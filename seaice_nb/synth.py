@@ -450,12 +450,13 @@ def render(world: World, p: Pass, scene_id: str, original_id: str) -> xr.Dataset
     ds.attrs.update({'synthetic': np.int32(1), 'synth_seed': np.int32(cfg.seed)})
     return ds
 
-# %% ../nbs/11_synth.ipynb #fbe600e8
-def plan_passes(world: World, n_scenes: int, size=(500, 600), seed: int = 0, per_site: int = 8) -> list[Pass]:  # (lines, samples)
+# %% ../nbs/11_synth.ipynb #00179a4c
+def plan_passes(world: World, n_scenes: int, size=(500, 600), seed: int = 0, per_site: int = 8,  # (lines, samples)
+                months: tuple[int, ...] | None = None) -> list[Pass]:  # campaign months, in turn (None: all seasons)
     "Deterministic list of passes: `n_scenes` acquisitions in campaigns of `per_site` over shared sites."
     rng = np.random.default_rng([seed, 1])
     H, W = size; foot = max(H, W) * PIXEL_SPACING / 1e3
-    months = [3, 1, 4, 11, 2, 5, 12, 10, 7, 9]
+    months = list(months or (3, 1, 4, 11, 2, 5, 12, 10, 7, 9))
     n_sites = max(1, math.ceil(n_scenes / per_site))
     passes = []
     for k in range(n_sites):
@@ -489,7 +490,7 @@ def plan_passes(world: World, n_scenes: int, size=(500, 600), seed: int = 0, per
         seen.add(p.start); out.append(p)
     return out
 
-# %% ../nbs/11_synth.ipynb #2e2840ae
+# %% ../nbs/11_synth.ipynb #1da58b5e
 SYNTH_VERSION = 1
 
 def _write_one(job):
@@ -513,7 +514,8 @@ def generate_scenes(out,  # output folder
                     world: WorldConfig | None = None,  # world knobs (seed is overridden by `seed`)
                     progress: bool = True,  # show a tqdm bar
                     workers: int = 1,  # processes (fork); results do not depend on it
-                    per_site: int = 8) -> Path:  # passes per site (campaigns of repeated passes within a week)
+                    per_site: int = 8,  # passes per site (campaigns of repeated passes within a week)
+                    months: tuple[int, ...] | None = None) -> Path:  # campaign months in turn (None: all seasons)
     "Write a synthetic AI4Arctic RTT data set and return the path of its `manifest.json`."
     from tqdm.auto import tqdm
     if n_scenes < 1: raise ConfigError(f"n_scenes is {n_scenes}; it must be at least 1")
@@ -523,11 +525,12 @@ def generate_scenes(out,  # output folder
     out = Path(out); out.mkdir(parents=True, exist_ok=True)
     wc = dataclasses.replace(world or WorldConfig(), seed=seed)
     w = World(wc)
-    passes = plan_passes(w, n_scenes, (H, W), seed, per_site)
+    passes = plan_passes(w, n_scenes, (H, W), seed, per_site, months)
     rng = np.random.default_rng([seed, 2])
     n_test = int(round(test_fraction * n_scenes))
     test_idx = set(rng.choice(n_scenes, n_test, replace=False).tolist()) if n_test else set()
     params = {'synth_version': SYNTH_VERSION, 'seed': seed, 'n_scenes': n_scenes, 'size': [H, W], 'per_site': per_site,
+              **({'months': list(months)} if months else {}),
               'test_fraction': test_fraction, 'world': dataclasses.asdict(wc)}
     mpath = out / 'manifest.json'
     old = json.loads(mpath.read_text()) if mpath.exists() else {}
