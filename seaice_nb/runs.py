@@ -24,7 +24,7 @@ __all__ = ['CKPT_FORMAT', 'TrainConfig', 'model_factory', 'model_accepts', 'with
            'prepare_run_dir', 'save_checkpoint', 'read_checkpoint', 'checkpoint_config', 'load_weights',
            'load_checkpoint', 'Run', 'find_checkpoint', 'load_run', 'Tracker', 'read_metrics']
 
-# %% ../nbs/40a_runs.ipynb #7e36aae6
+# %% ../nbs/40a_runs.ipynb #13977db9
 def _check_model_name(name: str):
     if ':' in name: return  # 'package.module:callable' is resolved when the model is built
     from seaice_nb.models import list_models

@@ -6,6 +6,8 @@ from seaice_nb.benchmark import BenchmarkConfig, build_world, chart_site_counts,
 from seaice_nb.data import SceneStore
 from seaice_nb.metrics import N_CLASSES
 
+FRAMES_OFF, FRAMES_ON, AMSR2_ON = 8.0, 8.0, 8.0   # points; measured margins in the report of issue 12
+
 
 def test_benchmark_split_covers_every_class():
     "The benchmark world's held-out validation and test sites hold every SOD and FLOE class and real SIC variance."
@@ -25,40 +27,41 @@ def test_benchmark_split_covers_every_class():
 def test_choose_sites_reports_what_is_missing():
     "With a class in one site only, no partition covers validation and test: the split says which class is missing."
     z = lambda **kw: {c: np.array(kw.get(c, [5] * N_CLASSES[c])) for c in ('sic', 'sod', 'floe')}
-    sites = {0: z(), 1: z(), 2: z(), 3: z(floe=[5, 5, 5, 5, 5, 5, 0])}
-    sites[0]['floe'] = np.array([5, 5, 5, 5, 5, 5, 9])          # bergs only at site 0
+    no_bergs = [5, 5, 5, 5, 5, 5, 0]
+    sites = {0: z(), 1: z(floe=no_bergs), 2: z(floe=no_bergs), 3: z(floe=no_bergs)}   # bergs only at site 0
     ch = choose_sites(sites, 1, 1, seed=0, min_pixels=1)
     assert ch['n_missing'] == 1 and (ch['missing']['val'] == ['floe6'] or ch['missing']['test'] == ['floe6'])
 
 
-def _gain(tmp_path, name, temporal, multimodal):
-    "Test-site accuracy gains (points) of per-pixel gradient boosting from earlier frames, and from AMSR2."
+def _gains(tmp_path, name, temporal, multimodal):
+    "Test-site gains (points) of per-pixel gradient boosting: SIC R² from earlier frames, SOD F1 from AMSR2."
     cfg = BenchmarkConfig(sites=8, per_site=3, scene_size=(320, 384), val_sites=1, test_sites=3, workers=1,
                           worlds={name: dict(temporal=temporal, multimodal=multimodal)}, models={name: ['gbm']})
     store = build_world(cfg, name, tmp_path)
     split = site_split(store, 1, 3, seed=0, min_pixels=1)
     st = SceneStore(store, split['train'] + split['test'])
     r = {k: fit_baseline(k, st, split['train'], split['test'], 3, pixels=20_000) for k in ('gbm', 'gbm_frames', 'gbm_frames_amsr2')}
-    acc = lambda k: 100 * np.trace(np.array(r[k]['confusion']['sod'])) / np.sum(r[k]['confusion']['sod'])
-    return acc('gbm_frames') - acc('gbm'), acc('gbm_frames_amsr2') - acc('gbm_frames')
+    print(name, {k: (v['sic_r2'], v['sod_f1'], v['combined']) for k, v in r.items()})
+    return r['gbm_frames']['sic_r2'] - r['gbm']['sic_r2'], r['gbm_frames_amsr2']['sod_f1'] - r['gbm_frames']['sod_f1']
 
 
 @pytest.fixture(scope='module')
 def gains(tmp_path_factory):
+    "The same small world (seed, passes, charts) with the knobs off and with both knobs on."
     d = tmp_path_factory.mktemp('knobs')
-    return {w: _gain(d, w, *k) for w, k in {'off': (0.0, 0.0), 'temporal': (0.4, 0.0), 'multimodal': (0.0, 1.0)}.items()}
+    return {w: _gains(d, w, *k) for w, k in {'off': (0.0, 0.0), 'on': (0.4, 1.0)}.items()}
 
 
-def test_knobs_off_earlier_frames_add_nothing(gains):
-    "Knobs off: earlier frames add no information a per-pixel classifier can use (SOD accuracy gain < 2 points)."
-    assert abs(gains['off'][0]) < 2.0, gains
+def test_knobs_off_earlier_frames_add_little(gains):
+    "Knobs off: earlier frames change a per-pixel classifier's SIC R² on held-out sites by less than FRAMES_OFF points."
+    assert abs(gains['off'][0]) < FRAMES_OFF, gains
 
 
 def test_temporal_knob_puts_information_in_earlier_frames(gains):
-    "Temporal knob on: earlier frames raise the per-pixel SOD accuracy clearly (> 4 points), unlike knobs off."
-    assert gains['temporal'][0] > 4.0 and gains['temporal'][0] > gains['off'][0] + 3.0, gains
+    "Temporal knob on: earlier frames raise the held-out SIC R² by FRAMES_ON points more than with the knobs off."
+    assert gains['on'][0] - gains['off'][0] > FRAMES_ON, gains
 
 
 def test_multimodal_knob_puts_information_in_amsr2(gains):
-    "Multi-modal knob on: AMSR2 raises the per-pixel SOD accuracy clearly (> 4 points) beyond the frames."
-    assert gains['multimodal'][1] > 4.0 and gains['multimodal'][1] > gains['off'][1] + 3.0, gains
+    "Multi-modal knob on: AMSR2 raises the held-out SOD F1 by AMSR2_ON points more than with the knobs off."
+    assert gains['on'][1] - gains['off'][1] > AMSR2_ON, gains
