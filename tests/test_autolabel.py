@@ -113,11 +113,11 @@ def test_dask_on_slurm(tmp_path, scenes, slurm_cluster, monkeypatch):
 def test_cli(tmp_path, scenes, capsys):
     from seaice_nb.cli import main
     out = tmp_path / 'cli'
-    assert main(['autolabel', *map(str, scenes), '-o', str(out), '--tile', '128', '--runner', 'serial', '--quiet']) == 0
+    assert main(['autolabel', *map(str, scenes), '--out', str(out), '--tile', '128', '--runner', 'serial', '--quiet']) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])['done'] == 12
-    assert main(['autolabel', str(scenes[0]), '-o', str(out), '--tile', '64', '--runner', 'serial', '--quiet']) == 1
+    assert main(['autolabel', str(scenes[0]), '--out', str(out), '--tile', '64', '--runner', 'serial', '--quiet']) == 1
     assert 'differs in tile' in capsys.readouterr().err
-    assert main(['autolabel', str(tmp_path / 'missing.png'), '-o', str(tmp_path / 'm'), '--runner', 'serial', '--quiet']) == 1
+    assert main(['autolabel', str(tmp_path / 'missing.png'), '--out', str(tmp_path / 'm'), '--runner', 'serial', '--quiet']) == 1
     assert 'does not exist' in capsys.readouterr().err
 
 

@@ -221,18 +221,20 @@ def run_autolabel(sources, # RGB image paths (PNG/TIFF), one scene each
 
 # %% ../../nbs/52_autolabel.parallel.ipynb #f0f0aa77
 def autolabel_main(argv: list[str]) -> int:
-    "`seaice autolabel IMAGES... -o OUT`: label 8-bit RGB scenes into tiles with a manifest."
+    "`seaice autolabel IMAGES... --out OUT`: label 8-bit RGB scenes into tiles with a manifest."
     ap = argparse.ArgumentParser(prog='seaice autolabel', description='Auto-label 8-bit Sentinel-2 RGB images into '
                                  'water (0) / thin ice (1) / thick ice (2) tiles; rerun to resume.')
     ap.add_argument('images', nargs='+', help='RGB PNG/TIFF files, one scene each')
-    ap.add_argument('-o', '--out', required=True, help='output folder (config.yaml, manifest.jsonl, labels/)')
+    ap.add_argument('--out', required=True, help='output folder (config.yaml, manifest.jsonl, labels/)')
     ap.add_argument('--config', help='YAML file (or preset) of an AutolabelConfig')
     ap.add_argument('--filter', action='store_true', help='apply the thin-cloud/shadow filter before labelling')
     ap.add_argument('--tile', type=int, help='tile side, px (default 256)')
-    ap.add_argument('--runner', default='pool', choices=['serial', 'pool', 'dask', 'slurm'])
-    ap.add_argument('--workers', type=int, default=max(1, len(os.sched_getaffinity(0))))
+    ap.add_argument('--runner', default='pool', choices=['serial', 'pool', 'dask', 'slurm'],
+                    help='where tiles are labelled: this process, a process pool, a Dask cluster, or Dask workers as SLURM jobs')
+    ap.add_argument('--workers', type=int, default=max(1, len(os.sched_getaffinity(0))),
+                    help='parallel workers (default: the CPUs this process may use)')
     ap.add_argument('--slurm', default='{}', help='JSON/YAML mapping of dask_jobqueue.SLURMCluster arguments')
-    ap.add_argument('--quiet', action='store_true')
+    ap.add_argument('--quiet', action='store_true', help='no progress bars')
     a = ap.parse_args(argv)
     overrides = {k: v for k, v in {'apply_filter': True if a.filter else None, 'tile': a.tile}.items() if v is not None}
     cfg = load_config(a.config if a.config else {}, AutolabelConfig, overrides)
@@ -330,9 +332,11 @@ def bench(size: int = 2000, # side of the test image, px
 def bench_main(argv: list[str]) -> int:
     "`seaice bench autolabel`: print labeller/filter throughput and parallel speed-ups as JSON."
     ap = argparse.ArgumentParser(prog='seaice bench autolabel', description=bench.__doc__)
-    ap.add_argument('--size', type=int, default=2000); ap.add_argument('--tile', type=int, default=256)
-    ap.add_argument('--scenes', type=int, default=8); ap.add_argument('--scene-size', type=int, default=2000)
-    ap.add_argument('--repeat', type=int, default=5)
+    ap.add_argument('--size', type=int, default=2000, help='side of the image the labeller and filter are timed on, px')
+    ap.add_argument('--tile', type=int, default=256, help='tile side, px')
+    ap.add_argument('--scenes', type=int, default=8, help='scenes of the parallel runs')
+    ap.add_argument('--scene-size', type=int, default=2000, help='side of each parallel-run scene, px')
+    ap.add_argument('--repeat', type=int, default=5, help='repetitions of each timing (the best is kept)')
     ap.add_argument('--runners', default='pool,dask', help='comma-separated: pool, dask')
     ap.add_argument('--filter', action='store_true', help='apply the filter in the parallel runs')
     a = ap.parse_args(argv)

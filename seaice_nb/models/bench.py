@@ -134,20 +134,25 @@ def main(argv: list[str]) -> int:
     "`seaice bench model`: print the model benchmark as JSON."
     ap = argparse.ArgumentParser(prog='seaice bench model', description=run_bench.__doc__)
     ap.add_argument('--presets', nargs='*', help='presets to time (default: all)')
-    ap.add_argument('--batch-size', type=int, default=2); ap.add_argument('--size', type=int, default=32)
-    ap.add_argument('--frames', type=int, default=4); ap.add_argument('--steps', type=int, default=5)
-    ap.add_argument('--warmup', type=int, default=2); ap.add_argument('--attn-size', type=int, default=48)
-    ap.add_argument('--attn-frames', type=int, default=8); ap.add_argument('--matmul-n', type=int, default=2048)
-    ap.add_argument('--device', default='cpu'); ap.add_argument('--amp', action='store_true', help='bf16 autocast')
+    ap.add_argument('--batch-size', type=int, default=2, help='samples per training step')
+    ap.add_argument('--size', type=int, default=32, help='tile side, px')
+    ap.add_argument('--frames', type=int, default=4, help='frames per sample (temporal models)')
+    ap.add_argument('--steps', type=int, default=5, help='timed training steps per preset')
+    ap.add_argument('--warmup', type=int, default=2, help='untimed steps first')
+    ap.add_argument('--attn-size', type=int, default=48, help='tile side of the fused-vs-explicit attention timing, px')
+    ap.add_argument('--attn-frames', type=int, default=8, help='frames of the attention timing')
+    ap.add_argument('--matmul-n', type=int, default=2048, help='side of the square matmul that gives the GFLOP/s baseline')
+    ap.add_argument('--device', default='cpu', help="'cpu' or 'cuda'")
+    ap.add_argument('--amp', action='store_true', help='bf16 autocast')
     ap.add_argument('--threads', type=int, help='torch CPU threads (default: torch\'s choice)')
-    ap.add_argument('-o', '--output', help='also write the JSON to this file')
+    ap.add_argument('--out', help='also write the JSON to this file')
     a = ap.parse_args(argv)
     if a.threads: torch.set_num_threads(a.threads)
     if a.device.startswith('cuda') and not torch.cuda.is_available(): raise ConfigError("--device cuda but no CUDA device is available")
     res = run_bench(a.presets, a.batch_size, a.size, a.frames, a.steps, a.warmup, a.attn_size, a.attn_frames, a.device, a.amp, a.matmul_n)
     txt = json.dumps(res, indent=1)
     print(txt)
-    if a.output:
+    if a.out:
         from seaice_nb.core import atomic_write
-        with atomic_write(a.output, 'w') as f: f.write(txt + '\n')
+        with atomic_write(a.out, 'w') as f: f.write(txt + '\n')
     return 0
