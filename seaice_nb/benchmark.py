@@ -39,7 +39,7 @@ NETWORKS = {
 }
 BASELINES = ('majority', 'gbm', 'gbm_frames', 'gbm_frames_amsr2')
 
-# %% ../nbs/47_benchmark.ipynb #0a616493
+# %% ../nbs/47_benchmark.ipynb #2e4d9c2d
 @dataclass
 class BenchmarkConfig:
     "Size and knobs of one benchmark run (defaults: about 30 minutes on 2 cores)."
@@ -87,8 +87,8 @@ class BenchmarkConfig:
 
 def tiny_config(**kw) -> BenchmarkConfig:
     "A seconds-sized benchmark for tests: a few small scenes, one seed, a few steps."
-    base = dict(sites=5, per_site=2, scene_size=(160, 192), val_sites=1, test_sites=1, seeds=[0], steps=4, epochs=2,
-                batch_size=4, patch=32, warmup_steps=1, gbm_pixels=3000, workers=1,
+    base = dict(sites=5, per_site=2, scene_size=(256, 320), val_sites=1, test_sites=1, seeds=[0], steps=4, epochs=2,
+                batch_size=4, patch=16, warmup_steps=1, gbm_pixels=3000, workers=1,
                 models={'signals': ['majority', 'gbm', 'tsvit_v1']})
     return BenchmarkConfig(**{**base, **kw})
 
