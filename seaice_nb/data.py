@@ -14,6 +14,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, WeightedRandomSampler
 
 from .core import ConfigError, DataError, MissingFileError, from_dict
+from .charts import CHARTS, N_CLASSES
 
 # %% auto #0
 __all__ = ['SceneStore', 'crop_sample', 'flip_rotate', 'PatchDataset', 'to_tensors', 'RareClassSampler', 'SceneDataset',
@@ -105,7 +106,7 @@ def crop_sample(arr: dict, # SceneStore.arrays() of one scene
     days = np.zeros(n_frames, np.int64); days[pad:] = arr['days_before'][Ts - k:]
     cf = coarse_factor
     out = dict(image=image, valid=valid, frame_mask=fm, doy=doy, days_before=days,
-               **{c: _window(arr[c], y0, x0, h, w, 255).astype(np.int64) for c in ('sic', 'sod', 'floe')},
+               **{c: _window(arr[c], y0, x0, h, w, 255).astype(np.int64) for c in CHARTS},
                amsr2=_window(arr['amsr2'], y0 // cf, x0 // cf, h // cf, w // cf, 0).astype(np.float32),
                era5=_window(arr['era5'], y0 // cf, x0 // cf, h // cf, w // cf, 0).astype(np.float32))
     out['meta'] = {'scene': meta['scene'], 'ice_service': meta['ice_service'], 'region': meta['region'],
@@ -171,14 +172,13 @@ class PatchDataset(Dataset):
         self.patch_size, self.n_frames, self.jitter, self.augment, self.seed, self.epoch = patch_size, n_frames, jitter, augment, seed, 0
         self.stride = max(cf, patch_size // 2 // cf * cf)
         self._wind = {k: p for k, p in (('image', _wind_pairs(self.channels)), ('era5', _wind_pairs(self.era5_channels))) if p}
-        self.windows, hist = [], {c: [] for c in ('sic', 'sod', 'floe')}
-        from seaice_nb.scenes import N_CLASSES
+        self.windows, hist = [], {c: [] for c in CHARTS}
         for si, n in enumerate(self.store.names):
             a = self.store.arrays(n)
             H, W = self.store.meta[n]['shape']
             ok = np.asarray(a['valid'][-1]) & (np.asarray(a['sod']) != 255) if self.store.in_memory else \
                  np.asarray(a['valid'][-1, :, :]) & (np.asarray(a['sod'][...]) != 255)
-            charts = {c: np.asarray(a[c][...]) for c in ('sic', 'sod', 'floe')}
+            charts = {c: np.asarray(a[c][...]) for c in CHARTS}
             for y0 in range(0, max(H - patch_size, 0) + 1, self.stride):
                 for x0 in range(0, max(W - patch_size, 0) + 1, self.stride):
                     win = ok[y0:y0 + patch_size, x0:x0 + patch_size]

@@ -12,18 +12,14 @@ import numpy as np
 import matplotlib.pyplot as plt
 
 from .core import DataError, MissingFileError
-from .metrics import CHARTS, N_CLASSES
+from .charts import CHARTS, N_CLASSES, class_names
 
 # %% auto #0
 __all__ = ['plot_confusion', 'save_confusion_matrices', 'plot_conditions', 'plot_per_class', 'plot_training_curves',
            'plot_scene_map', 'scene_map', 'evaluation_figures']
 
 # %% ../nbs/43_plots.ipynb #8a6326cd
-def _names(chart: str) -> list[str]:
-    try:
-        from seaice_nb.scenes import CLASS_TABLES
-        return [c.name for c in CLASS_TABLES[chart.upper()]]
-    except (ImportError, KeyError): return [str(i) for i in range(N_CLASSES[chart])]
+def _names(chart: str) -> list[str]: return class_names(chart)
 
 def _save(fig, path: str | Path, dpi: int = 120) -> Path:
     "Save and close `fig` (always closed, even when saving fails)."

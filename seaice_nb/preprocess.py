@@ -13,15 +13,15 @@ import numpy as np
 import xarray as xr
 from scipy import ndimage
 
+from .charts import CHARTS, N_CLASSES
 from .core import (ConfigError, DataError, MissingFileError, SeaIceError, code_version, file_digest,
                             from_dict, get_logger, to_dict)
 
 # %% auto #0
-__all__ = ['SAR_CHANNELS', 'AMSR2_CHANNELS', 'ERA5_CHANNELS', 'ENCODINGS', 'CHARTS', 'STORE_FORMAT', 'PreprocessConfig',
-           'downsample_mean', 'downsample_labels', 'fine_to_coarse', 'resample_2km', 'official_crop', 'standardise',
-           'encodings', 'scene_frame', 'pixel_latlon', 'scene_meta', 'scene_info', 'plan_stacks', 'scene_dataset',
-           'write_group', 'open_store', 'done_scenes', 'process_scene', 'find_scenes', 'preprocess', 'validate_store',
-           'main']
+__all__ = ['SAR_CHANNELS', 'AMSR2_CHANNELS', 'ERA5_CHANNELS', 'ENCODINGS', 'STORE_FORMAT', 'PreprocessConfig', 'downsample_mean',
+           'downsample_labels', 'fine_to_coarse', 'resample_2km', 'official_crop', 'standardise', 'encodings',
+           'scene_frame', 'pixel_latlon', 'scene_meta', 'scene_info', 'plan_stacks', 'scene_dataset', 'write_group',
+           'open_store', 'done_scenes', 'process_scene', 'find_scenes', 'preprocess', 'validate_store', 'main']
 
 # %% ../nbs/20_preprocess.ipynb #9889f5ed
 SAR_CHANNELS = {'hh': 'nersc_sar_primary', 'hv': 'nersc_sar_secondary',
@@ -29,7 +29,6 @@ SAR_CHANNELS = {'hh': 'nersc_sar_primary', 'hv': 'nersc_sar_secondary',
 AMSR2_CHANNELS = [f'btemp_{f}{p}' for f in ('6_9', '7_3', '10_7', '18_7', '23_8', '36_5', '89_0') for p in 'hv']
 ERA5_CHANNELS = ['u10m_rotated', 'v10m_rotated', 't2m', 'skt', 'tcwv', 'tclw']
 ENCODINGS = ['month_sin', 'month_cos', 'lat', 'lon_sin', 'lon_cos']
-CHARTS = ('sic', 'sod', 'floe')
 
 # %% ../nbs/20_preprocess.ipynb #6c37305c
 @dataclass
@@ -269,8 +268,7 @@ def plan_stacks(paths: list[str | Path], # scene files
 STORE_FORMAT = 'seaice_nb.preprocess/1'
 
 def _n_classes(chart: str) -> int:
-    from seaice_nb.scenes import N_CLASSES
-    return N_CLASSES[chart.upper()]
+    return N_CLASSES[chart]
 
 def scene_dataset(target: dict, # scene_frame() of the target (with charts)
                   stacked: dict, # stack.stack_frames() output
@@ -316,7 +314,7 @@ def _encoding(ds: xr.Dataset, chunk: int) -> dict:
         dims = ds[v].dims
         if not dims: continue
         enc[v] = {'chunks': tuple(min(chunk, ds.sizes[d]) if d in ('y', 'x') else 1 if d == 'time' and v in ('image', 'valid') else ds.sizes[d] for d in dims)}
-    for v in ('sic', 'sod', 'floe'): enc[v]['fill_value'] = None
+    for v in CHARTS: enc[v]['fill_value'] = None
     enc['source']['dtype'] = 'U32'
     return enc
 

@@ -17,7 +17,7 @@ from torch import nn
 from .core import (CheckpointError, ConfigError, atomic_write, code_version, from_dict, get_logger, resolve,
                             save_config, to_dict)
 from .data import DataConfig
-from .metrics import CHARTS
+from .charts import CHARTS, chart_dict
 
 # %% auto #0
 __all__ = ['CKPT_FORMAT', 'TrainConfig', 'model_factory', 'model_accepts', 'with_model_inputs', 'build_model', 'default_run_dir',
@@ -86,8 +86,7 @@ class TrainConfig:
         if self.grad_clip is not None and self.grad_clip <= 0: raise ConfigError(f"grad_clip must be > 0, got {self.grad_clip}")
         if self.lr <= 0: raise ConfigError(f"lr must be > 0, got {self.lr}")
         if not 0 < self.transfer_lr_scale: raise ConfigError(f"transfer_lr_scale must be > 0, got {self.transfer_lr_scale}")
-        bad = set(self.loss_weights) - set(CHARTS)
-        if bad: raise ConfigError(f"loss_weights: unknown chart {sorted(bad)[0]!r}; charts are {', '.join(CHARTS)}")
+        self.loss_weights = chart_dict(self.loss_weights, 'loss_weights')  # either spelling: SIC or sic
         _check_model_name(self.model)
 
 # %% ../nbs/40a_runs.ipynb #e1fb3747

@@ -12,18 +12,18 @@ from typing import Literal, Sequence
 import numpy as np
 import xarray as xr
 from .core import DataError, MissingFileError, SeaIceError
+from .charts import CHART_FILL, CHART_VARS, CLASS_TABLES, N_CLASSES, ChartClass, chart_cmap  # noqa: F401 (re-exported)
 
 # %% auto #0
-__all__ = ['CHART_VARS', 'SAR_VARS', 'GEO_VARS', 'AMSR2_VARS', 'ERA5_VARS', 'ALL_VARS', 'SAR_DIMS', 'TIE_DIMS', 'COARSE_DIMS',
-           'N_CLASSES', 'CHART_FILL', 'SAR_FILL', 'GRID_FACTOR', 'PIXEL_SPACING', 'N_TIE', 'DISTANCE_ZONES_KM', 'STATS',
-           'SCHEMA', 'GLOBAL_ATTRS', 'CLASS_TABLES', 'standardise', 'destandardise', 'VarSpec', 'coarse_shape',
-           'ChartClass', 'chart_cmap', 'SceneName', 'parse_raw_name', 'rtt_name', 'parse_rtt_name', 'reference_path',
-           'empty_scene', 'write_scene', 'open_scene', 'Problem', 'validate_dataset', 'validate_scene', 'validate_main',
-           'tie_points', 'scene_latlon', 'to_polar_stereo', 'from_polar_stereo', 'scene_footprint',
-           'use_offline_natural_earth', 'add_land', 'polar_stereo_crs', 'plot_footprints', 'plot_scene']
+__all__ = ['SAR_VARS', 'GEO_VARS', 'AMSR2_VARS', 'ERA5_VARS', 'ALL_VARS', 'SAR_DIMS', 'TIE_DIMS', 'COARSE_DIMS', 'SAR_FILL',
+           'GRID_FACTOR', 'PIXEL_SPACING', 'N_TIE', 'DISTANCE_ZONES_KM', 'STATS', 'SCHEMA', 'GLOBAL_ATTRS',
+           'standardise', 'destandardise', 'VarSpec', 'coarse_shape', 'SceneName', 'parse_raw_name', 'rtt_name',
+           'parse_rtt_name', 'reference_path', 'empty_scene', 'write_scene', 'open_scene', 'Problem',
+           'validate_dataset', 'validate_scene', 'validate_main', 'tie_points', 'scene_latlon', 'to_polar_stereo',
+           'from_polar_stereo', 'scene_footprint', 'use_offline_natural_earth', 'add_land', 'polar_stereo_crs',
+           'plot_footprints', 'plot_scene']
 
 # %% ../nbs/10_scenes.ipynb #036cecf2
-CHART_VARS = ('SIC', 'SOD', 'FLOE')
 SAR_VARS = ('nersc_sar_primary', 'nersc_sar_secondary', 'sar_incidenceangle', 'distance_map')
 GEO_VARS = ('sar_grid2d_latitude', 'sar_grid2d_longitude')
 AMSR2_VARS = tuple(f'btemp_{f}{p}' for f in ('6_9', '7_3', '10_7', '18_7', '23_8', '36_5', '89_0') for p in 'hv')
@@ -34,8 +34,6 @@ SAR_DIMS = ('sar_lines', 'sar_samples')
 TIE_DIMS = ('sar_sample_2dgrid_points', 'sar_line_2dgrid_points')  # samples first, as the spec lists it
 COARSE_DIMS = ('2km_grid_lines', '2km_grid_samples')
 
-N_CLASSES = {'SIC': 11, 'SOD': 6, 'FLOE': 7}
-CHART_FILL = 255      # masked chart pixel (land, no data, ambiguous polygon)
 SAR_FILL = 0.0        # standardised SAR no-data ("train fill value"): HH == 0 means no data
 GRID_FACTOR = 25      # one 2 km cell = 25 x 25 RTT pixels (2000 m / 80 m)
 PIXEL_SPACING = 80.0  # metres
@@ -95,33 +93,6 @@ GLOBAL_ATTRS = ('scene_id', 'original_id', 'ice_service', 'flip', 'pixel_spacing
 def coarse_shape(lines: int, samples: int) -> tuple[int, int]:  # SAR grid size in pixels
     "Size of the 2 km grid for a SAR grid of `lines` x `samples` (every 25th pixel: 4999 x 5213 -> 199 x 208)."
     return lines // GRID_FACTOR, samples // GRID_FACTOR
-
-# %% ../nbs/10_scenes.ipynb #6e3a68bb
-@dataclasses.dataclass(frozen=True)
-class ChartClass:
-    "One class of an ice chart."
-    index: int
-    name: str
-    colour: str
-
-def _table(names, colours): return tuple(ChartClass(i, n, c) for i, (n, c) in enumerate(zip(names, colours)))
-
-CLASS_TABLES = {
-    'SIC': _table([f'{10 * i}%' for i in range(11)],
-                  ['#0064ff', '#96c8ff', '#8cffa0', '#50e678', '#ffff00', '#ffdc00', '#ffb400', '#ff7d07',
-                   '#ff5000', '#ff0000', '#b40000']),
-    'SOD': _table(['open water', 'new ice', 'young ice', 'thin first-year ice', 'thick first-year ice', 'old ice'],
-                  ['#0064ff', '#f0d2fa', '#aa28f0', '#9bd200', '#007800', '#b46432']),
-    'FLOE': _table(['open water', 'cake ice', 'small floe', 'medium floe', 'big floe', 'vast floe', 'bergs'],
-                   ['#0064ff', '#ffe6c8', '#ffc896', '#ff9664', '#ff6432', '#c83200', '#8c8c8c']),
-}
-
-def chart_cmap(chart: str):  # 'SIC', 'SOD' or 'FLOE'
-    "A matplotlib `(cmap, norm)` pair that draws class indices in the chart's colours (255 transparent)."
-    from matplotlib.colors import BoundaryNorm, ListedColormap
-    table = CLASS_TABLES[chart]
-    cmap = ListedColormap([c.colour for c in table], name=chart.lower()).with_extremes(bad=(0, 0, 0, 0), over=(0, 0, 0, 0))
-    return cmap, BoundaryNorm(np.arange(len(table) + 1) - 0.5, len(table))
 
 # %% ../nbs/10_scenes.ipynb #9b1368ed
 _RAW = re.compile(r'^(?P<mission>S1[AB])_EW_GRDM_1SD[HV]_(?P<start>\d{8}T\d{6})_(?P<stop>\d{8}T\d{6})_\w+?_icechart_'

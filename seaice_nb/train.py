@@ -20,7 +20,8 @@ from .core import CheckpointError, ConfigError, DataError, atomic_write, code_ve
 from .core import parse_overrides
 from .core import seed_everything, to_dict
 from .data import PatchDataset, RareClassSampler, SceneStore, build_datasets, model_inputs
-from .metrics import CHARTS, N_CLASSES, ScoreAccumulator
+from .charts import CHARTS, N_CLASSES
+from .metrics import ScoreAccumulator
 from .models.losses import init_head_bias
 from .runs import (TrainConfig, default_run_dir, Tracker, _unwrap, build_model, load_checkpoint, load_weights, prepare_run_dir,
                             read_checkpoint, save_checkpoint, with_model_inputs)

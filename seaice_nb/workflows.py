@@ -186,7 +186,7 @@ def demo_steps(root: str | Path = 'runs/demo', # demo folder
               'unet_baseline': dict(preset='unet_baseline', n_frames=1, lr=1e-3, overrides=brief)}
     steps_ = [('generate + preprocess synthetic scenes', 'preprocess', data, pre)]
     steps_ += [(f'train {m}', 'train', root / m, {**common, **p}) for m, p in models.items()]
-    steps_ += [(f'evaluate {m}', 'evaluate', root / m, dict(seed=seed, store=common['store'], split=common['split'],
+    steps_ += [(f'evaluate {m}', 'evaluate', root / m, dict(seed=seed, store=common['store'], split=common['split'], submission=True,
                                                               max_scenes=2 if quick else 0, n_maps=1 if quick else 2)) for m in models]
     fig = dict(seed=seed, runs=[str(root / m) for m in models])
     if quick: fig.update(maps=False, formats=['png'])

@@ -154,3 +154,37 @@ def test_failed_commands_leave_nothing_in_the_working_directory(capsys, tmp_path
 def test_version():
     from seaice_nb import __version__
     assert seaice('--version').stdout.strip() == f"seaice_nb {__version__}"
+
+
+def _parsers() -> dict:
+    "The argparse parser of every `seaice` subcommand and benchmark, captured where the command parses its arguments."
+    import argparse
+    from unittest import mock
+    from seaice_nb import cli as seaice_cli
+
+    class Captured(Exception): pass
+    def grab(self, *args, **kwargs): raise Captured(self)
+    table = {**seaice_cli.COMMANDS, **{f"bench {k}": v for k, v in seaice_cli.BENCHES.items()}}
+    out = {}
+    with mock.patch.object(argparse.ArgumentParser, 'parse_args', grab), \
+         mock.patch.object(argparse.ArgumentParser, 'parse_known_args', grab):
+        for name, (target, _) in table.items():
+            try: seaice_cli._resolve(target)([])
+            except Captured as e: out[name] = e.args[0]
+    return out
+
+
+def test_one_command_line_vocabulary():
+    "-o is only --override, outputs are --out, --quiet turns progress off, and every option says what it does."
+    parsers = _parsers()
+    assert {'train', 'evaluate', 'preprocess', 'autolabel', 'download', 'bench model'} <= set(parsers)
+    problems = []
+    for name, p in sorted(parsers.items()):
+        for act in p._actions:
+            opts = set(act.option_strings)
+            if '-h' in opts: continue
+            if not act.help: problems.append(f"seaice {name}: {'/'.join(act.option_strings) or act.dest} has no help")
+            if '-o' in opts and act.dest != 'override': problems.append(f"seaice {name}: -o means --{act.dest}, not --override")
+            for bad, good in (('--dest', '--out'), ('--output', '--out'), ('--no-progress', '--quiet'), ('--out-dir', '--out')):
+                if bad in opts: problems.append(f"seaice {name}: {bad} should be {good}")
+    assert not problems, '\n'.join(problems)

@@ -46,11 +46,12 @@ def test_every_fault_at_once(tmp_path, capsys):
         rc = main(['--article', '5', '--api', srv.api, '--dest', str(dest), '--workers', '4'] + FAST)
         took = time.monotonic() - t0
         out = capsys.readouterr().out
-        assert rc == 1                                    # the malicious names cannot succeed
+        assert rc == 0                                    # every downloadable file verified; the malicious names are refused
         assert_verified(dest, good)
         assert tree(root) == ['dest'] + sorted(f'dest/{f.name}' for f in good)   # nothing else, nowhere else
-        assert f'downloaded {len(good)}, skipped 0 (already verified), failed {len(evil)}' in out
-        for n in bad_names: assert f'unsafe file name {n!r}' in out
+        assert f'downloaded {len(good)}, skipped 0 (already verified), failed 0, refused {len(evil)} (unsafe listing entries)' in out
+        for n in bad_names: assert f'WARNING refused {n!r}: unsafe file name {n!r}' in out
+        assert '1 bot challenge(s) met' in out
         assert 'path traversal' in out and 'absolute path' in out and 'hidden name' in out and 'NUL' in out
         assert 'md5 mismatch: re-fetched' in out and 'server ignored Range: restarted' in out
         # Retry-After honoured: the retry of the 429 file came at least 1 s after the 429
@@ -76,6 +77,63 @@ def test_url_form_fallback_and_challenge(tmp_path):
         assert [o.status for o in rep.files] == ['failed', 'failed']
         assert all('every URL form failed' in o.reason and 'bot challenge' in o.reason for o in rep.files)
         assert tree(tmp_path / 'b') == []                                      # no empty file left behind
+
+
+def download_requests(srv, f) -> list[str]:
+    "The URL form of every download request for `f`, in order ('ndownloader' or 'api'; redirects not counted)."
+    return ['ndownloader' if p.startswith('/ndownloader/') else 'api' for m, p, h, t in srv.requests
+            if p in (f'/ndownloader/files/{f.id}', f'/v2/file/download/{f.id}')]
+
+
+def test_one_time_challenge_retried_on_the_same_url(tmp_path):
+    "Issue 14: one 202 used to fail the file when the other URL form answered 404; now it is waited out on the same URL."
+    files = make_files([30_000, 20_000], seed=21)
+    files[0].faults += ['202:1']                                              # with Retry-After: 1
+    with FigshareServer({5: files}, missing_forms={'api'}) as srv:
+        rep = Downloader(tmp_path, retry=Retry(backoff=0.01, seed=0), progress=False).run(list_files(5, srv.api))
+        assert rep.ok and [o.status for o in rep.files] == ['downloaded', 'downloaded']
+        assert_verified(tmp_path, files)
+        assert download_requests(srv, files[0]) == ['ndownloader', 'ndownloader']   # same URL, never the 404 form
+        t = [t for m, p, h, t in srv.requests if p == f'/ndownloader/files/{files[0].id}']
+        assert t[1] - t[0] >= 1.0                                                   # Retry-After honoured
+        assert rep.challenges == 1 and rep.files[0].challenges == 1 and '1 bot challenge(s) waited out' in rep.files[0].reason
+        assert '1 bot challenge(s) met (HTTP 202 / empty body)' in rep.summary()
+
+
+def test_repeated_challenge_then_next_form_then_given_up(tmp_path):
+    files = make_files([10_000, 10_000], seed=22)
+    files[0].faults += ['202', '202', '202']                     # three challenges, then the file
+    files[1].faults += ['202'] * 10                              # never clears
+    with FigshareServer({5: files}, missing_forms={'api'}) as srv:
+        rep = Downloader(tmp_path, retry=Retry(backoff=0.01, challenges=4, seed=0), progress=False).run(list_files(5, srv.api))
+        st = {o.name: o for o in rep.files}
+        assert st[files[0].name].status == 'downloaded' and st[files[0].name].challenges == 3
+        assert download_requests(srv, files[0]) == ['ndownloader'] * 4
+        assert st[files[1].name].status == 'failed' and st[files[1].name].challenges == 4
+        assert download_requests(srv, files[1]) == ['ndownloader'] * 4 + ['api']     # bounded, then the next form
+        assert 'bot challenge), 4 times' in st[files[1].name].reason and 'HTTP 404' in st[files[1].name].reason
+        assert rep.challenges == 7 and not rep.ok
+    assert tree(tmp_path) == [files[0].name]                     # no empty or partial file under a final name
+
+
+def test_rerun_with_a_traversal_entry_exits_0_with_a_warning(tmp_path, capsys):
+    "Issue 14: an entry refused as unsafe must not make every rerun fail once the downloadable files are verified."
+    files = make_files([5_000, 6_000], seed=23) + [FakeFile(99001, '../../outside.nc', b'evil')]
+    root = tmp_path / 'root'; dest = root / 'dest'
+    with FigshareServer({5: files}) as srv:
+        args = ['--article', '5', '--api', srv.api, '--dest', str(dest)] + FAST
+        assert main(args) == 0
+        out = capsys.readouterr().out
+        assert 'downloaded 2, skipped 0 (already verified), failed 0, refused 1 (unsafe listing entries)' in out
+        assert "WARNING refused '../../outside.nc': unsafe file name '../../outside.nc'" in out and 'path traversal' in out
+        srv.reset_counts()
+        assert main(args) == 0                                    # the rerun: everything verified, the warning again
+        out = capsys.readouterr().out
+        assert 'downloaded 0, skipped 2 (already verified), failed 0, refused 1' in out and 'WARNING refused' in out
+        assert srv.served == {}
+        files[1].faults += ['403'] * 2; (dest / files[1].name).unlink()
+        assert main(args) == 1                                    # a real failure still exits 1
+    assert tree(root) == ['dest', f'dest/{files[0].name}']
 
 
 def test_empty_200_403_and_gave_up(tmp_path):

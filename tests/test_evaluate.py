@@ -9,9 +9,9 @@ import torch
 from sklearn.metrics import f1_score, r2_score
 from torch import nn
 
-from seaice_nb.core import CheckpointError, DataError
+from seaice_nb.core import CheckpointError, ConfigError, DataError
 from seaice_nb.evaluate import (check_store, check_submission, predict_scene, upsample_nearest, write_submission)
-from seaice_nb.metrics import CHARTS, N_CLASSES
+from seaice_nb.charts import CHARTS, N_CLASSES
 
 
 class PixelNet(nn.Module):
@@ -95,8 +95,110 @@ def test_upload_package_format(tmp_path):
         check_submission(path, list(preds) + ['20211111T111111_dmi_prep.nc'])
     with pytest.raises(DataError, match='lacks chart'):
         write_submission({'20190301T101010_cis': {'sic': np.zeros((2, 2))}}, tmp_path / 'x.nc')
-    with pytest.raises(DataError, match='do not fit uint8'):
+    with pytest.raises(DataError, match=r'20190301T101010_cis SIC: value 300 at 4 pixel\(s\) is not a SIC class'):
         write_submission({'20190301T101010_cis': {c: np.full((2, 2), 300) for c in CHARTS}}, tmp_path / 'x.nc')
+
+
+@pytest.mark.parametrize('chart, value', [('SIC', 11), ('SOD', 9), ('FLOE', 12), ('SOD', 6), ('FLOE', 7)])
+def test_out_of_range_classes_refused_when_writing_and_checking(tmp_path, chart, value):
+    "write_submission and check_submission refuse a class outside the chart's range, naming scene, chart and value."
+    import xarray as xr
+    maps = {c: np.zeros((6, 8), np.uint8) for c in ('SIC', 'SOD', 'FLOE')}
+    maps[chart][2, 3] = value; maps[chart][0, 0] = 255              # 255 (no data) is allowed, the class is not
+    with pytest.raises(DataError, match=rf"20200101T010101_cis {chart}: value {value} at 1 pixel\(s\) is not a {chart} class"):
+        write_submission({'20200101T010101_cis_prep.nc': maps}, tmp_path / 'upload_package.nc')
+    assert not list(tmp_path.iterdir())                              # nothing written
+    # a package made by other tools: the same check when reading it back
+    ds = xr.Dataset({f"20200101T010101_cis_{c}": ((f"20200101T010101_cis_{c}_dim0", f"20200101T010101_cis_{c}_dim1"), a)
+                     for c, a in maps.items()})
+    path = tmp_path / 'foreign.nc'
+    ds.to_netcdf(path, format='NETCDF4', engine='netcdf4', encoding={v: {'zlib': True, 'complevel': 1} for v in ds.data_vars})
+    with pytest.raises(DataError, match=rf"foreign.nc: 20200101T010101_cis {chart}: value {value} at 1 pixel"):
+        check_submission(path)
+
+
+def test_wrong_shapes_refused(tmp_path):
+    maps = {'sic': np.zeros((6, 8)), 'sod': np.zeros((6, 8)), 'floe': np.zeros((6, 7))}
+    with pytest.raises(DataError, match=r'20200101T010101_cis FLOE: shape \(6, 7\), expected \(6, 8\)'):
+        write_submission({'20200101T010101_cis': maps}, tmp_path / 'p.nc')
+    maps['floe'] = np.zeros((6, 8))
+    with pytest.raises(DataError, match=r'20200101T010101_cis SIC: shape \(6, 8\), expected \(7, 8\)'):
+        write_submission({'20200101T010101_cis': maps}, tmp_path / 'p.nc', shapes={'20200101T010101_cis': (7, 8)})
+    with pytest.raises(DataError, match=r'expected a 2-D map'):
+        write_submission({'20200101T010101_cis': {**maps, 'sod': np.zeros((1, 6, 8))}}, tmp_path / 'p.nc')
+    assert not list(tmp_path.iterdir())
+
+
+class Oracle(nn.Module):
+    "A perfect model on the store grid: it reads the store's charts and answers them (255 pixels: class 0)."
+    input_keys = ('sic', 'sod', 'floe')
+
+    def __init__(self):
+        super().__init__(); self.dummy = nn.Parameter(torch.zeros(1))
+
+    def forward(self, sic, sod, floe):
+        out = {}
+        for c, t in (('sic', sic), ('sod', sod), ('floe', floe)):
+            t = torch.where(t == 255, torch.zeros_like(t), t)
+            out[c] = nn.functional.one_hot(t, N_CLASSES[c]).permute(0, 3, 1, 2).float() * 10
+        return out
+
+
+def test_perfect_model_at_factor_10_scores_99_through_the_package(tmp_path):
+    "Issue 14: the 80 m score is the written package's score, and a perfect model is not ruined by masking."
+    from seaice_nb.data import SceneStore
+    from seaice_nb.evaluate import evaluate, score_submission, submission_maps
+    from seaice_nb.preprocess import PreprocessConfig, preprocess
+    from seaice_nb.synth import generate_scenes
+    from seaice_nb.runs import save_checkpoint
+    generate_scenes(tmp_path / 'scenes', 3, seed=4, size=(300, 360), progress=False)
+    preprocess(tmp_path / 'scenes', tmp_path / 'store.zarr', PreprocessConfig(factor=10, max_frames=1, chunk=64), workers=0, progress=False)
+    ckpt = save_checkpoint(tmp_path / 'oracle.pt', Oracle(), {'n_frames': 1})
+    out = tmp_path / 'eval'
+    s = evaluate(ckpt, tmp_path / 'store.zarr', out_dir=out, scene_dir=tmp_path / 'scenes', tile=32, overlap=0,
+                 submission=True, figures=False, progress=False, model=Oracle())
+    assert s['official_80m']['combined'] >= 99, s['official_80m']
+    assert s['scored_from'] == str(out / 'upload_package.nc') and s['n_masked_80m'] == {'sic': 0, 'sod': 0, 'floe': 0}
+    again = score_submission(out / 'upload_package.nc', tmp_path / 'scenes')   # one code path: the package's number
+    assert again.scores() == s['official_80m'] and again.n_pixels() == s['n_pixels_80m']
+    # the package holds 255 only where the scene itself has no SAR data
+    import netCDF4
+    from seaice_nb.scenes import open_scene
+    with netCDF4.Dataset(out / 'upload_package.nc') as nc:
+        for name in s['scenes']:
+            with open_scene(tmp_path / 'scenes' / f"{name}_prep.nc") as ds: hh = ds['nersc_sar_primary'].values
+            for c in ('SIC', 'SOD', 'FLOE'):
+                np.testing.assert_array_equal(np.asarray(nc.variables[f"{name}_{c}"][:]) == 255, hh == 0)
+    # what the old code did (255 wherever the 10x store pixel was invalid) costs points on scored pixels
+    st = SceneStore(tmp_path / 'store.zarr', in_memory=False)
+    subs = {}
+    for name in st.names:
+        arrays = st.arrays(name); shape80 = open_scene(tmp_path / 'scenes' / f"{name}_prep.nc")['SIC'].shape
+        pred = {c: np.where(np.asarray(arrays[c][...]) == 255, 0, arrays[c][...]) for c in CHARTS}
+        subs[name] = submission_maps(pred, 10, shape80, upsample_nearest(~np.asarray(arrays['valid'][-1]), 10, shape80))
+    write_submission(subs, tmp_path / 'old.nc')
+    old = score_submission(tmp_path / 'old.nc', tmp_path / 'scenes')
+    assert sum(old.n_masked().values()) > 0 and old.scores()['combined'] < s['official_80m']['combined']
+
+
+def test_evaluate_without_submission_still_scores_a_package(tmp_path, monkeypatch):
+    "submission=False: the 80 m score still comes from a (temporary) package, removed afterwards."
+    from seaice_nb import evaluate as ev
+    seen = []
+    real = ev.score_submission
+    monkeypatch.setattr(ev, 'score_submission', lambda p, *a, **k: (seen.append(Path(p)), real(p, *a, **k))[1])
+    from seaice_nb.preprocess import PreprocessConfig, preprocess
+    from seaice_nb.synth import generate_scenes
+    from seaice_nb.runs import save_checkpoint
+    generate_scenes(tmp_path / 'scenes', 1, seed=6, size=(100, 120), progress=False)
+    preprocess(tmp_path / 'scenes', tmp_path / 'store.zarr', PreprocessConfig(factor=4, max_frames=1, chunk=64), workers=0, progress=False)
+    ckpt = save_checkpoint(tmp_path / 'oracle.pt', Oracle(), {'n_frames': 1})
+    s = ev.evaluate(ckpt, tmp_path / 'store.zarr', scene_dir=tmp_path / 'scenes', tile=32, overlap=0, figures=False,
+                    progress=False, model=Oracle())
+    assert len(seen) == 1 and seen[0].name == 'upload_package.nc' and not seen[0].exists()
+    assert s['scored_from'] == 'a temporary upload package' and s['official_80m']['combined'] > 90
+    with pytest.raises(ConfigError, match='submission=True needs out_dir'):
+        ev.evaluate(ckpt, tmp_path / 'store.zarr', submission=True, model=Oracle(), progress=False)
 
 
 @pytest.fixture(scope='module')

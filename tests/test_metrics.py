@@ -4,8 +4,10 @@ import pytest
 import torch
 from sklearn.metrics import f1_score, r2_score
 
+from seaice_nb.charts import UnknownChartError
 from seaice_nb.core import DataError
-from seaice_nb.metrics import (CHARTS, N_CLASSES, ConditionAccumulator, ScoreAccumulator, combine_scores, confusion_matrix,
+from seaice_nb.charts import CHARTS, N_CLASSES
+from seaice_nb.metrics import (ConditionAccumulator, ScoreAccumulator, combine_scores, confusion_matrix,
                                f1_from_confusion, official_score, r2_from_confusion, pixel_conditions)
 
 
@@ -69,17 +71,17 @@ def test_hand_made_cases():
     p = {'sic': np.array([0, 5, 10, 3]), 'sod': np.array([0, 1, 5, 4]), 'floe': np.array([0, 2, 6, 1])}
     assert official_score(t, p) == {'sic': 100.0, 'sod': 100.0, 'floe': 100.0, 'combined': 100.0}
     # SIC: reference [0, 10], prediction [0, 5] -> ss_res 25, ss_tot 50 -> R2 0.5
-    s = official_score({'sic': np.array([0, 10])}, {'sic': np.array([0, 5])})
+    s = official_score({'sic': np.array([0, 10])}, {'sic': np.array([0, 5])}, charts=['sic'])
     assert s['sic'] == 50.0 and s['combined'] == 50.0
     # SOD: reference [0,0,0,1], prediction [0,0,1,1] -> F1 class0 0.8 (w 3), class1 2/3 (w 1) -> 0.76667
-    s = official_score({'sod': np.array([0, 0, 0, 1])}, {'sod': np.array([0, 0, 1, 1])})
+    s = official_score({'sod': np.array([0, 0, 0, 1])}, {'sod': np.array([0, 0, 1, 1])}, charts=['sod'])
     assert s['sod'] == round((3 * 0.8 + 2 / 3) / 4 * 100, 3) == 76.667
     # a class only predicted (never in the reference) has zero weight but lowers precision elsewhere
-    s = official_score({'floe': np.array([1, 1, 1, 1])}, {'floe': np.array([1, 1, 1, 6])})
+    s = official_score({'floe': np.array([1, 1, 1, 1])}, {'floe': np.array([1, 1, 1, 6])}, charts=['floe'])
     assert s['floe'] == round(2 * 3 / (2 * 3 + 1) * 100, 3)
     # constant reference: sklearn's force_finite convention
-    assert official_score({'sic': np.array([4, 4])}, {'sic': np.array([4, 4])})['sic'] == 100.0
-    assert official_score({'sic': np.array([4, 4])}, {'sic': np.array([4, 5])})['sic'] == 0.0
+    assert official_score({'sic': np.array([4, 4])}, {'sic': np.array([4, 4])}, charts=['sic'])['sic'] == 100.0
+    assert official_score({'sic': np.array([4, 4])}, {'sic': np.array([4, 5])}, charts=['sic'])['sic'] == 0.0
     # combined weights 2/2/1 applied to the rounded scores, then rounded
     assert combine_scores({'sic': 90.0, 'sod': 80.0, 'floe': 70.0}) == 82.0
     assert combine_scores({'sic': 1.0005, 'sod': 0.0, 'floe': 0.0}) == 0.4
@@ -92,6 +94,49 @@ def test_all_ignored_and_bad_input():
         confusion_matrix(np.zeros(3), np.zeros(4), 11, 'sic')
     with pytest.raises(DataError, match='floe: predicted classes must be 0..6, got 0..7'):
         confusion_matrix(torch.zeros(2, dtype=torch.long), torch.tensor([0, 7]), 7, 'floe')
+
+
+def test_official_names_and_missing_or_unknown_charts():
+    "The official upper-case keys score exactly as the project's; unknown keys and missing charts raise (issue 14)."
+    rng = np.random.default_rng(5)
+    true, pred = random_scenes(rng, 2, (15, 17))
+    want = sklearn_score(true, pred)
+    up = lambda d: {c.upper(): v for c, v in d.items()}
+    assert official_score(up(true), up(pred)) == want == official_score(true, up(pred))
+    acc = ScoreAccumulator()
+    for i in range(2): acc.update({c.upper(): true[c][i] for c in CHARTS}, {c: pred[c][i] for c in CHARTS})
+    assert acc.scores() == want
+    with pytest.raises(UnknownChartError, match="reference: unknown chart 'Sea_Ice'"):
+        official_score({'Sea_Ice': true['sic']}, pred)
+    with pytest.raises(DataError, match='prediction has no floe chart .*needs all three'):
+        official_score(up(true), {c: pred[c] for c in ('sic', 'sod')})
+    with pytest.raises(DataError, match='reference has no sod chart'):
+        ScoreAccumulator().update({'SIC': true['sic'][0], 'FLOE': true['floe'][0]}, {c: pred[c][0] for c in CHARTS})
+    with pytest.raises(DataError, match="chart 'sic' is given twice"):
+        official_score({**true, 'SIC': true['sic']}, pred)
+    with pytest.raises(DataError, match='2 reference scenes but 1 prediction'):
+        official_score(true, {**pred, 'sic': pred['sic'][:1]})
+    # naming the charts scores only those; combined is then their 2/2/1 mean, not the leaderboard number
+    s = official_score({'SIC': true['sic']}, {'sic': pred['sic']}, charts=['SIC'])
+    assert s == {'sic': want['sic'], 'combined': want['sic']}
+    assert ScoreAccumulator(['sod']).update({'sod': true['sod'][0]}, {'SOD': pred['sod'][0]}).n_pixels() == {'sod': int((true['sod'][0] != 255).sum())}
+
+
+def test_masked_predictions_scored_as_the_official_code():
+    "A package's 255 on a scored pixel counts as the value 255 (R²) and a wrong label (F1), as sklearn on the raw arrays."
+    rng = np.random.default_rng(9)
+    true, pred = random_scenes(rng, 2, (20, 30))
+    for c in CHARTS:
+        for p in pred[c]: p[rng.random(p.shape) < 0.05] = 255
+    with pytest.raises(DataError, match=r'predicted classes must be 0\.\.10, got 0\.\.255'):
+        ScoreAccumulator().update({c: true[c][0] for c in CHARTS}, {c: pred[c][0] for c in CHARTS})
+    acc = ScoreAccumulator(allow_masked=True)
+    for i in range(2): acc.update({c: true[c][i] for c in CHARTS}, {c: torch.from_numpy(pred[c][i]) if i else pred[c][i] for c in CHARTS})
+    assert acc.scores() == sklearn_score(true, pred)
+    assert acc.scores()['sic'] < 0                      # a few masked pixels wreck R²: the issue-14 failure
+    assert all(n > 0 for n in acc.n_masked().values())
+    with pytest.raises(DataError, match=r'0\.\.10 or 255, got 11\.\.11'):
+        confusion_matrix(np.array([0, 1]), np.array([11, 255]), 11, 'sic', masked=True)
 
 
 def test_condition_breakdown_partitions_the_pool():
@@ -110,3 +155,18 @@ def test_condition_breakdown_partitions_the_pool():
     sub_t = {c: [t[m] for t, m in zip(true[c], sel)] for c in CHARTS}; sub_p = {c: [p[m] for p, m in zip(pred[c], sel)] for c in CHARTS}
     row = next(r for r in rows if r['condition'] == 'distance_to_land' and r['value'] == '2-4 km')
     assert {k: row[k] for k in ('sic', 'sod', 'floe', 'combined')} == sklearn_score(sub_t, sub_p)
+
+
+def test_chart_constants_have_one_home():
+    "Issue 17: class counts and chart names are defined in seaice_nb.charts only; the old names still import."
+    import re
+    from pathlib import Path
+    import seaice_nb
+    from seaice_nb import charts, metrics, scenes, preprocess
+    from seaice_nb.models import losses
+    pat = re.compile(r"^\s*(CHARTS|N_CLASSES|CHART_VARS|CHART_CLASSES|CLASS_TABLES)\s*(:[^=]*)?=\s*[({]|'(sic|SIC)': 11\b", re.M)
+    root = Path(seaice_nb.__file__).parent
+    homes = sorted(str(p.relative_to(root)) for p in root.rglob('*.py') if p.name != '_modidx.py' and pat.search(p.read_text()))
+    assert homes == ['charts.py'], homes
+    assert metrics.N_CLASSES is scenes.N_CLASSES is losses.CHART_CLASSES is charts.N_CLASSES
+    assert preprocess.CHARTS is metrics.CHARTS is charts.CHARTS and scenes.CHART_VARS == ('SIC', 'SOD', 'FLOE')

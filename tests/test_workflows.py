@@ -103,6 +103,11 @@ def test_demo_notebooks_record_parameters_and_outputs(demo):
         assert list((run / 'figures').glob('map_*_sod.png')), f"no map in {run / 'figures'}"
         scores = json.loads((run / 'evaluation' / 'val' / 'scores.json').read_text())
         assert set(scores['official_80m']) >= {'sic', 'sod', 'floe', 'combined'}  # scored at 80 m against the scene files
+        package = run / 'evaluation' / 'val' / 'upload_package.nc'                  # issue 14: the package is written
+        assert package.exists() and scores['scored_from'] == str(package)           # and the reported score is its score
+        from seaice_nb.evaluate import score_submission
+        assert score_submission(package, root / 'data' / 'scenes').scores() == scores['official_80m']
+        assert json.loads((run / 'evaluate_val.json').read_text())['scored_from'] == str(package)
         # figures are part of the executed notebooks too
         nb = nbformat.read(run / 'evaluate.ipynb', as_version=4)
         assert sum('image/png' in o.get('data', {}) for c in nb.cells if c.cell_type == 'code' for o in c.get('outputs', [])) >= 3
@@ -111,6 +116,14 @@ def test_demo_notebooks_record_parameters_and_outputs(demo):
     for f in ('comparison.png', 'training_curves.png', 'confusion.png', 'conditions.png', 'table_comparison.csv'):
         assert (paper / f).exists(), f"{paper / f} missing"
     assert injected(root / 'figures' / 'figures.ipynb')['runs'] == [str(root / 'tsvit_v2'), str(root / 'unet_baseline')]
+
+
+def test_demo_evaluation_writes_the_package():
+    "`make demo`'s evaluation steps ask for the upload package (its score is the one reported)."
+    from seaice_nb.workflows import demo_steps
+    for quick in (True, False):
+        ev = [p for _, w, _, p in demo_steps('/tmp/d', quick=quick) if w == 'evaluate']
+        assert len(ev) == 2 and all(p['submission'] is True for p in ev)
 
 
 def test_demo_second_run_reuses_finished_steps(demo):

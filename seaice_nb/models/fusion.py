@@ -14,6 +14,7 @@ from timm.layers import trunc_normal_
 from timm.models.vision_transformer import Block
 
 from ..core import ConfigError, DataError
+from ..charts import N_CLASSES
 from .layers import CrossBlock, key_mask, pos_embed_for, register_model
 from .tsvit import TSViT
 
@@ -41,7 +42,7 @@ def _check_aux(name, x, chans, B, size):
 class EarlyFusionTSViT(nn.Module):
     "TSViT on SAR frames whose target frame also carries AMSR2/ERA5 (upsampled) and optical channels."
     kwargs_to = TSViT  # where `**tsvit_kwargs` go: `runs.model_accepts` reads this to know every keyword
-    def __init__(self, tasks: Mapping[str, int] = {'sic': 11, 'sod': 6, 'floe': 7}, # task -> output channels
+    def __init__(self, tasks: Mapping[str, int] = N_CLASSES, # task -> output channels
                  in_chans: int = 4, # SAR-grid channels of `image`
                  amsr2_chans: int = 14, # AMSR2 channels (0: not used)
                  era5_chans: int = 6, # ERA5 channels (0: not used)
@@ -81,7 +82,7 @@ class EarlyFusionTSViT(nn.Module):
 class CrossAttnFusionTSViT(nn.Module):
     "TSViT whose class streams cross-attend to AMSR2/ERA5 tokens on their own coarse grid (and optical tokens)."
     kwargs_to = TSViT  # where `**tsvit_kwargs` go: `runs.model_accepts` reads this to know every keyword
-    def __init__(self, tasks: Mapping[str, int] = {'sic': 11, 'sod': 6, 'floe': 7}, # task -> output channels
+    def __init__(self, tasks: Mapping[str, int] = N_CLASSES, # task -> output channels
                  in_chans: int = 4, # SAR-grid channels of `image`
                  amsr2_chans: int = 14, # AMSR2 channels (0: not used)
                  era5_chans: int = 6, # ERA5 channels (0: not used)
@@ -153,7 +154,7 @@ class CrossAttnFusionTSViT(nn.Module):
 def _v3_kwargs(kwargs):
     return {**dict(img_size=256, patch_size=8, dim=128, temporal_depth=4, spatial_depth=4, date_encoding='both', valid_channel=True, class_bias=True), **kwargs}
 
-def _seaice_tasks(sic_regression): return {'sic': 1 if sic_regression else 11, 'sod': 6, 'floe': 7}
+def _seaice_tasks(sic_regression): return {**N_CLASSES, 'sic': 1 if sic_regression else N_CLASSES['sic']}
 
 @register_model
 def seaice_tsvit_v3_early(in_chans: int = 4, amsr2_chans: int = 14, era5_chans: int = 6, optical_chans: int = 0,

@@ -12,13 +12,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..core import ConfigError, DataError
+from ..charts import N_CLASSES
 
 # %% auto #0
 __all__ = ['CHART_CLASSES', 'IGNORE_INDEX', 'masked_cross_entropy', 'masked_mse', 'inverse_frequency_weights', 'MultiTaskLoss',
            'outputs_to_classes', 'init_head_bias']
 
 # %% ../../nbs/34_models.losses.ipynb #071f5f6e
-CHART_CLASSES: dict[str, int] = {'sic': 11, 'sod': 6, 'floe': 7}
+CHART_CLASSES: Mapping[str, int] = N_CLASSES  # class counts, from `seaice_nb.charts` (the old name, kept)
 IGNORE_INDEX = 255
 
 def masked_cross_entropy(logits: torch.Tensor, # [B, K, H, W]

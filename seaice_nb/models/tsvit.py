@@ -14,6 +14,7 @@ from timm.layers import trunc_normal_
 from timm.models.vision_transformer import Attention, Block
 
 from ..core import ConfigError, DataError
+from ..charts import N_CLASSES
 from .layers import key_mask, pos_embed_for, register_model
 
 # %% auto #0
@@ -176,7 +177,7 @@ class TSViT(nn.Module):
 
 # %% ../../nbs/31_models.tsvit.ipynb #88ca9506
 def _seaice_tasks(sic_regression: bool) -> dict[str, int]:
-    return {'sic': 1 if sic_regression else 11, 'sod': 6, 'floe': 7}
+    return {**N_CLASSES, 'sic': 1 if sic_regression else N_CLASSES['sic']}
 
 @register_model
 def tsvit_pastis24(num_classes: int = 19, in_chans: int = 10, img_size: int = 24, **kwargs) -> TSViT:
