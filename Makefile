@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.seaice-installed
 
-.PHONY: env demo test docs export clean-nbs readme lab clean
+.PHONY: env demo benchmark test docs export clean-nbs readme lab clean
 
 $(STAMP): settings.ini setup.py
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 10), "seaice_nb needs Python >= 3.10, found " + sys.version.split()[0]'
@@ -18,6 +18,9 @@ env: $(STAMP)  ## create .venv and install seaice_nb with its dev tools
 
 demo: env  ## the main job on the built-in synthetic data (no downloads)
 	$(BIN)/python tools/demo.py
+
+benchmark: env  ## synthetic benchmark with known signals (about 30 min on 2 cores; rerun to resume) -> docs/benchmark/
+	$(BIN)/seaice benchmark
 
 test: env  ## the whole test suite (what CI runs)
 	bash tools/test.sh

@@ -24,6 +24,7 @@ COMMANDS = {
     'predict':    ('seaice_nb.predict:main', 'charts of one new scene with a trained run: CF NetCDF at 80 m, EPSG:3413 GeoTIFFs, quick-look (torch or onnx)'),
     'export':     ('seaice_nb.export:main', 'export a run to ONNX checked against PyTorch; int8 quantisation scored before and after'),
     'demo':       ('seaice_nb.workflows:demo_main', 'the synthetic-data demo end to end as executed notebooks in runs/demo (what `make demo` runs)'),
+    'benchmark':  ('seaice_nb.benchmark:main', 'synthetic benchmark with known signals: baselines, U-Nets, TSViT v1/v2/v3 over seeds on held-out sites (what `make benchmark` runs)'),
 }
 
 BENCHES = {

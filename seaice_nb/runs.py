@@ -60,6 +60,7 @@ class TrainConfig:
     loss_weights: dict[str, float] = field(default_factory=lambda: {'sic': 1.0, 'sod': 3.0, 'floe': 3.0})  # per-task loss weights
     class_weights: Literal['none', 'inverse', 'sqrt_inverse'] = 'none'  # class reweighting from the training labels' frequencies
     class_weight_samples: int = 256  # samples scanned to count class frequencies
+    head_bias: bool = False  # start the output heads at the training class priors (`models.losses.init_head_bias`)
     val_every: int = 1  # validate every this many epochs
     monitor: str = 'combined'  # validation metric for best checkpoint / early stopping ('loss' is minimised, scores maximised)
     patience: Optional[int] = None  # early stopping: validations without improvement before stopping (None = never)

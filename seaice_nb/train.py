@@ -22,6 +22,7 @@ from .core import seed_everything, to_dict
 from .data import PatchDataset, RareClassSampler, SceneStore, build_datasets, model_inputs
 from .charts import CHARTS, N_CLASSES
 from .metrics import ScoreAccumulator
+from .models.losses import init_head_bias
 from .runs import (TrainConfig, default_run_dir, Tracker, _unwrap, build_model, load_checkpoint, load_weights, prepare_run_dir,
                             read_checkpoint, save_checkpoint, with_model_inputs)
 
@@ -336,6 +337,8 @@ class Trainer:
             self.lr = cfg.lr * cfg.transfer_lr_scale
             self.log.info(f"transfer from {cfg.init_from}: {len(rep['loaded'])} tensors loaded, {len(rep['skipped'])} skipped "
                           f"(shape), {len(rep['missing'])} new; lr {cfg.lr:g} -> {self.lr:g}")
+        if cfg.head_bias and not cfg.init_from:  # a fresh model starts at the class priors (a resumed one loads its weights after)
+            init_head_bias(model, class_frequencies(self.train_data, cfg.class_weight_samples, cfg.seed))
         self.model = model.to(info.device)
         cw = None
         if cfg.class_weights != 'none':

@@ -11,7 +11,8 @@ from .core import ConfigError, MissingFileError, SeaIceError, atomic_write, sour
 
 # %% auto #0
 __all__ = ['WORKFLOWS', 'WorkflowError', 'workflow_notebook', 'run_record', 'run_notebook', 'load_preset', 'save_show',
-           'show_files', 'map_figures', 'demo_steps', 'run_demo', 'demo_outputs', 'small_png', 'demo_main']
+           'show_files', 'map_figures', 'demo_steps', 'run_demo', 'demo_scores', 'scores_markdown', 'demo_outputs',
+           'small_png', 'demo_main']
 
 # %% ../nbs/70_workflows.ipynb #c8d5926c
 WORKFLOWS = ('preprocess', 'train', 'evaluate', 'autolabel', 'figures')
@@ -163,21 +164,24 @@ def map_figures(checkpoint: str | Path, # checkpoint written by the trainer, or 
             out.append(scene_map(st, name, pred, Path(out_dir) / f"map_{name}_{c}", c, formats=formats))  # drawn once, saved per format
     return out
 
-# %% ../nbs/70_workflows.ipynb #d9d71535
+# %% ../nbs/70_workflows.ipynb #03b05696
 def demo_steps(root: str | Path = 'runs/demo', # demo folder
                quick: bool = False, # the smaller variant used by the tests
                seed: int = 0, # seed of the data and the models
               ) -> list[tuple[str, str, Path, dict]]:
     "The demo as (label, workflow, run_dir, parameters) steps."
+    from seaice_nb.benchmark import TSVIT_SMALL, WORLD_BASE, WORLDS
     root = Path(root).absolute(); data = root / 'data'
-    if quick: n_scenes, size, epochs, steps, patch, val_tiles = 6, [250, 300], 1, 3, 32, 8
-    else: n_scenes, size, epochs, steps, patch, val_tiles = 12, [400, 480], 4, 30, 32, 16
-    pre = dict(seed=seed, n_scenes=n_scenes, scene_size=size, factor=4, max_frames=3, n_val=2 if quick else 3)
+    if quick: n_scenes, size, factor, epochs, steps, patch, val_tiles = 6, [250, 300], 4, 1, 3, 32, 8
+    else: n_scenes, size, factor, epochs, steps, patch, val_tiles = 16, [400, 480], 8, 8, 25, 32, 64
+    pre = dict(seed=seed, n_scenes=n_scenes, scene_size=size, factor=factor, max_frames=3, n_val=2 if quick else 4,
+               world={} if quick else {**WORLD_BASE, **WORLDS['signals']}, per_site=8 if quick else 4)
     common = dict(seed=seed, store=str(data / 'store.zarr'), split=str(data / 'split.json'), epochs=epochs,
                   steps_per_epoch=steps, batch_size=8, crop=patch, max_val_tiles=val_tiles, evaluate_val=False)
-    brief = {'warmup_steps': 2 if quick else 10, 'scheduler': 'cosine'}  # a brief schedule: the presets' warm-up alone is 2000 steps
-    models = {'tsvit_v2': dict(preset='tsvit_v2', n_frames=3, lr=1e-3, overrides=brief,
-                               model_kwargs={'dim': 64, 'temporal_depth': 2, 'spatial_depth': 2, 'patch_size': 4}),
+    # a brief schedule (the presets' warm-up alone is 2000 steps), heads started at the class priors
+    brief = {'warmup_steps': 2 if quick else 20, 'scheduler': 'cosine', 'min_lr_ratio': 0.02, 'head_bias': True,
+             'loss_weights': {'sic': 1.0, 'sod': 3.0, 'floe': 3.0}}
+    models = {'tsvit_v2': dict(preset='tsvit_v2', n_frames=3, lr=1e-3, overrides=brief, model_kwargs=dict(TSVIT_SMALL)),
               'unet_baseline': dict(preset='unet_baseline', n_frames=1, lr=1e-3, overrides=brief)}
     steps_ = [('generate + preprocess synthetic scenes', 'preprocess', data, pre)]
     steps_ += [(f'train {m}', 'train', root / m, {**common, **p}) for m, p in models.items()]
@@ -188,7 +192,7 @@ def demo_steps(root: str | Path = 'runs/demo', # demo folder
     steps_ += [('figures', 'figures', root / 'figures', fig)]
     return steps_
 
-# %% ../nbs/70_workflows.ipynb #f5ba90a8
+# %% ../nbs/70_workflows.ipynb #f1377756
 def run_demo(root: str | Path = 'runs/demo', # demo folder (created)
              quick: bool = False, # the smaller variant used by the tests
              seed: int = 0, # seed of the data and the models
@@ -210,6 +214,31 @@ def run_demo(root: str | Path = 'runs/demo', # demo folder (created)
     print(f"demo finished in {time.time() - t0:.0f} s", file=out, flush=True)
     return done
 
+def demo_scores(root: str | Path = 'runs/demo', # a finished demo
+                n_frames: int = 3, # frames of the stacks
+               ) -> list[dict]:
+    "Validation scores (store grid) of the demo's models beside the majority-class and per-pixel gradient-boosting baselines."
+    from seaice_nb import splits
+    from seaice_nb.benchmark import fit_baseline
+    from seaice_nb.data import SceneStore
+    root = Path(root); data = root / 'data'
+    m = splits.load_manifest(data / 'split.json'); tr, va = splits.scenes_of(m, 'train'), splits.scenes_of(m, 'val')
+    st = SceneStore(data / 'store.zarr', tr + va)
+    rows = []
+    for k in ('majority', 'gbm'):
+        r = fit_baseline(k, st, tr, va, n_frames)
+        rows.append({'model': k, 'combined': r['combined'], 'sic': r['sic_r2'], 'sod': r['sod_f1'], 'floe': r['floe_f1']})
+    for p in sorted(root.glob('*/evaluate_val.json')):
+        g = json.loads(p.read_text())['store_grid']
+        rows.append({'model': p.parent.name, **{k: g[k] for k in ('combined', 'sic', 'sod', 'floe')}})
+    return rows
+
+def scores_markdown(rows: list[dict]) -> str:
+    "A Markdown table of `demo_scores` rows."
+    out = ['| model | combined | SIC R² | SOD F1 | FLOE F1 |', '|---|---|---|---|---|']
+    out += [f"| {r['model']} | {r['combined']:.1f} | {r['sic']:.1f} | {r['sod']:.1f} | {r['floe']:.1f} |" for r in rows]
+    return '\n'.join(out)
+
 def demo_outputs(root: str | Path = 'runs/demo') -> dict[str, Path]:
     "The demo's main figures (PNG) by name, as the figures notebook writes them."
     paper = Path(root) / 'figures' / 'paper'
@@ -228,7 +257,7 @@ def small_png(src: str | Path, # a PNG figure
     im.quantize(colors=128, method=Image.Quantize.MEDIANCUT).save(dst, optimize=True)
     return dst
 
-# %% ../nbs/70_workflows.ipynb #4b61002f
+# %% ../nbs/70_workflows.ipynb #aeb4f441
 def demo_main(argv: list[str]) -> int:
     "`seaice demo [--root DIR] [--quick] [--fresh]`: the synthetic-data demo end to end (what `make demo` runs)."
     ap = argparse.ArgumentParser(prog='seaice demo', description='Synthetic scenes -> preprocess -> train TSViT v2 and the '
@@ -243,6 +272,14 @@ def demo_main(argv: list[str]) -> int:
     root = Path(a.root).absolute()
     if a.fresh and root.exists(): shutil.rmtree(root)
     run_demo(root, a.quick, a.seed, progress=not a.quiet)
+    rows = demo_scores(root)
+    table = scores_markdown(rows)
+    (root / 'demo_scores.md').write_text(f"Validation scenes of the demo (synthetic, store grid, seed {a.seed}):\n\n{table}\n")
+    print(f"\nvalidation scores (synthetic data, store grid, seed {a.seed}) next to the baselines:\n{table}")
+    gbm = next(r['combined'] for r in rows if r['model'] == 'gbm')
+    for r in rows[2:]:
+        if r['combined'] <= gbm or r['sic'] <= 0:
+            print(f"  note: {r['model']} is not above the gradient-boosting baseline with positive SIC R² in this run")
     print(f"\nexecuted notebooks (the run records):")
     for nb in sorted(root.rglob('*.ipynb')): print(f"  {nb}")
     figs = demo_outputs(root)

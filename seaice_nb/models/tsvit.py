@@ -78,6 +78,7 @@ class TSViT(nn.Module):
                  valid_channel: bool = False, # append the per-pixel validity as an input channel
                  drop_rate: float = 0., # dropout on tokens and in blocks
                  drop_path_rate: float = 0., # stochastic depth (the paper uses none)
+                 class_bias: bool = False, # a learned logit offset per class token (the paper has none; the sea-ice presets do)
                 ):
         super().__init__()
         if img_size % patch_size: raise ConfigError(f"img_size={img_size} is not a multiple of patch_size={patch_size}")
@@ -100,6 +101,7 @@ class TSViT(nn.Module):
         self.spatial_norm = nn.LayerNorm(dim)
         self.head_norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, patch_size ** 2)
+        self.class_bias = nn.Parameter(torch.zeros(self.num_tokens)) if class_bias else None  # a logit offset per class token
         self.input_keys = ('image', 'frame_mask', 'valid') + self.date_embed.input_keys
         self.init_weights()
 
@@ -163,6 +165,7 @@ class TSViT(nn.Module):
     def forward_head(self, x, batch_size, grid) -> dict[str, torch.Tensor]:
         "Pixel head and reassembly: [(B K), N, dim] -> {task: [B, n_task, H, W]}."
         out = patches_to_map(self.head(self.head_norm(x)), batch_size, grid, self.patch_size)
+        if self.class_bias is not None: out = out + self.class_bias[None, :, None, None].to(out.dtype)
         return dict(zip(self.tasks, out.split(list(self.tasks.values()), dim=1)))
 
     def forward(self, image: torch.Tensor, # float [B, T, C, H, W], last frame = target
@@ -224,11 +227,11 @@ def tsvit_s_pastis24(num_classes: int = 19, in_chans: int = 10, img_size: int = 
 @register_model
 def seaice_tsvit_v1(in_chans: int = 4, img_size: int = 256, sic_regression: bool = False, **kwargs) -> TSViT:
     "Sea-ice TSViT on the target scene alone (T = 1): SIC/SOD/FLOE class tokens, validity channel."
-    kw = dict(patch_size=8, dim=128, temporal_depth=4, spatial_depth=4, date_encoding='doy', valid_channel=True)
+    kw = dict(patch_size=8, dim=128, temporal_depth=4, spatial_depth=4, date_encoding='doy', valid_channel=True, class_bias=True)
     return TSViT(_seaice_tasks(sic_regression), in_chans=in_chans, img_size=img_size, **{**kw, **kwargs})
 
 @register_model
 def seaice_tsvit_v2(in_chans: int = 4, img_size: int = 256, sic_regression: bool = False, **kwargs) -> TSViT:
     "Sea-ice TSViT on a stack of earlier scenes + the target: day of year and days-before encodings."
-    kw = dict(patch_size=8, dim=128, temporal_depth=4, spatial_depth=4, date_encoding='both', valid_channel=True)
+    kw = dict(patch_size=8, dim=128, temporal_depth=4, spatial_depth=4, date_encoding='both', valid_channel=True, class_bias=True)
     return TSViT(_seaice_tasks(sic_regression), in_chans=in_chans, img_size=img_size, **{**kw, **kwargs})
