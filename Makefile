@@ -31,6 +31,14 @@ docs: env  ## build the docs site into _docs/
 export: env  ## notebooks -> library
 	$(BIN)/nbdev_export
 
+format: env  ## ruff format the notebooks, tests and tools, then regenerate the library
+	$(BIN)/ruff format nbs tests tools setup.py
+	$(BIN)/nbdev_export
+	$(BIN)/nbdev_clean
+
+lint: env  ## ruff check everything (what CI runs)
+	$(BIN)/ruff check
+
 clean-nbs: env  ## strip execution counts and metadata from notebooks (keeps tags)
 	$(BIN)/nbdev_clean
 

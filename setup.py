@@ -1,4 +1,5 @@
 """Packaging for seaice_nb: every value comes from settings.ini (the nbdev 2 classic layout)."""
+
 from configparser import ConfigParser
 from pathlib import Path
 import setuptools
@@ -8,7 +9,8 @@ cfg.read(Path(__file__).parent / 'settings.ini', encoding='utf-8')
 cfg = cfg['DEFAULT']
 
 for key in 'version description keywords author author_email license lib_name user min_python'.split():
-    if key not in cfg: raise KeyError(f'settings.ini is missing the key {key!r}')
+    if key not in cfg:
+        raise KeyError(f'settings.ini is missing the key {key!r}')
 
 licenses = dict(apache2=('Apache Software License 2.0', 'OSI Approved :: Apache Software License'))
 statuses = ['Planning', 'Pre-Alpha', 'Alpha', 'Beta', 'Production/Stable', 'Mature', 'Inactive']
@@ -29,8 +31,9 @@ setuptools.setup(
         'Intended Audience :: ' + cfg['audience'].title(),
         'Natural Language :: ' + cfg['language'].title(),
         'Topic :: Scientific/Engineering :: GIS',
-    ] + [f'Programming Language :: Python :: {v}' for v in py_versions[py_versions.index(min_python):]]
-      + ([f'License :: {lic[1]}'] if lic[1] else []),
+    ]
+    + [f'Programming Language :: Python :: {v}' for v in py_versions[py_versions.index(min_python) :]]
+    + ([f'License :: {lic[1]}'] if lic[1] else []),
     url=cfg['git_url'],
     packages=setuptools.find_packages(include=['seaice_nb', 'seaice_nb.*']),
     include_package_data=True,
@@ -41,7 +44,12 @@ setuptools.setup(
     long_description=readme.read_text(encoding='utf-8') if readme.exists() else cfg['description'],
     long_description_content_type='text/markdown',
     zip_safe=False,
-    entry_points={'console_scripts': console_scripts, 'nbdev': [f'{cfg["lib_path"]}={cfg["lib_path"]}._modidx:d']},
-    author=cfg['author'], author_email=cfg['author_email'],
-    description=cfg['description'], keywords=cfg['keywords'],
+    entry_points={
+        'console_scripts': console_scripts,
+        'nbdev': [f'{cfg["lib_path"]}={cfg["lib_path"]}._modidx:d'],
+    },
+    author=cfg['author'],
+    author_email=cfg['author_email'],
+    description=cfg['description'],
+    keywords=cfg['keywords'],
 )

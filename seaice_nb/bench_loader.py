@@ -18,106 +18,182 @@ __all__ = ['time_loader', 'memcpy_rate', 'NetCDFPatchDataset', 'run_benchmark', 
 
 # %% ../nbs/24_bench_loader.ipynb #da34b3b9
 def _batch_bytes(b) -> int:
-    if isinstance(b, torch.Tensor): return b.numel() * b.element_size()
-    if isinstance(b, dict): return sum(_batch_bytes(v) for v in b.values())
-    if isinstance(b, (list, tuple)): return sum(_batch_bytes(v) for v in b)
+    if isinstance(b, torch.Tensor):
+        return b.numel() * b.element_size()
+    if isinstance(b, dict):
+        return sum(_batch_bytes(v) for v in b.values())
+    if isinstance(b, (list, tuple)):
+        return sum(_batch_bytes(v) for v in b)
     return 0
+
 
 def time_loader(loader, n_batches: int, warmup: int) -> dict:
     "Throughput of `loader`: batches/s and MB/s over `n_batches` after `warmup` batches (wall time of the timed batches)."
     it = iter(loader)
-    for _ in range(warmup): next(it)
+    for _ in range(warmup):
+        next(it)
     nbytes = 0
     t0 = time.perf_counter()
-    for _ in range(n_batches): nbytes += _batch_bytes(next(it))
+    for _ in range(n_batches):
+        nbytes += _batch_bytes(next(it))
     wall = time.perf_counter() - t0
-    return {'batches_s': round(n_batches / wall, 2), 'MB_s': round(nbytes / 1e6 / wall, 1),
-            'MB_per_batch': round(nbytes / n_batches / 1e6, 3), 'wall_s': round(wall, 3), 'n_batches': n_batches}
+    return {
+        'batches_s': round(n_batches / wall, 2),
+        'MB_s': round(nbytes / 1e6 / wall, 1),
+        'MB_per_batch': round(nbytes / n_batches / 1e6, 3),
+        'wall_s': round(wall, 3),
+        'n_batches': n_batches,
+    }
 
-def memcpy_rate(nbytes: int, # bytes per "batch"
-                n_batches: int = 50, # copies timed
-                pool_bytes: int = 1 << 28, # source array (larger than the caches: a copy from memory, not cache)
-               ) -> dict:
+
+def memcpy_rate(
+    nbytes: int,  # bytes per "batch"
+    n_batches: int = 50,  # copies timed
+    pool_bytes: int = 1 << 28,  # source array (larger than the caches: a copy from memory, not cache)
+) -> dict:
     "The ceiling: `n_batches` plain numpy copies of `nbytes` each from a large preloaded array into one buffer."
     n = max(1, nbytes // 4)
     src = np.random.default_rng(0).random(max(pool_bytes // 4, 4 * n), dtype=np.float32)
     dst = np.empty(n, np.float32)
     offs = [(i * 7919 * 64) % (src.size - n + 1) for i in range(n_batches + 1)]
-    np.copyto(dst, src[offs[-1]:offs[-1] + n])  # warm-up
+    np.copyto(dst, src[offs[-1] : offs[-1] + n])  # warm-up
     t0 = time.perf_counter()
-    for o in offs[:-1]: np.copyto(dst, src[o:o + n])
+    for o in offs[:-1]:
+        np.copyto(dst, src[o : o + n])
     wall = time.perf_counter() - t0
-    return {'batches_s': round(n_batches / wall, 2), 'MB_s': round(n * 4 * n_batches / 1e6 / wall, 1),
-            'MB_per_batch': round(n * 4 / 1e6, 3), 'wall_s': round(wall, 4), 'n_batches': n_batches}
+    return {
+        'batches_s': round(n_batches / wall, 2),
+        'MB_s': round(n * 4 * n_batches / 1e6 / wall, 1),
+        'MB_per_batch': round(n * 4 / 1e6, 3),
+        'wall_s': round(wall, 4),
+        'n_batches': n_batches,
+    }
 
 # %% ../nbs/24_bench_loader.ipynb #57a26a00
 class NetCDFPatchDataset(Dataset):
     "Patches assembled the official challenge loader's way: a random NetCDF scene opened per patch."
-    def __init__(self, files: list, channels: list[str], patch: int, factor: int, length: int = 10**6, seed: int = 0):
-        self.files, self.channels, self.patch, self.factor, self.length, self.seed = [str(f) for f in files], channels, patch, factor, length, seed
-    def __len__(self): return self.length
+
+    def __init__(
+        self, files: list, channels: list[str], patch: int, factor: int, length: int = 10**6, seed: int = 0
+    ):
+        self.files, self.channels, self.patch, self.factor, self.length, self.seed = (
+            [str(f) for f in files],
+            channels,
+            patch,
+            factor,
+            length,
+            seed,
+        )
+
+    def __len__(self):
+        return self.length
+
     def __getitem__(self, i):
         import xarray as xr
         from seaice_nb.preprocess import SAR_CHANNELS, downsample_labels, ENCODINGS
         from seaice_nb.scenes import GRID_FACTOR
+
         rng = np.random.default_rng((self.seed, i))
-        ds = xr.open_dataset(self.files[rng.integers(len(self.files))], engine='netcdf4', mask_and_scale=False)
+        ds = xr.open_dataset(
+            self.files[rng.integers(len(self.files))], engine='netcdf4', mask_and_scale=False
+        )
         try:
             f, P = self.factor, self.patch
             H, W = ds.sizes['sar_lines'], ds.sizes['sar_samples']
             n = P * f
-            y0 = int(rng.integers(0, max(H - n, 0) + 1)); x0 = int(rng.integers(0, max(W - n, 0) + 1))
-            hh = ds['nersc_sar_primary'][y0:y0 + n, x0:x0 + n].values
+            y0 = int(rng.integers(0, max(H - n, 0) + 1))
+            x0 = int(rng.integers(0, max(W - n, 0) + 1))
+            hh = ds['nersc_sar_primary'][y0 : y0 + n, x0 : x0 + n].values
             chans = []
             for c in self.channels:
-                if c in SAR_CHANNELS: a = ds[SAR_CHANNELS[c]][y0:y0 + n, x0:x0 + n].values
-                elif c in ENCODINGS: a = np.zeros_like(hh)
+                if c in SAR_CHANNELS:
+                    a = ds[SAR_CHANNELS[c]][y0 : y0 + n, x0 : x0 + n].values
+                elif c in ENCODINGS:
+                    a = np.zeros_like(hh)
                 else:
                     g = GRID_FACTOR
-                    sub = ds[c][y0 // g:(y0 + n) // g + 2, x0 // g:(x0 + n) // g + 2].values
-                    a = torch.nn.functional.interpolate(torch.from_numpy(sub)[None, None], scale_factor=g, mode='nearest')[0, 0].numpy()
+                    sub = ds[c][y0 // g : (y0 + n) // g + 2, x0 // g : (x0 + n) // g + 2].values
+                    a = torch.nn.functional.interpolate(
+                        torch.from_numpy(sub)[None, None], scale_factor=g, mode='nearest'
+                    )[0, 0].numpy()
                     a = np.pad(a, ((0, max(0, n - a.shape[0])), (0, max(0, n - a.shape[1]))))[:n, :n]
                 a = np.pad(a, ((0, n - a.shape[0]), (0, n - a.shape[1])))
                 chans.append(a.reshape(P, f, P, f).mean((1, 3)))
             img = np.stack(chans).astype(np.float32)[None]
-            charts = {c: downsample_labels(np.pad(ds[c.upper()][y0:y0 + n, x0:x0 + n].values, ((0, n - min(n, H)), (0, n - min(n, W))),
-                                                  constant_values=255), f).astype(np.int64) for c in ('sic', 'sod', 'floe')}
-        finally: ds.close()
-        return {'image': torch.from_numpy(img), 'valid': torch.from_numpy(img[:, 0] != 0), **{k: torch.from_numpy(v) for k, v in charts.items()}}
+            charts = {
+                c: downsample_labels(
+                    np.pad(
+                        ds[c.upper()][y0 : y0 + n, x0 : x0 + n].values,
+                        ((0, n - min(n, H)), (0, n - min(n, W))),
+                        constant_values=255,
+                    ),
+                    f,
+                ).astype(np.int64)
+                for c in ('sic', 'sod', 'floe')
+            }
+        finally:
+            ds.close()
+        return {
+            'image': torch.from_numpy(img),
+            'valid': torch.from_numpy(img[:, 0] != 0),
+            **{k: torch.from_numpy(v) for k, v in charts.items()},
+        }
 
 # %% ../nbs/24_bench_loader.ipynb #1a301895
-def run_benchmark(workdir: str | Path | None = None, # where scenes and the store are made (reused when present)
-                  n_scenes: int = 6, # synthetic scenes
-                  size: tuple[int, int] = (1300, 1300), # 80 m pixels per scene
-                  factor: int = 5, # downsampling of the store
-                  patch: int = 256, # patch size on the store grid
-                  batch_size: int = 16, # samples per batch
-                  frames: int = 3, # T of the TSViT batch
-                  n_batches: int = 20, warmup: int = 3, # timed and warm-up batches
-                  workers: tuple[int, ...] = (0, 2), # DataLoader workers to compare
-                  netcdf_batches: int | None = None, # timed batches for the slow way (None: n_batches // 4, at least 2)
-                 ) -> dict:
+def run_benchmark(
+    workdir: str | Path | None = None,  # where scenes and the store are made (reused when present)
+    n_scenes: int = 6,  # synthetic scenes
+    size: tuple[int, int] = (1300, 1300),  # 80 m pixels per scene
+    factor: int = 5,  # downsampling of the store
+    patch: int = 256,  # patch size on the store grid
+    batch_size: int = 16,  # samples per batch
+    frames: int = 3,  # T of the TSViT batch
+    n_batches: int = 20,
+    warmup: int = 3,  # timed and warm-up batches
+    workers: tuple[int, ...] = (0, 2),  # DataLoader workers to compare
+    netcdf_batches: int | None = None,  # timed batches for the slow way (None: n_batches // 4, at least 2)
+) -> dict:
     "Make (or reuse) synthetic scenes and a store, then time the three ways; returns the JSON-able figures."
     from seaice_nb.synth import generate_scenes
     from seaice_nb.preprocess import PreprocessConfig, preprocess, find_scenes
     from seaice_nb.data import PatchDataset, SceneStore
+
     workdir = Path(workdir or tempfile.mkdtemp(prefix='seaice-bench-'))
     scenes_dir, store = workdir / 'scenes', workdir / f'store_f{factor}.zarr'
     generate_scenes(scenes_dir, n_scenes, seed=0, size=tuple(size), progress=False)
     cfg = PreprocessConfig(factor=factor, max_frames=frames, max_days=30)
     s = preprocess(scenes_dir, store, cfg, workers=2, progress=False)
-    if s['failed']: raise ConfigError(f"benchmark preprocessing failed: {s['failed']}")
+    if s['failed']:
+        raise ConfigError(f"benchmark preprocessing failed: {s['failed']}")
     st = SceneStore(store)
     lazy = SceneStore(store, in_memory=False)
-    out = {'device': 'cpu', 'torch_threads': torch.get_num_threads(), 'n_scenes': n_scenes, 'size_80m': list(size), 'factor': factor,
-           'patch': patch, 'batch_size': batch_size, 'channels': len(st.channels), 'frames': frames, 'n_batches': n_batches,
-           'warmup': warmup, 'store_in_memory': st.in_memory, 'metric': 'batches delivered / wall time after warm-up'}
+    out = {
+        'device': 'cpu',
+        'torch_threads': torch.get_num_threads(),
+        'n_scenes': n_scenes,
+        'size_80m': list(size),
+        'factor': factor,
+        'patch': patch,
+        'batch_size': batch_size,
+        'channels': len(st.channels),
+        'frames': frames,
+        'n_batches': n_batches,
+        'warmup': warmup,
+        'store_in_memory': st.in_memory,
+        'metric': 'batches delivered / wall time after warm-up',
+    }
     res = {}
     for tag, store_, T in (('store', st, 1), ('store', st, frames), ('store_lazy', lazy, 1)):
         ds = PatchDataset(store_, patch_size=patch, n_frames=T, min_valid=0.0)
         for w in workers:
-            dl = DataLoader(ds, batch_size=batch_size, sampler=RandomSampler(ds, replacement=True, num_samples=10**6), num_workers=w,
-                            persistent_workers=w > 0, prefetch_factor=4 if w else None)
+            dl = DataLoader(
+                ds,
+                batch_size=batch_size,
+                sampler=RandomSampler(ds, replacement=True, num_samples=10**6),
+                num_workers=w,
+                persistent_workers=w > 0,
+                prefetch_factor=4 if w else None,
+            )
             res[f'{tag}_T{T}_w{w}'] = time_loader(dl, n_batches, warmup)
     nc = NetCDFPatchDataset(find_scenes(scenes_dir), st.channels, patch, factor)
     nb = netcdf_batches or max(2, n_batches // 4)
@@ -127,21 +203,36 @@ def run_benchmark(workdir: str | Path | None = None, # where scenes and the stor
     res['memcpy'] = memcpy_rate(int(res['store_T1_w0']['MB_per_batch'] * 1e6), max(n_batches, 20))
     out['results'] = res
     best = lambda pre: max((v for k, v in res.items() if k.startswith(pre)), key=lambda r: r['batches_s'])
-    out['ratios'] = {'store_vs_netcdf_speedup': round(best('store_T1')['batches_s'] / best('netcdf_T1')['batches_s'], 1),
-                     **{f'store_vs_netcdf_speedup_w{w}': round(res[f'store_T1_w{w}']['batches_s'] / res[f'netcdf_T1_w{w}']['batches_s'], 1)
-                        for w in workers},
-                     'lazy_vs_netcdf_speedup': round(best('store_lazy_T1')['batches_s'] / best('netcdf_T1')['batches_s'], 1),
-                     'store_fraction_of_memcpy': round(best('store_T1')['MB_s'] / res['memcpy']['MB_s'], 4)}
+    out['ratios'] = {
+        'store_vs_netcdf_speedup': round(best('store_T1')['batches_s'] / best('netcdf_T1')['batches_s'], 1),
+        **{
+            f'store_vs_netcdf_speedup_w{w}': round(
+                res[f'store_T1_w{w}']['batches_s'] / res[f'netcdf_T1_w{w}']['batches_s'], 1
+            )
+            for w in workers
+        },
+        'lazy_vs_netcdf_speedup': round(
+            best('store_lazy_T1')['batches_s'] / best('netcdf_T1')['batches_s'], 1
+        ),
+        'store_fraction_of_memcpy': round(best('store_T1')['MB_s'] / res['memcpy']['MB_s'], 4),
+    }
     out['goals_met'] = {'speedup_20x': out['ratios']['store_vs_netcdf_speedup'] >= 20}
     return out
 
 # %% ../nbs/24_bench_loader.ipynb #d8843a9e
 def main(argv: list[str]) -> int:
     "`seaice bench loader`: time the data pipeline and print JSON."
-    ap = argparse.ArgumentParser(prog='seaice bench loader', description='Loader throughput (batches/s after warm-up): zarr store vs per-patch NetCDF vs a plain memcpy of the same bytes.')
-    ap.add_argument('--workdir', help='folder for scenes and store (reused when present; default: a temp dir)')
+    ap = argparse.ArgumentParser(
+        prog='seaice bench loader',
+        description='Loader throughput (batches/s after warm-up): zarr store vs per-patch NetCDF vs a plain memcpy of the same bytes.',
+    )
+    ap.add_argument(
+        '--workdir', help='folder for scenes and store (reused when present; default: a temp dir)'
+    )
     ap.add_argument('--scenes', type=int, default=6, help='synthetic scenes to generate')
-    ap.add_argument('--size', type=int, nargs=2, default=(1300, 1300), metavar=('H', 'W'), help='scene size, 80 m pixels')
+    ap.add_argument(
+        '--size', type=int, nargs=2, default=(1300, 1300), metavar=('H', 'W'), help='scene size, 80 m pixels'
+    )
     ap.add_argument('--factor', type=int, default=5, help='preprocessing downsampling factor')
     ap.add_argument('--patch', type=int, default=256, help='training crop side, store pixels')
     ap.add_argument('--batch-size', type=int, default=16, help='samples per batch')
@@ -150,6 +241,17 @@ def main(argv: list[str]) -> int:
     ap.add_argument('--warmup', type=int, default=3, help='untimed batches first')
     ap.add_argument('--workers', type=int, nargs='+', default=[0, 2], help='DataLoader worker counts to time')
     a = ap.parse_args(argv)
-    r = run_benchmark(a.workdir, a.scenes, tuple(a.size), a.factor, a.patch, a.batch_size, a.frames, a.batches, a.warmup, tuple(a.workers))
+    r = run_benchmark(
+        a.workdir,
+        a.scenes,
+        tuple(a.size),
+        a.factor,
+        a.patch,
+        a.batch_size,
+        a.frames,
+        a.batches,
+        a.warmup,
+        tuple(a.workers),
+    )
     print(json.dumps(r, indent=1))
     return 0

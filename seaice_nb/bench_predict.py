@@ -18,16 +18,22 @@ FAMILIES = {  # family -> (preset, frames it reads, tiny keyword overrides for s
     'unet': ('unet_winner', 1, {'filters': [8, 8, 16, 16]}),
     'tsvit_v1': ('seaice_tsvit_v1', 1, {'img_size': 32, 'dim': 32, 'temporal_depth': 1, 'spatial_depth': 1}),
     'tsvit_v2': ('seaice_tsvit_v2', 3, {'img_size': 32, 'dim': 32, 'temporal_depth': 1, 'spatial_depth': 1}),
-    'tsvit_v3': ('seaice_tsvit_v3_xattn', 3, {'img_size': 32, 'dim': 32, 'temporal_depth': 1, 'spatial_depth': 1, 'fusion_depth': 1}),
+    'tsvit_v3': (
+        'seaice_tsvit_v3_xattn',
+        3,
+        {'img_size': 32, 'dim': 32, 'temporal_depth': 1, 'spatial_depth': 1, 'fusion_depth': 1},
+    ),
 }
 BACKENDS = ('torch', 'onnx', 'int8')
 
-def make_run(family: str, # key of FAMILIES
-             root: str | Path, # where the run folder goes
-             factor: int = 10, # preprocessing factor the run claims
-             tiny: bool = False, # small model (smoke runs)
-             scene: str | Path | None = None, # calibration scene for static int8 (U-Nets); None: dynamic int8
-            ) -> Path:
+
+def make_run(
+    family: str,  # key of FAMILIES
+    root: str | Path,  # where the run folder goes
+    factor: int = 10,  # preprocessing factor the run claims
+    tiny: bool = False,  # small model (smoke runs)
+    scene: str | Path | None = None,  # calibration scene for static int8 (U-Nets); None: dynamic int8
+) -> Path:
     "A run directory with an untrained checkpoint of `family` (as `train` writes it), its ONNX export and int8 version."
     from seaice_nb.export import auto_method, export_onnx, quantize_int8, real_batches
     from seaice_nb.predict import run_settings
@@ -37,20 +43,37 @@ def make_run(family: str, # key of FAMILIES
     from seaice_nb.runs import TrainConfig, save_checkpoint
     from seaice_nb.core import file_digest
     from seaice_nb.predict import fixed_tile
-    if family not in FAMILIES: raise ConfigError(f"family {family!r}; choose from {', '.join(FAMILIES)}")
+
+    if family not in FAMILIES:
+        raise ConfigError(f"family {family!r}; choose from {', '.join(FAMILIES)}")
     preset, frames, small = FAMILIES[family]
     pre = PreprocessConfig(factor=factor, max_frames=frames)
     kw = {'in_chans': len(pre.channels), **(small if tiny else {})}
-    if preset.startswith('seaice_tsvit_v3'): kw.update(amsr2_chans=len(pre.amsr2), era5_chans=len(pre.era5), coarse_factor=pre.coarse_factor)
+    if preset.startswith('seaice_tsvit_v3'):
+        kw.update(amsr2_chans=len(pre.amsr2), era5_chans=len(pre.era5), coarse_factor=pre.coarse_factor)
     model = create_model(preset, **kw).eval()
     run = Path(root) / family
     tile = fixed_tile(model) or 256
-    conf = TrainConfig(name=family, model=preset, model_kwargs=kw, data=DataConfig(crop=tile, n_frames=frames))
-    meta = {'config': to_dict(conf), 'model': preset, 'preprocess': to_dict(pre), 'channels': list(pre.channels),
-            'input_keys': list(model.input_keys), 'amsr2_channels': list(pre.amsr2), 'era5_channels': list(pre.era5)}
+    conf = TrainConfig(
+        name=family, model=preset, model_kwargs=kw, data=DataConfig(crop=tile, n_frames=frames)
+    )
+    meta = {
+        'config': to_dict(conf),
+        'model': preset,
+        'preprocess': to_dict(pre),
+        'channels': list(pre.channels),
+        'input_keys': list(model.input_keys),
+        'amsr2_channels': list(pre.amsr2),
+        'era5_channels': list(pre.era5),
+    }
     ckpt = save_checkpoint(run / 'checkpoints' / 'last.pt', model, meta)
     onnx = run / 'export' / 'model.onnx'
-    export_onnx(model, onnx, frames, metadata={'checkpoint': str(ckpt), 'checkpoint_md5': file_digest(ckpt), 'model': preset})
+    export_onnx(
+        model,
+        onnx,
+        frames,
+        metadata={'checkpoint': str(ckpt), 'checkpoint_md5': file_digest(ckpt), 'model': preset},
+    )
     method = auto_method(onnx) if scene is not None else 'dynamic'
     calib = real_batches(run_settings(meta, ckpt), scene, tile, 4, 4) if method == 'static' else []
     quantize_int8(onnx, run / 'export' / 'model.int8.onnx', method, calib)
@@ -62,56 +85,100 @@ def _child(spec: dict) -> dict:
     import numpy as np
     from seaice_nb.predict import predict
     from seaice_nb.scenes import open_scene
+
     t = time.perf_counter()
     ds = open_scene(spec['scene'])
-    try: ds.load()
-    finally: ds.close()
+    try:
+        ds.load()
+    finally:
+        ds.close()
     read = time.perf_counter() - t
     onnx = Path(spec['run']) / 'export' / ('model.int8.onnx' if spec['backend'] == 'int8' else 'model.onnx')
-    r = predict(spec['run'], spec['scene'], spec['out'], backend='torch' if spec['backend'] == 'torch' else 'onnx', onnx=onnx,
-                threads=spec['threads'], progress=False, batch_size=spec.get('batch_size', 4))
+    r = predict(
+        spec['run'],
+        spec['scene'],
+        spec['out'],
+        backend='torch' if spec['backend'] == 'torch' else 'onnx',
+        onnx=onnx,
+        threads=spec['threads'],
+        progress=False,
+        batch_size=spec.get('batch_size', 4),
+    )
     s = r['seconds']
     end_to_end = s['read_preprocess'] + s['inference'] + s['write']
-    return {'family': spec['family'], 'backend': spec['backend'], 'threads': spec['threads'], 'seconds_per_scene': round(end_to_end, 3),
-            'breakdown': {'read': round(read, 3), 'preprocess': round(max(s['read_preprocess'] - read, 0), 3), 'inference': s['inference'],
-                          'write': s['write'], 'write_parts': s['write_parts'], 'load_model': s['load_model']},
-            'frames_used': r['frames'], 'tile': r['tile'], 'model_grid': r['shape'],
-            'peak_rss_mb': round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    return {
+        'family': spec['family'],
+        'backend': spec['backend'],
+        'threads': spec['threads'],
+        'seconds_per_scene': round(end_to_end, 3),
+        'breakdown': {
+            'read': round(read, 3),
+            'preprocess': round(max(s['read_preprocess'] - read, 0), 3),
+            'inference': s['inference'],
+            'write': s['write'],
+            'write_parts': s['write_parts'],
+            'load_model': s['load_model'],
+        },
+        'frames_used': r['frames'],
+        'tile': r['tile'],
+        'model_grid': r['shape'],
+        'peak_rss_mb': round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+    }
+
 
 def run_config(spec: dict, timeout: float = 900) -> dict:
     "Run `_child(spec)` in a fresh Python with the thread count in the environment."
     n = str(spec['threads'])
     env = {**os.environ, 'OMP_NUM_THREADS': n, 'MKL_NUM_THREADS': n, 'OPENBLAS_NUM_THREADS': n}
-    code = ("import json, sys; from seaice_nb.bench_predict import _child; "
-            "print('@@' + json.dumps(_child(json.loads(sys.argv[1]))))")
-    p = subprocess.run([sys.executable, '-c', code, json.dumps(spec)], env=env, capture_output=True, text=True, timeout=timeout)
+    code = (
+        "import json, sys; from seaice_nb.bench_predict import _child; "
+        "print('@@' + json.dumps(_child(json.loads(sys.argv[1]))))"
+    )
+    p = subprocess.run(
+        [sys.executable, '-c', code, json.dumps(spec)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     line = next((l for l in p.stdout.splitlines() if l.startswith('@@')), None)
     if p.returncode or line is None:
-        return {**{k: spec[k] for k in ('family', 'backend', 'threads')}, 'error': (p.stderr or p.stdout).strip().splitlines()[-3:]}
+        return {
+            **{k: spec[k] for k in ('family', 'backend', 'threads')},
+            'error': (p.stderr or p.stdout).strip().splitlines()[-3:],
+        }
     return json.loads(line[2:])
 
 # %% ../nbs/47_bench_predict.ipynb #57a2c109
-def bench_predict(size: tuple[int, int] = (5000, 5200), # scene (lines, samples) at 80 m
-                  factor: int = 10, # preprocessing downsampling
-                  families: Sequence[str] = tuple(FAMILIES), # model families
-                  backends: Sequence[str] = BACKENDS, # 'torch', 'onnx' (fp32), 'int8'
-                  threads: Sequence[int] = (1, 2), # thread counts
-                  repeat: int = 1, # alternating repeats (median reported)
-                  tiny: bool = False, # small models (smoke test of the benchmark itself)
-                  workdir: str | Path | None = None, # keep the scene and runs here (default: a temporary folder)
-                  progress: bool = True,
-                 ) -> dict:
+def bench_predict(
+    size: tuple[int, int] = (5000, 5200),  # scene (lines, samples) at 80 m
+    factor: int = 10,  # preprocessing downsampling
+    families: Sequence[str] = tuple(FAMILIES),  # model families
+    backends: Sequence[str] = BACKENDS,  # 'torch', 'onnx' (fp32), 'int8'
+    threads: Sequence[int] = (1, 2),  # thread counts
+    repeat: int = 1,  # alternating repeats (median reported)
+    tiny: bool = False,  # small models (smoke test of the benchmark itself)
+    workdir: str | Path | None = None,  # keep the scene and runs here (default: a temporary folder)
+    progress: bool = True,
+) -> dict:
     "End-to-end seconds per scene and peak memory per family x backend x threads, with ratios vs PyTorch on one thread."
     bad = [b for b in backends if b not in BACKENDS]
-    if bad: raise ConfigError(f"backend {bad[0]!r}; choose from {', '.join(BACKENDS)}")
+    if bad:
+        raise ConfigError(f"backend {bad[0]!r}; choose from {', '.join(BACKENDS)}")
     work = Path(workdir or tempfile.mkdtemp(prefix='seaice-bench-predict-'))
-    try: return _sweep(work, size, factor, families, backends, threads, repeat, tiny, progress, keep=workdir is not None)
+    try:
+        return _sweep(
+            work, size, factor, families, backends, threads, repeat, tiny, progress, keep=workdir is not None
+        )
     finally:
-        if workdir is None: shutil.rmtree(work, ignore_errors=True)
+        if workdir is None:
+            shutil.rmtree(work, ignore_errors=True)
+
 
 def _sweep(work, size, factor, families, backends, threads, repeat, tiny, progress, keep):
     from tqdm.auto import tqdm
     from seaice_nb.synth import generate_scenes
+
     log = get_logger('bench')
     t = time.perf_counter()
     generate_scenes(work / 'scene', 1, seed=0, size=tuple(size), progress=False)
@@ -122,41 +189,94 @@ def _sweep(work, size, factor, families, backends, threads, repeat, tiny, progre
     rows = []
     for r in range(repeat):  # whole sweeps alternate: A B C ... A B C ...
         for f, b, n in tqdm(configs, desc=f'bench predict {r + 1}/{repeat}', disable=not progress):
-            rows.append(run_config({'family': f, 'backend': b, 'threads': n, 'run': str(runs[f]), 'scene': str(scene),
-                                    'out': str(work / 'out' / f'{f}-{b}-{n}')}))
-            if 'error' in rows[-1]: log.error(f"{f} {b} {n} threads failed: {rows[-1]['error']}")
+            rows.append(
+                run_config(
+                    {
+                        'family': f,
+                        'backend': b,
+                        'threads': n,
+                        'run': str(runs[f]),
+                        'scene': str(scene),
+                        'out': str(work / 'out' / f'{f}-{b}-{n}'),
+                    }
+                )
+            )
+            if 'error' in rows[-1]:
+                log.error(f"{f} {b} {n} threads failed: {rows[-1]['error']}")
     summary = {}
     for f, b, n in configs:
         ok = [x for x in rows if (x['family'], x['backend'], x['threads']) == (f, b, n) and 'error' not in x]
-        if not ok: continue
+        if not ok:
+            continue
         med = statistics.median(x['seconds_per_scene'] for x in ok)
-        summary.setdefault(f, {})[f"{b}_{n}t"] = {'seconds_per_scene': round(med, 3), 'peak_rss_mb': max(x['peak_rss_mb'] for x in ok),
-                                                  'inference_s': round(statistics.median(x['breakdown']['inference'] for x in ok), 3)}
+        summary.setdefault(f, {})[f"{b}_{n}t"] = {
+            'seconds_per_scene': round(med, 3),
+            'peak_rss_mb': max(x['peak_rss_mb'] for x in ok),
+            'inference_s': round(statistics.median(x['breakdown']['inference'] for x in ok), 3),
+        }
     for f, d in summary.items():
         base = d.get('torch_1t', {}).get('seconds_per_scene')
         for k, v in d.items():
-            if base: v['speedup_vs_torch_1t'] = round(base / v['seconds_per_scene'], 2)
+            if base:
+                v['speedup_vs_torch_1t'] = round(base / v['seconds_per_scene'], 2)
     best = {f: min(v['seconds_per_scene'] for v in d.values()) for f, d in summary.items()}
     unet2 = [summary.get('unet', {}).get(k, {}).get('seconds_per_scene') for k in ('onnx_2t', 'int8_2t')]
     unet2 = [v for v in unet2 if v is not None]
-    return {'benchmark': 'seaice bench predict', 'scene': {'file': scene.name, 'size_80m': list(size), 'factor': factor, 'synthetic': True,
-                                                           'synth_seconds': round(synth_s, 1)},
-            'machine': {'cpus': os.cpu_count(), 'loadavg_at_end': [round(x, 2) for x in os.getloadavg()],
-                        'note': 'shared machine: absolute seconds depend on its load; compare the ratios'},
-            'tiny_models': tiny, 'repeat': repeat, 'summary': summary, 'best_seconds_per_family': best,
-            'goals': {'unet_onnx_2_threads_under_10s': (min(unet2) < 10) if unet2 else None,
-                      'every_family_under_60s': all(v < 60 for v in best.values()) if best else None},
-            'results': rows, 'workdir': str(work) if keep else None}
+    return {
+        'benchmark': 'seaice bench predict',
+        'scene': {
+            'file': scene.name,
+            'size_80m': list(size),
+            'factor': factor,
+            'synthetic': True,
+            'synth_seconds': round(synth_s, 1),
+        },
+        'machine': {
+            'cpus': os.cpu_count(),
+            'loadavg_at_end': [round(x, 2) for x in os.getloadavg()],
+            'note': 'shared machine: absolute seconds depend on its load; compare the ratios',
+        },
+        'tiny_models': tiny,
+        'repeat': repeat,
+        'summary': summary,
+        'best_seconds_per_family': best,
+        'goals': {
+            'unet_onnx_2_threads_under_10s': (min(unet2) < 10) if unet2 else None,
+            'every_family_under_60s': all(v < 60 for v in best.values()) if best else None,
+        },
+        'results': rows,
+        'workdir': str(work) if keep else None,
+    }
 
 # %% ../nbs/47_bench_predict.ipynb #253ecb20
 def main(argv: list[str]) -> int:
     "`seaice bench predict [--size H W] [--factor N] [--families ...] [--backends ...] [--threads 1 2] [--out FILE]`."
-    ap = argparse.ArgumentParser(prog='seaice bench predict', description='Whole-scene prediction end to end per model family: '
-                                 'PyTorch eager vs onnxruntime fp32 vs int8, 1 and 2 threads; seconds, breakdown and peak memory as JSON.')
-    ap.add_argument('--size', type=int, nargs=2, default=(5000, 5200), metavar=('H', 'W'), help='scene size at 80 m (default 5000 5200)')
-    ap.add_argument('--factor', type=int, default=10, help='downsampling factor (default 10, the AutoICE winner\'s)')
-    ap.add_argument('--families', nargs='+', default=list(FAMILIES), choices=list(FAMILIES), help='model families to time')
-    ap.add_argument('--backends', nargs='+', default=list(BACKENDS), choices=list(BACKENDS), help='inference backends to time')
+    ap = argparse.ArgumentParser(
+        prog='seaice bench predict',
+        description='Whole-scene prediction end to end per model family: '
+        'PyTorch eager vs onnxruntime fp32 vs int8, 1 and 2 threads; seconds, breakdown and peak memory as JSON.',
+    )
+    ap.add_argument(
+        '--size',
+        type=int,
+        nargs=2,
+        default=(5000, 5200),
+        metavar=('H', 'W'),
+        help='scene size at 80 m (default 5000 5200)',
+    )
+    ap.add_argument(
+        '--factor', type=int, default=10, help='downsampling factor (default 10, the AutoICE winner\'s)'
+    )
+    ap.add_argument(
+        '--families', nargs='+', default=list(FAMILIES), choices=list(FAMILIES), help='model families to time'
+    )
+    ap.add_argument(
+        '--backends',
+        nargs='+',
+        default=list(BACKENDS),
+        choices=list(BACKENDS),
+        help='inference backends to time',
+    )
     ap.add_argument('--threads', type=int, nargs='+', default=[1, 2], help='CPU thread counts to time')
     ap.add_argument('--repeat', type=int, default=1, help='alternating repeats (median reported)')
     ap.add_argument('--tiny', action='store_true', help='small models: a smoke test of the benchmark itself')
@@ -165,6 +285,7 @@ def main(argv: list[str]) -> int:
     a = ap.parse_args(argv)
     r = bench_predict(tuple(a.size), a.factor, a.families, a.backends, a.threads, a.repeat, a.tiny, a.workdir)
     text = json.dumps(r, indent=1)
-    if a.out: Path(a.out).write_text(text)
+    if a.out:
+        Path(a.out).write_text(text)
     print(text)
     return 0 if all('error' not in x for x in r['results']) else 1

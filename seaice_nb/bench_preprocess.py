@@ -24,52 +24,68 @@ def _in_child(fn, *args) -> dict:
         os.close(r)
         code = 0
         try:
-            t0 = time.perf_counter(); out = fn(*args); out['wall_s'] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            out = fn(*args)
+            out['wall_s'] = time.perf_counter() - t0
         except BaseException as e:  # report any failure to the parent
             out, code = {'error': f"{type(e).__name__}: {e}"}, 1
-        with os.fdopen(w, 'w') as f: f.write(json.dumps(out))
+        with os.fdopen(w, 'w') as f:
+            f.write(json.dumps(out))
         os._exit(code)
     os.close(w)
-    with os.fdopen(r) as f: text = f.read()
+    with os.fdopen(r) as f:
+        text = f.read()
     _, status, ru = os.wait4(pid, 0)
     out = json.loads(text) if text else {'error': f'child exited with status {status}'}
-    if 'error' in out: raise ConfigError(f"benchmark step {getattr(fn, '__name__', fn)} failed: {out['error']}")
+    if 'error' in out:
+        raise ConfigError(f"benchmark step {getattr(fn, '__name__', fn)} failed: {out['error']}")
     out.update(cpu_s=ru.ru_utime + ru.ru_stime, peak_rss_MB=ru.ru_maxrss / 1024)
     return out
+
 
 def _read_all(files: list[str]) -> dict:
     "The baseline: load every variable of every scene with xarray."
     nbytes = 0
     for f in files:
-        with xr.open_dataset(f, engine='netcdf4', mask_and_scale=False, decode_times=False) as ds: nbytes += ds.load().nbytes
+        with xr.open_dataset(f, engine='netcdf4', mask_and_scale=False, decode_times=False) as ds:
+            nbytes += ds.load().nbytes
     return {'MB': nbytes / 1e6}
+
 
 def _preprocess(files: list[str], out: str, frames: int, factor: int) -> dict:
     from seaice_nb.preprocess import PreprocessConfig, preprocess
     import shutil
+
     shutil.rmtree(out, ignore_errors=True)
-    s = preprocess(files, out, PreprocessConfig(factor=factor, max_frames=frames, max_days=30), workers=0, progress=False)
-    if s['failed']: raise ConfigError(f"preprocessing failed: {s['failed']}")
+    s = preprocess(
+        files, out, PreprocessConfig(factor=factor, max_frames=frames, max_days=30), workers=0, progress=False
+    )
+    if s['failed']:
+        raise ConfigError(f"preprocessing failed: {s['failed']}")
     import zarr
+
     n_frames = [zarr.open_group(Path(out) / g, mode='r')['image'].shape[0] for g in s['written']]
     return {'written': len(s['written']), 'reads': s['reads'], 'frames_per_target': n_frames}
 
 # %% ../nbs/25_bench_preprocess.ipynb #b84fd5aa
-def run_benchmark(workdir: str | Path | None = None, # scenes are made here (reused when present)
-                  size: tuple[int, int] = (5000, 5200), # (lines, samples) of each synthetic scene
-                  n_scenes: int = 3, # scenes (one site, a few days apart: 3-frame stacks form)
-                  factor: int = 10, # downsampling
-                  repeats: int = 1, # A/B/C rounds (medians reported)
-                  cores: int = 16, # worker processes of the extrapolation
-                  total: int = 512, # scenes of the extrapolation (the AI4Arctic training set)
-                 ) -> dict:
+def run_benchmark(
+    workdir: str | Path | None = None,  # scenes are made here (reused when present)
+    size: tuple[int, int] = (5000, 5200),  # (lines, samples) of each synthetic scene
+    n_scenes: int = 3,  # scenes (one site, a few days apart: 3-frame stacks form)
+    factor: int = 10,  # downsampling
+    repeats: int = 1,  # A/B/C rounds (medians reported)
+    cores: int = 16,  # worker processes of the extrapolation
+    total: int = 512,  # scenes of the extrapolation (the AI4Arctic training set)
+) -> dict:
     "Time xarray read vs single-frame vs 3-frame preprocessing in forked processes; returns the JSON-able figures."
     from seaice_nb.synth import generate_scenes
     from seaice_nb.preprocess import find_scenes
+
     workdir = Path(workdir or tempfile.mkdtemp(prefix='seaice-bench-pp-'))
     generate_scenes(workdir / 'scenes', n_scenes, seed=0, size=tuple(size), progress=False)
     files = [str(p) for p in find_scenes(workdir / 'scenes')]
-    for f in files: Path(f).read_bytes()  # page cache warm for every way
+    for f in files:
+        Path(f).read_bytes()  # page cache warm for every way
     runs = {'xarray_read': [], 'single_frame': [], 'three_frame': []}
     for _ in range(repeats):
         runs['xarray_read'].append(_in_child(_read_all, files))
@@ -78,41 +94,93 @@ def run_benchmark(workdir: str | Path | None = None, # scenes are made here (reu
     med = lambda k, key: statistics.median(r[key] for r in runs[k])
     mb = runs['xarray_read'][0]['MB']
     n = len(files)
-    per = {k: {'wall_s_per_scene': round(med(k, 'wall_s') / n, 3), 'cpu_s_per_scene': round(med(k, 'cpu_s') / n, 3),
-               'peak_rss_MB': round(med(k, 'peak_rss_MB'), 1), 'MB_per_cpu_s': round(mb / med(k, 'cpu_s'), 1)} for k in runs}
+    per = {
+        k: {
+            'wall_s_per_scene': round(med(k, 'wall_s') / n, 3),
+            'cpu_s_per_scene': round(med(k, 'cpu_s') / n, 3),
+            'peak_rss_MB': round(med(k, 'peak_rss_MB'), 1),
+            'MB_per_cpu_s': round(mb / med(k, 'cpu_s'), 1),
+        }
+        for k in runs
+    }
     for k in ('single_frame', 'three_frame'):
-        per[k]['frames_per_target'] = runs[k][0]['frames_per_target']; per[k]['scene_reads'] = runs[k][0]['reads']
+        per[k]['frames_per_target'] = runs[k][0]['frames_per_target']
+        per[k]['scene_reads'] = runs[k][0]['reads']
     three = per['three_frame']['cpu_s_per_scene']
-    out = {'size_80m': list(size), 'n_scenes': n, 'variables': 29, 'factor': factor, 'repeats': repeats,
-           'scene_MB_decoded': round(mb / n, 1), 'parent_rss_MB': round(_rss_mb(), 1), 'results': per,
-           'ratios': {'three_vs_single_frame_cpu': round(three / per['single_frame']['cpu_s_per_scene'], 3),
-                      'three_vs_single_frame_wall': round(per['three_frame']['wall_s_per_scene'] / per['single_frame']['wall_s_per_scene'], 3),
-                      'throughput_vs_xarray_read': round(per['three_frame']['MB_per_cpu_s'] / per['xarray_read']['MB_per_cpu_s'], 3),
-                      'single_frame_throughput_vs_xarray_read': round(per['single_frame']['MB_per_cpu_s'] / per['xarray_read']['MB_per_cpu_s'], 3)},
-           'extrapolation': {'scenes': total, 'cores': cores, 'hours_3frame': round(total * three / cores / 3600, 3),
-                             'peak_memory_GB_all_workers': round(cores * per['three_frame']['peak_rss_MB'] / 1024, 1),
-                             'assumes': 'per-scene CPU time as measured, scenes spread evenly over the cores, I/O not the limit'}}
-    out['goals_met'] = {'three_frame_le_1.5x_single': out['ratios']['three_vs_single_frame_cpu'] <= 1.5,
-                        'throughput_ge_50pct_xarray': out['ratios']['throughput_vs_xarray_read'] >= 0.5}
+    out = {
+        'size_80m': list(size),
+        'n_scenes': n,
+        'variables': 29,
+        'factor': factor,
+        'repeats': repeats,
+        'scene_MB_decoded': round(mb / n, 1),
+        'parent_rss_MB': round(_rss_mb(), 1),
+        'results': per,
+        'ratios': {
+            'three_vs_single_frame_cpu': round(three / per['single_frame']['cpu_s_per_scene'], 3),
+            'three_vs_single_frame_wall': round(
+                per['three_frame']['wall_s_per_scene'] / per['single_frame']['wall_s_per_scene'], 3
+            ),
+            'throughput_vs_xarray_read': round(
+                per['three_frame']['MB_per_cpu_s'] / per['xarray_read']['MB_per_cpu_s'], 3
+            ),
+            'single_frame_throughput_vs_xarray_read': round(
+                per['single_frame']['MB_per_cpu_s'] / per['xarray_read']['MB_per_cpu_s'], 3
+            ),
+        },
+        'extrapolation': {
+            'scenes': total,
+            'cores': cores,
+            'hours_3frame': round(total * three / cores / 3600, 3),
+            'peak_memory_GB_all_workers': round(cores * per['three_frame']['peak_rss_MB'] / 1024, 1),
+            'assumes': 'per-scene CPU time as measured, scenes spread evenly over the cores, I/O not the limit',
+        },
+    }
+    out['goals_met'] = {
+        'three_frame_le_1.5x_single': out['ratios']['three_vs_single_frame_cpu'] <= 1.5,
+        'throughput_ge_50pct_xarray': out['ratios']['throughput_vs_xarray_read'] >= 0.5,
+    }
     return out
+
 
 def _rss_mb() -> float:
     for line in Path('/proc/self/status').read_text().splitlines():
-        if line.startswith('VmRSS:'): return int(line.split()[1]) / 1024
+        if line.startswith('VmRSS:'):
+            return int(line.split()[1]) / 1024
     return 0.0
 
 # %% ../nbs/25_bench_preprocess.ipynb #7f98acbe
 def main(argv: list[str]) -> int:
     "`seaice bench preprocess`: time preprocessing against a plain xarray read and print JSON."
-    ap = argparse.ArgumentParser(prog='seaice bench preprocess', description='Preprocessing wall/CPU/peak memory per scene, '
-                                 'single- vs 3-frame, against an xarray read of the same scenes; extrapolated to 512 scenes.')
-    ap.add_argument('--workdir', help='folder for the synthetic scenes (reused when present; default: a temp dir)')
-    ap.add_argument('--size', type=int, nargs=2, default=(5000, 5200), metavar=('LINES', 'SAMPLES'), help='scene size in 80 m pixels')
-    ap.add_argument('--scenes', type=int, default=3, help='synthetic scenes (one site; 3 give a 3-frame stack)')
+    ap = argparse.ArgumentParser(
+        prog='seaice bench preprocess',
+        description='Preprocessing wall/CPU/peak memory per scene, '
+        'single- vs 3-frame, against an xarray read of the same scenes; extrapolated to 512 scenes.',
+    )
+    ap.add_argument(
+        '--workdir', help='folder for the synthetic scenes (reused when present; default: a temp dir)'
+    )
+    ap.add_argument(
+        '--size',
+        type=int,
+        nargs=2,
+        default=(5000, 5200),
+        metavar=('LINES', 'SAMPLES'),
+        help='scene size in 80 m pixels',
+    )
+    ap.add_argument(
+        '--scenes', type=int, default=3, help='synthetic scenes (one site; 3 give a 3-frame stack)'
+    )
     ap.add_argument('--factor', type=int, default=10, help='downsampling factor of the store')
-    ap.add_argument('--repeats', type=int, default=1, help='rounds of the three ways, alternated (medians reported)')
+    ap.add_argument(
+        '--repeats', type=int, default=1, help='rounds of the three ways, alternated (medians reported)'
+    )
     ap.add_argument('--cores', type=int, default=16, help='worker processes of the 512-scene extrapolation')
     ap.add_argument('--total', type=int, default=512, help='scenes of the extrapolation')
     a = ap.parse_args(argv)
-    print(json.dumps(run_benchmark(a.workdir, tuple(a.size), a.scenes, a.factor, a.repeats, a.cores, a.total), indent=1))
+    print(
+        json.dumps(
+            run_benchmark(a.workdir, tuple(a.size), a.scenes, a.factor, a.repeats, a.cores, a.total), indent=1
+        )
+    )
     return 0

@@ -23,16 +23,32 @@ __all__ = ['WORLD_BASE', 'WORLDS', 'SAR', 'TSVIT_SMALL', 'NETWORKS', 'BASELINES'
            'write_csv', 'plot_benchmark', 'write_report', 'main']
 
 # %% ../nbs/47_benchmark.ipynb #13d4c30c
-WORLD_BASE = dict(drift_kmd=3.0, edge_period_days=60.0, polygon_km=8.0, berg_fields=0.0, berg_share=0.15, old_ice_lat=64.0, old_ice_depth_km=60.0,
-                  rare_boost=1.5, floe_regimes=True)
+WORLD_BASE = dict(
+    drift_kmd=3.0,
+    edge_period_days=60.0,
+    polygon_km=8.0,
+    berg_fields=0.0,
+    berg_share=0.15,
+    old_ice_lat=64.0,
+    old_ice_depth_km=60.0,
+    rare_boost=1.5,
+    floe_regimes=True,
+)
 WORLDS = {'signals': dict(temporal=0.4, multimodal=1.0), 'knobs_off': dict(temporal=0.0, multimodal=0.0)}
 SAR = ['hh', 'hv', 'incidence_angle', 'distance_map']
 TSVIT_SMALL = dict(dim=64, temporal_depth=2, spatial_depth=2, num_heads=4, patch_size=4)  # the CPU preset
 
 NETWORKS = {
-    'unet_baseline': dict(model='unet_baseline', n_frames=1, channels=SAR, kwargs={},
-                          train=dict(loss_weights={'sic': 1.0, 'sod': 1.0, 'floe': 1.0})),
-    'unet_winner': dict(model='unet_winner', n_frames=1, channels=None, kwargs={'sic_regression': True}, train={}),
+    'unet_baseline': dict(
+        model='unet_baseline',
+        n_frames=1,
+        channels=SAR,
+        kwargs={},
+        train=dict(loss_weights={'sic': 1.0, 'sod': 1.0, 'floe': 1.0}),
+    ),
+    'unet_winner': dict(
+        model='unet_winner', n_frames=1, channels=None, kwargs={'sic_regression': True}, train={}
+    ),
     'tsvit_v1': dict(model='seaice_tsvit_v1', n_frames=1, channels=SAR, kwargs=TSVIT_SMALL, train={}),
     'tsvit_v2': dict(model='seaice_tsvit_v2', n_frames=3, channels=SAR, kwargs=TSVIT_SMALL, train={}),
     'tsvit_v3': dict(model='seaice_tsvit_v3_xattn', n_frames=3, channels=SAR, kwargs=TSVIT_SMALL, train={}),
@@ -43,19 +59,33 @@ BASELINES = ('majority', 'gbm', 'gbm_frames', 'gbm_frames_amsr2')
 @dataclass
 class BenchmarkConfig:
     "Size and knobs of one benchmark run (defaults: about 30 minutes on 2 cores)."
+
     seed: int = 0  # world seed: fixes the scenes, charts and split
     sites: int = 16  # acquisition sites (campaigns)
     per_site: int = 3  # passes per site within a week (the earlier ones are the stacks' frames)
-    months: tuple[int, ...] = (1, 2, 3, 4)  # campaign months (the freezing season: held-out sites look like the training ones)
+    months: tuple[int, ...] = (
+        1,
+        2,
+        3,
+        4,
+    )  # campaign months (the freezing season: held-out sites look like the training ones)
     scene_size: tuple[int, int] = (400, 480)  # synthetic scene size in 80 m pixels
     factor: int = 8  # downsampling to the store grid (640 m)
     n_frames: int = 3  # frames per stack (target + earlier passes)
     val_sites: int = 2  # sites held out for validation (checkpoint choice)
     test_sites: int = 3  # sites held out for the reported scores
-    worlds: dict = field(default_factory=lambda: {k: dict(v) for k, v in WORLDS.items()})  # world name -> knobs
-    world_base: dict = field(default_factory=lambda: dict(WORLD_BASE))  # WorldConfig settings shared by the worlds
-    models: dict = field(default_factory=lambda: {'signals': list(BASELINES) + list(NETWORKS),
-                                                  'knobs_off': list(BASELINES) + ['tsvit_v1', 'tsvit_v2', 'tsvit_v3']})  # per world
+    worlds: dict = field(
+        default_factory=lambda: {k: dict(v) for k, v in WORLDS.items()}
+    )  # world name -> knobs
+    world_base: dict = field(
+        default_factory=lambda: dict(WORLD_BASE)
+    )  # WorldConfig settings shared by the worlds
+    models: dict = field(
+        default_factory=lambda: {
+            'signals': list(BASELINES) + list(NETWORKS),
+            'knobs_off': list(BASELINES) + ['tsvit_v1', 'tsvit_v2', 'tsvit_v3'],
+        }
+    )  # per world
     seeds: list = field(default_factory=lambda: [0, 1, 2])  # training seeds of the networks
     steps: int = 200  # optimiser steps per network
     epochs: int = 3  # validations (best checkpoint) during those steps
@@ -65,52 +95,94 @@ class BenchmarkConfig:
     warmup_steps: int = 20  # linear warm-up
     gbm_pixels: int = 30_000  # training pixels of the gradient-boosting baselines
     gbm_iter: int = 40  # boosting iterations (trees per class)
-    head_bias: bool = True  # start every output head at the training class priors (`models.layers.init_head_bias`)
+    head_bias: bool = (
+        True  # start every output head at the training class priors (`models.layers.init_head_bias`)
+    )
     class_weights: str = 'none'  # 'none', 'inverse' or 'sqrt_inverse' class weights in the loss
     sampler: str = 'uniform'  # 'uniform' or 'rare_class' training crops
     workers: int = 2  # parallel jobs (each one CPU thread)
 
     def __post_init__(self):
         if self.val_sites + self.test_sites >= self.sites:
-            raise ConfigError(f"val_sites + test_sites = {self.val_sites + self.test_sites} leaves no training site of {self.sites}")
+            raise ConfigError(
+                f"val_sites + test_sites = {self.val_sites + self.test_sites} leaves no training site of {self.sites}"
+            )
         bad = [m for ms in self.models.values() for m in ms if m not in NETWORKS and m not in BASELINES]
-        if bad: raise ConfigError(f"unknown benchmark model {bad[0]!r}; choose from {', '.join(list(BASELINES) + list(NETWORKS))}")
+        if bad:
+            raise ConfigError(
+                f"unknown benchmark model {bad[0]!r}; choose from {', '.join(list(BASELINES) + list(NETWORKS))}"
+            )
         bad = [w for w in self.models if w not in self.worlds]
-        if bad: raise ConfigError(f"models are given for world {bad[0]!r}, which is not in worlds ({', '.join(self.worlds)})")
-        if self.steps < self.epochs: raise ConfigError(f"steps ({self.steps}) must be >= epochs ({self.epochs})")
+        if bad:
+            raise ConfigError(
+                f"models are given for world {bad[0]!r}, which is not in worlds ({', '.join(self.worlds)})"
+            )
+        if self.steps < self.epochs:
+            raise ConfigError(f"steps ({self.steps}) must be >= epochs ({self.epochs})")
 
     def key(self) -> str:
         "Short hash of everything that changes the results (a cached result with another key is recomputed)."
         d = dataclasses.asdict(self)
-        for k in ('workers', 'models', 'seeds'): d.pop(k)   # a job's result does not depend on which other jobs run
+        for k in ('workers', 'models', 'seeds'):
+            d.pop(k)  # a job's result does not depend on which other jobs run
         return hashlib.md5(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
 
 def tiny_config(**kw) -> BenchmarkConfig:
     "A seconds-sized benchmark for tests: a few small scenes, one seed, a few steps."
-    base = dict(sites=5, per_site=2, scene_size=(256, 320), val_sites=1, test_sites=1, seeds=[0], steps=4, epochs=2,
-                batch_size=4, patch=16, warmup_steps=1, gbm_pixels=3000, workers=1,
-                models={'signals': ['majority', 'gbm', 'tsvit_v1']})
+    base = dict(
+        sites=5,
+        per_site=2,
+        scene_size=(256, 320),
+        val_sites=1,
+        test_sites=1,
+        seeds=[0],
+        steps=4,
+        epochs=2,
+        batch_size=4,
+        patch=16,
+        warmup_steps=1,
+        gbm_pixels=3000,
+        workers=1,
+        models={'signals': ['majority', 'gbm', 'tsvit_v1']},
+    )
     return BenchmarkConfig(**{**base, **kw})
 
 # %% ../nbs/47_benchmark.ipynb #07cae2ac
 def world_config(cfg: BenchmarkConfig, world: str):
     "The `WorldConfig` of benchmark world `world`."
     from seaice_nb.synth import WorldConfig
-    if world not in cfg.worlds: raise ConfigError(f"unknown world {world!r}; the benchmark has {', '.join(cfg.worlds)}")
+
+    if world not in cfg.worlds:
+        raise ConfigError(f"unknown world {world!r}; the benchmark has {', '.join(cfg.worlds)}")
     return WorldConfig(seed=cfg.seed, **{**cfg.world_base, **cfg.worlds[world]})
+
 
 def build_world(cfg: BenchmarkConfig, world: str, root: str | Path, progress: bool = False) -> Path:
     "Generate and preprocess the scenes of `world` under `root/world` (resumes); returns the store path."
     from seaice_nb import preprocess as pp
     from seaice_nb.synth import generate_scenes
+
     d = Path(root) / world
-    generate_scenes(d / 'scenes', cfg.sites * cfg.per_site, seed=cfg.seed, size=tuple(cfg.scene_size),
-                    world=world_config(cfg, world), progress=progress, workers=cfg.workers, per_site=cfg.per_site,
-                    months=tuple(cfg.months))
+    generate_scenes(
+        d / 'scenes',
+        cfg.sites * cfg.per_site,
+        seed=cfg.seed,
+        size=tuple(cfg.scene_size),
+        world=world_config(cfg, world),
+        progress=progress,
+        workers=cfg.workers,
+        per_site=cfg.per_site,
+        months=tuple(cfg.months),
+    )
     pcfg = pp.PreprocessConfig(factor=cfg.factor, max_frames=cfg.n_frames, chunk=128)
     s = pp.preprocess(d / 'scenes', d / 'store.zarr', pcfg, workers=cfg.workers, progress=progress)
-    if s['failed']: raise DataError(f"{len(s['failed'])} scenes of world {world} failed to preprocess, e.g. {next(iter(s['failed'].items()))}")
+    if s['failed']:
+        raise DataError(
+            f"{len(s['failed'])} scenes of world {world} failed to preprocess, e.g. {next(iter(s['failed'].items()))}"
+        )
     return d / 'store.zarr'
+
 
 def scene_sites(store: str | Path) -> dict[str, int]:
     "Site of every scene of a synthetic store (from the generator's manifest beside the store)."
@@ -121,120 +193,182 @@ def scene_sites(store: str | Path) -> dict[str, int]:
 def class_counts(store: str | Path, scenes: list[str]) -> dict[str, np.ndarray]:
     "Labelled pixels per class and chart over `scenes` of a store (target charts)."
     import zarr
+
     out = {c: np.zeros(N_CLASSES[c], np.int64) for c in CHARTS}
     for n in scenes:
         g = zarr.open_group(Path(store) / n, mode='r')
         for c in CHARTS:
-            v = np.asarray(g[c][...]).ravel(); out[c] += np.bincount(v[v != 255], minlength=N_CLASSES[c])[:N_CLASSES[c]]
+            v = np.asarray(g[c][...]).ravel()
+            out[c] += np.bincount(v[v != 255], minlength=N_CLASSES[c])[: N_CLASSES[c]]
     return out
+
 
 def _missing(counts: dict, min_pixels: int) -> list[str]:
     return [f"{c}{k}" for c in ('sod', 'floe') for k in range(N_CLASSES[c]) if counts[c][k] < min_pixels]
 
-def choose_sites(per_site: dict[int, dict[str, np.ndarray]], # site -> chart -> labelled pixels per class
-                 val_sites: int, test_sites: int, # sites held out
-                 seed: int = 0, # order in which partitions are tried
-                 min_pixels: int = 20, # pixels each SOD/FLOE class needs in validation and in test
-                 tries: int = 400, # partitions tried
-                ) -> dict:
+
+def choose_sites(
+    per_site: dict[int, dict[str, np.ndarray]],  # site -> chart -> labelled pixels per class
+    val_sites: int,
+    test_sites: int,  # sites held out
+    seed: int = 0,  # order in which partitions are tried
+    min_pixels: int = 20,  # pixels each SOD/FLOE class needs in validation and in test
+    tries: int = 400,  # partitions tried
+) -> dict:
     "Validation and test sites that each hold every SOD/FLOE class (else the partition missing the fewest)."
     ids = sorted(per_site)
-    if len(ids) <= val_sites + test_sites: raise DataError(f"{len(ids)} sites; {val_sites} + {test_sites} held out leave none to train on")
-    rng = np.random.default_rng([seed, 12]); best = None
+    if len(ids) <= val_sites + test_sites:
+        raise DataError(f"{len(ids)} sites; {val_sites} + {test_sites} held out leave none to train on")
+    rng = np.random.default_rng([seed, 12])
+    best = None
     for _ in range(tries):
         perm = [int(i) for i in rng.permutation(ids)]
-        va, te = sorted(perm[:val_sites]), sorted(perm[val_sites:val_sites + test_sites])
-        cv = {c: sum(per_site[s][c] for s in va) for c in CHARTS}; ct = {c: sum(per_site[s][c] for s in te) for c in CHARTS}
+        va, te = sorted(perm[:val_sites]), sorted(perm[val_sites : val_sites + test_sites])
+        cv = {c: sum(per_site[s][c] for s in va) for c in CHARTS}
+        ct = {c: sum(per_site[s][c] for s in te) for c in CHARTS}
         miss = {'val': _missing(cv, min_pixels), 'test': _missing(ct, min_pixels)}
         bad = len(miss['val']) + len(miss['test'])
         if best is None or bad < best['n_missing']:
-            best = {'val': va, 'test': te, 'missing': miss, 'n_missing': bad,
-                    'counts': {'val': {c: v.tolist() for c, v in cv.items()}, 'test': {c: v.tolist() for c, v in ct.items()}}}
-        if bad == 0: break
+            best = {
+                'val': va,
+                'test': te,
+                'missing': miss,
+                'n_missing': bad,
+                'counts': {
+                    'val': {c: v.tolist() for c, v in cv.items()},
+                    'test': {c: v.tolist() for c, v in ct.items()},
+                },
+            }
+        if bad == 0:
+            break
     return best
 
-def site_split(store: str | Path, # a store written by `build_world`
-               val_sites: int, test_sites: int, # sites held out
-               seed: int = 0, # order in which partitions are tried
-               min_pixels: int = 20, # store pixels each SOD/FLOE class needs in validation and in test
-              ) -> dict:
+
+def site_split(
+    store: str | Path,  # a store written by `build_world`
+    val_sites: int,
+    test_sites: int,  # sites held out
+    seed: int = 0,  # order in which partitions are tried
+    min_pixels: int = 20,  # store pixels each SOD/FLOE class needs in validation and in test
+) -> dict:
     "Scene-level split by site with every SOD/FLOE class in validation and test: {'train', 'val', 'test', 'missing', ...}."
     from seaice_nb.preprocess import done_scenes
-    sites = scene_sites(store); names = [n for n in done_scenes(store) if n in sites]
+
+    sites = scene_sites(store)
+    names = [n for n in done_scenes(store) if n in sites]
     by_site: dict[int, list[str]] = {}
-    for n in names: by_site.setdefault(sites[n], []).append(n)
-    ch = choose_sites({s: class_counts(store, v) for s, v in by_site.items()}, val_sites, test_sites, seed, min_pixels)
+    for n in names:
+        by_site.setdefault(sites[n], []).append(n)
+    ch = choose_sites(
+        {s: class_counts(store, v) for s, v in by_site.items()}, val_sites, test_sites, seed, min_pixels
+    )
     held = ch['val'] + ch['test']
     pick = lambda ss: sorted(n for s in ss for n in by_site[s])
-    return {'kind': 'benchmark_sites', 'seed': seed, 'train': pick([s for s in sorted(by_site) if s not in held]),
-            'val': pick(ch['val']), 'test': pick(ch['test']), 'sites': {'val': ch['val'], 'test': ch['test']},
-            'missing': ch['missing'], 'counts': ch['counts']}
+    return {
+        'kind': 'benchmark_sites',
+        'seed': seed,
+        'train': pick([s for s in sorted(by_site) if s not in held]),
+        'val': pick(ch['val']),
+        'test': pick(ch['test']),
+        'sites': {'val': ch['val'], 'test': ch['test']},
+        'missing': ch['missing'],
+        'counts': ch['counts'],
+    }
 
-def chart_site_counts(cfg: BenchmarkConfig, world: str | None = None, stride: int = 8) -> dict[int, dict[str, np.ndarray]]:
+
+def chart_site_counts(
+    cfg: BenchmarkConfig, world: str | None = None, stride: int = 8
+) -> dict[int, dict[str, np.ndarray]]:
     "Labelled chart pixels per class and site of the benchmark world, from the charts alone (every `stride`-th pixel; no SAR)."
     from seaice_nb.synth import World, plan_passes
+
     w = World(world_config(cfg, world or next(iter(cfg.worlds))))
-    H, W = cfg.scene_size; out = {}
+    H, W = cfg.scene_size
+    out = {}
     for p in plan_passes(w, cfg.sites * cfg.per_site, (H, W), cfg.seed, cfg.per_site, tuple(cfg.months)):
         X, Y = p.xy(np.arange(0, H, stride), np.arange(0, W, stride))
-        ch = w.chart(X, Y, w.days(p.start)); d = out.setdefault(p.site, {c: np.zeros(N_CLASSES[c], np.int64) for c in CHARTS})
+        ch = w.chart(X, Y, w.days(p.start))
+        d = out.setdefault(p.site, {c: np.zeros(N_CLASSES[c], np.int64) for c in CHARTS})
         for c in CHARTS:
-            v = ch[c.upper()].ravel(); d[c] += np.bincount(v[v != 255], minlength=N_CLASSES[c])[:N_CLASSES[c]]
+            v = ch[c.upper()].ravel()
+            d[c] += np.bincount(v[v != 255], minlength=N_CLASSES[c])[: N_CLASSES[c]]
     return out
 
 # %% ../nbs/47_benchmark.ipynb #7c627f74
 def score_record(acc: ScoreAccumulator) -> dict:
     "Official score, parts, per-class F1 and SIC accuracy from an accumulator (plain JSON values)."
     from seaice_nb.metrics import f1_from_confusion
-    s = acc.scores(); cm = acc.cms['sic']
-    out = {'combined': s['combined'], 'sic_r2': s['sic'], 'sod_f1': s['sod'], 'floe_f1': s['floe'],
-           'sic_accuracy': round(100 * float(np.trace(cm)) / max(1, int(cm.sum())), 3)}
+
+    s = acc.scores()
+    cm = acc.cms['sic']
+    out = {
+        'combined': s['combined'],
+        'sic_r2': s['sic'],
+        'sod_f1': s['sod'],
+        'floe_f1': s['floe'],
+        'sic_accuracy': round(100 * float(np.trace(cm)) / max(1, int(cm.sum())), 3),
+    }
     for c in ('sod', 'floe'):
         f1 = f1_from_confusion(acc.cms[c], average=None)
-        for k in range(N_CLASSES[c]): out[f'{c}_f1_{k}'] = round(100 * float(f1[k]), 2) if acc.cms[c][k].sum() else float('nan')
+        for k in range(N_CLASSES[c]):
+            out[f'{c}_f1_{k}'] = round(100 * float(f1[k]), 2) if acc.cms[c][k].sum() else float('nan')
     out['confusion'] = {c: acc.cms[c].tolist() for c in CHARTS}
     return out
 
 # %% ../nbs/47_benchmark.ipynb #2f6a1842
-def pixel_features(arr: dict, # SceneStore.arrays() of one scene
-                   ch: list[int], # indices of the SAR channels in the store's image
-                   n_frames: int = 1, # frames used (target last)
-                   amsr2: bool = False, # add the AMSR2 channels (nearest coarse cell)
-                   coarse_factor: int = 4,
-                  ) -> np.ndarray:
+def pixel_features(
+    arr: dict,  # SceneStore.arrays() of one scene
+    ch: list[int],  # indices of the SAR channels in the store's image
+    n_frames: int = 1,  # frames used (target last)
+    amsr2: bool = False,  # add the AMSR2 channels (nearest coarse cell)
+    coarse_factor: int = 4,
+) -> np.ndarray:
     "Per-pixel features [H*W, F]: SAR channels and their 5x5 means per frame (NaN where invalid), optionally AMSR2."
     img, valid = np.asarray(arr['image']), np.asarray(arr['valid'])
-    T, _, H, W = img.shape; feats = []
+    T, _, H, W = img.shape
+    feats = []
     for k in range(n_frames):
         t = T - 1 - k
         for c in ch:
-            if t < 0: feats += [np.full((H, W), np.nan, np.float32)] * 2; continue
+            if t < 0:
+                feats += [np.full((H, W), np.nan, np.float32)] * 2
+                continue
             v = np.where(valid[t], img[t, c], np.nan).astype(np.float32)
-            m = ndimage.uniform_filter(np.nan_to_num(v), 5, mode='nearest') / np.maximum(ndimage.uniform_filter(valid[t].astype(np.float32), 5, mode='nearest'), 1e-3)
+            m = ndimage.uniform_filter(np.nan_to_num(v), 5, mode='nearest') / np.maximum(
+                ndimage.uniform_filter(valid[t].astype(np.float32), 5, mode='nearest'), 1e-3
+            )
             feats += [v, np.where(valid[t], m, np.nan).astype(np.float32)]
     if amsr2:
         a = np.asarray(arr['amsr2'])
-        r = np.minimum(np.arange(H) // coarse_factor, a.shape[-2] - 1); q = np.minimum(np.arange(W) // coarse_factor, a.shape[-1] - 1)
+        r = np.minimum(np.arange(H) // coarse_factor, a.shape[-2] - 1)
+        q = np.minimum(np.arange(W) // coarse_factor, a.shape[-1] - 1)
         feats += [a[i][r][:, q].astype(np.float32) for i in range(a.shape[0])]
     return np.stack(feats, -1).reshape(H * W, -1)
+
 
 def _labelled(arr) -> np.ndarray:
     "Flat mask of target pixels that are valid and have a SIC label."
     return (np.asarray(arr['valid'][-1]) & (np.asarray(arr['sic']) != 255)).ravel()
 
-def fit_baseline(kind: str, # 'majority', 'gbm', 'gbm_frames' or 'gbm_frames_amsr2'
-                 store, # an open SceneStore with the training and test scenes
-                 train: list[str], test: list[str], # scene names
-                 n_frames: int = 3, # frames of the 'frames' variants
-                 pixels: int = 30_000, # training pixels drawn for the classifiers
-                 seed: int = 0,
-                 max_iter: int = 40, # boosting iterations
-                ) -> dict:
+
+def fit_baseline(
+    kind: str,  # 'majority', 'gbm', 'gbm_frames' or 'gbm_frames_amsr2'
+    store,  # an open SceneStore with the training and test scenes
+    train: list[str],
+    test: list[str],  # scene names
+    n_frames: int = 3,  # frames of the 'frames' variants
+    pixels: int = 30_000,  # training pixels drawn for the classifiers
+    seed: int = 0,
+    max_iter: int = 40,  # boosting iterations
+) -> dict:
     "Fit a baseline on the training scenes and score it on the test scenes: `score_record` + wall time."
     from sklearn.ensemble import HistGradientBoostingClassifier
-    t0 = time.time(); rng = np.random.default_rng([seed, 7])
+
+    t0 = time.time()
+    rng = np.random.default_rng([seed, 7])
     ch = [store.channels.index(c) for c in SAR]
-    T = n_frames if 'frames' in kind else 1; use_amsr2 = kind.endswith('amsr2')
+    T = n_frames if 'frames' in kind else 1
+    use_amsr2 = kind.endswith('amsr2')
     feats = lambda n: pixel_features(store.arrays(n), ch, T, use_amsr2, store.coarse_factor)
     models = {}
     if kind == 'majority':
@@ -242,60 +376,101 @@ def fit_baseline(kind: str, # 'majority', 'gbm', 'gbm_frames' or 'gbm_frames_ams
         for n in train:
             a = store.arrays(n)
             for c in CHARTS:
-                v = np.asarray(a[c]).ravel(); cnt[c] += np.bincount(v[v != 255], minlength=N_CLASSES[c])[:N_CLASSES[c]]
+                v = np.asarray(a[c]).ravel()
+                cnt[c] += np.bincount(v[v != 255], minlength=N_CLASSES[c])[: N_CLASSES[c]]
         major = {c: int(np.argmax(cnt[c])) for c in CHARTS}
     else:
         X, Y = [], {c: [] for c in CHARTS}
         per = max(1, pixels // max(1, len(train)))
         for n in train:
-            a = store.arrays(n); ok = np.flatnonzero(_labelled(a))
-            if not len(ok): continue
+            a = store.arrays(n)
+            ok = np.flatnonzero(_labelled(a))
+            if not len(ok):
+                continue
             idx = rng.choice(ok, min(per, len(ok)), replace=False)
             X.append(feats(n)[idx])
-            for c in CHARTS: Y[c].append(np.asarray(a[c]).ravel()[idx])
+            for c in CHARTS:
+                Y[c].append(np.asarray(a[c]).ravel()[idx])
         X = np.concatenate(X)
         for c in CHARTS:
-            y = np.concatenate(Y[c]); keep = y != 255
-            models[c] = HistGradientBoostingClassifier(max_iter=max_iter, learning_rate=0.2, early_stopping=False, random_state=seed).fit(X[keep], y[keep])
+            y = np.concatenate(Y[c])
+            keep = y != 255
+            models[c] = HistGradientBoostingClassifier(
+                max_iter=max_iter, learning_rate=0.2, early_stopping=False, random_state=seed
+            ).fit(X[keep], y[keep])
     acc = ScoreAccumulator()
     for n in test:
-        a = store.arrays(n); ok = np.asarray(a['valid'][-1]).ravel()
+        a = store.arrays(n)
+        ok = np.asarray(a['valid'][-1]).ravel()
         true = {c: np.where(ok, np.asarray(a[c]).ravel(), 255) for c in CHARTS}
-        if kind == 'majority': pred = {c: np.full(ok.shape, major[c]) for c in CHARTS}
+        if kind == 'majority':
+            pred = {c: np.full(ok.shape, major[c]) for c in CHARTS}
         else:
-            F = feats(n); pred = {c: models[c].predict(F).astype(np.int64) for c in CHARTS}
+            F = feats(n)
+            pred = {c: models[c].predict(F).astype(np.int64) for c in CHARTS}
         acc.update(true, pred)
     return {**score_record(acc), 'steps': 0, 'params': 0, 'wall_s': round(time.time() - t0, 1)}
 
 # %% ../nbs/47_benchmark.ipynb #e72cd9d2
-def network_config(cfg: BenchmarkConfig, name: str, seed: int, store, n_crops: int) -> 'TrainConfig':
+def network_config(cfg: BenchmarkConfig, name: str, seed: int, store, n_crops: int) -> 'TrainConfig':  # noqa: F821 (imported lazily, below)
     "The `TrainConfig` of benchmark network `name` for `n_crops` training crops (model sizes filled in from the store)."
     from seaice_nb.data import DataConfig, model_inputs
     from seaice_nb.runs import TrainConfig, with_model_inputs
+
     spec = NETWORKS[name]
     # an epoch is one pass over the crops (jittered and augmented anew each time): as many as `steps` needs,
     # validated about `cfg.epochs` times
     per_epoch = max(1, n_crops // cfg.batch_size)
-    epochs = max(1, math.ceil(cfg.steps / per_epoch)); per_epoch = math.ceil(cfg.steps / epochs)
+    epochs = max(1, math.ceil(cfg.steps / per_epoch))
+    per_epoch = math.ceil(cfg.steps / epochs)
     val_every = max(1, epochs // cfg.epochs)
-    data = DataConfig(channels=spec['channels'], crop=cfg.patch, n_frames=spec['n_frames'], min_valid=0.3, augment=True,
-                      sampler=cfg.sampler, in_memory=True)
-    tc = TrainConfig(name=f"{name}_s{seed}", model=spec['model'], model_kwargs=dict(spec['kwargs']), data=data,
-                     optimizer='adamw', lr=cfg.lr, weight_decay=0.01, scheduler='cosine', warmup_steps=cfg.warmup_steps,
-                     min_lr_ratio=0.02, epochs=epochs, steps_per_epoch=per_epoch, batch_size=cfg.batch_size, val_every=val_every,
-                     seed=seed, device='cpu', progress=False, monitor='combined', class_weights=cfg.class_weights,
-                     head_bias=cfg.head_bias,
-                     **{'loss_weights': {'sic': 1.0, 'sod': 3.0, 'floe': 3.0}, **spec['train']})
+    data = DataConfig(
+        channels=spec['channels'],
+        crop=cfg.patch,
+        n_frames=spec['n_frames'],
+        min_valid=0.3,
+        augment=True,
+        sampler=cfg.sampler,
+        in_memory=True,
+    )
+    tc = TrainConfig(
+        name=f"{name}_s{seed}",
+        model=spec['model'],
+        model_kwargs=dict(spec['kwargs']),
+        data=data,
+        optimizer='adamw',
+        lr=cfg.lr,
+        weight_decay=0.01,
+        scheduler='cosine',
+        warmup_steps=cfg.warmup_steps,
+        min_lr_ratio=0.02,
+        epochs=epochs,
+        steps_per_epoch=per_epoch,
+        batch_size=cfg.batch_size,
+        val_every=val_every,
+        seed=seed,
+        device='cpu',
+        progress=False,
+        monitor='combined',
+        class_weights=cfg.class_weights,
+        head_bias=cfg.head_bias,
+        **{'loss_weights': {'sic': 1.0, 'sod': 3.0, 'floe': 3.0}, **spec['train']},
+    )
     return with_model_inputs(tc, model_inputs(data, store))
 
-def test_scores(model, store, scenes: list[str], n_frames: int, channels, tile: int, batch_size: int = 8) -> dict:
+
+def test_scores(
+    model, store, scenes: list[str], n_frames: int, channels, tile: int, batch_size: int = 8
+) -> dict:
     "`score_record` of `model` on `scenes` (tiles of `tile` px)."
     from torch.utils.data import DataLoader
     from seaice_nb.data import SceneDataset
     from seaice_nb.train import evaluate_loader
+
     ds = SceneDataset(store, scenes, n_frames=n_frames, channels=channels, tile=tile)
     acc, _ = evaluate_loader(model, DataLoader(ds, batch_size=batch_size))
     return score_record(acc)
+
 
 def train_network(cfg: BenchmarkConfig, name: str, seed: int, store_path, split: dict, run_dir) -> dict:
     "Train benchmark network `name` with `seed` (resumes in `run_dir`) and score its best checkpoint on the test scenes."
@@ -303,50 +478,69 @@ def train_network(cfg: BenchmarkConfig, name: str, seed: int, store_path, split:
     from seaice_nb.data import PatchDataset, SceneDataset, SceneStore
     from seaice_nb.runs import build_model, load_weights, read_checkpoint
     from seaice_nb.train import train
-    spec = NETWORKS[name]; T = spec['n_frames']
+
+    spec = NETWORKS[name]
+    T = spec['n_frames']
     train_store = SceneStore(store_path, split['train'])
     channels = spec['channels'] or list(train_store.channels)
     tr = PatchDataset(train_store, patch_size=cfg.patch, n_frames=T, channels=channels, seed=seed)
     tc = network_config(cfg, name, seed, train_store, len(tr))
     va = SceneDataset(SceneStore(store_path, split['val']), n_frames=T, channels=channels, tile=cfg.patch)
     torch.manual_seed(seed)
-    model = build_model(tc)   # the trainer starts its heads at the class priors when `tc.head_bias`
+    model = build_model(tc)  # the trainer starts its heads at the class priors when `tc.head_bias`
     t0 = time.time()
     res = train(tc, model, tr, va, run_dir=run_dir)
     ck = res.best_checkpoint or res.last_checkpoint
     load_weights(model, read_checkpoint(ck)['model'])
     summary = json.loads((Path(run_dir) / 'summary.json').read_text())
     rec = test_scores(model, SceneStore(store_path, split['test']), split['test'], T, channels, cfg.patch)
-    return {**rec, 'steps': res.steps, 'params': int(sum(p.numel() for p in model.parameters())),
-            'wall_s': round(float(summary.get('wall_s', time.time() - t0)), 1), 'best_val': res.best}
+    return {
+        **rec,
+        'steps': res.steps,
+        'params': int(sum(p.numel() for p in model.parameters())),
+        'wall_s': round(float(summary.get('wall_s', time.time() - t0)), 1),
+        'best_val': res.best,
+    }
 
 # %% ../nbs/47_benchmark.ipynb #883e728e
 def _job(args) -> tuple[str, dict]:
     "Run one (world, model, seed) job in a worker process; returns (result path, record)."
     cfg, world, name, seed, root = args
     import torch
+
     torch.set_num_threads(1)
     from seaice_nb.data import SceneStore
-    root = Path(root); store = root / world / 'store.zarr'
+
+    root = Path(root)
+    store = root / world / 'store.zarr'
     split = json.loads((root / 'split.json').read_text())
     if name in BASELINES:
         st = SceneStore(store, split['train'] + split['test'])
-        rec = fit_baseline(name, st, split['train'], split['test'], cfg.n_frames, cfg.gbm_pixels, seed, cfg.gbm_iter)
-    else: rec = train_network(cfg, name, seed, store, split, root / 'runs' / world / f"{name}_s{seed}")
+        rec = fit_baseline(
+            name, st, split['train'], split['test'], cfg.n_frames, cfg.gbm_pixels, seed, cfg.gbm_iter
+        )
+    else:
+        rec = train_network(cfg, name, seed, store, split, root / 'runs' / world / f"{name}_s{seed}")
     rec.update(world=world, model=name, seed=seed, key=cfg.key())
     path = result_path(root, world, name, seed)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_write(path, 'w') as f: json.dump(rec, f, indent=1)
+    with atomic_write(path, 'w') as f:
+        json.dump(rec, f, indent=1)
     return str(path), rec
 
-def result_path(root, world: str, name: str, seed: int) -> Path: return Path(root) / 'results' / world / f"{name}_s{seed}.json"
+
+def result_path(root, world: str, name: str, seed: int) -> Path:
+    return Path(root) / 'results' / world / f"{name}_s{seed}.json"
+
 
 def jobs(cfg: BenchmarkConfig) -> list[tuple[str, str, int]]:
     "Every (world, model, seed) of the benchmark; baselines once (seed 0)."
     out = []
     for w, models in cfg.models.items():
-        for m in models: out += [(w, m, s) for s in ([0] if m in BASELINES else cfg.seeds)]
+        for m in models:
+            out += [(w, m, s) for s in ([0] if m in BASELINES else cfg.seeds)]
     return out
+
 
 def load_results(cfg: BenchmarkConfig, root) -> list[dict]:
     "Finished results of this config (same key) under `root/results`."
@@ -355,99 +549,162 @@ def load_results(cfg: BenchmarkConfig, root) -> list[dict]:
         p = result_path(root, w, m, s)
         if p.exists():
             r = json.loads(p.read_text())
-            if r.get('key') == cfg.key(): out.append(r)
+            if r.get('key') == cfg.key():
+                out.append(r)
     return out
 
 # %% ../nbs/47_benchmark.ipynb #2bf0c753
-def run_benchmark(cfg: BenchmarkConfig, # what to run
-                  root: str | Path = 'runs/benchmark', # working folder (scenes, stores, runs, results)
-                  progress: bool = True, # one line per finished job
-                  limit: int | None = None, # stop after this many new jobs (tests of resuming)
-                 ) -> list[dict]:
+def run_benchmark(
+    cfg: BenchmarkConfig,  # what to run
+    root: str | Path = 'runs/benchmark',  # working folder (scenes, stores, runs, results)
+    progress: bool = True,  # one line per finished job
+    limit: int | None = None,  # stop after this many new jobs (tests of resuming)
+) -> list[dict]:
     "Build the worlds and the split, run the missing jobs (resumable), return every result of this config."
     import multiprocessing as mp
-    root = Path(root); root.mkdir(parents=True, exist_ok=True)
+
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
     log = get_logger('benchmark', root)
     t0 = time.time()
-    for w in cfg.models: build_world(cfg, w, root)
+    for w in cfg.models:
+        build_world(cfg, w, root)
     split_path = root / 'split.json'
     first = next(iter(cfg.models))
     split = site_split(root / first / 'store.zarr', cfg.val_sites, cfg.test_sites, cfg.seed)
-    if split['missing']['val'] or split['missing']['test']: log.warning(f"classes missing from the held-out sites: {split['missing']}")
-    with atomic_write(split_path, 'w') as f: json.dump(split, f, indent=1)
-    if progress: print(f"worlds and split ready in {time.time() - t0:.0f} s: {len(split['train'])} train, {len(split['val'])} val, "
-                       f"{len(split['test'])} test scenes (test sites {split['sites']['test']})", flush=True)
+    if split['missing']['val'] or split['missing']['test']:
+        log.warning(f"classes missing from the held-out sites: {split['missing']}")
+    with atomic_write(split_path, 'w') as f:
+        json.dump(split, f, indent=1)
+    if progress:
+        print(
+            f"worlds and split ready in {time.time() - t0:.0f} s: {len(split['train'])} train, {len(split['val'])} val, "
+            f"{len(split['test'])} test scenes (test sites {split['sites']['test']})",
+            flush=True,
+        )
     done = {(r['world'], r['model'], r['seed']) for r in load_results(cfg, root)}
     todo = [j for j in jobs(cfg) if j not in done]
     todo.sort(key=lambda j: (j[1] not in BASELINES, j[2], j[0]))
-    if limit is not None: todo = todo[:limit]
+    if limit is not None:
+        todo = todo[:limit]
     args = [(cfg, w, m, s, str(root)) for w, m, s in todo]
     env = {k: os.environ.get(k) for k in ('OMP_NUM_THREADS', 'MKL_NUM_THREADS')}
-    os.environ.update(OMP_NUM_THREADS='1', MKL_NUM_THREADS='1')   # each job one thread; the pool gives the parallelism
+    os.environ.update(
+        OMP_NUM_THREADS='1', MKL_NUM_THREADS='1'
+    )  # each job one thread; the pool gives the parallelism
     try:
         if cfg.workers > 1 and len(args) > 1:
             with mp.get_context('spawn').Pool(cfg.workers) as pool:
-                for path, rec in pool.imap_unordered(_job, args): _report(rec, progress)
+                for path, rec in pool.imap_unordered(_job, args):
+                    _report(rec, progress)
         else:
-            for a in args: _report(_job(a)[1], progress)
+            for a in args:
+                _report(_job(a)[1], progress)
     finally:
         for k, v in env.items():
-            if v is None: os.environ.pop(k, None)
-            else: os.environ[k] = v
-    if progress: print(f"benchmark: {len(todo)} jobs run, {len(done)} reused, {time.time() - t0:.0f} s", flush=True)
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    if progress:
+        print(f"benchmark: {len(todo)} jobs run, {len(done)} reused, {time.time() - t0:.0f} s", flush=True)
     return load_results(cfg, root)
 
+
 def _report(rec: dict, progress: bool):
-    if progress: print(f"  {rec['world']:<9} {rec['model']:<17} seed {rec['seed']}: combined {rec['combined']:7.2f} "
-                       f"(SIC R² {rec['sic_r2']:.1f}, SOD F1 {rec['sod_f1']:.1f}, FLOE F1 {rec['floe_f1']:.1f}) "
-                       f"{rec['steps']} steps, {rec['wall_s']:.0f} s", flush=True)
+    if progress:
+        print(
+            f"  {rec['world']:<9} {rec['model']:<17} seed {rec['seed']}: combined {rec['combined']:7.2f} "
+            f"(SIC R² {rec['sic_r2']:.1f}, SOD F1 {rec['sod_f1']:.1f}, FLOE F1 {rec['floe_f1']:.1f}) "
+            f"{rec['steps']} steps, {rec['wall_s']:.0f} s",
+            flush=True,
+        )
 
 # %% ../nbs/47_benchmark.ipynb #c685223e
 COLUMNS = ('combined', 'sic_r2', 'sod_f1', 'floe_f1', 'sic_accuracy')
 
+
 def summarise(results: list[dict]) -> list[dict]:
     "One row per (world, model): mean and sd over seeds of the scores, per-class F1, steps, wall time, parameters."
     rows = {}
-    for r in results: rows.setdefault((r['world'], r['model']), []).append(r)
+    for r in results:
+        rows.setdefault((r['world'], r['model']), []).append(r)
     out = []
     for (w, m), rs in rows.items():
-        row = {'world': w, 'model': m, 'seeds': len(rs), 'steps': rs[0]['steps'], 'params': rs[0]['params'],
-               'wall_s': round(float(np.mean([r['wall_s'] for r in rs])), 1)}
+        row = {
+            'world': w,
+            'model': m,
+            'seeds': len(rs),
+            'steps': rs[0]['steps'],
+            'params': rs[0]['params'],
+            'wall_s': round(float(np.mean([r['wall_s'] for r in rs])), 1),
+        }
         keys = [k for k in rs[0] if k in COLUMNS or k.startswith(('sod_f1_', 'floe_f1_'))]
         for k in keys:
             v = np.array([r[k] for r in rs], float)
             row[k] = round(float(np.nanmean(v)), 2) if np.isfinite(v).any() else float('nan')
-            row[k + '_sd'] = round(float(np.nanstd(v, ddof=1)), 2) if len(v) > 1 and np.isfinite(v).sum() > 1 else 0.0
+            row[k + '_sd'] = (
+                round(float(np.nanstd(v, ddof=1)), 2) if len(v) > 1 and np.isfinite(v).sum() > 1 else 0.0
+            )
         out.append(row)
     order = {m: i for i, m in enumerate(list(BASELINES) + list(NETWORKS))}
-    return sorted(out, key=lambda r: (list(WORLDS).index(r['world']) if r['world'] in WORLDS else 9, order.get(r['model'], 99)))
+    return sorted(
+        out,
+        key=lambda r: (
+            list(WORLDS).index(r['world']) if r['world'] in WORLDS else 9,
+            order.get(r['model'], 99),
+        ),
+    )
+
 
 def markdown_table(rows: list[dict], world: str) -> str:
     "The results of one world as a Markdown table (mean ± sd over seeds)."
     from seaice_nb.scenes import CLASS_TABLES
-    sod = [t.name for t in CLASS_TABLES['SOD']]; floe = [t.name for t in CLASS_TABLES['FLOE']]
-    f = lambda r, k: (f"{r[k]:.1f} ± {r[k + '_sd']:.1f}" if r['seeds'] > 1 else f"{r[k]:.1f}") if not math.isnan(r.get(k, float('nan'))) else '–'
-    head = ['model', 'combined', 'SIC R²', 'SOD F1', 'FLOE F1', 'SIC acc.'] + [f"SOD {n}" for n in sod] + \
-           [f"FLOE {n}" for n in floe] + ['steps', 'wall s', 'params', 'seeds']
+
+    sod = [t.name for t in CLASS_TABLES['SOD']]
+    floe = [t.name for t in CLASS_TABLES['FLOE']]
+    f = lambda r, k: (
+        (f"{r[k]:.1f} ± {r[k + '_sd']:.1f}" if r['seeds'] > 1 else f"{r[k]:.1f}")
+        if not math.isnan(r.get(k, float('nan')))
+        else '–'
+    )
+    head = (
+        ['model', 'combined', 'SIC R²', 'SOD F1', 'FLOE F1', 'SIC acc.']
+        + [f"SOD {n}" for n in sod]
+        + [f"FLOE {n}" for n in floe]
+        + ['steps', 'wall s', 'params', 'seeds']
+    )
     lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
     for r in rows:
-        if r['world'] != world: continue
-        cells = [r['model']] + [f(r, k) for k in COLUMNS] + [f(r, f'sod_f1_{k}') for k in range(len(sod))] + \
-                [f(r, f'floe_f1_{k}') for k in range(len(floe))] + [str(r['steps']), f"{r['wall_s']:.0f}", f"{r['params']:,}", str(r['seeds'])]
+        if r['world'] != world:
+            continue
+        cells = (
+            [r['model']]
+            + [f(r, k) for k in COLUMNS]
+            + [f(r, f'sod_f1_{k}') for k in range(len(sod))]
+            + [f(r, f'floe_f1_{k}') for k in range(len(floe))]
+            + [str(r['steps']), f"{r['wall_s']:.0f}", f"{r['params']:,}", str(r['seeds'])]
+        )
         lines.append('| ' + ' | '.join(cells) + ' |')
     return '\n'.join(lines)
+
 
 def write_csv(rows: list[dict], path) -> Path:
     "All summary rows as CSV."
     import csv
+
     keys = list(dict.fromkeys(k for r in rows for k in r))
     with atomic_write(path, 'w') as fh:
-        w = csv.DictWriter(fh, keys); w.writeheader(); w.writerows(rows)
+        w = csv.DictWriter(fh, keys)
+        w.writeheader()
+        w.writerows(rows)
     return Path(path)
+
 
 def plot_benchmark(rows: list[dict]):
     "Combined score per model and world (mean ± sd over seeds)."
     import matplotlib.pyplot as plt
+
     worlds = list(dict.fromkeys(r['world'] for r in rows))
     models = list(dict.fromkeys(r['model'] for r in rows))
     fig, ax = plt.subplots(figsize=(1.0 + 0.9 * len(models), 3.4), constrained_layout=True)
@@ -455,51 +712,92 @@ def plot_benchmark(rows: list[dict]):
     for i, w in enumerate(worlds):
         rs = {r['model']: r for r in rows if r['world'] == w}
         x = [j + (i - (len(worlds) - 1) / 2) * wd for j, m in enumerate(models) if m in rs]
-        ax.bar(x, [rs[m]['combined'] for m in models if m in rs], wd, yerr=[rs[m]['combined_sd'] for m in models if m in rs],
-               label=w, capsize=2)
+        ax.bar(
+            x,
+            [rs[m]['combined'] for m in models if m in rs],
+            wd,
+            yerr=[rs[m]['combined_sd'] for m in models if m in rs],
+            label=w,
+            capsize=2,
+        )
     ax.set_xticks(range(len(models)), models, rotation=30, ha='right')
-    ax.set_ylabel('combined score (test sites)'); ax.axhline(0, color='k', lw=0.5)
-    ax.set_title('synthetic benchmark: held-out sites, mean ± sd over seeds', fontsize=9); ax.legend(fontsize=8)
+    ax.set_ylabel('combined score (test sites)')
+    ax.axhline(0, color='k', lw=0.5)
+    ax.set_title('synthetic benchmark: held-out sites, mean ± sd over seeds', fontsize=9)
+    ax.legend(fontsize=8)
     return fig
 
 # %% ../nbs/47_benchmark.ipynb #87792cab
 def write_report(cfg: BenchmarkConfig, results: list[dict], out_dir, root=None) -> dict[str, Path]:
     "benchmark.md, benchmark.csv and benchmark.png into `out_dir`; returns the paths."
     import matplotlib.pyplot as plt
-    out_dir = Path(out_dir); out_dir.mkdir(parents=True, exist_ok=True)
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
     rows = summarise(results)
-    split = json.loads((Path(root) / 'split.json').read_text()) if root and (Path(root) / 'split.json').exists() else None
-    md = [f"# Synthetic benchmark (seaice benchmark)\n",
-          f"Data: synthetic Arctic (`seaice_nb.synth`), world seed {cfg.seed}, {cfg.sites} sites x {cfg.per_site} passes, "
-          f"{cfg.scene_size[0]}x{cfg.scene_size[1]} px scenes at 80 m, store grid {cfg.factor * 80} m. "
-          f"Split: scene-level by site" + (f" — {len(split['train'])} train, {len(split['val'])} val, {len(split['test'])} "
-          f"test scenes (test sites {split['sites']['test']}, never seen in training)" if split else '') + ". "
-          f"Scores: official AI4Arctic (×100) on the held-out test scenes, mean ± sd over training seeds "
-          f"{cfg.seeds}; networks trained {cfg.steps} steps of {cfg.batch_size} patches of {cfg.patch} px on one CPU thread "
-          f"each. Config key `{cfg.key()}`.\n"]
+    split = (
+        json.loads((Path(root) / 'split.json').read_text())
+        if root and (Path(root) / 'split.json').exists()
+        else None
+    )
+    md = [
+        "# Synthetic benchmark (seaice benchmark)\n",
+        f"Data: synthetic Arctic (`seaice_nb.synth`), world seed {cfg.seed}, {cfg.sites} sites x {cfg.per_site} passes, "
+        f"{cfg.scene_size[0]}x{cfg.scene_size[1]} px scenes at 80 m, store grid {cfg.factor * 80} m. "
+        f"Split: scene-level by site"
+        + (
+            f" — {len(split['train'])} train, {len(split['val'])} val, {len(split['test'])} "
+            f"test scenes (test sites {split['sites']['test']}, never seen in training)"
+            if split
+            else ''
+        )
+        + ". "
+        f"Scores: official AI4Arctic (×100) on the held-out test scenes, mean ± sd over training seeds "
+        f"{cfg.seeds}; networks trained {cfg.steps} steps of {cfg.batch_size} patches of {cfg.patch} px on one CPU thread "
+        f"each. Config key `{cfg.key()}`.\n",
+    ]
     for w in dict.fromkeys(r['world'] for r in rows):
-        md += [f"\n## World `{w}` ({', '.join(f'{k}={v}' for k, v in cfg.worlds[w].items())})\n", markdown_table(rows, w), '']
-    paths = {'md': out_dir / 'benchmark.md', 'csv': out_dir / 'benchmark.csv', 'png': out_dir / 'benchmark.png'}
-    with atomic_write(paths['md'], 'w') as f: f.write('\n'.join(md) + '\n')
+        md += [
+            f"\n## World `{w}` ({', '.join(f'{k}={v}' for k, v in cfg.worlds[w].items())})\n",
+            markdown_table(rows, w),
+            '',
+        ]
+    paths = {
+        'md': out_dir / 'benchmark.md',
+        'csv': out_dir / 'benchmark.csv',
+        'png': out_dir / 'benchmark.png',
+    }
+    with atomic_write(paths['md'], 'w') as f:
+        f.write('\n'.join(md) + '\n')
     write_csv(rows, paths['csv'])
     fig = plot_benchmark(rows)
-    with atomic_write(paths['png'], 'wb') as f: fig.savefig(f, format='png', dpi=110)
+    with atomic_write(paths['png'], 'wb') as f:
+        fig.savefig(f, format='png', dpi=110)
     plt.close(fig)
     return paths
 
 # %% ../nbs/47_benchmark.ipynb #5c8dca4e
 def main(argv: list[str]) -> int:
     "`seaice benchmark [--root DIR] [--out DIR] [--tiny]`: the synthetic benchmark (resumes), table + figure."
-    ap = argparse.ArgumentParser(prog='seaice benchmark', description='Synthetic benchmark with known signals: baselines, '
-                                 'U-Nets and TSViT v1/v2/v3 over seeds on held-out sites (about 30 min on 2 cores; rerun to resume).')
+    ap = argparse.ArgumentParser(
+        prog='seaice benchmark',
+        description='Synthetic benchmark with known signals: baselines, '
+        'U-Nets and TSViT v1/v2/v3 over seeds on held-out sites (about 30 min on 2 cores; rerun to resume).',
+    )
     ap.add_argument('--root', default='runs/benchmark', help='working folder (default runs/benchmark)')
-    ap.add_argument('--out', default='docs/benchmark', help='where benchmark.md/.csv/.png go (default docs/benchmark)')
+    ap.add_argument(
+        '--out', default='docs/benchmark', help='where benchmark.md/.csv/.png go (default docs/benchmark)'
+    )
     ap.add_argument('--tiny', action='store_true', help='a seconds-sized run (for testing)')
     ap.add_argument('--workers', type=int, default=2, help='parallel jobs, one CPU thread each (default 2)')
     ap.add_argument('--seeds', type=int, nargs='+', default=None, help='training seeds (default 0 1 2)')
     ap.add_argument('--steps', type=int, default=None, help='optimiser steps per network (default 300)')
     a = ap.parse_args(argv)
-    kw = {'workers': a.workers, **({'seeds': a.seeds} if a.seeds else {}), **({'steps': a.steps} if a.steps else {})}
+    kw = {
+        'workers': a.workers,
+        **({'seeds': a.seeds} if a.seeds else {}),
+        **({'steps': a.steps} if a.steps else {}),
+    }
     cfg = tiny_config(**kw) if a.tiny else BenchmarkConfig(**kw)
     res = run_benchmark(cfg, a.root)
     paths = write_report(cfg, res, a.out, a.root)

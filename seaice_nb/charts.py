@@ -16,25 +16,32 @@ __all__ = ['CHARTS', 'CHART_VARS', 'CHART_FILL', 'CHART_LONG_NAMES', 'N_CLASSES'
            'chart_cmap']
 
 # %% ../nbs/01_charts.ipynb #16a155d6
-CHARTS = ('sic', 'sod', 'floe')          # the project's chart keys (samples, model heads, configs, scores)
-CHART_VARS = ('SIC', 'SOD', 'FLOE')      # the official names (RTT files, upload package, official code)
-CHART_FILL = 255                         # masked chart pixel (land, no data, ambiguous polygon)
+CHARTS = ('sic', 'sod', 'floe')  # the project's chart keys (samples, model heads, configs, scores)
+CHART_VARS = ('SIC', 'SOD', 'FLOE')  # the official names (RTT files, upload package, official code)
+CHART_FILL = 255  # masked chart pixel (land, no data, ambiguous polygon)
 CHART_LONG_NAMES = {'sic': 'sea ice concentration', 'sod': 'stage of development', 'floe': 'floe size'}
+
 
 class UnknownChartError(ConfigError, KeyError):
     "A chart name that is neither a project key (`sic`, `sod`, `floe`) nor an official one (`SIC`, `SOD`, `FLOE`)."
-    __str__ = Exception.__str__   # KeyError would quote the message
 
-def chart_key(name: Any, # 'sic', 'SIC', 'Sic', ...
-              where: str = '', # what the name came from, for the error message
-             ) -> str:
+    __str__ = Exception.__str__  # KeyError would quote the message
+
+
+def chart_key(
+    name: Any,  # 'sic', 'SIC', 'Sic', ...
+    where: str = '',  # what the name came from, for the error message
+) -> str:
     "The project's key of a chart name in either spelling; `UnknownChartError` for anything else."
     key = name.lower() if isinstance(name, str) else None
     if key not in CHARTS:
         at = f"{where}: " if where else ''
-        raise UnknownChartError(f"{at}unknown chart {name!r}; the charts are {', '.join(CHARTS)} "
-                                f"(or the official {', '.join(CHART_VARS)})")
+        raise UnknownChartError(
+            f"{at}unknown chart {name!r}; the charts are {', '.join(CHARTS)} "
+            f"(or the official {', '.join(CHART_VARS)})"
+        )
     return key
+
 
 def chart_var(name: Any) -> str:
     "The official (upper-case) name of a chart given in either spelling."
@@ -43,21 +50,34 @@ def chart_var(name: Any) -> str:
 # %% ../nbs/01_charts.ipynb #2530fcfd
 class ChartMap(Mapping):
     "Read-only `{chart: value}` keyed by `sic`/`sod`/`floe` that also accepts `SIC`/`SOD`/`FLOE`."
-    def __init__(self, values: Mapping[str, Any]): self._d = chart_dict(values, 'ChartMap')
-    def __getitem__(self, name) -> Any: return self._d[chart_key(name)]
-    def __iter__(self) -> Iterator[str]: return iter(self._d)
-    def __len__(self) -> int: return len(self._d)
-    def __repr__(self) -> str: return f"ChartMap({self._d!r})"
 
-def chart_dict(d: Mapping[str, Any], # chart name (either spelling) -> anything
-               where: str = 'charts', # what `d` is, for error messages
-               charts: Iterable[str] | None = None, # charts that must be present (either spelling)
-              ) -> dict[str, Any]:
+    def __init__(self, values: Mapping[str, Any]):
+        self._d = chart_dict(values, 'ChartMap')
+
+    def __getitem__(self, name) -> Any:
+        return self._d[chart_key(name)]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._d)
+
+    def __len__(self) -> int:
+        return len(self._d)
+
+    def __repr__(self) -> str:
+        return f"ChartMap({self._d!r})"
+
+
+def chart_dict(
+    d: Mapping[str, Any],  # chart name (either spelling) -> anything
+    where: str = 'charts',  # what `d` is, for error messages
+    charts: Iterable[str] | None = None,  # charts that must be present (either spelling)
+) -> dict[str, Any]:
     "`d` keyed by the project's chart keys, in `CHARTS` order; unknown names, doubled or missing charts raise."
     out = {}
     for name, v in d.items():
         k = chart_key(name, where)
-        if k in out: raise DataError(f"{where}: chart {k!r} is given twice (as {k!r} and {k.upper()!r})")
+        if k in out:
+            raise DataError(f"{where}: chart {k!r} is given twice (as {k!r} and {k.upper()!r})")
         out[k] = v
     if charts is not None:
         missing = [c for c in (chart_key(c, where) for c in charts) if c not in out]
@@ -65,7 +85,8 @@ def chart_dict(d: Mapping[str, Any], # chart name (either spelling) -> anything
             raise DataError(f"{where}: no {', '.join(missing)} chart; it has {', '.join(out) or 'none'}")
     return {c: out[c] for c in CHARTS if c in out}
 
-N_CLASSES = ChartMap({'sic': 11, 'sod': 6, 'floe': 7})    # SIC 0..10 (0-100 %), SOD 0..5, FLOE 0..6
+
+N_CLASSES = ChartMap({'sic': 11, 'sod': 6, 'floe': 7})  # SIC 0..10 (0-100 %), SOD 0..5, FLOE 0..6
 CHART_WEIGHTS = ChartMap({'sic': 2, 'sod': 2, 'floe': 1})  # combined = (2 SIC + 2 SOD + FLOE) / 5
 METRIC_NAMES = ChartMap({'sic': 'r2', 'sod': 'f1', 'floe': 'f1'})
 
@@ -73,29 +94,58 @@ METRIC_NAMES = ChartMap({'sic': 'r2', 'sod': 'f1', 'floe': 'f1'})
 @dataclasses.dataclass(frozen=True)
 class ChartClass:
     "One class of an ice chart."
+
     index: int
     name: str
     colour: str
 
-def _table(names, colours): return tuple(ChartClass(i, n, c) for i, (n, c) in enumerate(zip(names, colours)))
 
-CLASS_TABLES = ChartMap({
-    'sic': _table([f'{10 * i}%' for i in range(11)],
-                  ['#0064ff', '#96c8ff', '#8cffa0', '#50e678', '#ffff00', '#ffdc00', '#ffb400', '#ff7d07',
-                   '#ff5000', '#ff0000', '#b40000']),
-    'sod': _table(['open water', 'new ice', 'young ice', 'thin first-year ice', 'thick first-year ice', 'old ice'],
-                  ['#0064ff', '#f0d2fa', '#aa28f0', '#9bd200', '#007800', '#b46432']),
-    'floe': _table(['open water', 'cake ice', 'small floe', 'medium floe', 'big floe', 'vast floe', 'bergs'],
-                   ['#0064ff', '#ffe6c8', '#ffc896', '#ff9664', '#ff6432', '#c83200', '#8c8c8c']),
-})
+def _table(names, colours):
+    return tuple(ChartClass(i, n, c) for i, (n, c) in enumerate(zip(names, colours)))
+
+
+CLASS_TABLES = ChartMap(
+    {
+        'sic': _table(
+            [f'{10 * i}%' for i in range(11)],
+            [
+                '#0064ff',
+                '#96c8ff',
+                '#8cffa0',
+                '#50e678',
+                '#ffff00',
+                '#ffdc00',
+                '#ffb400',
+                '#ff7d07',
+                '#ff5000',
+                '#ff0000',
+                '#b40000',
+            ],
+        ),
+        'sod': _table(
+            ['open water', 'new ice', 'young ice', 'thin first-year ice', 'thick first-year ice', 'old ice'],
+            ['#0064ff', '#f0d2fa', '#aa28f0', '#9bd200', '#007800', '#b46432'],
+        ),
+        'floe': _table(
+            ['open water', 'cake ice', 'small floe', 'medium floe', 'big floe', 'vast floe', 'bergs'],
+            ['#0064ff', '#ffe6c8', '#ffc896', '#ff9664', '#ff6432', '#c83200', '#8c8c8c'],
+        ),
+    }
+)
+
 
 def class_names(chart: str) -> list[str]:  # either spelling
     "The class names of a chart, index order."
     return [c.name for c in CLASS_TABLES[chart]]
 
+
 def chart_cmap(chart: str):  # either spelling
     "A matplotlib `(cmap, norm)` pair that draws class indices in the chart's colours (255 transparent)."
-    from matplotlib.colors import BoundaryNorm, ListedColormap  # deferred: matplotlib is only needed for figures
+    from matplotlib.colors import (
+        BoundaryNorm,
+        ListedColormap,
+    )  # deferred: matplotlib is only needed for figures
+
     table = CLASS_TABLES[chart]
     cmap = ListedColormap([c.colour for c in table], name=chart_key(chart))
     cmap = cmap.with_extremes(bad=(0, 0, 0, 0), over=(0, 0, 0, 0))

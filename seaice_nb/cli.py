@@ -12,29 +12,80 @@ __all__ = ['COMMANDS', 'BENCHES', 'CONFIG_KINDS', 'bench_main', 'main', 'config_
 
 # %% ../nbs/90_cli.ipynb #f8ed7442
 COMMANDS = {
-    'config':     ('seaice_nb.cli:config_main', 'show a preset resolved into its typed config'),
-    'validate':   ('seaice_nb.scenes:validate_main', 'check AI4Arctic RTT scene files against the schema'),
-    'synth':      ('seaice_nb.synth:main', 'write a synthetic Arctic in the exact AI4Arctic RTT format'),
-    'preprocess': ('seaice_nb.preprocess:main', 'downsample, align, stack and write scenes to a zarr store (resumable, parallel)'),
-    'download':   ('seaice_nb.download:main', 'download and verify AI4Arctic data from DTU Data (figshare), resumable'),
-    'submit':     ('seaice_nb.slurm:main', 'render and submit SLURM jobs running the workflow notebooks (papermill)'),
-    'autolabel':  ('seaice_nb.autolabel.parallel:autolabel_main', 'label 8-bit Sentinel-2 RGB scenes into water/thin/thick ice tiles (pool, Dask or SLURM; resumable)'),
-    'train':      ('seaice_nb.train:main', 'train a model from a preset (resumes; --nproc N for local DDP; torchrun/srun aware)'),
-    'evaluate':   ('seaice_nb.evaluate:main', 'official AI4Arctic score, per-condition tables, figures and the upload package of a checkpoint'),
-    'predict':    ('seaice_nb.predict:main', 'charts of one new scene with a trained run: CF NetCDF at 80 m, EPSG:3413 GeoTIFFs, quick-look (torch or onnx)'),
-    'export':     ('seaice_nb.export:main', 'export a run to ONNX checked against PyTorch; int8 quantisation scored before and after'),
-    'demo':       ('seaice_nb.workflows:demo_main', 'the synthetic-data demo end to end as executed notebooks in runs/demo (what `make demo` runs)'),
-    'benchmark':  ('seaice_nb.benchmark:main', 'synthetic benchmark with known signals: baselines, U-Nets, TSViT v1/v2/v3 over seeds on held-out sites (what `make benchmark` runs)'),
+    'config': ('seaice_nb.cli:config_main', 'show a preset resolved into its typed config'),
+    'validate': ('seaice_nb.scenes:validate_main', 'check AI4Arctic RTT scene files against the schema'),
+    'synth': ('seaice_nb.synth:main', 'write a synthetic Arctic in the exact AI4Arctic RTT format'),
+    'preprocess': (
+        'seaice_nb.preprocess:main',
+        'downsample, align, stack and write scenes to a zarr store (resumable, parallel)',
+    ),
+    'download': (
+        'seaice_nb.download:main',
+        'download and verify AI4Arctic data from DTU Data (figshare), resumable',
+    ),
+    'submit': (
+        'seaice_nb.slurm:main',
+        'render and submit SLURM jobs running the workflow notebooks (papermill)',
+    ),
+    'autolabel': (
+        'seaice_nb.autolabel.parallel:autolabel_main',
+        'label 8-bit Sentinel-2 RGB scenes into water/thin/thick ice tiles (pool, Dask or SLURM; resumable)',
+    ),
+    'train': (
+        'seaice_nb.train:main',
+        'train a model from a preset (resumes; --nproc N for local DDP; torchrun/srun aware)',
+    ),
+    'evaluate': (
+        'seaice_nb.evaluate:main',
+        'official AI4Arctic score, per-condition tables, figures and the upload package of a checkpoint',
+    ),
+    'predict': (
+        'seaice_nb.predict:main',
+        'charts of one new scene with a trained run: CF NetCDF at 80 m, EPSG:3413 GeoTIFFs, quick-look (torch or onnx)',
+    ),
+    'export': (
+        'seaice_nb.export:main',
+        'export a run to ONNX checked against PyTorch; int8 quantisation scored before and after',
+    ),
+    'demo': (
+        'seaice_nb.workflows:demo_main',
+        'the synthetic-data demo end to end as executed notebooks in runs/demo (what `make demo` runs)',
+    ),
+    'benchmark': (
+        'seaice_nb.benchmark:main',
+        'synthetic benchmark with known signals: baselines, U-Nets, TSViT v1/v2/v3 over seeds on held-out sites (what `make benchmark` runs)',
+    ),
 }
 
 BENCHES = {
-    'model':      ('seaice_nb.models.bench:main', 'training-step samples/s per model preset, fused vs explicit attention, GFLOP/s vs matmul'),
-    'predict':    ('seaice_nb.bench_predict:main', 'whole-scene prediction end to end per model family: torch vs onnxruntime fp32 vs int8, 1/2 threads'),
-    'loader':     ('seaice_nb.bench_loader:main', 'loader batches/s after warm-up: zarr store vs per-patch NetCDF, fraction of memcpy bandwidth'),
-    'preprocess': ('seaice_nb.bench_preprocess:main', 'preprocessing wall/CPU/peak memory per full-size scene, 1 vs 3 frames, vs an xarray read'),
-    'download':   ('seaice_nb.download:bench_main', 'downloader throughput vs a plain copy over loopback, resume re-fetch'),
-    'autolabel':  ('seaice_nb.autolabel.parallel:bench_main', 'labeller/filter Mpx/s per core vs memcpy and the per-tile HSV way; pool and Dask speed-up'),
-    'explore':    ('seaice_nb.explore:bench_main', 'explorer redraw ms per action (layer, frame, overlay, opacity): in-place updates vs rebuilding the figure'),
+    'model': (
+        'seaice_nb.models.bench:main',
+        'training-step samples/s per model preset, fused vs explicit attention, GFLOP/s vs matmul',
+    ),
+    'predict': (
+        'seaice_nb.bench_predict:main',
+        'whole-scene prediction end to end per model family: torch vs onnxruntime fp32 vs int8, 1/2 threads',
+    ),
+    'loader': (
+        'seaice_nb.bench_loader:main',
+        'loader batches/s after warm-up: zarr store vs per-patch NetCDF, fraction of memcpy bandwidth',
+    ),
+    'preprocess': (
+        'seaice_nb.bench_preprocess:main',
+        'preprocessing wall/CPU/peak memory per full-size scene, 1 vs 3 frames, vs an xarray read',
+    ),
+    'download': (
+        'seaice_nb.download:bench_main',
+        'downloader throughput vs a plain copy over loopback, resume re-fetch',
+    ),
+    'autolabel': (
+        'seaice_nb.autolabel.parallel:bench_main',
+        'labeller/filter Mpx/s per core vs memcpy and the per-tile HSV way; pool and Dask speed-up',
+    ),
+    'explore': (
+        'seaice_nb.explore:bench_main',
+        'explorer redraw ms per action (layer, frame, overlay, opacity): in-place updates vs rebuilding the figure',
+    ),
 }
 
 # %% ../nbs/90_cli.ipynb #d06c61de
@@ -42,11 +93,13 @@ def _resolve(target: str):
     mod, fn = target.split(':')
     return getattr(importlib.import_module(mod), fn)
 
+
 def _dispatch(table: dict, prog: str, argv: list[str]) -> int:
     if not argv or argv[0] in ('-h', '--help'):
         width = max(map(len, table), default=4)
         print(f"usage: {prog} COMMAND [ARGS...]\n\ncommands:")
-        for name, (_, help_) in sorted(table.items()): print(f"  {name:<{width}}  {help_}")
+        for name, (_, help_) in sorted(table.items()):
+            print(f"  {name:<{width}}  {help_}")
         return 0 if argv else 2
     name, rest = argv[0], argv[1:]
     if name not in table:
@@ -54,21 +107,36 @@ def _dispatch(table: dict, prog: str, argv: list[str]) -> int:
         return 2
     return int(_resolve(table[name][0])(rest) or 0)
 
+
 def bench_main(argv: list[str]) -> int:
     "`seaice bench NAME ...`: run one of the benchmarks; each prints its figures as JSON."
     return _dispatch(BENCHES, 'seaice bench', argv)
 
+
 def main(argv: list[str] | None = None) -> int:
     "Entry point of the `seaice` console script."
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ['--version']: print(f"seaice_nb {__version__}"); return 0
-    table = {**COMMANDS, **({'bench': ('seaice_nb.cli:bench_main', 'run a benchmark (' + ', '.join(sorted(BENCHES)) + ')')} if BENCHES else {})}
+    if argv[:1] == ['--version']:
+        print(f"seaice_nb {__version__}")
+        return 0
+    table = {
+        **COMMANDS,
+        **(
+            {'bench': ('seaice_nb.cli:bench_main', 'run a benchmark (' + ', '.join(sorted(BENCHES)) + ')')}
+            if BENCHES
+            else {}
+        ),
+    }
     from seaice_nb.core import SeaIceError
-    try: return _dispatch(table, 'seaice', argv)
+
+    try:
+        return _dispatch(table, 'seaice', argv)
     except SeaIceError as e:
-        print(f"seaice: error: {e}", file=sys.stderr); return 1
+        print(f"seaice: error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
-        print("seaice: interrupted; finished work is kept, rerun the same command to resume", file=sys.stderr); return 130
+        print("seaice: interrupted; finished work is kept, rerun the same command to resume", file=sys.stderr)
+        return 130
 
 # %% ../nbs/90_cli.ipynb #95b93b6b
 CONFIG_KINDS = {
@@ -77,21 +145,33 @@ CONFIG_KINDS = {
     'autolabel': 'seaice_nb.autolabel:AutolabelConfig',
 }
 
+
 def config_main(argv: list[str]) -> int:
     "`seaice config PRESET [-o key=value ...]`: print the resolved preset."
     import yaml
     from seaice_nb.core import find_config, load_config, parse_overrides, to_dict, ConfigError
-    ap = argparse.ArgumentParser(prog='seaice config', description='Show a preset resolved into its typed config '
-                                 '(every value checked, defaults filled in).')
+
+    ap = argparse.ArgumentParser(
+        prog='seaice config',
+        description='Show a preset resolved into its typed config (every value checked, defaults filled in).',
+    )
     ap.add_argument('preset', help='preset name in configs/ or a YAML path')
-    ap.add_argument('-o', '--override', action='append', default=[], metavar='KEY=VALUE',
-                    help='dotted override with a YAML value, e.g. -o data.crop=128 (repeatable)')
+    ap.add_argument(
+        '-o',
+        '--override',
+        action='append',
+        default=[],
+        metavar='KEY=VALUE',
+        help='dotted override with a YAML value, e.g. -o data.crop=128 (repeatable)',
+    )
     a = ap.parse_args(argv)
     path = find_config(a.preset)
     data = yaml.safe_load(path.read_text()) or {}
     kind = data.pop('kind', None) if isinstance(data, dict) else None
     if kind not in CONFIG_KINDS:
-        raise ConfigError(f"{path}: top-level 'kind' is {kind!r}; known kinds: {', '.join(sorted(CONFIG_KINDS)) or 'none yet'}")
+        raise ConfigError(
+            f"{path}: top-level 'kind' is {kind!r}; known kinds: {', '.join(sorted(CONFIG_KINDS)) or 'none yet'}"
+        )
     cfg = load_config(path, _resolve(CONFIG_KINDS[kind]), parse_overrides(a.override), kind=kind)
     print(yaml.safe_dump({'kind': kind, **to_dict(cfg)}, sort_keys=False), end='')
     return 0

@@ -24,17 +24,22 @@ __all__ = ['SeaIceError', 'ConfigError', 'MissingFileError', 'DataError', 'Downl
 class SeaIceError(Exception):
     "Base class of every error seaice_nb raises on purpose."
 
+
 class ConfigError(SeaIceError, ValueError):
     "A configuration value or file is wrong: the message names the key, the value and the file."
+
 
 class MissingFileError(SeaIceError, FileNotFoundError):
     "An input file or directory does not exist."
 
+
 class DataError(SeaIceError, ValueError):
     "Input data is malformed: missing variable, wrong dtype or dims, corrupt or truncated file."
 
+
 class DownloadError(SeaIceError, IOError):
     "A download failed in a way retrying cannot fix."
+
 
 class CheckpointError(SeaIceError, ValueError):
     "A checkpoint does not match the model, the data or the configuration it is loaded into."
@@ -43,61 +48,80 @@ class CheckpointError(SeaIceError, ValueError):
 def _type_name(tp) -> str:
     return getattr(tp, '__name__', None) or str(tp).replace('typing.', '')
 
+
 def _convert(value, tp, where: str):
     "Check `value` against the annotation `tp` and convert it (nested dataclasses, Paths, tuples)."
     origin, args = get_origin(tp), get_args(tp)
-    if tp is Any: return value
+    if tp is Any:
+        return value
     if origin in (Union, types.UnionType):
-        if value is None and type(None) in args: return None
+        if value is None and type(None) in args:
+            return None
         errors = []
         for a in args:
-            if a is type(None): continue
-            try: return _convert(value, a, where)
-            except ConfigError as e: errors.append(str(e))
+            if a is type(None):
+                continue
+            try:
+                return _convert(value, a, where)
+            except ConfigError as e:
+                errors.append(str(e))
         raise ConfigError(f"{where}: {value!r} is none of {' | '.join(_type_name(a) for a in args)}")
     if origin is Literal:
-        if value in args: return value
+        if value in args:
+            return value
         raise ConfigError(f"{where}: {value!r} is not one of {list(args)}")
     if dataclasses.is_dataclass(tp):
-        if isinstance(value, tp): return value
-        if not isinstance(value, dict): raise ConfigError(f"{where}: expected a mapping for {tp.__name__}, got {value!r}")
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping for {tp.__name__}, got {value!r}")
         return from_dict(tp, value, where=where)
     if origin in (list, tuple) or tp in (list, tuple):
-        if not isinstance(value, (list, tuple)): raise ConfigError(f"{where}: expected a list, got {value!r}")
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
         if origin is tuple and args and not (len(args) == 2 and args[1] is Ellipsis):
-            if len(value) != len(args): raise ConfigError(f"{where}: expected {len(args)} items, got {len(value)}")
+            if len(value) != len(args):
+                raise ConfigError(f"{where}: expected {len(args)} items, got {len(value)}")
             return tuple(_convert(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
         item = args[0] if args else Any
         out = [_convert(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
         return tuple(out) if (origin is tuple or tp is tuple) else out
     if origin is dict or tp is dict:
-        if not isinstance(value, dict): raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
         kt, vt = args if args else (Any, Any)
         return {_convert(k, kt, f"{where}.<key>"): _convert(v, vt, f"{where}.{k}") for k, v in value.items()}
     if tp is bool:
-        if isinstance(value, bool): return value
+        if isinstance(value, bool):
+            return value
         raise ConfigError(f"{where}: expected true/false, got {value!r}")
     if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool): return value
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
         raise ConfigError(f"{where}: expected an integer, got {value!r}")
     if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool): return float(value)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
         raise ConfigError(f"{where}: expected a number, got {value!r}")
     if tp is str:
-        if isinstance(value, str): return value
+        if isinstance(value, str):
+            return value
         raise ConfigError(f"{where}: expected a string, got {value!r}")
     if tp is Path:
-        if isinstance(value, (str, Path)): return Path(value)
+        if isinstance(value, (str, Path)):
+            return Path(value)
         raise ConfigError(f"{where}: expected a path, got {value!r}")
     if isinstance(tp, type):
-        if isinstance(value, tp): return value
+        if isinstance(value, tp):
+            return value
         raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}")
     return value
 
 # %% ../nbs/00_core.ipynb #4856d676
 def from_dict(cls, data: dict, where: str = '', source: str | None = None):
     "Build the dataclass `cls` from `data`, rejecting unknown keys and wrong types with the key's dotted path."
-    if not isinstance(data, dict): raise ConfigError(f"{where or cls.__name__}: expected a mapping, got {data!r}")
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or cls.__name__}: expected a mapping, got {data!r}")
     hints = get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     suffix = f" (in {source})" if source else ''
@@ -105,30 +129,45 @@ def from_dict(cls, data: dict, where: str = '', source: str | None = None):
     if unknown:
         k = unknown[0]
         renamed = getattr(cls, 'RENAMED', {}).get(k)  # a class may list keys it renamed: {'old': 'new'}
-        if renamed: raise ConfigError(f"{'.'.join(filter(None, [where, str(k)]))!r}{suffix} was renamed to {renamed!r}")
+        if renamed:
+            raise ConfigError(
+                f"{'.'.join(filter(None, [where, str(k)]))!r}{suffix} was renamed to {renamed!r}"
+            )
         close = difflib.get_close_matches(str(k), fields, n=1)
         hint = f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(fields)}"
         raise ConfigError(f"unknown key {'.'.join(filter(None, [where, str(k)]))!r}{suffix}{hint}")
     kwargs = {}
     for name, value in data.items():
-        try: kwargs[name] = _convert(value, hints[name], '.'.join(filter(None, [where, name])))
+        try:
+            kwargs[name] = _convert(value, hints[name], '.'.join(filter(None, [where, name])))
         except ConfigError as e:
             raise ConfigError(f"{e}{suffix}" if source and source not in str(e) else str(e)) from None
-    missing = [n for n, f in fields.items() if n not in kwargs
-               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
-    if missing: raise ConfigError(f"missing key {'.'.join(filter(None, [where, missing[0]]))!r}{suffix}")
+    missing = [
+        n
+        for n, f in fields.items()
+        if n not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
+    if missing:
+        raise ConfigError(f"missing key {'.'.join(filter(None, [where, missing[0]]))!r}{suffix}")
     return cls(**kwargs)
 
 # %% ../nbs/00_core.ipynb #a602c56e
 def to_dict(cfg) -> dict:
     "A YAML/JSON-safe dict of the dataclass `cfg` (Paths become strings, tuples lists)."
+
     def plain(v):
-        if dataclasses.is_dataclass(v): return {f.name: plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
-        if isinstance(v, Path): return str(v)
-        if isinstance(v, (list, tuple)): return [plain(x) for x in v]
-        if isinstance(v, dict): return {k: plain(x) for k, x in v.items()}
-        if isinstance(v, np.generic): return v.item()
+        if dataclasses.is_dataclass(v):
+            return {f.name: plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
+        if isinstance(v, Path):
+            return str(v)
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        if isinstance(v, np.generic):
+            return v.item()
         return v
+
     return plain(cfg)
 
 # %% ../nbs/00_core.ipynb #3d6beedc
@@ -136,99 +175,132 @@ def source_root() -> Path:
     "The folder holding the `seaice_nb` package (the repository root in a source checkout)."
     return Path(seaice_nb.__file__).resolve().parent.parent
 
+
 def config_dirs() -> list[Path]:
     "Folders searched for named presets, in order."
     dirs = [Path(os.environ['SEAICE_CONFIG_DIR'])] if os.environ.get('SEAICE_CONFIG_DIR') else []
     dirs += [Path.cwd() / 'configs', source_root() / 'configs']
     seen, out = set(), []
     for d in dirs:
-        if d.resolve() not in seen: seen.add(d.resolve()); out.append(d)
+        if d.resolve() not in seen:
+            seen.add(d.resolve())
+            out.append(d)
     return out
+
 
 def find_config(name: str | Path) -> Path:
     "Resolve a preset name or a YAML path to an existing file."
     p = Path(name)
     if p.suffix in ('.yaml', '.yml') or p.parent != Path('.'):
-        if p.is_file(): return p
+        if p.is_file():
+            return p
         raise MissingFileError(f"config file {str(p)!r} does not exist")
     for d in config_dirs():
         for ext in ('.yaml', '.yml'):
-            if (d / f"{name}{ext}").is_file(): return d / f"{name}{ext}"
+            if (d / f"{name}{ext}").is_file():
+                return d / f"{name}{ext}"
     known = sorted({f.stem for d in config_dirs() if d.is_dir() for f in d.glob('*.y*ml')})
-    raise MissingFileError(f"no preset named {str(name)!r} in {', '.join(map(str, config_dirs()))}; "
-                           f"known presets: {', '.join(known) or 'none'}")
+    raise MissingFileError(
+        f"no preset named {str(name)!r} in {', '.join(map(str, config_dirs()))}; "
+        f"known presets: {', '.join(known) or 'none'}"
+    )
 
 # %% ../nbs/00_core.ipynb #2b7664c2
 def resolve(spec: str) -> Any:
     "The object named by `'package.module:attr'` (how configs name user code: a model, a dataset builder)."
     import importlib
-    if ':' not in spec: raise ConfigError(f"{spec!r} is not of the form 'package.module:callable'")
+
+    if ':' not in spec:
+        raise ConfigError(f"{spec!r} is not of the form 'package.module:callable'")
     mod, attr = spec.split(':', 1)
-    try: obj = importlib.import_module(mod)
-    except ImportError as e: raise ConfigError(f"cannot import {mod!r} (from {spec!r}): {e}") from None
+    try:
+        obj = importlib.import_module(mod)
+    except ImportError as e:
+        raise ConfigError(f"cannot import {mod!r} (from {spec!r}): {e}") from None
     for a in attr.split('.'):
-        if not hasattr(obj, a): raise ConfigError(f"{mod!r} has no attribute {attr!r}")
+        if not hasattr(obj, a):
+            raise ConfigError(f"{mod!r} has no attribute {attr!r}")
         obj = getattr(obj, a)
     return obj
+
 
 def set_dotted(d: dict, key: str, value) -> dict:
     "Set `d['a']['b'] = value` for `key='a.b'`, creating mappings on the way."
     parts = key.split('.')
-    for p in parts[:-1]: d = d.setdefault(p, {})
+    for p in parts[:-1]:
+        d = d.setdefault(p, {})
     d[parts[-1]] = value
     return d
+
 
 def load_config(src: str | Path | dict, cls, overrides: dict | None = None, kind: str | None = None):
     "Load the preset or YAML file `src` (or a dict) into the dataclass `cls`, applying dotted `overrides`; a top-level `kind:` must equal `kind`."
     source = None
-    if isinstance(src, dict): data = dict(src)
+    if isinstance(src, dict):
+        data = dict(src)
     else:
-        path = find_config(src); source = str(path)
-        try: data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e: raise ConfigError(f"{path} is not valid YAML: {e}") from None
-        if not isinstance(data, dict): raise ConfigError(f"{path} must hold a mapping of keys to values, got {type(data).__name__}")
+        path = find_config(src)
+        source = str(path)
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path} is not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path} must hold a mapping of keys to values, got {type(data).__name__}")
     found = data.pop('kind', None)  # presets say what they configure: `kind: train`
     if kind is not None and found is not None and found != kind:
         raise ConfigError(f"{source or 'config'} is a {found!r} preset, expected a {kind!r} one")
     base = to_dict(from_dict(cls, data, source=source))
-    for k, v in (overrides or {}).items(): set_dotted(base, k, v)
+    for k, v in (overrides or {}).items():
+        set_dotted(base, k, v)
     return from_dict(cls, base, source=source)
+
 
 def parse_overrides(pairs: list[str]) -> dict:
     "Command-line overrides `['a.b=1', 'c=[x, y]']` -> `{'a.b': 1, 'c': ['x', 'y']}` (values read as YAML)."
     out = {}
     for o in pairs:
-        if '=' not in o: raise ConfigError(f"override {o!r} must look like key=value, e.g. -o epochs=5")
+        if '=' not in o:
+            raise ConfigError(f"override {o!r} must look like key=value, e.g. -o epochs=5")
         k, v = o.split('=', 1)
-        try: out[k.strip()] = yaml.safe_load(v)
-        except yaml.YAMLError as e: raise ConfigError(f"override {o!r}: the value is not valid YAML: {e}") from None
+        try:
+            out[k.strip()] = yaml.safe_load(v)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {o!r}: the value is not valid YAML: {e}") from None
     return out
+
 
 def save_config(cfg, path: str | Path) -> Path:
     "Write the resolved config `cfg` as YAML (atomically)."
     path = Path(path)
-    with atomic_write(path, 'w') as f: yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
+    with atomic_write(path, 'w') as f:
+        yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
     return path
 
 # %% ../nbs/00_core.ipynb #1ba48bc6
 @contextmanager
 def atomic_write(path: str | Path, mode: str = 'wb'):
     "Context manager yielding a file object whose content replaces `path` atomically on success."
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".tmp-{path.name}.")
     try:
         with os.fdopen(fd, mode) as f:
             yield f
-            f.flush(); os.fsync(f.fileno())
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True); raise
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
 
 def file_digest(path: str | Path, algo: str = 'md5', chunk: int = 1 << 22) -> str:
     "Hex digest of a file, read in chunks (md5 is what figshare publishes)."
     h = hashlib.new(algo)
     with open(path, 'rb') as f:
-        while b := f.read(chunk): h.update(b)
+        while b := f.read(chunk):
+            h.update(b)
     return h.hexdigest()
 
 # %% ../nbs/00_core.ipynb #7ef1e742
@@ -236,84 +308,133 @@ def seed_everything(seed: int, deterministic: bool = False) -> np.random.Generat
     "Seed Python, NumPy and PyTorch (all devices); with `deterministic`, ask PyTorch for deterministic kernels."
     if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
         raise ConfigError(f"seed must be a non-negative integer, got {seed!r}")
-    random.seed(seed); np.random.seed(seed % 2**32)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
     os.environ['PYTHONHASHSEED'] = str(seed)
     if 'torch' in sys.modules or _torch_available():
         import torch
+
         torch.manual_seed(seed)
         if deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
             torch.backends.cudnn.benchmark = False
     return np.random.default_rng(seed)
 
+
 def _torch_available() -> bool:
     import importlib.util
+
     return importlib.util.find_spec('torch') is not None
 
 # %% ../nbs/00_core.ipynb #86031b84
 def code_version() -> str:
     "Package version plus the git commit of the source checkout when there is one."
     from seaice_nb import __version__
+
     root = source_root()
     try:
-        sha = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], cwd=root, capture_output=True, text=True, timeout=5)
-        if sha.returncode: return __version__
-        dirty = subprocess.run(['git', 'status', '--porcelain', '--untracked-files=no'], cwd=root,
-                               capture_output=True, text=True, timeout=5).stdout.strip()
+        sha = subprocess.run(
+            ['git', 'rev-parse', '--short', 'HEAD'], cwd=root, capture_output=True, text=True, timeout=5
+        )
+        if sha.returncode:
+            return __version__
+        dirty = subprocess.run(
+            ['git', 'status', '--porcelain', '--untracked-files=no'],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        ).stdout.strip()
         return f"{__version__}+g{sha.stdout.strip()}{'.dirty' if dirty else ''}"
-    except (OSError, subprocess.SubprocessError): return __version__
+    except (OSError, subprocess.SubprocessError):
+        return __version__
 
 # %% ../nbs/00_core.ipynb #f8d3b356
-def get_logger(name: str = 'seaice_nb', run_dir: str | Path | None = None, level: str | int = 'INFO') -> logging.Logger:
+def get_logger(
+    name: str = 'seaice_nb', run_dir: str | Path | None = None, level: str | int = 'INFO'
+) -> logging.Logger:
     "The project logger (`name` under `seaice_nb`), logging to stderr and, with `run_dir`, to `run_dir/log.txt`."
-    if not name.startswith('seaice_nb'): name = f"seaice_nb.{name}"
+    if not name.startswith('seaice_nb'):
+        name = f"seaice_nb.{name}"
     root = logging.getLogger('seaice_nb')
     fmt = logging.Formatter('%(asctime)s %(levelname)s %(name)s: %(message)s', '%Y-%m-%d %H:%M:%S')
     if not any(getattr(h, '_seaice', None) == 'stream' for h in root.handlers):
-        h = logging.StreamHandler(); h.setFormatter(fmt); h._seaice = 'stream'; root.addHandler(h)
+        h = logging.StreamHandler()
+        h.setFormatter(fmt)
+        h._seaice = 'stream'
+        root.addHandler(h)
         root.propagate = False
     root.setLevel(level)
     if run_dir is not None:
         target = str(Path(run_dir).resolve() / 'log.txt')
         if not any(getattr(h, 'baseFilename', None) == target for h in root.handlers):
             Path(run_dir).mkdir(parents=True, exist_ok=True)
-            fh = logging.FileHandler(target); fh.setFormatter(fmt); root.addHandler(fh)
+            fh = logging.FileHandler(target)
+            fh.setFormatter(fmt)
+            root.addHandler(fh)
     return logging.getLogger(name)
 
 # %% ../nbs/00_core.ipynb #453ea186
 _NAME_RE = re.compile(r'^[A-Za-z0-9][A-Za-z0-9._-]*$')
 
+
 def _diff_keys(a, b, prefix=''):
     if isinstance(a, dict) and isinstance(b, dict):
-        return [k for key in sorted(set(a) | set(b)) for k in _diff_keys(a.get(key), b.get(key), f"{prefix}{key}.")]
+        return [
+            k
+            for key in sorted(set(a) | set(b))
+            for k in _diff_keys(a.get(key), b.get(key), f"{prefix}{key}.")
+        ]
     return [] if a == b else [prefix.rstrip('.')]
 
-def make_run_dir(name: str, # run name, e.g. 'tsvit_v2'; letters, digits, '.', '_' and '-'
-                 config=None, # dataclass config to save as config.yaml
-                 root: str | Path = 'runs', # parent folder of all runs
-                 date: dt.date | str | None = None, # defaults to today (UTC)
-                 resume: bool = False, # reuse an existing directory with the same config
-                ) -> Path:
+
+def make_run_dir(
+    name: str,  # run name, e.g. 'tsvit_v2'; letters, digits, '.', '_' and '-'
+    config=None,  # dataclass config to save as config.yaml
+    root: str | Path = 'runs',  # parent folder of all runs
+    date: dt.date | str | None = None,  # defaults to today (UTC)
+    resume: bool = False,  # reuse an existing directory with the same config
+) -> Path:
     "Create (or with `resume`, reopen) `root/<date>_<name>/` and save the resolved config and run metadata."
     if not isinstance(name, str) or not _NAME_RE.match(name):
-        raise ConfigError(f"run name {name!r} must be letters, digits, '.', '_' or '-' (no spaces or slashes)")
+        raise ConfigError(
+            f"run name {name!r} must be letters, digits, '.', '_' or '-' (no spaces or slashes)"
+        )
     date = date or dt.datetime.now(dt.timezone.utc).date()
     base = Path(root) / f"{date}_{name}"
     run, i = base, 1
     if resume and base.exists() and config is not None and (base / 'config.yaml').exists():
         saved = yaml.safe_load((base / 'config.yaml').read_text())
         diff = _diff_keys(saved, to_dict(config))
-        if diff: raise ConfigError(f"cannot resume {base}: its config differs in {', '.join(diff)}; "
-                                   f"use a new run name or the saved config")
+        if diff:
+            raise ConfigError(
+                f"cannot resume {base}: its config differs in {', '.join(diff)}; "
+                f"use a new run name or the saved config"
+            )
     while run.exists() and not resume:
-        i += 1; run = base.with_name(f"{base.name}-{i}")
+        i += 1
+        run = base.with_name(f"{base.name}-{i}")
     run.mkdir(parents=True, exist_ok=True)
-    if config is not None and not (run / 'config.yaml').exists(): save_config(config, run / 'config.yaml')
+    if config is not None and not (run / 'config.yaml').exists():
+        save_config(config, run / 'config.yaml')
     meta_path = run / 'run.json'
-    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {
-        'name': name, 'created': dt.datetime.now(dt.timezone.utc).isoformat(timespec='seconds'),
-        'code_version': code_version(), 'host': socket.gethostname(), 'python': sys.version.split()[0]}
-    meta.setdefault('starts', []).append({'time': dt.datetime.now(dt.timezone.utc).isoformat(timespec='seconds'),
-                                          'slurm_job_id': os.environ.get('SLURM_JOB_ID')})
-    with atomic_write(meta_path, 'w') as f: json.dump(meta, f, indent=1)
+    meta = (
+        json.loads(meta_path.read_text())
+        if meta_path.exists()
+        else {
+            'name': name,
+            'created': dt.datetime.now(dt.timezone.utc).isoformat(timespec='seconds'),
+            'code_version': code_version(),
+            'host': socket.gethostname(),
+            'python': sys.version.split()[0],
+        }
+    )
+    meta.setdefault('starts', []).append(
+        {
+            'time': dt.datetime.now(dt.timezone.utc).isoformat(timespec='seconds'),
+            'slurm_job_id': os.environ.get('SLURM_JOB_ID'),
+        }
+    )
+    with atomic_write(meta_path, 'w') as f:
+        json.dump(meta, f, indent=1)
     return run

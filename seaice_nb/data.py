@@ -24,226 +24,390 @@ __all__ = ['resolve_memory_budget', 'SceneStore', 'crop_sample', 'flip_rotate', 
 # %% ../nbs/23_data.ipynb #565bafca
 def _parse_bytes(v) -> int:
     "'4GB', '512MiB', '2e9' or an int -> bytes."
-    if isinstance(v, (int, float)): return int(v)
+    if isinstance(v, (int, float)):
+        return int(v)
     s = str(v).strip().upper().replace(' ', '')
-    units = {'KIB': 2**10, 'MIB': 2**20, 'GIB': 2**30, 'TIB': 2**40, 'KB': 10**3, 'MB': 10**6, 'GB': 10**9, 'TB': 10**12, 'B': 1}
+    units = {
+        'KIB': 2**10,
+        'MIB': 2**20,
+        'GIB': 2**30,
+        'TIB': 2**40,
+        'KB': 10**3,
+        'MB': 10**6,
+        'GB': 10**9,
+        'TB': 10**12,
+        'B': 1,
+    }
     for u, k in units.items():
         if s.endswith(u):
-            try: return int(float(s[:-len(u)]) * k)
-            except ValueError: break
-    try: return int(float(s))
-    except ValueError: raise ConfigError(f"memory budget {v!r} is not a size like '4GB', '512MiB' or a number of bytes") from None
+            try:
+                return int(float(s[: -len(u)]) * k)
+            except ValueError:
+                break
+    try:
+        return int(float(s))
+    except ValueError:
+        raise ConfigError(
+            f"memory budget {v!r} is not a size like '4GB', '512MiB' or a number of bytes"
+        ) from None
+
 
 def _available_bytes() -> int:
     try:
         for line in Path('/proc/meminfo').read_text().splitlines():
-            if line.startswith('MemAvailable:'): return int(line.split()[1]) * 1024
-    except OSError: pass
+            if line.startswith('MemAvailable:'):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return 8 * 10**9
 
-def resolve_memory_budget(budget: int | str | None = None, # bytes or a size string; None: the default below
-                 ) -> int:
+
+def resolve_memory_budget(
+    budget: int | str | None = None,  # bytes or a size string; None: the default below
+) -> int:
     "Bytes this process may spend holding store arrays: `budget`, else $SEAICE_MEMORY_BUDGET, else 1/4 of available memory / local DDP ranks (<= 8 GB)."
-    if budget is not None: return _parse_bytes(budget)
-    if os.environ.get('SEAICE_MEMORY_BUDGET'): return _parse_bytes(os.environ['SEAICE_MEMORY_BUDGET'])
+    if budget is not None:
+        return _parse_bytes(budget)
+    if os.environ.get('SEAICE_MEMORY_BUDGET'):
+        return _parse_bytes(os.environ['SEAICE_MEMORY_BUDGET'])
     ranks = max(1, int(os.environ.get('LOCAL_WORLD_SIZE', '1') or 1))
     return min(8 * 10**9, _available_bytes() // 4 // ranks)
 
+
 def _in_memory_mode(v) -> bool | str:
-    if isinstance(v, str) and v.lower() in ('auto', 'true', 'false'): return {'auto': 'auto', 'true': True, 'false': False}[v.lower()]
-    if isinstance(v, bool): return v
+    if isinstance(v, str) and v.lower() in ('auto', 'true', 'false'):
+        return {'auto': 'auto', 'true': True, 'false': False}[v.lower()]
+    if isinstance(v, bool):
+        return v
     raise ConfigError(f"in_memory must be 'auto', True or False, got {v!r}")
+
 
 _KEYS = ('image', 'valid', 'doy', 'days_before', 'sic', 'sod', 'floe', 'amsr2', 'era5')
 
+
 class SceneStore:
     "Read-only access to the scene groups of a preprocessed zarr store (numpy in memory within a budget, or lazy zarr reads)."
-    def __init__(self, root: str | Path, # store folder written by `seaice preprocess`
-                 scenes: list[str] | None = None, # scene names to use (None: all complete groups)
-                 in_memory: bool | str = 'auto', # 'auto': load when the scenes fit `memory_budget`, else read lazily; True/False force
-                 memory_budget: int | str | None = None, # bytes per process, e.g. '4GB' (None: see `resolve_memory_budget`)
-                ):
+
+    def __init__(
+        self,
+        root: str | Path,  # store folder written by `seaice preprocess`
+        scenes: list[str] | None = None,  # scene names to use (None: all complete groups)
+        in_memory: bool
+        | str = 'auto',  # 'auto': load when the scenes fit `memory_budget`, else read lazily; True/False force
+        memory_budget: int
+        | str
+        | None = None,  # bytes per process, e.g. '4GB' (None: see `resolve_memory_budget`)
+    ):
         import zarr
         from seaice_nb.preprocess import done_scenes, open_store
+
         self.root = open_store(root)
         have = done_scenes(self.root)
-        if scenes is None: scenes = have
+        if scenes is None:
+            scenes = have
         missing = [s for s in scenes if s not in have]
-        if missing: raise MissingFileError(f"{len(missing)} scenes are not in {self.root} (first: {missing[0]}); "
-                                           f"preprocess them or fix the split manifest")
-        if not scenes: raise DataError(f"{self.root} holds no complete scenes")
+        if missing:
+            raise MissingFileError(
+                f"{len(missing)} scenes are not in {self.root} (first: {missing[0]}); "
+                f"preprocess them or fix the split manifest"
+            )
+        if not scenes:
+            raise DataError(f"{self.root} holds no complete scenes")
         self.names, self._data = list(scenes), {}
         g = zarr.open_group(self.root / self.names[0], mode='r')
         a = dict(g.attrs)
         self.channels = list(g['image'].attrs['channel_names'])
-        self.amsr2_channels = list(g['amsr2'].attrs['channel_names']); self.era5_channels = list(g['era5'].attrs['channel_names'])
+        self.amsr2_channels = list(g['amsr2'].attrs['channel_names'])
+        self.era5_channels = list(g['era5'].attrs['channel_names'])
         self.factor, self.coarse_factor = int(a['seaice:factor']), int(a['seaice:coarse_factor'])
         self.params = json.loads(a['seaice:params'])
         self.meta, self.nbytes = {}, 0
         for n in self.names:
             g = zarr.open_group(self.root / n, mode='r')
             a = dict(g.attrs)
-            if list(g['image'].attrs['channel_names']) != self.channels or int(a['seaice:coarse_factor']) != self.coarse_factor:
-                raise DataError(f"scene {n} in {self.root} was preprocessed with other channels or coarse factor than {self.names[0]}")
-            self.meta[n] = {'scene': n, 'ice_service': a['seaice:ice_service'], 'region': a['seaice:region'],
-                            'date': a['seaice:date'][:10], 'shape': tuple(g['sic'].shape), 'n_frames': g['image'].shape[0]}
+            if (
+                list(g['image'].attrs['channel_names']) != self.channels
+                or int(a['seaice:coarse_factor']) != self.coarse_factor
+            ):
+                raise DataError(
+                    f"scene {n} in {self.root} was preprocessed with other channels or coarse factor than {self.names[0]}"
+                )
+            self.meta[n] = {
+                'scene': n,
+                'ice_service': a['seaice:ice_service'],
+                'region': a['seaice:region'],
+                'date': a['seaice:date'][:10],
+                'shape': tuple(g['sic'].shape),
+                'n_frames': g['image'].shape[0],
+            }
             self.nbytes += sum(math.prod(g[k].shape) * g[k].dtype.itemsize for k in _KEYS)
         self.memory_budget = resolve_memory_budget(memory_budget)
         mode = _in_memory_mode(in_memory)
         fits = self.nbytes <= self.memory_budget
         self.in_memory = fits if mode == 'auto' else mode
-        self.why = (f"{'in memory' if self.in_memory else 'lazy reads'}: {len(self.names)} scenes need {self.nbytes / 2**30:.2f} GB, "
-                    f"budget {self.memory_budget / 2**30:.2f} GB (in_memory={in_memory!r})")
-        if mode == 'auto' and not fits: self.why += "; raise memory_budget (data.memory_budget_gb) or set in_memory=True to hold them"
+        self.why = (
+            f"{'in memory' if self.in_memory else 'lazy reads'}: {len(self.names)} scenes need {self.nbytes / 2**30:.2f} GB, "
+            f"budget {self.memory_budget / 2**30:.2f} GB (in_memory={in_memory!r})"
+        )
+        if mode == 'auto' and not fits:
+            self.why += "; raise memory_budget (data.memory_budget_gb) or set in_memory=True to hold them"
         if mode is True and not fits:
-            self.why += ("; over budget: every DDP rank and loader process holds its own copy, "
-                         "in_memory='auto' would read lazily instead")
+            self.why += (
+                "; over budget: every DDP rank and loader process holds its own copy, "
+                "in_memory='auto' would read lazily instead"
+            )
             get_logger('data').warning(f"{self.root}: {self.why}")
 
-    def __len__(self): return len(self.names)
+    def __len__(self):
+        return len(self.names)
 
     def arrays(self, name: str) -> dict:
         "The arrays of scene `name` (numpy when in memory, zarr arrays otherwise; cached per process)."
         if name not in self._data:
             import zarr
+
             g = zarr.open_group(self.root / name, mode='r')
             d = {k: g[k] for k in _KEYS}
-            if self.in_memory: d = {k: v[...] for k, v in d.items()}
-            else: d.update({k: d[k][...] for k in ('doy', 'days_before')})
+            if self.in_memory:
+                d = {k: v[...] for k, v in d.items()}
+            else:
+                d.update({k: d[k][...] for k in ('doy', 'days_before')})
             self._data[name] = d
         return self._data[name]
 
-    def __getstate__(self):  # workers reopen zarr arrays themselves; in-memory numpy arrays are pickled once per worker
+    def __getstate__(
+        self,
+    ):  # workers reopen zarr arrays themselves; in-memory numpy arrays are pickled once per worker
         s = dict(self.__dict__)
-        if not self.in_memory: s['_data'] = {}
+        if not self.in_memory:
+            s['_data'] = {}
         return s
 
 # %% ../nbs/23_data.ipynb #524e4b4b
 def _window(a, y0: int, x0: int, h: int, w: int, fill, lead: tuple = (), pick: list[int] | None = None):
     "a[lead..., pick, y0:y0+h, x0:x0+w] with out-of-range parts filled (numpy or zarr; reads only the picked channels)."
     H, W = a.shape[-2:]
-    ys, xs = max(y0, 0), max(x0, 0); ye, xe = min(y0 + h, H), min(x0 + w, W)
+    ys, xs = max(y0, 0), max(x0, 0)
+    ye, xe = min(y0 + h, H), min(x0 + w, W)
     mid = (slice(None),) * (a.ndim - 2 - len(lead) - (pick is not None))
-    key = lead + ((pick,) if pick is not None else ()) + mid + (slice(ys, max(ye, ys)), slice(xs, max(xe, xs)))
-    if pick is not None and not isinstance(a, np.ndarray): part = np.asarray(a.oindex[key])  # zarr: only those chunks
-    elif pick is not None: part = a[lead][(slice(None), pick) + key[len(lead) + 1:]] if lead else a[key]
-    else: part = np.asarray(a[key])
-    if (ys, xs, ye, xe) == (y0, x0, y0 + h, x0 + w): return part
+    key = (
+        lead + ((pick,) if pick is not None else ()) + mid + (slice(ys, max(ye, ys)), slice(xs, max(xe, xs)))
+    )
+    if pick is not None and not isinstance(a, np.ndarray):
+        part = np.asarray(a.oindex[key])  # zarr: only those chunks
+    elif pick is not None:
+        part = a[lead][(slice(None), pick) + key[len(lead) + 1 :]] if lead else a[key]
+    else:
+        part = np.asarray(a[key])
+    if (ys, xs, ye, xe) == (y0, x0, y0 + h, x0 + w):
+        return part
     out = np.full(part.shape[:-2] + (h, w), fill, dtype=part.dtype)
-    if ye > ys and xe > xs: out[..., ys - y0:ye - y0, xs - x0:xe - x0] = part
+    if ye > ys and xe > xs:
+        out[..., ys - y0 : ye - y0, xs - x0 : xe - x0] = part
     return out
 
-def crop_sample(arr: dict, # SceneStore.arrays() of one scene
-                meta: dict, # SceneStore.meta of that scene
-                y0: int, x0: int, h: int, w: int, # window on the SAR grid
-                n_frames: int, # T: frames in the sample (stored stacks are cut or zero-padded at the old end)
-                coarse_factor: int, # SAR-grid pixels per coarse cell
-                channels: list[int] | None = None, # channel indices (None: all)
-               ) -> dict:
+
+def crop_sample(
+    arr: dict,  # SceneStore.arrays() of one scene
+    meta: dict,  # SceneStore.meta of that scene
+    y0: int,
+    x0: int,
+    h: int,
+    w: int,  # window on the SAR grid
+    n_frames: int,  # T: frames in the sample (stored stacks are cut or zero-padded at the old end)
+    coarse_factor: int,  # SAR-grid pixels per coarse cell
+    channels: list[int] | None = None,  # channel indices (None: all)
+) -> dict:
     "A sample dict of numpy arrays for one window (see the data card)."
     if y0 % coarse_factor or x0 % coarse_factor or h % coarse_factor or w % coarse_factor:
-        raise ConfigError(f"window ({y0}, {x0}, {h}, {w}) must be multiples of the coarse factor {coarse_factor}")
-    Ts = arr['image'].shape[0]; k = min(Ts, n_frames)
+        raise ConfigError(
+            f"window ({y0}, {x0}, {h}, {w}) must be multiples of the coarse factor {coarse_factor}"
+        )
+    Ts = arr['image'].shape[0]
+    k = min(Ts, n_frames)
     lead = (slice(Ts - k, Ts),)
-    img = _window(arr['image'], y0, x0, h, w, 0, lead, channels)  # only the window and the channels asked for are read
+    img = _window(
+        arr['image'], y0, x0, h, w, 0, lead, channels
+    )  # only the window and the channels asked for are read
     val = _window(arr['valid'], y0, x0, h, w, False, lead)
     pad = n_frames - k
-    image = np.zeros((n_frames,) + img.shape[1:], np.float32); image[pad:] = img
-    valid = np.zeros((n_frames, h, w), bool); valid[pad:] = val
-    fm = np.zeros(n_frames, bool); fm[pad:] = True
-    doy = np.zeros(n_frames, np.int64); doy[pad:] = arr['doy'][Ts - k:]
-    days = np.zeros(n_frames, np.int64); days[pad:] = arr['days_before'][Ts - k:]
+    image = np.zeros((n_frames,) + img.shape[1:], np.float32)
+    image[pad:] = img
+    valid = np.zeros((n_frames, h, w), bool)
+    valid[pad:] = val
+    fm = np.zeros(n_frames, bool)
+    fm[pad:] = True
+    doy = np.zeros(n_frames, np.int64)
+    doy[pad:] = arr['doy'][Ts - k :]
+    days = np.zeros(n_frames, np.int64)
+    days[pad:] = arr['days_before'][Ts - k :]
     cf = coarse_factor
-    out = dict(image=image, valid=valid, frame_mask=fm, doy=doy, days_before=days,
-               **{c: _window(arr[c], y0, x0, h, w, 255).astype(np.int64) for c in CHARTS},
-               amsr2=_window(arr['amsr2'], y0 // cf, x0 // cf, h // cf, w // cf, 0).astype(np.float32),
-               era5=_window(arr['era5'], y0 // cf, x0 // cf, h // cf, w // cf, 0).astype(np.float32))
-    out['meta'] = {'scene': meta['scene'], 'ice_service': meta['ice_service'], 'region': meta['region'],
-                   'date': meta['date'], 'y0': int(y0), 'x0': int(x0)}
+    out = dict(
+        image=image,
+        valid=valid,
+        frame_mask=fm,
+        doy=doy,
+        days_before=days,
+        **{c: _window(arr[c], y0, x0, h, w, 255).astype(np.int64) for c in CHARTS},
+        amsr2=_window(arr['amsr2'], y0 // cf, x0 // cf, h // cf, w // cf, 0).astype(np.float32),
+        era5=_window(arr['era5'], y0 // cf, x0 // cf, h // cf, w // cf, 0).astype(np.float32),
+    )
+    out['meta'] = {
+        'scene': meta['scene'],
+        'ice_service': meta['ice_service'],
+        'region': meta['region'],
+        'date': meta['date'],
+        'y0': int(y0),
+        'x0': int(x0),
+    }
     return out
 
 # %% ../nbs/23_data.ipynb #33c85f48
 _SPATIAL = ('image', 'valid', 'sic', 'sod', 'floe', 'amsr2', 'era5')
 
-def _wind_pairs(names: list[str]) -> list[tuple[int, int]]:
-    return [(names.index('u10m_rotated'), names.index('v10m_rotated'))] if {'u10m_rotated', 'v10m_rotated'} <= set(names) else []
 
-def flip_rotate(s: dict, # sample of numpy arrays (spatial dims last)
-                k: int, # quarter turns counter-clockwise (np.rot90)
-                flip: bool, # mirror left-right first
-                wind: dict | None = None, # {key: [(u index, v index)]} channel pairs holding wind components, per key
-               ) -> dict:
+def _wind_pairs(names: list[str]) -> list[tuple[int, int]]:
+    return (
+        [(names.index('u10m_rotated'), names.index('v10m_rotated'))]
+        if {'u10m_rotated', 'v10m_rotated'} <= set(names)
+        else []
+    )
+
+
+def flip_rotate(
+    s: dict,  # sample of numpy arrays (spatial dims last)
+    k: int,  # quarter turns counter-clockwise (np.rot90)
+    flip: bool,  # mirror left-right first
+    wind: dict | None = None,  # {key: [(u index, v index)]} channel pairs holding wind components, per key
+) -> dict:
     "Apply a flip and `k` quarter turns to every spatial array of `s`, rotating wind components with them."
     from seaice_nb.scenes import STATS
+
     out = dict(s)
     for key in _SPATIAL:
-        if key not in s: continue
+        if key not in s:
+            continue
         a = s[key]
-        if flip: a = a[..., ::-1]
-        if k % 4: a = np.rot90(a, k % 4, axes=(-2, -1))
+        if flip:
+            a = a[..., ::-1]
+        if k % 4:
+            a = np.rot90(a, k % 4, axes=(-2, -1))
         out[key] = np.ascontiguousarray(a)
     for key, pairs in (wind or {}).items():
-        a = out[key]; ax = -3  # channel axis
+        a = out[key]
+        ax = -3  # channel axis
         for iu, iv in pairs:
             (mu, su), (mv, sv) = STATS['u10m_rotated'], STATS['v10m_rotated']
-            u = np.take(a, iu, ax) * su + mu; v = np.take(a, iv, ax) * sv + mv
-            if flip: u = -u
-            for _ in range(k % 4): u, v = -v, u
-            idx_u = [slice(None)] * a.ndim; idx_u[ax] = iu; idx_v = list(idx_u); idx_v[ax] = iv
-            keep = out['valid'] if key == 'image' and 'valid' in out else True  # invalid and padding pixels stay 0
-            a[tuple(idx_u)] = np.where(keep, (u - mu) / su, 0); a[tuple(idx_v)] = np.where(keep, (v - mv) / sv, 0)
+            u = np.take(a, iu, ax) * su + mu
+            v = np.take(a, iv, ax) * sv + mv
+            if flip:
+                u = -u
+            for _ in range(k % 4):
+                u, v = -v, u
+            idx_u = [slice(None)] * a.ndim
+            idx_u[ax] = iu
+            idx_v = list(idx_u)
+            idx_v[ax] = iv
+            keep = (
+                out['valid'] if key == 'image' and 'valid' in out else True
+            )  # invalid and padding pixels stay 0
+            a[tuple(idx_u)] = np.where(keep, (u - mu) / su, 0)
+            a[tuple(idx_v)] = np.where(keep, (v - mv) / sv, 0)
     return out
 
 # %% ../nbs/23_data.ipynb #7750fccb
 class PatchDataset(Dataset):
     "Random training patches `[T, C, P, P]` from a preprocessed store (see the data card above)."
-    def __init__(self, root: str | Path | SceneStore, # store folder (or an open SceneStore)
-                 scenes: list[str] | None = None, # scene names, e.g. `splits.scenes_of(manifest, 'train')`
-                 patch_size: int = 256, # P, a multiple of the store's coarse factor
-                 n_frames: int = 1, # T (1 = target frame only)
-                 channels: list[str] | None = None, # subset of the stored channels, in this order (None: all)
-                 min_valid: float = 0.3, # fraction of valid, labelled target pixels a window needs
-                 jitter: bool = True, # random shift of up to half a stride
-                 augment: bool = True, # random flips / quarter turns
-                 seed: int = 0, # randomness of items (with the epoch)
-                 in_memory: bool | str = 'auto', # 'auto': hold the store in memory when it fits `memory_budget`, else lazy reads
-                 memory_budget: int | str | None = None, # bytes per process, e.g. '4GB' (None: `resolve_memory_budget`)
-                ):
-        self.store = root if isinstance(root, SceneStore) else SceneStore(root, scenes, in_memory, memory_budget)
+
+    def __init__(
+        self,
+        root: str | Path | SceneStore,  # store folder (or an open SceneStore)
+        scenes: list[str] | None = None,  # scene names, e.g. `splits.scenes_of(manifest, 'train')`
+        patch_size: int = 256,  # P, a multiple of the store's coarse factor
+        n_frames: int = 1,  # T (1 = target frame only)
+        channels: list[str] | None = None,  # subset of the stored channels, in this order (None: all)
+        min_valid: float = 0.3,  # fraction of valid, labelled target pixels a window needs
+        jitter: bool = True,  # random shift of up to half a stride
+        augment: bool = True,  # random flips / quarter turns
+        seed: int = 0,  # randomness of items (with the epoch)
+        in_memory: bool
+        | str = 'auto',  # 'auto': hold the store in memory when it fits `memory_budget`, else lazy reads
+        memory_budget: int
+        | str
+        | None = None,  # bytes per process, e.g. '4GB' (None: `resolve_memory_budget`)
+    ):
+        self.store = (
+            root if isinstance(root, SceneStore) else SceneStore(root, scenes, in_memory, memory_budget)
+        )
         cf = self.store.coarse_factor
-        if patch_size <= 0 or patch_size % cf: raise ConfigError(f"patch_size={patch_size} must be a positive multiple of the coarse factor {cf}")
-        if n_frames < 1: raise ConfigError(f"n_frames must be >= 1, got {n_frames}")
+        if patch_size <= 0 or patch_size % cf:
+            raise ConfigError(
+                f"patch_size={patch_size} must be a positive multiple of the coarse factor {cf}"
+            )
+        if n_frames < 1:
+            raise ConfigError(f"n_frames must be >= 1, got {n_frames}")
         self.channels = list(channels) if channels is not None else list(self.store.channels)
         bad = [c for c in self.channels if c not in self.store.channels]
-        if bad: raise ConfigError(f"channel {bad[0]!r} is not in the store; stored: {', '.join(self.store.channels)}")
-        self._ch = None if self.channels == self.store.channels else [self.store.channels.index(c) for c in self.channels]
+        if bad:
+            raise ConfigError(
+                f"channel {bad[0]!r} is not in the store; stored: {', '.join(self.store.channels)}"
+            )
+        self._ch = (
+            None
+            if self.channels == self.store.channels
+            else [self.store.channels.index(c) for c in self.channels]
+        )
         self.amsr2_channels, self.era5_channels = self.store.amsr2_channels, self.store.era5_channels
         self.coarse_factor = cf
-        self.patch_size, self.n_frames, self.jitter, self.augment, self.seed, self.epoch = patch_size, n_frames, jitter, augment, seed, 0
+        self.patch_size, self.n_frames, self.jitter, self.augment, self.seed, self.epoch = (
+            patch_size,
+            n_frames,
+            jitter,
+            augment,
+            seed,
+            0,
+        )
         self.stride = max(cf, patch_size // 2 // cf * cf)
-        self._wind = {k: p for k, p in (('image', _wind_pairs(self.channels)), ('era5', _wind_pairs(self.era5_channels))) if p}
+        self._wind = {
+            k: p
+            for k, p in (('image', _wind_pairs(self.channels)), ('era5', _wind_pairs(self.era5_channels)))
+            if p
+        }
         self.windows, hist = [], {c: [] for c in CHARTS}
         for si, n in enumerate(self.store.names):
             a = self.store.arrays(n)
             H, W = self.store.meta[n]['shape']
-            ok = np.asarray(a['valid'][-1]) & (np.asarray(a['sod']) != 255) if self.store.in_memory else \
-                 np.asarray(a['valid'][-1, :, :]) & (np.asarray(a['sod'][...]) != 255)
+            ok = (
+                np.asarray(a['valid'][-1]) & (np.asarray(a['sod']) != 255)
+                if self.store.in_memory
+                else np.asarray(a['valid'][-1, :, :]) & (np.asarray(a['sod'][...]) != 255)
+            )
             charts = {c: np.asarray(a[c][...]) for c in CHARTS}
             for y0 in range(0, max(H - patch_size, 0) + 1, self.stride):
                 for x0 in range(0, max(W - patch_size, 0) + 1, self.stride):
-                    win = ok[y0:y0 + patch_size, x0:x0 + patch_size]
-                    if win.sum() < min_valid * patch_size * patch_size: continue
+                    win = ok[y0 : y0 + patch_size, x0 : x0 + patch_size]
+                    if win.sum() < min_valid * patch_size * patch_size:
+                        continue
                     self.windows.append((si, y0, x0))
                     for c in hist:
-                        v = charts[c][y0:y0 + patch_size, x0:x0 + patch_size]
-                        hist[c].append(np.bincount(v[v != 255].ravel(), minlength=N_CLASSES[c.upper()])[:N_CLASSES[c.upper()]])
+                        v = charts[c][y0 : y0 + patch_size, x0 : x0 + patch_size]
+                        hist[c].append(
+                            np.bincount(v[v != 255].ravel(), minlength=N_CLASSES[c.upper()])[
+                                : N_CLASSES[c.upper()]
+                            ]
+                        )
         if not self.windows:
-            raise DataError(f"no {patch_size}-px window of the {len(self.store)} scenes has {min_valid:.0%} valid labelled pixels; "
-                            f"lower min_valid or patch_size")
+            raise DataError(
+                f"no {patch_size}-px window of the {len(self.store)} scenes has {min_valid:.0%} valid labelled pixels; "
+                f"lower min_valid or patch_size"
+            )
         self.class_hist = {c: np.stack(v) for c, v in hist.items()}
 
-    def __len__(self): return len(self.windows)
-    def set_epoch(self, epoch: int): self.epoch = epoch
+    def __len__(self):
+        return len(self.windows)
+
+    def set_epoch(self, epoch: int):
+        self.epoch = epoch
 
     def __getitem__(self, i: int) -> dict:
         si, y0, x0 = self.windows[i]
@@ -253,11 +417,17 @@ class PatchDataset(Dataset):
         if self.jitter:
             H, W = self.store.meta[name]['shape']
             j = self.stride // 2 // cf
-            if j: y0 = int(np.clip(y0 + cf * rng.integers(-j, j + 1), 0, max(0, (H - P) // cf * cf)))
-            if j: x0 = int(np.clip(x0 + cf * rng.integers(-j, j + 1), 0, max(0, (W - P) // cf * cf)))
-        s = crop_sample(self.store.arrays(name), self.store.meta[name], y0, x0, P, P, self.n_frames, cf, self._ch)
-        if self.augment: s = flip_rotate(s, int(rng.integers(4)), bool(rng.integers(2)), self._wind)
+            if j:
+                y0 = int(np.clip(y0 + cf * rng.integers(-j, j + 1), 0, max(0, (H - P) // cf * cf)))
+            if j:
+                x0 = int(np.clip(x0 + cf * rng.integers(-j, j + 1), 0, max(0, (W - P) // cf * cf)))
+        s = crop_sample(
+            self.store.arrays(name), self.store.meta[name], y0, x0, P, P, self.n_frames, cf, self._ch
+        )
+        if self.augment:
+            s = flip_rotate(s, int(rng.integers(4)), bool(rng.integers(2)), self._wind)
         return to_tensors(s)
+
 
 def to_tensors(s: dict) -> dict:
     "numpy sample -> tensors (meta stays plain)."
@@ -266,13 +436,17 @@ def to_tensors(s: dict) -> dict:
 # %% ../nbs/23_data.ipynb #892087e0
 class RareClassSampler(Sampler):
     "Draw PatchDataset windows with weights favouring rare classes of `task` (the seed team's reweighting sampler)."
-    def __init__(self, dataset: PatchDataset, # the dataset to sample
-                 task: str = 'sod', # chart whose rare classes are favoured: 'sic', 'sod' or 'floe'
-                 power: float = 0.5, # 0 uniform .. 1 full inverse-frequency weighting
-                 num_samples: int | None = None, # draws per epoch (None: len(dataset))
-                 seed: int = 0,
-                ):
-        if task not in dataset.class_hist: raise ConfigError(f"task must be one of sic, sod, floe; got {task!r}")
+
+    def __init__(
+        self,
+        dataset: PatchDataset,  # the dataset to sample
+        task: str = 'sod',  # chart whose rare classes are favoured: 'sic', 'sod' or 'floe'
+        power: float = 0.5,  # 0 uniform .. 1 full inverse-frequency weighting
+        num_samples: int | None = None,  # draws per epoch (None: len(dataset))
+        seed: int = 0,
+    ):
+        if task not in dataset.class_hist:
+            raise ConfigError(f"task must be one of sic, sod, floe; got {task!r}")
         h = dataset.class_hist[task].astype(np.float64)
         freq = h.sum(0) / max(h.sum(), 1)
         inv = np.where(freq > 0, 1 / np.maximum(freq, 1e-12), 0) ** power
@@ -280,8 +454,12 @@ class RareClassSampler(Sampler):
         self.weights = torch.as_tensor(np.where(h.sum(1) > 0, w, w[w > 0].min() if (w > 0).any() else 1.0))
         self.num_samples, self.seed, self.epoch, self.dataset = num_samples or len(dataset), seed, 0, dataset
 
-    def set_epoch(self, epoch: int): self.epoch = epoch
-    def __len__(self): return self.num_samples
+    def set_epoch(self, epoch: int):
+        self.epoch = epoch
+
+    def __len__(self):
+        return self.num_samples
+
     def __iter__(self):
         g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
         return iter(torch.multinomial(self.weights, self.num_samples, replacement=True, generator=g).tolist())
@@ -289,97 +467,163 @@ class RareClassSampler(Sampler):
 # %% ../nbs/23_data.ipynb #3b44fd19
 class SceneDataset(Dataset):
     "Full scenes or sliding tiles of a preprocessed store, in a fixed order, without augmentation."
-    def __init__(self, root: str | Path | SceneStore, # store folder (or an open SceneStore)
-                 scenes: list[str] | None = None, # scene names (None: all)
-                 n_frames: int = 1, # T
-                 channels: list[str] | None = None, # subset of the stored channels (None: all)
-                 tile: int | None = None, # tile size (None: whole scenes)
-                 overlap: int = 0, # tile overlap in pixels
-                 in_memory: bool | str = False, # evaluation reads each tile once: no need to hold the store
-                 memory_budget: int | str | None = None, # bytes per process when in_memory='auto'
-                ):
-        self.store = root if isinstance(root, SceneStore) else SceneStore(root, scenes, in_memory, memory_budget)
+
+    def __init__(
+        self,
+        root: str | Path | SceneStore,  # store folder (or an open SceneStore)
+        scenes: list[str] | None = None,  # scene names (None: all)
+        n_frames: int = 1,  # T
+        channels: list[str] | None = None,  # subset of the stored channels (None: all)
+        tile: int | None = None,  # tile size (None: whole scenes)
+        overlap: int = 0,  # tile overlap in pixels
+        in_memory: bool | str = False,  # evaluation reads each tile once: no need to hold the store
+        memory_budget: int | str | None = None,  # bytes per process when in_memory='auto'
+    ):
+        self.store = (
+            root if isinstance(root, SceneStore) else SceneStore(root, scenes, in_memory, memory_budget)
+        )
         cf = self.coarse_factor = self.store.coarse_factor
         self.channels = list(channels) if channels is not None else list(self.store.channels)
         bad = [c for c in self.channels if c not in self.store.channels]
-        if bad: raise ConfigError(f"channel {bad[0]!r} is not in the store; stored: {', '.join(self.store.channels)}")
-        self._ch = None if self.channels == self.store.channels else [self.store.channels.index(c) for c in self.channels]
-        self.amsr2_channels, self.era5_channels, self.n_frames = self.store.amsr2_channels, self.store.era5_channels, n_frames
-        if tile is not None and (tile <= 0 or tile % cf): raise ConfigError(f"tile={tile} must be a positive multiple of the coarse factor {cf}")
+        if bad:
+            raise ConfigError(
+                f"channel {bad[0]!r} is not in the store; stored: {', '.join(self.store.channels)}"
+            )
+        self._ch = (
+            None
+            if self.channels == self.store.channels
+            else [self.store.channels.index(c) for c in self.channels]
+        )
+        self.amsr2_channels, self.era5_channels, self.n_frames = (
+            self.store.amsr2_channels,
+            self.store.era5_channels,
+            n_frames,
+        )
+        if tile is not None and (tile <= 0 or tile % cf):
+            raise ConfigError(f"tile={tile} must be a positive multiple of the coarse factor {cf}")
         step = (tile - overlap) if tile else None
-        if tile and (step <= 0 or step % cf): raise ConfigError(f"tile - overlap = {step} must be a positive multiple of the coarse factor {cf}")
+        if tile and (step <= 0 or step % cf):
+            raise ConfigError(
+                f"tile - overlap = {step} must be a positive multiple of the coarse factor {cf}"
+            )
         self.items = []
         for si, n in enumerate(self.store.names):
             H, W = self.store.meta[n]['shape']
-            if tile is None: self.items.append((si, 0, 0, -(-H // cf) * cf, -(-W // cf) * cf))
+            if tile is None:
+                self.items.append((si, 0, 0, -(-H // cf) * cf, -(-W // cf) * cf))
             else:
-                ys = list(range(0, max(H - tile, 0) + step, step)); xs = list(range(0, max(W - tile, 0) + step, step))
+                ys = list(range(0, max(H - tile, 0) + step, step))
+                xs = list(range(0, max(W - tile, 0) + step, step))
                 self.items += [(si, y, x, tile, tile) for y in ys for x in xs if y < H and x < W]
 
-    def __len__(self): return len(self.items)
+    def __len__(self):
+        return len(self.items)
+
     def __getitem__(self, i: int) -> dict:
         si, y0, x0, h, w = self.items[i]
         n = self.store.names[si]
-        return to_tensors(crop_sample(self.store.arrays(n), self.store.meta[n], y0, x0, h, w, self.n_frames, self.coarse_factor, self._ch))
+        return to_tensors(
+            crop_sample(
+                self.store.arrays(n),
+                self.store.meta[n],
+                y0,
+                x0,
+                h,
+                w,
+                self.n_frames,
+                self.coarse_factor,
+                self._ch,
+            )
+        )
 
 # %% ../nbs/23_data.ipynb #2721c66c
-def loader_kwargs(batch_size: int = 16, # samples per batch
-                  num_workers: int | None = None, # None: min(8, usable CPUs)
-                  device: str | None = None, # 'cuda' enables pinned memory (None: when CUDA is available)
-                  train: bool = True, # drop the last incomplete batch
-                 ) -> dict:
+def loader_kwargs(
+    batch_size: int = 16,  # samples per batch
+    num_workers: int | None = None,  # None: min(8, usable CPUs)
+    device: str | None = None,  # 'cuda' enables pinned memory (None: when CUDA is available)
+    train: bool = True,  # drop the last incomplete batch
+) -> dict:
     "DataLoader keyword arguments for throughput: workers, pinned memory, persistent workers, prefetching."
     if num_workers is None:
-        try: num_workers = min(8, len(os.sched_getaffinity(0)))
-        except AttributeError: num_workers = min(8, os.cpu_count() or 1)
+        try:
+            num_workers = min(8, len(os.sched_getaffinity(0)))
+        except AttributeError:
+            num_workers = min(8, os.cpu_count() or 1)
     cuda = torch.cuda.is_available() if device is None else str(device).startswith('cuda')
     kw = dict(batch_size=batch_size, num_workers=num_workers, pin_memory=cuda, drop_last=train)
-    if num_workers > 0: kw.update(persistent_workers=True, prefetch_factor=4)
+    if num_workers > 0:
+        kw.update(persistent_workers=True, prefetch_factor=4)
     return kw
 
-def make_loader(dataset: Dataset, # PatchDataset or SceneDataset
-                batch_size: int = 16, # samples per batch
-                sampler: Sampler | None = None, # e.g. RareClassSampler (None: shuffle for PatchDataset)
-                num_workers: int | None = None, device: str | None = None, # see loader_kwargs
-               ) -> DataLoader:
+
+def make_loader(
+    dataset: Dataset,  # PatchDataset or SceneDataset
+    batch_size: int = 16,  # samples per batch
+    sampler: Sampler | None = None,  # e.g. RareClassSampler (None: shuffle for PatchDataset)
+    num_workers: int | None = None,
+    device: str | None = None,  # see loader_kwargs
+) -> DataLoader:
     "A DataLoader with `loader_kwargs`; training datasets without a sampler are drawn at random."
     train = isinstance(dataset, PatchDataset)
     kw = loader_kwargs(batch_size, num_workers, device, train)
-    if isinstance(dataset, SceneDataset) and dataset.items and dataset.items[0][3] != dataset.items[-1][3]: kw['batch_size'] = 1
+    if isinstance(dataset, SceneDataset) and dataset.items and dataset.items[0][3] != dataset.items[-1][3]:
+        kw['batch_size'] = 1
     return DataLoader(dataset, sampler=sampler, shuffle=(train and sampler is None), **kw)
 
 # %% ../nbs/23_data.ipynb #027c1c6b
 @dataclass
 class DataConfig:
     "What a model reads and how it is cut: the `data:` section of a train preset, saved in `config.yaml` and every checkpoint."
+
     store: Optional[str] = None  # zarr store written by `seaice preprocess`
-    splits: Optional[str] = None  # split manifest (train and val scenes); None: every scene trains, no validation
+    splits: Optional[str] = (
+        None  # split manifest (train and val scenes); None: every scene trains, no validation
+    )
     channels: Optional[list[str]] = None  # SAR-grid channels in model order (None: every stored channel)
     crop: int = 256  # side of a training crop in store pixels (a TSViT's image size)
     n_frames: int = 1  # frames per sample: 1 = the target scene only, T = T-1 earlier overlapping scenes too
     min_valid: float = 0.3  # fraction of valid, labelled target pixels a training crop needs
     augment: bool = True  # random flips and quarter turns (wind components rotated too)
     sampler: Literal['uniform', 'rare_class'] = 'uniform'  # how training crops are drawn
-    rare_chart: Literal['sic', 'sod', 'floe'] = 'sod'  # chart whose rare classes `sampler: rare_class` favours
+    rare_chart: Literal['sic', 'sod', 'floe'] = (
+        'sod'  # chart whose rare classes `sampler: rare_class` favours
+    )
     rare_power: float = 0.5  # rare-class weighting: 0 uniform .. 1 inverse class frequency
     tile: Optional[int] = None  # inference / validation tile side in store pixels (None: `crop`)
     overlap: Optional[int] = None  # overlap of neighbouring inference tiles (None: tile // 4)
-    in_memory: Union[bool, Literal['auto']] = 'auto'  # hold training scenes in RAM: true, false or 'auto' (if within the budget)
+    in_memory: Union[bool, Literal['auto']] = (
+        'auto'  # hold training scenes in RAM: true, false or 'auto' (if within the budget)
+    )
     memory_budget_gb: float = 4.0  # with in_memory 'auto': the most RAM this process may spend on scenes
-    builder: Optional[str] = None  # 'package.module:callable' called as `builder(data, seed)`, returning (train, val) datasets instead
-    builder_kwargs: dict[str, Any] = field(default_factory=dict)  # free settings for a custom `builder` (it reads `data.builder_kwargs`)
+    builder: Optional[str] = (
+        None  # 'package.module:callable' called as `builder(data, seed)`, returning (train, val) datasets instead
+    )
+    builder_kwargs: dict[str, Any] = field(
+        default_factory=dict
+    )  # free settings for a custom `builder` (it reads `data.builder_kwargs`)
 
-    RENAMED: ClassVar[dict] = {'patch_size': 'crop', 'val_tile': 'tile'}  # keys of configs before the typed contract
+    RENAMED: ClassVar[dict] = {
+        'patch_size': 'crop',
+        'val_tile': 'tile',
+    }  # keys of configs before the typed contract
 
     def __post_init__(self):
-        if self.crop < 1: raise ConfigError(f"data.crop must be >= 1 store pixel, got {self.crop}")
-        if self.n_frames < 1: raise ConfigError(f"data.n_frames must be >= 1, got {self.n_frames}")
-        if not 0 <= self.min_valid <= 1: raise ConfigError(f"data.min_valid must be in [0, 1], got {self.min_valid}")
-        if not 0 <= self.rare_power <= 1: raise ConfigError(f"data.rare_power must be in [0, 1], got {self.rare_power}")
-        if self.memory_budget_gb < 0: raise ConfigError(f"data.memory_budget_gb must be >= 0, got {self.memory_budget_gb}")
+        if self.crop < 1:
+            raise ConfigError(f"data.crop must be >= 1 store pixel, got {self.crop}")
+        if self.n_frames < 1:
+            raise ConfigError(f"data.n_frames must be >= 1, got {self.n_frames}")
+        if not 0 <= self.min_valid <= 1:
+            raise ConfigError(f"data.min_valid must be in [0, 1], got {self.min_valid}")
+        if not 0 <= self.rare_power <= 1:
+            raise ConfigError(f"data.rare_power must be in [0, 1], got {self.rare_power}")
+        if self.memory_budget_gb < 0:
+            raise ConfigError(f"data.memory_budget_gb must be >= 0, got {self.memory_budget_gb}")
         if self.channels is not None and not self.channels:
-            raise ConfigError("data.channels is empty: name the channels the model reads, or leave it out for all")
-        if self.tile is not None and self.tile < 1: raise ConfigError(f"data.tile must be >= 1, got {self.tile}")
+            raise ConfigError(
+                "data.channels is empty: name the channels the model reads, or leave it out for all"
+            )
+        if self.tile is not None and self.tile < 1:
+            raise ConfigError(f"data.tile must be >= 1, got {self.tile}")
         if self.overlap is not None and not 0 <= self.overlap < self.inference_tile:
             raise ConfigError(f"data.overlap must be in [0, tile={self.inference_tile}), got {self.overlap}")
 
@@ -394,43 +638,70 @@ class DataConfig:
         return self.inference_tile // 4 if self.overlap is None else self.overlap
 
 # %% ../nbs/23_data.ipynb #721ab9ee
-def model_inputs(data: DataConfig, # the run's data config
-                 store: 'SceneStore | None' = None, # the opened store (None: opened from `data.store`)
-                ) -> dict:
+def model_inputs(
+    data: DataConfig,  # the run's data config
+    store: 'SceneStore | None' = None,  # the opened store (None: opened from `data.store`)
+) -> dict:
     "The model sizes that follow the data: `in_chans`, `img_size`, `n_frames`, `amsr2_chans`, `era5_chans`, `coarse_factor`."
     if store is None:
-        if data.store is None: raise ConfigError("data.store is not set: the model sizes follow the store's channels")
+        if data.store is None:
+            raise ConfigError("data.store is not set: the model sizes follow the store's channels")
         store = SceneStore(data.store, in_memory=False)
     channels = list(data.channels) if data.channels is not None else list(store.channels)
     bad = [c for c in channels if c not in store.channels]
-    if bad: raise ConfigError(f"data.channels: {bad[0]!r} is not in the store; stored: {', '.join(store.channels)}")
-    return {'in_chans': len(channels), 'img_size': data.crop, 'n_frames': data.n_frames,
-            'amsr2_chans': len(store.amsr2_channels), 'era5_chans': len(store.era5_channels),
-            'coarse_factor': store.coarse_factor}
+    if bad:
+        raise ConfigError(
+            f"data.channels: {bad[0]!r} is not in the store; stored: {', '.join(store.channels)}"
+        )
+    return {
+        'in_chans': len(channels),
+        'img_size': data.crop,
+        'n_frames': data.n_frames,
+        'amsr2_chans': len(store.amsr2_channels),
+        'era5_chans': len(store.era5_channels),
+        'coarse_factor': store.coarse_factor,
+    }
 
 # %% ../nbs/23_data.ipynb #e8f661a8
 def store_nbytes(store: SceneStore) -> int:
     "Uncompressed bytes of the arrays a training process would hold for `store`'s scenes (from zarr metadata)."
     return store.nbytes
 
-def build_datasets(data: DataConfig, # the run's data config
-                   seed: int = 0, # seeds crop jitter and augmentation
-                  ) -> tuple[Dataset, Optional[Dataset]]:
+
+def build_datasets(
+    data: DataConfig,  # the run's data config
+    seed: int = 0,  # seeds crop jitter and augmentation
+) -> tuple[Dataset, Optional[Dataset]]:
     "Training crops and validation tiles (None without a validation split) of `data`."
     from seaice_nb.core import file_digest, resolve
     from seaice_nb import splits
-    if data.builder: return resolve(data.builder)(data, seed)
-    if data.store is None: raise ConfigError("data.store is required: the zarr store written by `seaice preprocess`")
+
+    if data.builder:
+        return resolve(data.builder)(data, seed)
+    if data.store is None:
+        raise ConfigError("data.store is required: the zarr store written by `seaice preprocess`")
     train_s = val_s = None
     if data.splits:
         m = splits.load_manifest(data.splits)
         train_s, val_s = splits.scenes_of(m, 'train'), splits.scenes_of(m, 'val')
-    store = SceneStore(data.store, train_s, in_memory=data.in_memory, memory_budget=int(data.memory_budget_gb * 2**30))
+    store = SceneStore(
+        data.store, train_s, in_memory=data.in_memory, memory_budget=int(data.memory_budget_gb * 2**30)
+    )
     get_logger('data').info(f"data.in_memory={data.in_memory!r}: {store.why}")
-    tr = PatchDataset(store, patch_size=data.crop, n_frames=data.n_frames, channels=data.channels,
-                      min_valid=data.min_valid, augment=data.augment, seed=seed)
+    tr = PatchDataset(
+        store,
+        patch_size=data.crop,
+        n_frames=data.n_frames,
+        channels=data.channels,
+        min_valid=data.min_valid,
+        augment=data.augment,
+        seed=seed,
+    )
     va = None
     if val_s:
-        va = SceneDataset(data.store, val_s, n_frames=data.n_frames, channels=data.channels, tile=data.inference_tile)
-    if data.splits: tr.manifest_checksum = file_digest(data.splits)
+        va = SceneDataset(
+            data.store, val_s, n_frames=data.n_frames, channels=data.channels, tile=data.inference_tile
+        )
+    if data.splits:
+        tr.manifest_checksum = file_digest(data.splits)
     return tr, va

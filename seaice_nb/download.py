@@ -24,87 +24,114 @@ __all__ = ['DEFAULT_API', 'ARTICLES', 'PUBLIC_FORMS', 'log', 'MANIFEST_FORMAT', 
 DEFAULT_API = 'https://api.figshare.com/v2'
 
 ARTICLES = {
-    'train': 21316608,      # ready-to-train (RTT) training scenes, about 56 GB
-    'test': 21762830,       # RTT test scenes, about 3 GB
+    'train': 21316608,  # ready-to-train (RTT) training scenes, about 56 GB
+    'test': 21762830,  # RTT test scenes, about 3 GB
     'raw-train': 21284967,  # raw training scenes
-    'raw-test': 21762848,   # raw test scenes
+    'raw-test': 21762848,  # raw test scenes
 }
+
 
 def article_id(article: str | int) -> int:
     "The figshare article id for a named AI4Arctic article (`train`, `test`, `raw-train`, `raw-test`) or a numeric id."
-    if isinstance(article, int) or str(article).isdigit(): return int(article)
-    if article in ARTICLES: return ARTICLES[article]
+    if isinstance(article, int) or str(article).isdigit():
+        return int(article)
+    if article in ARTICLES:
+        return ARTICLES[article]
     raise ConfigError(f"--article {article!r} is neither a number nor one of {', '.join(ARTICLES)}")
 
 # %% ../nbs/13_download.ipynb #63e7f6b8
 PUBLIC_FORMS = ('https://ndownloader.figshare.com/files/{id}', 'https://data.dtu.dk/ndownloader/files/{id}')
 
-def url_forms(file_id: int,           # figshare file id
-              download_url: str | None, # the `download_url` of the file object, if any
-              api: str = DEFAULT_API, # API base URL
-             ) -> tuple[str, ...]:
+
+def url_forms(
+    file_id: int,  # figshare file id
+    download_url: str | None,  # the `download_url` of the file object, if any
+    api: str = DEFAULT_API,  # API base URL
+) -> tuple[str, ...]:
     "Candidate download URLs of a file, best first, without duplicates."
     api = api.rstrip('/')
     urls = [download_url] if download_url else []
     urls.append(f"{api}/file/download/{file_id}")
-    if api == DEFAULT_API: urls += [u.format(id=file_id) for u in PUBLIC_FORMS]
+    if api == DEFAULT_API:
+        urls += [u.format(id=file_id) for u in PUBLIC_FORMS]
     return tuple(dict.fromkeys(urls))
 
 # %% ../nbs/13_download.ipynb #f116d8d1
 _SAFE_NAME = re.compile(r'[A-Za-z0-9][A-Za-z0-9._+\-]*')
 
-def check_name(name, # a file name from a server listing or a manifest
-              ) -> str:
+
+def check_name(
+    name,  # a file name from a server listing or a manifest
+) -> str:
     "Return `name` if it is a safe plain file name; raise `DownloadError` saying why not."
-    if not isinstance(name, str) or not name: raise DownloadError(f"unsafe file name {name!r}: empty or not a string")
-    why = ('contains a NUL byte' if '\0' in name else
-           'is an absolute path' if name.startswith(('/', '\\')) or re.match(r'^[A-Za-z]:', name) else
-           'contains a path separator (path traversal)' if '/' in name or '\\' in name else
-           'is a relative path component' if name in ('.', '..') else
-           'is a hidden name' if name.startswith('.') else
-           'is longer than 255 characters' if len(name.encode()) > 255 else
-           'contains characters other than letters, digits and ._+-' if not _SAFE_NAME.fullmatch(name) else None)
-    if why: raise DownloadError(f"unsafe file name {name!r} from the server: it {why}; refusing to write it")
+    if not isinstance(name, str) or not name:
+        raise DownloadError(f"unsafe file name {name!r}: empty or not a string")
+    why = (
+        'contains a NUL byte'
+        if '\0' in name
+        else 'is an absolute path'
+        if name.startswith(('/', '\\')) or re.match(r'^[A-Za-z]:', name)
+        else 'contains a path separator (path traversal)'
+        if '/' in name or '\\' in name
+        else 'is a relative path component'
+        if name in ('.', '..')
+        else 'is a hidden name'
+        if name.startswith('.')
+        else 'is longer than 255 characters'
+        if len(name.encode()) > 255
+        else 'contains characters other than letters, digits and ._+-'
+        if not _SAFE_NAME.fullmatch(name)
+        else None
+    )
+    if why:
+        raise DownloadError(f"unsafe file name {name!r} from the server: it {why}; refusing to write it")
     return name
+
 
 def safe_path(dest: Path, name: str) -> Path:
     "The path of `name` inside `dest`, after `check_name` and a check that it resolves inside `dest`."
     p = (Path(dest) / check_name(name)).resolve()
-    if p.parent != Path(dest).resolve(): raise DownloadError(f"unsafe file name {name!r}: resolves outside {dest}")
+    if p.parent != Path(dest).resolve():
+        raise DownloadError(f"unsafe file name {name!r}: resolves outside {dest}")
     return p
 
 # %% ../nbs/13_download.ipynb #c9f9754c
 @dataclass(frozen=True)
 class RemoteFile:
     "A file of a figshare article: what the downloader needs to fetch and verify it."
-    id: int                 # figshare file id
-    name: str               # file name (untrusted until `check_name`)
-    size: int               # bytes
-    md5: str | None         # `computed_md5`, else `supplied_md5`, else None (size-only verification)
-    urls: tuple[str, ...]   # candidate download URLs, best first
+
+    id: int  # figshare file id
+    name: str  # file name (untrusted until `check_name`)
+    size: int  # bytes
+    md5: str | None  # `computed_md5`, else `supplied_md5`, else None (size-only verification)
+    urls: tuple[str, ...]  # candidate download URLs, best first
 
     @classmethod
     def from_api(cls, obj: dict, api: str = DEFAULT_API) -> 'RemoteFile':
         "Build from a figshare API v2 file object; malformed objects raise `DownloadError`."
-        try: fid, name, size = int(obj['id']), obj['name'], int(obj['size'])
+        try:
+            fid, name, size = int(obj['id']), obj['name'], int(obj['size'])
         except (KeyError, TypeError, ValueError) as e:
             raise DownloadError(f"malformed file object from the API ({e!r}): {str(obj)[:200]}") from None
-        if size < 0: raise DownloadError(f"file {name!r}: negative size {size}")
+        if size < 0:
+            raise DownloadError(f"file {name!r}: negative size {size}")
         md5 = (obj.get('computed_md5') or obj.get('supplied_md5') or '').lower() or None
-        if md5 and not re.fullmatch(r'[0-9a-f]{32}', md5): raise DownloadError(f"file {name!r}: malformed md5 {md5!r}")
+        if md5 and not re.fullmatch(r'[0-9a-f]{32}', md5):
+            raise DownloadError(f"file {name!r}: malformed md5 {md5!r}")
         return cls(fid, name, size, md5, url_forms(fid, obj.get('download_url'), api))
 
 # %% ../nbs/13_download.ipynb #9b8354fa
 @dataclass
 class Retry:
     "How hard to try: attempts per file, exponential backoff with jitter, timeouts."
-    attempts: int = 8            # failed attempts without progress before a file is given up
-    challenges: int = 4          # bot challenges (HTTP 202 / empty body) on one URL form before trying the next
-    backoff: float = 1.0         # first delay in seconds; doubles each failure
-    backoff_max: float = 60.0    # cap of one delay (a `Retry-After` is honoured up to `wait_max`)
-    wait_max: float = 300.0      # longest `Retry-After` honoured
-    timeout: float = 60.0        # connect and read timeout in seconds
-    seed: int | None = None      # jitter seed (tests)
+
+    attempts: int = 8  # failed attempts without progress before a file is given up
+    challenges: int = 4  # bot challenges (HTTP 202 / empty body) on one URL form before trying the next
+    backoff: float = 1.0  # first delay in seconds; doubles each failure
+    backoff_max: float = 60.0  # cap of one delay (a `Retry-After` is honoured up to `wait_max`)
+    wait_max: float = 300.0  # longest `Retry-After` honoured
+    timeout: float = 60.0  # connect and read timeout in seconds
+    seed: int | None = None  # jitter seed (tests)
 
     def delay(self, failures: int, retry_after: float | None = None, rng=random) -> float:
         "Seconds to wait after the `failures`-th consecutive failure: 'equal jitter', at least `retry_after`."
@@ -112,27 +139,44 @@ class Retry:
         d = d / 2 + rng.uniform(0, d / 2)
         return max(d, min(retry_after, self.wait_max)) if retry_after is not None else d
 
+
 def retry_after(value: str | None) -> float | None:
     "Seconds from a `Retry-After` header (delta-seconds or an HTTP date); None if absent or unreadable."
-    if not value: return None
-    if value.strip().isdigit(): return float(value)
-    try: return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
-    except (TypeError, ValueError): return None
+    if not value:
+        return None
+    if value.strip().isdigit():
+        return float(value)
+    try:
+        return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
+    except (TypeError, ValueError):
+        return None
 
 # %% ../nbs/13_download.ipynb #c4897e57
 log = logging.getLogger('seaice_nb.download')
 _local = threading.local()
+
 
 def _session() -> requests.Session:
     "The calling thread's own `requests.Session` (sessions are not thread-safe; connections are reused)."
     s = getattr(_local, 'session', None)
     if s is None:
         s = _local.session = requests.Session()
-        s.headers.update({'User-Agent': 'seaice_nb-download/1 (+https://github.com/seaice-nb/seaice_nb)',
-                          'Accept-Encoding': 'identity'})
+        s.headers.update(
+            {
+                'User-Agent': 'seaice_nb-download/1 (+https://github.com/seaice-nb/seaice_nb)',
+                'Accept-Encoding': 'identity',
+            }
+        )
     return s
 
-_RETRYABLE = (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError, urllib3.exceptions.HTTPError)
+
+_RETRYABLE = (
+    requests.ConnectionError,
+    requests.Timeout,
+    requests.exceptions.ChunkedEncodingError,
+    urllib3.exceptions.HTTPError,
+)
+
 
 def _get_json(url: str, params: dict, retry: Retry):
     "GET a JSON document, retrying connection errors, 5xx and 429."
@@ -140,70 +184,99 @@ def _get_json(url: str, params: dict, retry: Retry):
         ra = None
         try:
             r = _session().get(url, params=params, timeout=retry.timeout)
-            if r.status_code == 200: return r.json()
+            if r.status_code == 200:
+                return r.json()
             if r.status_code not in (429, 500, 502, 503, 504):
                 raise DownloadError(f"{r.url} answered HTTP {r.status_code}: {r.text[:200]}")
             why, ra = f"HTTP {r.status_code}", retry_after(r.headers.get('Retry-After'))
-        except _RETRYABLE as e: why = type(e).__name__
-        except ValueError as e: why = f"invalid JSON ({e})"
+        except _RETRYABLE as e:
+            why = type(e).__name__
+        except ValueError as e:
+            why = f"invalid JSON ({e})"
         if n < retry.attempts:
-            log.info("listing %s: %s; retrying", url, why); time.sleep(retry.delay(n, ra))
+            log.info("listing %s: %s; retrying", url, why)
+            time.sleep(retry.delay(n, ra))
     raise DownloadError(f"listing {url} failed {retry.attempts} times (last: {why})")
 
-def list_files(article: str | int,      # `train`, `test`, `raw-train`, `raw-test` or a figshare article id
-               api: str = DEFAULT_API,  # API base URL (a mirror, or a local test server)
-               page_size: int = 100,    # files per page (figshare allows up to 1000)
-               retry: Retry | None = None,
-              ) -> list[RemoteFile]:
+
+def list_files(
+    article: str | int,  # `train`, `test`, `raw-train`, `raw-test` or a figshare article id
+    api: str = DEFAULT_API,  # API base URL (a mirror, or a local test server)
+    page_size: int = 100,  # files per page (figshare allows up to 1000)
+    retry: Retry | None = None,
+) -> list[RemoteFile]:
     "All files of a figshare article, following `page`/`page_size` pagination."
     retry, api, aid = retry or Retry(), api.rstrip('/'), article_id(article)
     out, page = [], 1
     while True:
         objs = _get_json(f"{api}/articles/{aid}/files", {'page': page, 'page_size': page_size}, retry)
-        if not isinstance(objs, list): raise DownloadError(f"article {aid}: expected a list of files, got {str(objs)[:200]}")
+        if not isinstance(objs, list):
+            raise DownloadError(f"article {aid}: expected a list of files, got {str(objs)[:200]}")
         out += [RemoteFile.from_api(o, api) for o in objs if not o.get('is_link_only')]
-        if len(objs) < page_size: return out
+        if len(objs) < page_size:
+            return out
         page += 1
 
 # %% ../nbs/13_download.ipynb #826cfcf0
-class _Stop(Exception): "Raised inside a worker when the download was interrupted."
+class _Stop(Exception):
+    "Raised inside a worker when the download was interrupted."
 
-class _Permanent(Exception): "This URL form cannot serve the file (403/404/410, an unexpected status)."
 
-class _Challenge(Exception): "A bot challenge (HTTP 202 or an empty 2xx body): transient, retried on the same URL."
+class _Permanent(Exception):
+    "This URL form cannot serve the file (403/404/410, an unexpected status)."
+
+
+class _Challenge(Exception):
+    "A bot challenge (HTTP 202 or an empty 2xx body): transient, retried on the same URL."
+
 
 @dataclass
 class Outcome:
     "What happened to one file."
+
     name: str
-    status: str           # 'downloaded', 'skipped', 'failed' or 'refused' (an unsafe listing entry, never fetched)
-    reason: str = ''      # why skipped / failed / refused, or notes ('size-only verification', 'resumed at N')
-    fetched: int = 0      # body bytes received over the network for this file
-    challenges: int = 0   # bot challenges met (HTTP 202 / empty body), all URL forms together
+    status: str  # 'downloaded', 'skipped', 'failed' or 'refused' (an unsafe listing entry, never fetched)
+    reason: str = ''  # why skipped / failed / refused, or notes ('size-only verification', 'resumed at N')
+    fetched: int = 0  # body bytes received over the network for this file
+    challenges: int = 0  # bot challenges met (HTTP 202 / empty body), all URL forms together
+
 
 def _hash_prefix(path: Path, n: int, h) -> None:
     with open(path, 'rb') as f:
-        while n > 0 and (b := f.read(min(n, 1 << 22))): h.update(b); n -= len(b)
+        while n > 0 and (b := f.read(min(n, 1 << 22))):
+            h.update(b)
+            n -= len(b)
+
 
 def verify(path: Path, size: int, md5: str | None) -> str | None:
     "None if `path` has `size` bytes and md5 `md5` (None: size only); else what is wrong."
-    if not path.is_file(): return 'missing'
-    if (n := path.stat().st_size) != size: return f"size {n} != expected {size}"
-    if md5 and (got := file_digest(path, 'md5')) != md5: return f"md5 {got} != expected {md5}"
+    if not path.is_file():
+        return 'missing'
+    if (n := path.stat().st_size) != size:
+        return f"size {n} != expected {size}"
+    if md5 and (got := file_digest(path, 'md5')) != md5:
+        return f"md5 {got} != expected {md5}"
     return None
 
 # %% ../nbs/13_download.ipynb #5beb2679
 class Downloader:
     "Parallel, resumable, verified downloads of `RemoteFile`s into one destination folder."
-    def __init__(self,
-                 dest: str | Path,             # destination folder (created); nothing is written outside it
-                 workers: int = 4,             # parallel downloads (threads, one HTTP session each)
-                 retry: Retry | None = None,   # retry policy
-                 chunk: int = 1 << 20,         # bytes per read
-                 progress: bool = True,        # show tqdm bars (overall bytes + one per active file)
-                 check_space: bool = True,     # refuse to start when the disk cannot hold what is missing
-                ):
-        self.dest, self.workers, self.retry, self.chunk = Path(dest), max(1, int(workers)), retry or Retry(), chunk
+
+    def __init__(
+        self,
+        dest: str | Path,  # destination folder (created); nothing is written outside it
+        workers: int = 4,  # parallel downloads (threads, one HTTP session each)
+        retry: Retry | None = None,  # retry policy
+        chunk: int = 1 << 20,  # bytes per read
+        progress: bool = True,  # show tqdm bars (overall bytes + one per active file)
+        check_space: bool = True,  # refuse to start when the disk cannot hold what is missing
+    ):
+        self.dest, self.workers, self.retry, self.chunk = (
+            Path(dest),
+            max(1, int(workers)),
+            retry or Retry(),
+            chunk,
+        )
         self.progress, self.check_space = progress, check_space
         self._stop = threading.Event()
         self._rng = random.Random(self.retry.seed)
@@ -221,7 +294,8 @@ class Downloader:
         total = 0
         for f in files:
             final, part, _ = self._paths(f)
-            if final.is_file() and final.stat().st_size == f.size: continue
+            if final.is_file() and final.stat().st_size == f.size:
+                continue
             have = part.stat().st_size if part.is_file() else 0
             total += f.size - have if have <= f.size else f.size
         return total
@@ -230,89 +304,138 @@ class Downloader:
     def _attempt(self, f: RemoteFile, url: str, part: Path, meta: Path, state: dict, pbar) -> int:
         "One HTTP request for `f`; returns body bytes received. Raises on failure (see `fetch`)."
         have = part.stat().st_size if part.is_file() else 0
-        if have > f.size: part.unlink(); have = 0
+        if have > f.size:
+            part.unlink()
+            have = 0
         rec = json.loads(meta.read_text()) if meta.is_file() and have else {}
         headers = {}
         if have:
             headers['Range'] = f"bytes={have}-"
-            if v := rec.get('etag') or rec.get('last_modified'): headers['If-Range'] = v
+            if v := rec.get('etag') or rec.get('last_modified'):
+                headers['If-Range'] = v
         with _session().get(url, headers=headers, stream=True, timeout=self.retry.timeout) as r:
             st = r.status_code
             if st == 202:
                 state['retry_after'] = retry_after(r.headers.get('Retry-After'))
                 raise _Challenge('HTTP 202 with an empty body (bot challenge)')
-            if st in (403, 404, 410): raise _Permanent(f"HTTP {st}")
+            if st in (403, 404, 410):
+                raise _Permanent(f"HTTP {st}")
             if st == 429 or st >= 500:
                 state['retry_after'] = retry_after(r.headers.get('Retry-After'))
                 raise requests.ConnectionError(f"HTTP {st}")
             if st == 416:
                 cr = r.headers.get('Content-Range', '')
                 total = int(cr.rsplit('/', 1)[1]) if re.fullmatch(r'bytes \*/\d+', cr) else None
-                if have and have == f.size and total in (None, f.size): return 0   # already complete: verify
-                part.unlink(missing_ok=True); raise requests.ConnectionError(f"HTTP 416 for a part of {have} bytes; restarting")
-            if st not in (200, 206): raise _Permanent(f"unexpected HTTP {st}")
+                if have and have == f.size and total in (None, f.size):
+                    return 0  # already complete: verify
+                part.unlink(missing_ok=True)
+                raise requests.ConnectionError(f"HTTP 416 for a part of {have} bytes; restarting")
+            if st not in (200, 206):
+                raise _Permanent(f"unexpected HTTP {st}")
             start = 0
             if st == 206:
                 m = re.fullmatch(r'bytes (\d+)-(\d+)/(\d+|\*)', r.headers.get('Content-Range', ''))
                 if not m or int(m[1]) != have or (m[3] != '*' and int(m[3]) != f.size):
                     part.unlink(missing_ok=True)
-                    raise requests.ConnectionError(f"bad Content-Range {r.headers.get('Content-Range')!r} for a part of {have} bytes")
+                    raise requests.ConnectionError(
+                        f"bad Content-Range {r.headers.get('Content-Range')!r} for a part of {have} bytes"
+                    )
                 start = have
-            elif have: state['notes'].add('server ignored Range: restarted')
+            elif have:
+                state['notes'].add('server ignored Range: restarted')
             cl = r.headers.get('Content-Length')
-            if f.size - start > 0 and cl == '0': raise _Challenge(f"HTTP {st} with an empty body (bot challenge?)")
+            if f.size - start > 0 and cl == '0':
+                raise _Challenge(f"HTTP {st} with an empty body (bot challenge?)")
             if st == 200 or not rec:
-                rec = {'id': f.id, 'size': f.size, 'md5': f.md5, 'etag': r.headers.get('ETag'), 'last_modified': r.headers.get('Last-Modified')}
-                with atomic_write(meta, 'w') as fh: json.dump(rec, fh)
+                rec = {
+                    'id': f.id,
+                    'size': f.size,
+                    'md5': f.md5,
+                    'etag': r.headers.get('ETag'),
+                    'last_modified': r.headers.get('Last-Modified'),
+                }
+                with atomic_write(meta, 'w') as fh:
+                    json.dump(rec, fh)
             h = hashlib.md5()
-            if start: _hash_prefix(part, start, h)
-            if pbar is not None: pbar.reset(total=f.size); pbar.update(start)
+            if start:
+                _hash_prefix(part, start, h)
+            if pbar is not None:
+                pbar.reset(total=f.size)
+                pbar.update(start)
             got = 0
             with open(part, 'r+b' if start else 'wb') as out:
-                out.seek(start); out.truncate()
-                while b := r.raw.read1(self.chunk, decode_content=True):   # read1: every byte received is kept
-                    if self._stop.is_set(): raise _Stop()
+                out.seek(start)
+                out.truncate()
+                while b := r.raw.read1(self.chunk, decode_content=True):  # read1: every byte received is kept
+                    if self._stop.is_set():
+                        raise _Stop()
                     if start + got + len(b) > f.size:
-                        out.close(); part.unlink(); raise requests.ConnectionError(f"server sent more than the {f.size} bytes announced; restarting")
-                    out.write(b); h.update(b); got += len(b); state['fetched'] += len(b)
-                    if pbar is not None: pbar.update(len(b))
-                    if self._bar is not None: self._bar.update(len(b))
-                out.flush(); os.fsync(out.fileno())
+                        out.close()
+                        part.unlink()
+                        raise requests.ConnectionError(
+                            f"server sent more than the {f.size} bytes announced; restarting"
+                        )
+                    out.write(b)
+                    h.update(b)
+                    got += len(b)
+                    state['fetched'] += len(b)
+                    if pbar is not None:
+                        pbar.update(len(b))
+                    if self._bar is not None:
+                        self._bar.update(len(b))
+                out.flush()
+                os.fsync(out.fileno())
             state['md5'] = h.hexdigest() if start + got == f.size else None
-            if start + got == 0 and f.size: raise _Challenge(f"HTTP {st} with an empty body (bot challenge?)")
-            if start + got < f.size: raise requests.ConnectionError(f"body ended at {start + got} of {f.size} bytes")
+            if start + got == 0 and f.size:
+                raise _Challenge(f"HTTP {st} with an empty body (bot challenge?)")
+            if start + got < f.size:
+                raise requests.ConnectionError(f"body ended at {start + got} of {f.size} bytes")
             return got
 
     # -- one file -------------------------------------------------------------------------------
     def fetch(self, f: RemoteFile) -> Outcome:
         "Download and verify one file; never raises for network trouble (the `Outcome` says what happened)."
-        try: final, part, meta = self._paths(f)
-        except DownloadError as e: return Outcome(f.name, 'refused', str(e))
+        try:
+            final, part, meta = self._paths(f)
+        except DownloadError as e:
+            return Outcome(f.name, 'refused', str(e))
         if final.is_file() and verify(final, f.size, f.md5) is None:
             return Outcome(f.name, 'skipped', 'already verified')
         urls, dead, failures, bad_md5, challenged = list(f.urls), {}, 0, 0, {}
         state = {'notes': set(), 'fetched': 0, 'last_size': part.stat().st_size if part.is_file() else 0}
-        out = lambda status, reason: Outcome(f.name, status, reason, state['fetched'], sum(challenged.values()))
+        out = lambda status, reason: Outcome(
+            f.name, status, reason, state['fetched'], sum(challenged.values())
+        )
         pbar = self._open_bar(f)
         try:
             while True:
                 live = [u for u in urls if u not in dead]
                 if not live:
-                    return out('failed', 'every URL form failed: ' + '; '.join(f"{u} -> {w}" for u, w in dead.items()))
-                url = live[0]; state.pop('md5', None); state['retry_after'] = None
+                    return out(
+                        'failed',
+                        'every URL form failed: ' + '; '.join(f"{u} -> {w}" for u, w in dead.items()),
+                    )
+                url = live[0]
+                state.pop('md5', None)
+                state['retry_after'] = None
                 try:
                     self._attempt(f, url, part, meta, state, pbar)
-                except _Stop: raise
+                except _Stop:
+                    raise
                 except _Permanent as e:
-                    log.info("%s: %s on %s; trying the next URL form", f.name, e, url); dead[url] = str(e); continue
+                    log.info("%s: %s on %s; trying the next URL form", f.name, e, url)
+                    dead[url] = str(e)
+                    continue
                 except _Challenge as e:  # transient (DTU's clears): back off on this URL, then the next form
                     n = challenged[url] = challenged.get(url, 0) + 1
                     if n >= self.retry.challenges:
                         log.info("%s: %s %d times on %s; trying the next URL form", f.name, e, n, url)
-                        dead[url] = f"{e}, {n} times"; continue
+                        dead[url] = f"{e}, {n} times"
+                        continue
                     d = self.retry.delay(n, state['retry_after'], self._rng)
                     log.info("%s: %s on %s; retry in %.2f s", f.name, e, url, d)
-                    if self._stop.wait(d): raise _Stop()
+                    if self._stop.wait(d):
+                        raise _Stop()
                     continue
                 except (*_RETRYABLE, OSError) as e:
                     grew = part.is_file() and part.stat().st_size > state.get('last_size', 0)
@@ -322,34 +445,58 @@ class Downloader:
                         return out('failed', f"gave up after {failures} failed attempts (last: {e})")
                     d = self.retry.delay(failures, state['retry_after'], self._rng)
                     log.info("%s: %s; retry in %.2f s", f.name, e, d)
-                    if self._stop.wait(d): raise _Stop()
+                    if self._stop.wait(d):
+                        raise _Stop()
                     continue
                 md5 = state.get('md5')
-                if md5 is None: md5 = file_digest(part, 'md5') if part.is_file() else None
+                if md5 is None:
+                    md5 = file_digest(part, 'md5') if part.is_file() else None
                 size = part.stat().st_size if part.is_file() else -1
                 if size == f.size and (f.md5 is None or md5 == f.md5):
-                    os.replace(part, final); meta.unlink(missing_ok=True)
-                    notes = sorted(state['notes']) + (['size-only verification (no md5 published)'] if f.md5 is None else [])
-                    if challenged: notes.append(f"{sum(challenged.values())} bot challenge(s) waited out")
+                    os.replace(part, final)
+                    meta.unlink(missing_ok=True)
+                    notes = sorted(state['notes']) + (
+                        ['size-only verification (no md5 published)'] if f.md5 is None else []
+                    )
+                    if challenged:
+                        notes.append(f"{sum(challenged.values())} bot challenge(s) waited out")
                     return out('downloaded', '; '.join(notes))
-                part.unlink(missing_ok=True); meta.unlink(missing_ok=True); bad_md5 += 1
+                part.unlink(missing_ok=True)
+                meta.unlink(missing_ok=True)
+                bad_md5 += 1
                 log.warning("%s: verification failed (size %d, md5 %s); starting over", f.name, size, md5)
-                if bad_md5 >= 3: return out('failed', f"md5 mismatch {bad_md5} times (got {md5}, expected {f.md5})")
+                if bad_md5 >= 3:
+                    return out('failed', f"md5 mismatch {bad_md5} times (got {md5}, expected {f.md5})")
                 state['notes'].add('md5 mismatch: re-fetched')
-        finally: self._close_bar(pbar)
+        finally:
+            self._close_bar(pbar)
 
     # -- progress ------------------------------------------------------------------------------
     def _open_bar(self, f: RemoteFile):
-        if not self.progress: return None
+        if not self.progress:
+            return None
         with self._lock:
-            pos = next(i for i in range(1, self.workers + 2) if i not in self._slots); self._slots.append(pos)
+            pos = next(i for i in range(1, self.workers + 2) if i not in self._slots)
+            self._slots.append(pos)
         name = f.name if len(f.name) <= 28 else f.name[:25] + '...'
-        bar = tqdm(total=f.size, desc=name, unit='B', unit_scale=True, unit_divisor=1024, position=pos, leave=False, dynamic_ncols=True)
-        bar.slot = pos; return bar
+        bar = tqdm(
+            total=f.size,
+            desc=name,
+            unit='B',
+            unit_scale=True,
+            unit_divisor=1024,
+            position=pos,
+            leave=False,
+            dynamic_ncols=True,
+        )
+        bar.slot = pos
+        return bar
 
     def _close_bar(self, pbar):
-        if pbar is None: return
-        with self._lock: self._slots.remove(pbar.slot)
+        if pbar is None:
+            return
+        with self._lock:
+            self._slots.remove(pbar.slot)
         pbar.close()
 
     # -- many files ----------------------------------------------------------------------------
@@ -358,63 +505,102 @@ class Downloader:
         self.dest.mkdir(parents=True, exist_ok=True)
         report, ok, seen = Report(), [], set()
         for f in files:
-            try: check_name(f.name)
+            try:
+                check_name(f.name)
             except DownloadError as e:
-                report.add(Outcome(str(f.name), 'refused', str(e))); log.warning("refused %r: %s", f.name, e); continue
+                report.add(Outcome(str(f.name), 'refused', str(e)))
+                log.warning("refused %r: %s", f.name, e)
+                continue
             if f.name in seen:
                 why = 'duplicate name in the listing; refusing to guess which one is right'
-                report.add(Outcome(f.name, 'refused', why)); continue
-            seen.add(f.name); ok.append(f)
+                report.add(Outcome(f.name, 'refused', why))
+                continue
+            seen.add(f.name)
+            ok.append(f)
         need = self.missing_bytes(ok)
         if self.check_space and need > (free := shutil.disk_usage(self.dest).free):
-            raise DownloadError(f"{self.dest} has {_fmt(free)} free but {_fmt(need)} are still to download; "
-                                f"free space, pick another --out, or select files with --only")
+            raise DownloadError(
+                f"{self.dest} has {_fmt(free)} free but {_fmt(need)} are still to download; "
+                f"free space, pick another --out, or select files with --only"
+            )
         self._stop.clear()
-        self._bar = tqdm(total=need, desc='total', unit='B', unit_scale=True, unit_divisor=1024, position=0,
-                         dynamic_ncols=True) if self.progress else None
+        self._bar = (
+            tqdm(
+                total=need,
+                desc='total',
+                unit='B',
+                unit_scale=True,
+                unit_divisor=1024,
+                position=0,
+                dynamic_ncols=True,
+            )
+            if self.progress
+            else None
+        )
         pool = ThreadPoolExecutor(self.workers, thread_name_prefix='download')
         try:
             futs = {pool.submit(self.fetch, f): f for f in ok}
             for fut in as_completed(futs):
-                o = fut.result(); report.add(o)
-                if o.status == 'failed': log.warning("%s: %s", o.name, o.reason)
+                o = fut.result()
+                report.add(o)
+                if o.status == 'failed':
+                    log.warning("%s: %s", o.name, o.reason)
         except (KeyboardInterrupt, _Stop):
-            self._stop.set(); pool.shutdown(wait=True, cancel_futures=True); raise KeyboardInterrupt from None
+            self._stop.set()
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise KeyboardInterrupt from None
         finally:
             pool.shutdown(wait=True)
-            if self._bar is not None: self._bar.close(); self._bar = None
+            if self._bar is not None:
+                self._bar.close()
+                self._bar = None
         report.files.sort(key=lambda o: o.name)
         return report
 
 # %% ../nbs/13_download.ipynb #40d52464
 def _fmt(n: float) -> str:
     for unit in ('B', 'KiB', 'MiB', 'GiB', 'TiB'):
-        if abs(n) < 1024 or unit == 'TiB': return f"{n:.0f} {unit}" if unit == 'B' else f"{n:.1f} {unit}"
+        if abs(n) < 1024 or unit == 'TiB':
+            return f"{n:.0f} {unit}" if unit == 'B' else f"{n:.1f} {unit}"
         n /= 1024
+
 
 @dataclass
 class Report:
     "The outcome of a download run: one `Outcome` per file, and a summary."
+
     files: list[Outcome] = field(default_factory=list)
-    def add(self, o: Outcome): self.files.append(o)
-    def of(self, status: str) -> list[Outcome]: return [o for o in self.files if o.status == status]
+
+    def add(self, o: Outcome):
+        self.files.append(o)
+
+    def of(self, status: str) -> list[Outcome]:
+        return [o for o in self.files if o.status == status]
+
     @property
     def ok(self) -> bool:
         "Every downloadable file is verified (entries refused as unsafe do not count: nothing can fetch them)."
         return not self.of('failed')
+
     @property
-    def fetched(self) -> int: return sum(o.fetched for o in self.files)
+    def fetched(self) -> int:
+        return sum(o.fetched for o in self.files)
+
     @property
-    def challenges(self) -> int: return sum(o.challenges for o in self.files)
+    def challenges(self) -> int:
+        return sum(o.challenges for o in self.files)
 
     def summary(self) -> str:
         "A short human-readable report: counts, then every failure and refused entry with its reason."
         d, s, f, r = self.of('downloaded'), self.of('skipped'), self.of('failed'), self.of('refused')
         head = f"downloaded {len(d)}, skipped {len(s)} (already verified), failed {len(f)}"
-        if r: head += f", refused {len(r)} (unsafe listing entries)"
+        if r:
+            head += f", refused {len(r)} (unsafe listing entries)"
         lines = [f"{head}; {_fmt(self.fetched)} fetched"]
         if self.challenges:
-            lines.append(f"  {self.challenges} bot challenge(s) met (HTTP 202 / empty body), retried with backoff")
+            lines.append(
+                f"  {self.challenges} bot challenge(s) met (HTTP 202 / empty body), retried with backoff"
+            )
         lines += [f"  downloaded {o.name}: {o.reason}" for o in d if o.reason]
         lines += [f"  FAILED {o.name}: {o.reason}" for o in f]
         lines += [f"  WARNING refused {o.name!r}: {o.reason}" for o in r]
@@ -423,25 +609,48 @@ class Report:
 # %% ../nbs/13_download.ipynb #a9a92604
 MANIFEST_FORMAT = 'seaice_nb.file_manifest/1'
 
-def write_manifest(path: str | Path, files: list[RemoteFile], article: str | int, api: str = DEFAULT_API) -> Path:
+
+def write_manifest(
+    path: str | Path, files: list[RemoteFile], article: str | int, api: str = DEFAULT_API
+) -> Path:
     "Record `files` (a listing of `article`) as a JSON file manifest, atomically."
-    doc = {'format': MANIFEST_FORMAT, 'article': str(article), 'article_id': article_id(article), 'api': api.rstrip('/'),
-           'recorded': dt.datetime.now(dt.timezone.utc).strftime('%Y-%m-%dT%H:%M:%SZ'),
-           'files': [{'id': f.id, 'name': f.name, 'size': f.size, 'md5': f.md5, 'url': f.urls[0] if f.urls else None}
-                     for f in sorted(files, key=lambda f: f.name)]}
-    with atomic_write(path, 'w') as fh: json.dump(doc, fh, indent=1); fh.write('\n')
+    doc = {
+        'format': MANIFEST_FORMAT,
+        'article': str(article),
+        'article_id': article_id(article),
+        'api': api.rstrip('/'),
+        'recorded': dt.datetime.now(dt.timezone.utc).strftime('%Y-%m-%dT%H:%M:%SZ'),
+        'files': [
+            {'id': f.id, 'name': f.name, 'size': f.size, 'md5': f.md5, 'url': f.urls[0] if f.urls else None}
+            for f in sorted(files, key=lambda f: f.name)
+        ],
+    }
+    with atomic_write(path, 'w') as fh:
+        json.dump(doc, fh, indent=1)
+        fh.write('\n')
     return Path(path)
+
 
 def read_manifest(path: str | Path) -> tuple[dict, list[RemoteFile]]:
     "Read a file manifest: its header (format, article, api, recorded) and its files."
     path = Path(path)
-    if not path.is_file(): raise MissingFileError(f"file manifest {path} does not exist; record one with `seaice download --manifest-only --manifest {path}`")
-    try: doc = json.loads(path.read_text())
-    except ValueError as e: raise ConfigError(f"{path} is not valid JSON ({e})") from None
+    if not path.is_file():
+        raise MissingFileError(
+            f"file manifest {path} does not exist; record one with `seaice download --manifest-only --manifest {path}`"
+        )
+    try:
+        doc = json.loads(path.read_text())
+    except ValueError as e:
+        raise ConfigError(f"{path} is not valid JSON ({e})") from None
     if not isinstance(doc, dict) or doc.get('format') != MANIFEST_FORMAT:
-        raise ConfigError(f"{path}: 'format' is {doc.get('format') if isinstance(doc, dict) else None!r}, expected {MANIFEST_FORMAT!r}")
+        raise ConfigError(
+            f"{path}: 'format' is {doc.get('format') if isinstance(doc, dict) else None!r}, expected {MANIFEST_FORMAT!r}"
+        )
     api = doc.get('api') or DEFAULT_API
-    files = [RemoteFile.from_api({**o, 'computed_md5': o.get('md5'), 'download_url': o.get('url')}, api) for o in doc.get('files', [])]
+    files = [
+        RemoteFile.from_api({**o, 'computed_md5': o.get('md5'), 'download_url': o.get('url')}, api)
+        for o in doc.get('files', [])
+    ]
     return {k: v for k, v in doc.items() if k != 'files'}, files
 
 # %% ../nbs/13_download.ipynb #d6f60ea1
@@ -449,99 +658,194 @@ def verify_dir(dest: str | Path, files: list[RemoteFile]) -> Report:
     "Verify every file of `files` under `dest` (size and md5), without the network."
     rep = Report()
     for f in files:
-        try: check_name(f.name); why = verify(safe_path(Path(dest), f.name), f.size, f.md5)
-        except DownloadError as e: rep.add(Outcome(str(f.name), 'refused', str(e))); continue
+        try:
+            check_name(f.name)
+            why = verify(safe_path(Path(dest), f.name), f.size, f.md5)
+        except DownloadError as e:
+            rep.add(Outcome(str(f.name), 'refused', str(e)))
+            continue
         rep.add(Outcome(f.name, 'skipped' if why is None else 'failed', 'verified' if why is None else why))
     return rep
 
 # %% ../nbs/13_download.ipynb #9c5340e0
-SCENE_COLUMNS = ('rtt_name', 'raw_name', 'ice_service', 'region', 'date', 'start', 'mission', 'split', 'source')
+SCENE_COLUMNS = (
+    'rtt_name',
+    'raw_name',
+    'ice_service',
+    'region',
+    'date',
+    'start',
+    'mission',
+    'split',
+    'source',
+)
 
-def scene_rows(lists: dict[str, tuple[str, list[str]]], # split -> (source label, raw scene names)
-              ) -> list[dict]:
+
+def scene_rows(
+    lists: dict[str, tuple[str, list[str]]],  # split -> (source label, raw scene names)
+) -> list[dict]:
     "One row per scene (sorted by split, then RTT name) for the scene manifest."
-    from seaice_nb.scenes import parse_raw_name   # the one parser of raw names
+    from seaice_nb.scenes import parse_raw_name  # the one parser of raw names
+
     rows, seen = [], {}
     for split, (source, names) in lists.items():
         for raw in names:
             p = parse_raw_name(raw)
-            if p.rtt in seen: raise DataError(f"{source}: {raw!r} and {seen[p.rtt]!r} both map to {p.rtt}")
+            if p.rtt in seen:
+                raise DataError(f"{source}: {raw!r} and {seen[p.rtt]!r} both map to {p.rtt}")
             seen[p.rtt] = raw
-            rows.append({'rtt_name': p.rtt, 'raw_name': p.raw, 'ice_service': p.ice_service, 'region': p.region,
-                         'date': p.start.date().isoformat(), 'start': p.start.isoformat(), 'mission': p.mission,
-                         'split': split, 'source': source})
+            rows.append(
+                {
+                    'rtt_name': p.rtt,
+                    'raw_name': p.raw,
+                    'ice_service': p.ice_service,
+                    'region': p.region,
+                    'date': p.start.date().isoformat(),
+                    'start': p.start.isoformat(),
+                    'mission': p.mission,
+                    'split': split,
+                    'source': source,
+                }
+            )
     order = list(lists)
     return sorted(rows, key=lambda r: (order.index(r['split']), r['rtt_name']))
 
-def write_scene_manifest(dataset: str | Path, # the official training list (`dataset.json`, raw names)
-                         testset: str | Path, # the official test list (`testset.json`, raw names)
-                         out: str | Path,     # folder receiving `scenes.csv` and `scenes.meta.json`
-                        ) -> Path:
+
+def write_scene_manifest(
+    dataset: str | Path,  # the official training list (`dataset.json`, raw names)
+    testset: str | Path,  # the official test list (`testset.json`, raw names)
+    out: str | Path,  # folder receiving `scenes.csv` and `scenes.meta.json`
+) -> Path:
     "Write `scenes.csv` (one row per scene) and `scenes.meta.json` (the source lists' md5 and counts) into `out`."
     import csv, io
+
     lists = {}
     for split, src in (('train', Path(dataset)), ('test', Path(testset))):
-        if not src.is_file(): raise MissingFileError(f"scene list {src} does not exist")
+        if not src.is_file():
+            raise MissingFileError(f"scene list {src} does not exist")
         names = json.loads(src.read_text())
         if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
             raise DataError(f"{src}: expected a JSON list of raw scene names")
         lists[split] = (src.name, names)
     rows = scene_rows(lists)
-    buf = io.StringIO(); w = csv.DictWriter(buf, SCENE_COLUMNS, lineterminator='\n'); w.writeheader(); w.writerows(rows)
-    out = Path(out); out.mkdir(parents=True, exist_ok=True)
-    with atomic_write(out / 'scenes.csv', 'w') as fh: fh.write(buf.getvalue())
-    meta = {'format': 'seaice_nb.scene_manifest/1', 'columns': list(SCENE_COLUMNS),
-            'sources': {split: {'file': Path(src).name, 'md5': file_digest(src), 'scenes': len(lists[split][1])}
-                        for split, src in (('train', dataset), ('test', testset))},
-            'counts': {f"{split}/{svc}": sum(r['split'] == split and r['ice_service'] == svc for r in rows)
-                       for split in lists for svc in sorted({r['ice_service'] for r in rows})}}
-    with atomic_write(out / 'scenes.meta.json', 'w') as fh: json.dump(meta, fh, indent=1); fh.write('\n')
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, SCENE_COLUMNS, lineterminator='\n')
+    w.writeheader()
+    w.writerows(rows)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_write(out / 'scenes.csv', 'w') as fh:
+        fh.write(buf.getvalue())
+    meta = {
+        'format': 'seaice_nb.scene_manifest/1',
+        'columns': list(SCENE_COLUMNS),
+        'sources': {
+            split: {'file': Path(src).name, 'md5': file_digest(src), 'scenes': len(lists[split][1])}
+            for split, src in (('train', dataset), ('test', testset))
+        },
+        'counts': {
+            f"{split}/{svc}": sum(r['split'] == split and r['ice_service'] == svc for r in rows)
+            for split in lists
+            for svc in sorted({r['ice_service'] for r in rows})
+        },
+    }
+    with atomic_write(out / 'scenes.meta.json', 'w') as fh:
+        json.dump(meta, fh, indent=1)
+        fh.write('\n')
     return out / 'scenes.csv'
+
 
 def read_scene_manifest(path: str | Path) -> list[dict]:
     "The rows of a `scenes.csv` scene manifest, as dicts of strings."
     import csv
+
     path = Path(path)
-    if not path.is_file(): raise MissingFileError(f"scene manifest {path} does not exist")
-    with open(path, newline='') as fh: rows = list(csv.DictReader(fh))
-    if rows and tuple(rows[0]) != SCENE_COLUMNS: raise DataError(f"{path}: columns {tuple(rows[0])}, expected {SCENE_COLUMNS}")
+    if not path.is_file():
+        raise MissingFileError(f"scene manifest {path} does not exist")
+    with open(path, newline='') as fh:
+        rows = list(csv.DictReader(fh))
+    if rows and tuple(rows[0]) != SCENE_COLUMNS:
+        raise DataError(f"{path}: columns {tuple(rows[0])}, expected {SCENE_COLUMNS}")
     return rows
 
 # %% ../nbs/13_download.ipynb #c56019df
 def main(argv: list[str] | None = None) -> int:
     "`seaice download`: list, download, resume and verify an AI4Arctic (figshare) article."
-    ap = argparse.ArgumentParser(prog='seaice download', description=main.__doc__.split(': ', 1)[1],
+    ap = argparse.ArgumentParser(
+        prog='seaice download',
+        description=main.__doc__.split(': ', 1)[1],
         epilog=f"Named articles: {', '.join(f'{k}={v}' for k, v in ARTICLES.items())}. Re-running resumes "
-               "partial files and skips verified ones. Exit status: 0 when every downloadable file is verified (listing "
-               "entries refused as unsafe are printed as warnings), 1 when any file failed.")
-    ap.add_argument('--article', default='train', help="train, test, raw-train, raw-test or a figshare article id (default: train)")
+        "partial files and skips verified ones. Exit status: 0 when every downloadable file is verified (listing "
+        "entries refused as unsafe are printed as warnings), 1 when any file failed.",
+    )
+    ap.add_argument(
+        '--article',
+        default='train',
+        help="train, test, raw-train, raw-test or a figshare article id (default: train)",
+    )
     ap.add_argument('--out', type=Path, help='destination folder (required unless --manifest-only)')
     ap.add_argument('--workers', type=int, default=4, help='parallel downloads (default: 4)')
-    ap.add_argument('--only', action='append', default=[], metavar='PATTERN', help="download only names matching this glob (repeatable)")
-    ap.add_argument('--manifest', type=Path, metavar='FILE', help='file manifest: read it instead of listing online (recorded first if missing)')
-    ap.add_argument('--manifest-only', action='store_true', help='list the article online and write --manifest, download nothing')
-    ap.add_argument('--verify', action='store_true', help='verify --out against --manifest offline, download nothing')
+    ap.add_argument(
+        '--only',
+        action='append',
+        default=[],
+        metavar='PATTERN',
+        help="download only names matching this glob (repeatable)",
+    )
+    ap.add_argument(
+        '--manifest',
+        type=Path,
+        metavar='FILE',
+        help='file manifest: read it instead of listing online (recorded first if missing)',
+    )
+    ap.add_argument(
+        '--manifest-only',
+        action='store_true',
+        help='list the article online and write --manifest, download nothing',
+    )
+    ap.add_argument(
+        '--verify', action='store_true', help='verify --out against --manifest offline, download nothing'
+    )
     ap.add_argument('--api', default=DEFAULT_API, help=f'figshare API base URL (default: {DEFAULT_API})')
-    ap.add_argument('--retries', type=int, default=8, help='failed attempts without progress before a file is given up (default: 8)')
-    ap.add_argument('--backoff', type=float, default=1.0, help='first retry delay in seconds, doubling (default: 1)')
-    ap.add_argument('--timeout', type=float, default=60.0, help='connect/read timeout in seconds (default: 60)')
+    ap.add_argument(
+        '--retries',
+        type=int,
+        default=8,
+        help='failed attempts without progress before a file is given up (default: 8)',
+    )
+    ap.add_argument(
+        '--backoff', type=float, default=1.0, help='first retry delay in seconds, doubling (default: 1)'
+    )
+    ap.add_argument(
+        '--timeout', type=float, default=60.0, help='connect/read timeout in seconds (default: 60)'
+    )
     ap.add_argument('--quiet', action='store_true', help='no progress bars')
     a = ap.parse_args(argv)
-    if a.workers < 1: raise ConfigError(f"--workers {a.workers}: must be at least 1")
+    if a.workers < 1:
+        raise ConfigError(f"--workers {a.workers}: must be at least 1")
     retry = Retry(attempts=a.retries, backoff=a.backoff, timeout=a.timeout)
     if a.manifest_only:
-        if a.manifest is None: raise ConfigError("--manifest-only needs --manifest FILE (where to write the listing)")
+        if a.manifest is None:
+            raise ConfigError("--manifest-only needs --manifest FILE (where to write the listing)")
         files = list_files(a.article, a.api, retry=retry)
         write_manifest(a.manifest, files, a.article, a.api)
-        print(f"wrote {a.manifest}: {len(files)} files, {_fmt(sum(f.size for f in files))}"); return 0
-    if a.out is None: raise ConfigError("--out DIR is required (where the files go)")
-    if a.manifest is not None and (a.verify or a.manifest.exists()): _, files = read_manifest(a.manifest)
-    elif a.verify: raise ConfigError("--verify needs --manifest FILE (the recorded listing to check against)")
+        print(f"wrote {a.manifest}: {len(files)} files, {_fmt(sum(f.size for f in files))}")
+        return 0
+    if a.out is None:
+        raise ConfigError("--out DIR is required (where the files go)")
+    if a.manifest is not None and (a.verify or a.manifest.exists()):
+        _, files = read_manifest(a.manifest)
+    elif a.verify:
+        raise ConfigError("--verify needs --manifest FILE (the recorded listing to check against)")
     else:
         files = list_files(a.article, a.api, retry=retry)
-        if a.manifest is not None: write_manifest(a.manifest, files, a.article, a.api); print(f"recorded {a.manifest}")
-    if a.only: files = [f for f in files if any(fnmatch.fnmatchcase(str(f.name), p) for p in a.only)]
-    if a.verify: rep = verify_dir(a.out, files)
+        if a.manifest is not None:
+            write_manifest(a.manifest, files, a.article, a.api)
+            print(f"recorded {a.manifest}")
+    if a.only:
+        files = [f for f in files if any(fnmatch.fnmatchcase(str(f.name), p) for p in a.only)]
+    if a.verify:
+        rep = verify_dir(a.out, files)
     else:
         logging.basicConfig(level=logging.WARNING, format='%(message)s')
         rep = Downloader(a.out, a.workers, retry, progress=not a.quiet).run(files)
@@ -552,31 +856,61 @@ def main(argv: list[str] | None = None) -> int:
 def seaice_command() -> list[str]:
     "The argv prefix that runs the `seaice` CLI in a subprocess (the console script next to this Python, else `-c`)."
     exe = Path(sys.executable).with_name('seaice')
-    if exe.is_file(): return [str(exe)]
+    if exe.is_file():
+        return [str(exe)]
     return [sys.executable, '-c', 'import sys; from seaice_nb.cli import main; sys.exit(main(sys.argv[1:]))']
+
 
 def kill_and_resume(srv, article: int, f, dest: Path, kill_after: float = 1.0, timeout: float = 60) -> dict:
     "Run `seaice download` on a slow file in a subprocess, SIGKILL it after `kill_after` s, rerun; return the byte counts."
     import signal, subprocess
-    cmd = seaice_command() + ['download', '--article', str(article), '--api', srv.api, '--out', str(dest), '--workers', '1',
-                              '--only', f.name, '--quiet', '--backoff', '0.05']
+
+    cmd = seaice_command() + [
+        'download',
+        '--article',
+        str(article),
+        '--api',
+        srv.api,
+        '--out',
+        str(dest),
+        '--workers',
+        '1',
+        '--only',
+        f.name,
+        '--quiet',
+        '--backoff',
+        '0.05',
+    ]
     part = Path(dest) / f".{f.name}.part"
     srv.reset_counts()
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout and not (part.is_file() and part.stat().st_size > 0): time.sleep(0.02)
+    while time.monotonic() - t0 < timeout and not (part.is_file() and part.stat().st_size > 0):
+        time.sleep(0.02)
     time.sleep(kill_after)
-    p.send_signal(signal.SIGKILL); p.wait()
+    p.send_signal(signal.SIGKILL)
+    p.wait()
     have = part.stat().st_size if part.is_file() else 0
     final_exists = (Path(dest) / f.name).exists()
-    srv.wait_idle()      # the server notices the dead client at its next write; count that write before the rerun
+    srv.wait_idle()  # the server notices the dead client at its next write; count that write before the rerun
     first = srv.served.get(f.name, 0)
     srv.reset_counts()
     rate, f.rate = f.rate, None
-    try: r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    finally: f.rate = rate
-    return {'size': len(f.data), 'served_before_kill': first, 'part_bytes_at_kill': have, 'final_existed_at_kill': final_exists,
-            'missing': len(f.data) - have, 'refetched': srv.served.get(f.name, 0), 'rerun_exit': r.returncode, 'rerun_output': r.stdout + r.stderr}
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    finally:
+        f.rate = rate
+    return {
+        'size': len(f.data),
+        'served_before_kill': first,
+        'part_bytes_at_kill': have,
+        'final_existed_at_kill': final_exists,
+        'missing': len(f.data) - have,
+        'refetched': srv.served.get(f.name, 0),
+        'rerun_exit': r.returncode,
+        'rerun_output': r.stdout + r.stderr,
+    }
+
 
 def _plain_copy(urls: list[str], dest: Path) -> None:
     "The baseline: one stream per file, straight to disk."
@@ -584,42 +918,68 @@ def _plain_copy(urls: list[str], dest: Path) -> None:
     with requests.Session() as s:
         for i, u in enumerate(urls):
             with s.get(u, stream=True) as r, open(dest / f"plain{i}", 'wb') as out:
-                r.raise_for_status(); shutil.copyfileobj(r.raw, out, 1 << 20)
+                r.raise_for_status()
+                shutil.copyfileobj(r.raw, out, 1 << 20)
+
 
 def bench_main(argv: list[str] | None = None) -> int:
     "`seaice bench download`: downloader throughput (1 and 4 workers) vs a plain copy over loopback, and resume re-fetch."
     import tempfile
     from seaice_nb.figshare_server import FigshareServer, make_files
-    ap = argparse.ArgumentParser(prog='seaice bench download', description=bench_main.__doc__.split(': ', 1)[1])
+
+    ap = argparse.ArgumentParser(
+        prog='seaice bench download', description=bench_main.__doc__.split(': ', 1)[1]
+    )
     ap.add_argument('--files', type=int, default=8, help='number of files (default: 8)')
     ap.add_argument('--size-mb', type=float, default=16, help='size of each file in MiB (default: 16)')
-    ap.add_argument('--resume-mb', type=float, default=8, help='size of the file killed and resumed, MiB (default: 8)')
+    ap.add_argument(
+        '--resume-mb', type=float, default=8, help='size of the file killed and resumed, MiB (default: 8)'
+    )
     ap.add_argument('--rate-mb', type=float, default=4, help='throttle of that file, MiB/s (default: 4)')
     ap.add_argument('--repeat', type=int, default=2, help='timed repetitions, best is kept (default: 2)')
     ap.add_argument('--dir', type=Path, default=None, help='scratch folder (default: a temporary folder)')
     a = ap.parse_args(argv)
-    files = make_files([int(a.size_mb * 2 ** 20)] * a.files, seed=0)
-    slow = make_files([int(a.resume_mb * 2 ** 20)], seed=1, first_id=50000001, pattern='resume{i}.nc')[0]
-    slow.rate = a.rate_mb * 2 ** 20
+    files = make_files([int(a.size_mb * 2**20)] * a.files, seed=0)
+    slow = make_files([int(a.resume_mb * 2**20)], seed=1, first_id=50000001, pattern='resume{i}.nc')[0]
+    slow.rate = a.rate_mb * 2**20
     total = sum(len(f.data) for f in files)
     out = {'files': a.files, 'bytes': total}
     with FigshareServer({1: files, 2: [slow]}) as srv, tempfile.TemporaryDirectory(dir=a.dir) as tmp:
+
         def timed(fn):
             best = float('inf')
             for i in range(a.repeat):
                 d = Path(tmp) / f"run{time.monotonic_ns()}"
-                t0 = time.perf_counter(); fn(d); best = min(best, time.perf_counter() - t0)
+                t0 = time.perf_counter()
+                fn(d)
+                best = min(best, time.perf_counter() - t0)
                 shutil.rmtree(d)
-            return total / best / 2 ** 20
+            return total / best / 2**20
+
         listing = list_files(1, srv.api)
-        out['plain_MiBps'] = round(timed(lambda d: _plain_copy([f"{srv.api}/file/download/{f.id}" for f in files], d)), 1)
+        out['plain_MiBps'] = round(
+            timed(lambda d: _plain_copy([f"{srv.api}/file/download/{f.id}" for f in files], d)), 1
+        )
         for w in (1, 4):
+
             def run(d, w=w):
                 rep = Downloader(d, workers=w, progress=False).run(listing)
-                if not rep.ok: raise DownloadError(rep.summary())
+                if not rep.ok:
+                    raise DownloadError(rep.summary())
+
             out[f'workers{w}_MiBps'] = round(timed(run), 1)
             out[f'workers{w}_ratio'] = round(out[f'workers{w}_MiBps'] / out['plain_MiBps'], 2)
         k = kill_and_resume(srv, 2, slow, Path(tmp) / 'resume', kill_after=0.5)
-        out['resume'] = {x: k[x] for x in ('size', 'part_bytes_at_kill', 'missing', 'refetched', 'served_before_kill', 'rerun_exit')}
+        out['resume'] = {
+            x: k[x]
+            for x in (
+                'size',
+                'part_bytes_at_kill',
+                'missing',
+                'refetched',
+                'served_before_kill',
+                'rerun_exit',
+            )
+        }
     print(json.dumps(out, indent=1))
     return 0 if out['resume']['rerun_exit'] == 0 else 1

@@ -23,44 +23,61 @@ __all__ = ['SUBMISSION_CHARTS', 'tile_starts', 'blend_window', 'check_store', 'p
            'scene_nodata', 'submission_maps', 'score_submission', 'evaluate', 'main']
 
 # %% ../nbs/42_evaluate.ipynb #bf286090
-def tile_starts(n: int, # pixels along the axis
-                tile: int, # tile size
-                step: int, # tile - overlap
-               ) -> list[int]:
+def tile_starts(
+    n: int,  # pixels along the axis
+    tile: int,  # tile size
+    step: int,  # tile - overlap
+) -> list[int]:
     "Start offsets of tiles covering `n` pixels (the last tile may overhang the edge: its overhang is padding)."
-    if tile <= 0 or step <= 0 or step > tile: raise ConfigError(f"need 0 < step <= tile, got tile={tile}, step={step}")
+    if tile <= 0 or step <= 0 or step > tile:
+        raise ConfigError(f"need 0 < step <= tile, got tile={tile}, step={step}")
     return [s for s in range(0, max(n - tile, 0) + step, step) if s < n]
 
-def blend_window(tile: int, # tile size
-                 overlap: int, # pixels blended at each edge
-                 floor: float = 1e-3, # minimum weight (scene borders are covered by one tile only)
-                ) -> np.ndarray:
+
+def blend_window(
+    tile: int,  # tile size
+    overlap: int,  # pixels blended at each edge
+    floor: float = 1e-3,  # minimum weight (scene borders are covered by one tile only)
+) -> np.ndarray:
     "`[tile, tile]` raised-cosine weights: 1 inside, falling towards the edges over `overlap` pixels."
     w = np.ones(tile, np.float32)
     if overlap > 0:
         r = 0.5 - 0.5 * np.cos(np.pi * (np.arange(overlap) + 0.5) / overlap)
-        w[:overlap] = np.minimum(w[:overlap], r); w[-overlap:] = np.minimum(w[-overlap:], r[::-1])
+        w[:overlap] = np.minimum(w[:overlap], r)
+        w[-overlap:] = np.minimum(w[-overlap:], r[::-1])
     return np.maximum(np.outer(w, w), floor).astype(np.float32)
 
 # %% ../nbs/42_evaluate.ipynb #b37d3e91
 _PRE_KEYS = ('factor', 'coarse_factor', 'chart_method', 'min_valid', 'grid_offset')
 
-def check_store(meta: Mapping[str, Any], # checkpoint metadata (`load_checkpoint(...)[1]`)
-                store, # `seaice_nb.data.SceneStore` (or anything with `channels`, `params`, `amsr2_channels`, `era5_channels`)
-                where: str = 'checkpoint', # name used in messages
-               ) -> list[int] | None:
+
+def check_store(
+    meta: Mapping[str, Any],  # checkpoint metadata (`load_checkpoint(...)[1]`)
+    store,  # `seaice_nb.data.SceneStore` (or anything with `channels`, `params`, `amsr2_channels`, `era5_channels`)
+    where: str = 'checkpoint',  # name used in messages
+) -> list[int] | None:
     "Indices of the model's channels in the store; `DataError` if a channel or a preprocessing parameter differs."
     want = meta.get('channels')
     have = list(store.channels)
     if want:
         missing = [c for c in want if c not in have]
-        if missing: raise DataError(f"the store {getattr(store, 'root', '')} lacks channel(s) {missing} that the {where} model needs; "
-                                    f"store channels: {', '.join(have)}")
+        if missing:
+            raise DataError(
+                f"the store {getattr(store, 'root', '')} lacks channel(s) {missing} that the {where} model needs; "
+                f"store channels: {', '.join(have)}"
+            )
     pre = meta.get('preprocess') or {}
     params = getattr(store, 'params', None) or {}
-    diff = [f"{k}={params.get(k)!r} (model trained on {pre.get(k)!r})" for k in _PRE_KEYS if k in pre and k in params and pre[k] != params[k]]
-    if diff: raise DataError(f"the store {getattr(store, 'root', '')} was preprocessed differently from the {where} data: {'; '.join(diff)}; "
-                             f"preprocess the scenes with the training configuration")
+    diff = [
+        f"{k}={params.get(k)!r} (model trained on {pre.get(k)!r})"
+        for k in _PRE_KEYS
+        if k in pre and k in params and pre[k] != params[k]
+    ]
+    if diff:
+        raise DataError(
+            f"the store {getattr(store, 'root', '')} was preprocessed differently from the {where} data: {'; '.join(diff)}; "
+            f"preprocess the scenes with the training configuration"
+        )
     keys = meta.get('input_keys') or []
     for k in ('amsr2', 'era5'):
         w, h = meta.get(f'{k}_channels'), list(getattr(store, f'{k}_channels', []) or [])
@@ -73,59 +90,77 @@ def _probs(out: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     "Softmax for classification heads; a 1-channel (regression) head stays a value."
     return {c: (v.float().softmax(1) if v.shape[1] > 1 else v.float()) for c, v in out.items()}
 
+
 @torch.no_grad()
-def predict_scene(model: nn.Module, # a sea-ice model (reads `model.input_keys`)
-                  arrays: Mapping[str, Any], # `SceneStore.arrays(name)`: numpy or lazily read zarr arrays
-                  meta: Mapping[str, Any], # `SceneStore.meta[name]` (scene, shape, ...)
-                  coarse_factor: int, # the store's coarse factor
-                  tile: int = 256, # tile size (multiple of the coarse factor)
-                  overlap: int = 64, # overlap of neighbouring tiles (tile - overlap a multiple of the coarse factor)
-                  n_frames: int = 1, # frames the model reads
-                  channels: list[int] | None = None, # store channel indices the model reads (None: all)
-                  batch_size: int = 8, # tiles per forward pass
-                  device: str = 'cpu', # where the model runs
-                  amp_dtype: torch.dtype | None = None, # autocast dtype (e.g. torch.bfloat16 on CUDA)
-                  predict: Callable | None = None, # blended outputs -> class maps; default `models.losses.outputs_to_classes`
-                  mask_invalid: bool = False, # set 255 where the target frame has no SAR data (for maps; not for the package)
-                 ) -> dict[str, np.ndarray]:
+def predict_scene(
+    model: nn.Module,  # a sea-ice model (reads `model.input_keys`)
+    arrays: Mapping[str, Any],  # `SceneStore.arrays(name)`: numpy or lazily read zarr arrays
+    meta: Mapping[str, Any],  # `SceneStore.meta[name]` (scene, shape, ...)
+    coarse_factor: int,  # the store's coarse factor
+    tile: int = 256,  # tile size (multiple of the coarse factor)
+    overlap: int = 64,  # overlap of neighbouring tiles (tile - overlap a multiple of the coarse factor)
+    n_frames: int = 1,  # frames the model reads
+    channels: list[int] | None = None,  # store channel indices the model reads (None: all)
+    batch_size: int = 8,  # tiles per forward pass
+    device: str = 'cpu',  # where the model runs
+    amp_dtype: torch.dtype | None = None,  # autocast dtype (e.g. torch.bfloat16 on CUDA)
+    predict: Callable
+    | None = None,  # blended outputs -> class maps; default `models.losses.outputs_to_classes`
+    mask_invalid: bool = False,  # set 255 where the target frame has no SAR data (for maps; not for the package)
+) -> dict[str, np.ndarray]:
     "Class maps `{chart: uint8 [H, W]}` of one scene on the store grid (with `mask_invalid`, 255 where the target frame has no data)."
     from seaice_nb.data import crop_sample
+
     if predict is None:
         from seaice_nb.models.losses import outputs_to_classes as predict
     cf = coarse_factor
-    if tile % cf or (tile - overlap) % cf: raise ConfigError(f"tile={tile} and tile-overlap={tile - overlap} must be multiples of the coarse factor {cf}")
+    if tile % cf or (tile - overlap) % cf:
+        raise ConfigError(
+            f"tile={tile} and tile-overlap={tile - overlap} must be multiples of the coarse factor {cf}"
+        )
     H, W = meta['shape']
     ys, xs = tile_starts(H, tile, tile - overlap), tile_starts(W, tile, tile - overlap)
     Wp = xs[-1] + tile
     win = torch.from_numpy(blend_window(tile, overlap))
-    keys = tuple(model.input_keys); model.eval().to(device)
-    buf: dict[str, torch.Tensor] = {}; wsum = torch.zeros(tile, Wp)
+    keys = tuple(model.input_keys)
+    model.eval().to(device)
+    buf: dict[str, torch.Tensor] = {}
+    wsum = torch.zeros(tile, Wp)
     out_maps = {c: np.full((H, W), 255, np.uint8) for c in CHARTS}
     lo = ys[0]
     for k, y in enumerate(ys):
         if k:  # slide the band down: rows above `y` are final already
             s = y - lo
-            for c in buf: buf[c] = torch.cat([buf[c][:, s:], torch.zeros_like(buf[c][:, :s])], 1)
-            wsum = torch.cat([wsum[s:], torch.zeros_like(wsum[:s])], 0); lo = y
+            for c in buf:
+                buf[c] = torch.cat([buf[c][:, s:], torch.zeros_like(buf[c][:, :s])], 1)
+            wsum = torch.cat([wsum[s:], torch.zeros_like(wsum[:s])], 0)
+            lo = y
         for b in range(0, len(xs), batch_size):
-            samples = [crop_sample(arrays, meta, y, x, tile, tile, n_frames, cf, channels) for x in xs[b:b + batch_size]]
+            samples = [
+                crop_sample(arrays, meta, y, x, tile, tile, n_frames, cf, channels)
+                for x in xs[b : b + batch_size]
+            ]
             batch = {kk: torch.from_numpy(np.stack([s[kk] for s in samples])).to(device) for kk in keys}
             with torch.autocast(device.split(':')[0], dtype=amp_dtype, enabled=amp_dtype is not None):
                 out = model(**batch)
             probs = {c: v.cpu() for c, v in _probs(out).items() if c in CHARTS}
-            for i, x in enumerate(xs[b:b + batch_size]):
+            for i, x in enumerate(xs[b : b + batch_size]):
                 for c, p in probs.items():
-                    if c not in buf: buf[c] = torch.zeros(p.shape[1], tile, Wp)
-                    buf[c][:, :, x:x + tile] += p[i] * win
-                wsum[:, x:x + tile] += win
+                    if c not in buf:
+                        buf[c] = torch.zeros(p.shape[1], tile, Wp)
+                    buf[c][:, :, x : x + tile] += p[i] * win
+                wsum[:, x : x + tile] += win
         end = min(H, ys[k + 1] if k + 1 < len(ys) else y + tile)
         rows = end - y
         blended = {c: (v[:, :rows, :W] / wsum[:rows, :W])[None] for c, v in buf.items()}
         cls = predict(blended)
-        for c, m in cls.items(): out_maps[c][y:end] = m[0].numpy().astype(np.uint8)
+        for c, m in cls.items():
+            out_maps[c][y:end] = m[0].numpy().astype(np.uint8)
     if mask_invalid:
-        for c in out_maps: out_maps[c][~target_valid(arrays)] = 255
+        for c in out_maps:
+            out_maps[c][~target_valid(arrays)] = 255
     return out_maps
+
 
 def target_valid(arrays: Mapping[str, Any]) -> np.ndarray:
     "Bool `[H, W]`: the target frame has SAR data."
@@ -133,30 +168,38 @@ def target_valid(arrays: Mapping[str, Any]) -> np.ndarray:
     return np.asarray(v[-1, :, :] if hasattr(v, 'oindex') else v[-1]).astype(bool)
 
 # %% ../nbs/42_evaluate.ipynb #855be510
-def upsample_nearest(a: np.ndarray, # [H, W] class map on the store grid
-                     factor: int, # store downsampling factor
-                     shape: tuple[int, int], # target (80 m) shape
-                    ) -> np.ndarray:
+def upsample_nearest(
+    a: np.ndarray,  # [H, W] class map on the store grid
+    factor: int,  # store downsampling factor
+    shape: tuple[int, int],  # target (80 m) shape
+) -> np.ndarray:
     "Nearest-neighbour upsampling of a class map to `shape` (edge rows/columns extended over the remainder)."
-    up = np.repeat(np.repeat(np.asarray(a), factor, 0), factor, 1)[:shape[0], :shape[1]]
+    up = np.repeat(np.repeat(np.asarray(a), factor, 0), factor, 1)[: shape[0], : shape[1]]
     ph, pw = shape[0] - up.shape[0], shape[1] - up.shape[1]
-    if ph >= factor or pw >= factor: raise DataError(f"a {a.shape} map times {factor} cannot cover {tuple(shape)}: store and scene do not match")
+    if ph >= factor or pw >= factor:
+        raise DataError(
+            f"a {a.shape} map times {factor} cannot cover {tuple(shape)}: store and scene do not match"
+        )
     return np.pad(up, ((0, ph), (0, pw)), mode='edge') if (ph or pw) else up
 
 # %% ../nbs/42_evaluate.ipynb #dffb911d
-SUBMISSION_CHARTS = CHART_VARS   # the official chart names, as in the package's variable names
+SUBMISSION_CHARTS = CHART_VARS  # the official chart names, as in the package's variable names
+
 
 def submission_name(scene: str) -> str:
     "The 19-character scene key of the upload format (`20180124T194759_dmi_prep.nc` -> `20180124T194759_dmi`)."
     key = Path(str(scene)).name[:19]
-    if len(key) != 19 or key[8] != 'T' or key[15] != '_': raise DataError(f"{scene!r} is not an RTT scene name like 20180124T194759_dmi_prep.nc")
+    if len(key) != 19 or key[8] != 'T' or key[15] != '_':
+        raise DataError(f"{scene!r} is not an RTT scene name like 20180124T194759_dmi_prep.nc")
     return key
 
-def check_classes(a: np.ndarray, # a class map (any integer dtype)
-                  scene: str, # scene name, for the message
-                  chart: str, # chart (either spelling)
-                  where: str = '', # file or context, for the message
-                 ) -> None:
+
+def check_classes(
+    a: np.ndarray,  # a class map (any integer dtype)
+    scene: str,  # scene name, for the message
+    chart: str,  # chart (either spelling)
+    where: str = '',  # file or context, for the message
+) -> None:
     "`DataError` unless every value of `a` is a class of `chart` (0..n-1) or 255 (no data)."
     n, c = N_CLASSES[chart], chart_var(chart)
     a = np.asarray(a)
@@ -166,115 +209,169 @@ def check_classes(a: np.ndarray, # a class map (any integer dtype)
     if bad.any():
         vals = np.unique(a[bad])
         also = f"; also {', '.join(f'{v:g}' for v in vals[1:6])}" if len(vals) > 1 else ''
-        raise DataError(f"{where}{scene} {c}: value {vals[0]:g} at {int(bad.sum())} pixel(s) is not a {c} class "
-                        f"(0..{n - 1}, or 255 for no data){also}")
+        raise DataError(
+            f"{where}{scene} {c}: value {vals[0]:g} at {int(bad.sum())} pixel(s) is not a {c} class "
+            f"(0..{n - 1}, or 255 for no data){also}"
+        )
 
-def write_submission(predictions: Mapping[str, Mapping[str, np.ndarray]], # scene -> {'sic'|'SIC': class map [H80, W80]}
-                     path: str | Path = 'upload_package.nc', # output file
-                     shapes: Mapping[str, tuple] | None = None, # expected 80 m shape per scene (None: not checked)
-                    ) -> Path:
+
+def write_submission(
+    predictions: Mapping[str, Mapping[str, np.ndarray]],  # scene -> {'sic'|'SIC': class map [H80, W80]}
+    path: str | Path = 'upload_package.nc',  # output file
+    shapes: Mapping[str, tuple] | None = None,  # expected 80 m shape per scene (None: not checked)
+) -> Path:
     "Write the AutoICE upload package (NetCDF-4, zlib 1, uint8 `<scene19>_<CHART>` arrays); bad input writes nothing."
     import xarray as xr
+
     ds, keys = xr.Dataset(), {}
     for scene, charts in predictions.items():
         key = submission_name(scene)
-        if key in keys: raise DataError(f"{scene} and {keys[key]} are the same scene {key} in the package")
+        if key in keys:
+            raise DataError(f"{scene} and {keys[key]} are the same scene {key} in the package")
         keys[key] = scene
         got = chart_dict(charts, f"prediction of {scene}")
         missing = [chart_var(c) for c in CHARTS if c not in got]
-        if missing: raise DataError(f"prediction of {scene} lacks chart(s) {missing}")
+        if missing:
+            raise DataError(f"prediction of {scene} lacks chart(s) {missing}")
         want = tuple(shapes[scene]) if shapes is not None and scene in shapes else None
         for c in CHARTS:
             a = np.asarray(got[c])
-            if a.ndim != 2: raise DataError(f"{scene} {chart_var(c)}: expected a 2-D map, got shape {a.shape}")
+            if a.ndim != 2:
+                raise DataError(f"{scene} {chart_var(c)}: expected a 2-D map, got shape {a.shape}")
             want = want or a.shape
             if a.shape != want:
-                raise DataError(f"{scene} {chart_var(c)}: shape {a.shape}, expected {want} (the scene's 80 m grid)")
+                raise DataError(
+                    f"{scene} {chart_var(c)}: shape {a.shape}, expected {want} (the scene's 80 m grid)"
+                )
             check_classes(a, key, c)
             name = f"{key}_{chart_var(c)}"
             ds[name] = xr.DataArray(a.astype(np.uint8), dims=(f"{name}_dim0", f"{name}_dim1"), name=name)
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".tmp-{path.name}")
-    ds.to_netcdf(tmp, mode='w', format='NETCDF4', engine='netcdf4', encoding={v: {'zlib': True, 'complevel': 1} for v in ds.data_vars})
+    ds.to_netcdf(
+        tmp,
+        mode='w',
+        format='NETCDF4',
+        engine='netcdf4',
+        encoding={v: {'zlib': True, 'complevel': 1} for v in ds.data_vars},
+    )
     tmp.replace(path)
     return path
 
-def check_submission(path: str | Path, # an upload package
-                     scenes: Iterable[str] | None = None, # expected scenes (RTT names); None: do not check the list
-                     shapes: Mapping[str, tuple] | None = None, # expected 80 m shape per scene
-                    ) -> dict:
+
+def check_submission(
+    path: str | Path,  # an upload package
+    scenes: Iterable[str] | None = None,  # expected scenes (RTT names); None: do not check the list
+    shapes: Mapping[str, tuple] | None = None,  # expected 80 m shape per scene
+) -> dict:
     "Verify an upload package against the official format and the charts' class ranges; returns `{scene19: shape}`."
     import netCDF4
+
     out = {}
     with netCDF4.Dataset(path) as nc:
-        if nc.data_model != 'NETCDF4': raise DataError(f"{path}: format {nc.data_model}, expected NETCDF4")
+        if nc.data_model != 'NETCDF4':
+            raise DataError(f"{path}: format {nc.data_model}, expected NETCDF4")
         for name, v in nc.variables.items():
             key, _, chart = name.rpartition('_')
-            if chart not in SUBMISSION_CHARTS or len(key) != 19: raise DataError(f"{path}: unexpected variable {name!r}")
-            if v.dtype != np.uint8: raise DataError(f"{path}: {name} is {v.dtype}, expected uint8")
-            if v.dimensions != (f"{name}_dim0", f"{name}_dim1"): raise DataError(f"{path}: {name} has dims {v.dimensions}")
+            if chart not in SUBMISSION_CHARTS or len(key) != 19:
+                raise DataError(f"{path}: unexpected variable {name!r}")
+            if v.dtype != np.uint8:
+                raise DataError(f"{path}: {name} is {v.dtype}, expected uint8")
+            if v.dimensions != (f"{name}_dim0", f"{name}_dim1"):
+                raise DataError(f"{path}: {name} has dims {v.dimensions}")
             f = v.filters()
-            if not f.get('zlib') or f.get('complevel') != 1: raise DataError(f"{path}: {name} is not zlib level 1 compressed ({f})")
+            if not f.get('zlib') or f.get('complevel') != 1:
+                raise DataError(f"{path}: {name} is not zlib level 1 compressed ({f})")
             v.set_auto_mask(False)
             check_classes(v[:], key, chart, f"{path}: ")
             out.setdefault(key, {})[chart] = v.shape
     for key, ch in out.items():
         if set(ch) != set(SUBMISSION_CHARTS):
             raise DataError(f"{path}: {key} has charts {sorted(ch)}, expected {list(SUBMISSION_CHARTS)}")
-        if len(set(ch.values())) != 1: raise DataError(f"{path}: {key} charts differ in shape: {ch}")
+        if len(set(ch.values())) != 1:
+            raise DataError(f"{path}: {key} charts differ in shape: {ch}")
     if scenes is not None:
         want = {submission_name(s) for s in scenes}
-        if want != set(out): raise DataError(f"{path}: scenes missing {sorted(want - set(out))}, unexpected {sorted(set(out) - want)}")
+        if want != set(out):
+            raise DataError(
+                f"{path}: scenes missing {sorted(want - set(out))}, unexpected {sorted(set(out) - want)}"
+            )
     for s, shp in (shapes or {}).items():
-        if out[submission_name(s)]['SIC'] != tuple(shp): raise DataError(f"{path}: {s} has shape {out[submission_name(s)]['SIC']}, expected {tuple(shp)}")
+        if out[submission_name(s)]['SIC'] != tuple(shp):
+            raise DataError(f"{path}: {s} has shape {out[submission_name(s)]['SIC']}, expected {tuple(shp)}")
     return {k: v['SIC'] for k, v in out.items()}
 
 # %% ../nbs/42_evaluate.ipynb #74ba1e57
 def _zone_channels(store, arrays) -> dict:
     "Pixel conditions (physical units) from the target frame's store channels, when the store has them."
     from seaice_nb.scenes import destandardise
-    ch = list(store.channels); img = arrays['image']
+
+    ch = list(store.channels)
+    img = arrays['image']
+
     def get(name):
-        if name not in ch: return None
-        a = np.asarray(img[-1, ch.index(name)] if not hasattr(img, 'oindex') else img[-1, ch.index(name), :, :], np.float64)
+        if name not in ch:
+            return None
+        a = np.asarray(
+            img[-1, ch.index(name)] if not hasattr(img, 'oindex') else img[-1, ch.index(name), :, :],
+            np.float64,
+        )
         return a
+
     dist, inc, u, v = get('distance_map'), get('incidence_angle'), get('u10m_rotated'), get('v10m_rotated')
     return pixel_conditions(
         distance_zone=None if dist is None else destandardise(dist, 'distance_map'),
         incidence_deg=None if inc is None else destandardise(inc, 'sar_incidenceangle'),
-        wind_speed=None if (u is None or v is None) else np.hypot(destandardise(u, 'u10m_rotated'), destandardise(v, 'v10m_rotated')))
+        wind_speed=None
+        if (u is None or v is None)
+        else np.hypot(destandardise(u, 'u10m_rotated'), destandardise(v, 'v10m_rotated')),
+    )
+
 
 def reference_charts(scene_dir: str | Path, scene: str) -> dict[str, np.ndarray]:
     "The 80 m SIC/SOD/FLOE charts of `scene` from `<scene>_prep.nc` or `<scene>_prep_reference.nc` in `scene_dir`."
     from seaice_nb.scenes import open_scene
+
     d = Path(scene_dir)
     for name in (f"{scene}_prep_reference.nc", f"{scene}_prep.nc"):
         if (d / name).exists():
             ds = open_scene(d / name)
             try:
                 miss = [c for c in SUBMISSION_CHARTS if c not in ds]
-                if miss: raise DataError(f"{d / name} has no chart variable(s) {miss}")
+                if miss:
+                    raise DataError(f"{d / name} has no chart variable(s) {miss}")
                 return {c.lower(): np.asarray(ds[c].values, np.uint8) for c in SUBMISSION_CHARTS}
-            finally: ds.close()
-    raise MissingFileError(f"no {scene}_prep.nc or {scene}_prep_reference.nc in {d}: the 80 m charts are needed for the official score")
+            finally:
+                ds.close()
+    raise MissingFileError(
+        f"no {scene}_prep.nc or {scene}_prep_reference.nc in {d}: the 80 m charts are needed for the official score"
+    )
+
 
 def scene_nodata(scene_dir: str | Path, scene: str) -> np.ndarray | None:
     "Bool `[H80, W80]`: the scene's own no-data (HH == 0 or NaN in `<scene>_prep.nc`); None without that file's SAR."
     from seaice_nb.scenes import SAR_FILL, open_scene
+
     f = Path(scene_dir) / f"{scene}_prep.nc"
-    if not f.exists(): return None
+    if not f.exists():
+        return None
     ds = open_scene(f)
     try:
-        if 'nersc_sar_primary' not in ds: return None
+        if 'nersc_sar_primary' not in ds:
+            return None
         hh = np.asarray(ds['nersc_sar_primary'].values)
         return (hh == SAR_FILL) | np.isnan(hh)
-    finally: ds.close()
+    finally:
+        ds.close()
 
-def submission_maps(pred: Mapping[str, np.ndarray], # chart -> class map on the store grid
-                    factor: int, # store downsampling factor
-                    shape80: tuple[int, int], # the scene's 80 m shape
-                    nodata: np.ndarray | None = None, # bool [H80, W80]: the scene's no-data (255 there); None: none
-                   ) -> dict[str, np.ndarray]:
+
+def submission_maps(
+    pred: Mapping[str, np.ndarray],  # chart -> class map on the store grid
+    factor: int,  # store downsampling factor
+    shape80: tuple[int, int],  # the scene's 80 m shape
+    nodata: np.ndarray | None = None,  # bool [H80, W80]: the scene's no-data (255 there); None: none
+) -> dict[str, np.ndarray]:
     "The 80 m uint8 maps of the upload package: upsampled predictions, 255 only on the scene's no-data."
     out = {}
     for c, v in chart_dict(pred, 'prediction', CHARTS).items():
@@ -286,52 +383,66 @@ def submission_maps(pred: Mapping[str, np.ndarray], # chart -> class map on the 
         out[chart_var(c)] = up
     return out
 
-def score_submission(path: str | Path, # an upload package
-                     scene_dir: str | Path, # folder of the RTT files holding the 80 m reference charts
-                     scenes: Iterable[str] | None = None, # scenes to score (None: every scene in the package)
-                    ) -> ScoreAccumulator:
+
+def score_submission(
+    path: str | Path,  # an upload package
+    scene_dir: str | Path,  # folder of the RTT files holding the 80 m reference charts
+    scenes: Iterable[str] | None = None,  # scenes to score (None: every scene in the package)
+) -> ScoreAccumulator:
     "Score an upload package against the 80 m charts as AutoICE does: pooled, reference 255 dropped, package 255 counted."
     import netCDF4
+
     shapes = check_submission(path, scenes)
     acc = ScoreAccumulator(allow_masked=True)
     with netCDF4.Dataset(path) as nc:
         for key in sorted(shapes):
             ref = reference_charts(scene_dir, key)
             if ref['sic'].shape != shapes[key]:
-                raise DataError(f"{path}: {key} has shape {shapes[key]} "
-                                f"but its reference in {scene_dir} is {ref['sic'].shape}")
+                raise DataError(
+                    f"{path}: {key} has shape {shapes[key]} "
+                    f"but its reference in {scene_dir} is {ref['sic'].shape}"
+                )
             pred = {}
             for c in SUBMISSION_CHARTS:
-                v = nc.variables[f"{key}_{c}"]; v.set_auto_mask(False); pred[c] = np.asarray(v[:])
+                v = nc.variables[f"{key}_{c}"]
+                v.set_auto_mask(False)
+                pred[c] = np.asarray(v[:])
             acc.update(ref, pred)
     return acc
 
+
 def _write_csv(path: Path, rows: list[dict]):
-    if not rows: return
+    if not rows:
+        return
     with atomic_write(path, 'w') as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0])); w.writeheader(); w.writerows(rows)
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
 
 # %% ../nbs/42_evaluate.ipynb #cea4ce8b
-def evaluate(checkpoint: str | Path, # checkpoint written by the trainer, or a run directory (its best, else last)
-             store: str | Path, # preprocessed zarr store (or an open `SceneStore`)
-             scenes: list[str] | None = None, # scene names (None: all in the store)
-             out_dir: str | Path | None = None, # where tables, figures and the package go (None: nothing written)
-             scene_dir: str | Path | None = None, # RTT files for 80 m scoring and submission shapes
-             tile: int | None = None, # inference tile in store pixels (None: the run's `data.tile`, else its crop)
-             overlap: int | None = None, # tile overlap (None: the run's `data.overlap`, else a quarter tile)
-             batch_size: int = 8, # tiles per forward pass
-             device: str = 'auto', # 'auto', 'cpu' or 'cuda'
-             submission: bool = False, # also write `upload_package.nc` (80 m)
-             figures: bool = True, # also draw the figures (`seaice_nb.plots.evaluation_figures`)
-             progress: bool = True, # tqdm over scenes
-             model: nn.Module | None = None, # model to load the checkpoint into (default: rebuilt from its config)
-             maps: int = 2, # with `figures`: map figures (prediction vs chart vs SAR) of the first `maps` scenes
-            ) -> dict:
+def evaluate(
+    checkpoint: str | Path,  # checkpoint written by the trainer, or a run directory (its best, else last)
+    store: str | Path,  # preprocessed zarr store (or an open `SceneStore`)
+    scenes: list[str] | None = None,  # scene names (None: all in the store)
+    out_dir: str | Path | None = None,  # where tables, figures and the package go (None: nothing written)
+    scene_dir: str | Path | None = None,  # RTT files for 80 m scoring and submission shapes
+    tile: int | None = None,  # inference tile in store pixels (None: the run's `data.tile`, else its crop)
+    overlap: int | None = None,  # tile overlap (None: the run's `data.overlap`, else a quarter tile)
+    batch_size: int = 8,  # tiles per forward pass
+    device: str = 'auto',  # 'auto', 'cpu' or 'cuda'
+    submission: bool = False,  # also write `upload_package.nc` (80 m)
+    figures: bool = True,  # also draw the figures (`seaice_nb.plots.evaluation_figures`)
+    progress: bool = True,  # tqdm over scenes
+    model: nn.Module | None = None,  # model to load the checkpoint into (default: rebuilt from its config)
+    maps: int = 2,  # with `figures`: map figures (prediction vs chart vs SAR) of the first `maps` scenes
+) -> dict:
     "Score a checkpoint on a store's scenes (the official 80 m score of its package when `scene_dir` is given)."
     from seaice_nb.data import SceneStore
     from seaice_nb.runs import checkpoint_config, find_checkpoint, load_checkpoint
     import zarr
-    if submission and out_dir is None: raise ConfigError("submission=True needs out_dir (where upload_package.nc goes)")
+
+    if submission and out_dir is None:
+        raise ConfigError("submission=True needs out_dir (where upload_package.nc goes)")
     checkpoint = find_checkpoint(checkpoint)
     model, meta = load_checkpoint(checkpoint, model)
     data = checkpoint_config(meta, str(checkpoint)).data
@@ -346,15 +457,20 @@ def evaluate(checkpoint: str | Path, # checkpoint written by the trainer, or a r
     grid, official, subs, shapes = ConditionAccumulator(), None, {}, {}
     for i, name in enumerate(tqdm(st.names, desc='scenes', disable=not progress)):
         arrays, m = st.arrays(name), st.meta[name]
-        pred = predict_scene(model, arrays, m, st.coarse_factor, tile, overlap, n_frames, chans, batch_size, dev, amp)
+        pred = predict_scene(
+            model, arrays, m, st.coarse_factor, tile, overlap, n_frames, chans, batch_size, dev, amp
+        )
         if figures and out_dir is not None and i < maps:
             from seaice_nb import plots
-            for c in ('sic', 'sod'): plots.scene_map(st, name, pred, Path(out_dir) / 'figures' / f"map_{name}_{c}.png", c)
+
+            for c in ('sic', 'sod'):
+                plots.scene_map(st, name, pred, Path(out_dir) / 'figures' / f"map_{name}_{c}.png", c)
         true = {c: np.asarray(arrays[c][...]) for c in CHARTS}
         grid.update(true, pred, scene=scene_conditions(m), pixel=_zone_channels(st, arrays))
         if scene_dir is not None or submission:
             shape80 = tuple(zarr.open_group(st.root / name, mode='r').attrs.get('seaice:shape80') or ())
-            if len(shape80) != 2: raise DataError(f"scene {name} in {st.root} does not record its 80 m shape (seaice:shape80)")
+            if len(shape80) != 2:
+                raise DataError(f"scene {name} in {st.root} does not record its 80 m shape (seaice:shape80)")
             nodata = scene_nodata(scene_dir, name) if scene_dir is not None else None
             subs[name] = submission_maps(pred, st.factor, shape80, nodata)
             shapes[name] = shape80
@@ -362,30 +478,46 @@ def evaluate(checkpoint: str | Path, # checkpoint written by the trainer, or a r
     if subs:  # the 80 m score is the score of the package: write it, re-open it, score it
         with tempfile.TemporaryDirectory(prefix='seaice-package-') as tmp:
             package = Path(out_dir) / 'upload_package.nc' if submission else Path(tmp) / 'upload_package.nc'
-            write_submission(subs, package, shapes); check_submission(package, subs, shapes)
-            if scene_dir is not None: official = score_submission(package, scene_dir, subs)
-        if scene_dir is None: log.info("no scene_dir: the package has a class on every pixel (no 80 m no-data mask)")
+            write_submission(subs, package, shapes)
+            check_submission(package, subs, shapes)
+            if scene_dir is not None:
+                official = score_submission(package, scene_dir, subs)
+        if scene_dir is None:
+            log.info("no scene_dir: the package has a class on every pixel (no 80 m no-data mask)")
     scored_from = None if official is None else str(package) if submission else 'a temporary upload package'
-    scores = {'official_80m': official.scores() if official is not None else None, 'scored_from': scored_from,
-              'store_grid': grid.total.scores(), 'store_factor': st.factor, 'scenes': list(st.names),
-              'n_pixels_80m': official.n_pixels() if official is not None else None,
-              'n_masked_80m': official.n_masked() if official is not None else None,
-              'n_pixels_store_grid': grid.total.n_pixels(),
-              'checkpoint': str(checkpoint), 'code_version': meta.get('code_version')}
-    if scene_dir is None: log.info("no scene_dir: scores are on the store grid, not the official 80 m score")
+    scores = {
+        'official_80m': official.scores() if official is not None else None,
+        'scored_from': scored_from,
+        'store_grid': grid.total.scores(),
+        'store_factor': st.factor,
+        'scenes': list(st.names),
+        'n_pixels_80m': official.n_pixels() if official is not None else None,
+        'n_masked_80m': official.n_masked() if official is not None else None,
+        'n_pixels_store_grid': grid.total.n_pixels(),
+        'checkpoint': str(checkpoint),
+        'code_version': meta.get('code_version'),
+    }
+    if scene_dir is None:
+        log.info("no scene_dir: scores are on the store grid, not the official 80 m score")
     elif any(scores['n_masked_80m'].values()):
-        log.warning("the package masks %s pixels that the reference scores (scene no-data vs chart): they count as wrong",
-                    scores['n_masked_80m'])
+        log.warning(
+            "the package masks %s pixels that the reference scores (scene no-data vs chart): they count as wrong",
+            scores['n_masked_80m'],
+        )
     if out_dir is not None:
-        out = Path(out_dir); out.mkdir(parents=True, exist_ok=True)
-        with atomic_write(out / 'scores.json', 'w') as f: json.dump(scores, f, indent=1)
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        with atomic_write(out / 'scores.json', 'w') as f:
+            json.dump(scores, f, indent=1)
         _write_csv(out / 'per_condition.csv', grid.table())
         acc = official if official is not None else grid.total
         _write_csv(out / 'per_class.csv', acc.per_class())
         for c in CHARTS:
-            with atomic_write(out / f'confusion_{c}.csv', 'w') as f: np.savetxt(f, acc.cms[c], fmt='%d', delimiter=',')
+            with atomic_write(out / f'confusion_{c}.csv', 'w') as f:
+                np.savetxt(f, acc.cms[c], fmt='%d', delimiter=',')
         if figures:
             from seaice_nb import plots
+
             plots.evaluation_figures(out)
     return scores
 
@@ -393,35 +525,90 @@ def evaluate(checkpoint: str | Path, # checkpoint written by the trainer, or a r
 def main(argv: list[str]) -> int:
     "`seaice evaluate RUN [STORE] [--split MANIFEST --subset test] [--scene-dir DIR] [--out DIR] [--submission] [--quiet]`."
     from seaice_nb.runs import load_run
-    ap = argparse.ArgumentParser(prog='seaice evaluate', description='Score a trained run on preprocessed scenes with the '
-                                 'official AI4Arctic score (at 80 m with --scene-dir), with tables and figures.')
+
+    ap = argparse.ArgumentParser(
+        prog='seaice evaluate',
+        description='Score a trained run on preprocessed scenes with the '
+        'official AI4Arctic score (at 80 m with --scene-dir), with tables and figures.',
+    )
     ap.add_argument('run', help='run directory (its checkpoints/best.pt, else last.pt) or a checkpoint file')
-    ap.add_argument('store', nargs='?', default=None, help="zarr store written by `seaice preprocess` (default: the run's data.store)")
-    ap.add_argument('--scene-dir', default=None, help='folder of the RTT files (80 m charts: official score, submission shapes)')
-    ap.add_argument('--split', default=None, help="split manifest; scores its --subset scenes (default: the run's data.splits)")
-    ap.add_argument('--subset', default='test', choices=('train', 'val', 'test'), help='split subset to score')
+    ap.add_argument(
+        'store',
+        nargs='?',
+        default=None,
+        help="zarr store written by `seaice preprocess` (default: the run's data.store)",
+    )
+    ap.add_argument(
+        '--scene-dir',
+        default=None,
+        help='folder of the RTT files (80 m charts: official score, submission shapes)',
+    )
+    ap.add_argument(
+        '--split',
+        default=None,
+        help="split manifest; scores its --subset scenes (default: the run's data.splits)",
+    )
+    ap.add_argument(
+        '--subset', default='test', choices=('train', 'val', 'test'), help='split subset to score'
+    )
     ap.add_argument('--out', default=None, help='output folder (default: <run dir>/evaluation/<subset>)')
-    ap.add_argument('--tile', type=int, default=None, help="inference tile in store pixels (default: the run's data config)")
-    ap.add_argument('--overlap', type=int, default=None, help="tile overlap in store pixels (default: the run's data config)")
+    ap.add_argument(
+        '--tile',
+        type=int,
+        default=None,
+        help="inference tile in store pixels (default: the run's data config)",
+    )
+    ap.add_argument(
+        '--overlap',
+        type=int,
+        default=None,
+        help="tile overlap in store pixels (default: the run's data config)",
+    )
     ap.add_argument('--batch-size', type=int, default=8, help='tiles per forward pass')
     ap.add_argument('--device', default='auto', choices=('auto', 'cpu', 'cuda'), help='where the model runs')
-    ap.add_argument('--submission', action='store_true',
-                    help='keep the official upload package upload_package.nc (the package the 80 m score is computed from)')
+    ap.add_argument(
+        '--submission',
+        action='store_true',
+        help='keep the official upload package upload_package.nc (the package the 80 m score is computed from)',
+    )
     ap.add_argument('--no-figures', action='store_true', help='tables and scores only')
     ap.add_argument('--quiet', action='store_true', help='no progress bars')
     a = ap.parse_args(argv)
     run = load_run(a.run)
     store = a.store or run.config.data.store
-    if store is None: ap.error("no STORE given and the run's config names none")
+    if store is None:
+        ap.error("no STORE given and the run's config names none")
     split = a.split or run.config.data.splits
     scenes = None
     if split:
         from seaice_nb.splits import load_manifest, scenes_of
+
         scenes = scenes_of(load_manifest(split), a.subset)
-        if not scenes: raise ConfigError(f"split {split} has no {a.subset!r} scenes")
+        if not scenes:
+            raise ConfigError(f"split {split} has no {a.subset!r} scenes")
     out = Path(a.out) if a.out else run.run_dir / 'evaluation' / a.subset
-    s = evaluate(run.checkpoint, store, scenes, out, a.scene_dir, a.tile, a.overlap, a.batch_size, a.device, a.submission,
-                 not a.no_figures, progress=not a.quiet)
-    print(json.dumps({'official_80m': s['official_80m'], 'scored_from': s['scored_from'], 'store_grid': s['store_grid'],
-                      'out': str(out)}))
+    s = evaluate(
+        run.checkpoint,
+        store,
+        scenes,
+        out,
+        a.scene_dir,
+        a.tile,
+        a.overlap,
+        a.batch_size,
+        a.device,
+        a.submission,
+        not a.no_figures,
+        progress=not a.quiet,
+    )
+    print(
+        json.dumps(
+            {
+                'official_80m': s['official_80m'],
+                'scored_from': s['scored_from'],
+                'store_grid': s['store_grid'],
+                'out': str(out),
+            }
+        )
+    )
     return 0

@@ -33,20 +33,34 @@ __all__ = ['SAR_LAYERS', 'COARSE_UNITS', 'TASKS', 'ERROR_CLASSES', 'OVERLAYS', '
            'legend_html', 'inspector_html', 'Explorer', 'explore', 'explore_demo', 'bench_redraw', 'bench_main']
 
 # %% ../nbs/44_explore.ipynb #9a226c65
-def run_model(run: str | Path, # run directory (with checkpoints/) or a checkpoint file
-             ) -> tuple[nn.Module, Any]:
+def run_model(
+    run: str | Path,  # run directory (with checkpoints/) or a checkpoint file
+) -> tuple[nn.Module, Any]:
     "`(model in eval mode, seaice_nb.runs.Run)` of a run directory or checkpoint."
     r = load_run(run)
     return r.model().eval(), r
 
 # %% ../nbs/44_explore.ipynb #aff7b5e9
-SAR_LAYERS = {'hh': ('nersc_sar_primary', 'HH', 'dB', 'gray'), 'hv': ('nersc_sar_secondary', 'HV', 'dB', 'gray'),
-              'incidence_angle': ('sar_incidenceangle', 'incidence angle', 'deg', 'viridis'),
-              'distance_map': ('distance_map', 'distance-to-land zone', 'zone', 'cividis')}
-COARSE_UNITS = {'u10m_rotated': 'm/s', 'v10m_rotated': 'm/s', 't2m': 'K', 'skt': 'K', 'tcwv': 'kg m-2', 'tclw': 'kg m-2'}
+SAR_LAYERS = {
+    'hh': ('nersc_sar_primary', 'HH', 'dB', 'gray'),
+    'hv': ('nersc_sar_secondary', 'HV', 'dB', 'gray'),
+    'incidence_angle': ('sar_incidenceangle', 'incidence angle', 'deg', 'viridis'),
+    'distance_map': ('distance_map', 'distance-to-land zone', 'zone', 'cividis'),
+}
+COARSE_UNITS = {
+    'u10m_rotated': 'm/s',
+    'v10m_rotated': 'm/s',
+    't2m': 'K',
+    'skt': 'K',
+    'tcwv': 'kg m-2',
+    'tclw': 'kg m-2',
+}
 TASKS = ('sic', 'sod', 'floe')
 
-def _is_store(p: Path) -> bool: return (p / 'zarr.json').exists()
+
+def _is_store(p: Path) -> bool:
+    return (p / 'zarr.json').exists()
+
 
 def _footprint_xy(lat: np.ndarray, lon: np.ndarray) -> np.ndarray:
     "Closed outline `(N, 2)` in EPSG:3413 metres from the border of a lat/lon grid."
@@ -54,35 +68,60 @@ def _footprint_xy(lat: np.ndarray, lon: np.ndarray) -> np.ndarray:
     lo = np.concatenate([lon[0, :], lon[1:, -1], lon[-1, -2::-1], lon[-2::-1, 0]])
     return np.stack(to_polar_stereo(la, lo), 1)
 
+
 def _read_split(path: Path | None) -> dict[str, str]:
-    if path is None or not Path(path).exists(): return {}
+    if path is None or not Path(path).exists():
+        return {}
     m = json.loads(Path(path).read_text())
-    if 'items' in m: return {it['scene']: it['split'] for it in m['items']}
-    if 'scenes' in m: return {s['file'].replace('_prep.nc', ''): s.get('split', '') for s in m['scenes']}  # synthetic manifest
+    if 'items' in m:
+        return {it['scene']: it['split'] for it in m['items']}
+    if 'scenes' in m:
+        return {
+            s['file'].replace('_prep.nc', ''): s.get('split', '') for s in m['scenes']
+        }  # synthetic manifest
     raise DataError(f"{path} is neither a split manifest (items) nor a synthetic manifest (scenes)")
 
 # %% ../nbs/44_explore.ipynb #e858eb53
 class SceneSource:
     "The scenes an explorer shows, with store-like arrays: a preprocessed zarr store, or a folder of RTT files."
-    def __init__(self, source: str | Path, # zarr store folder, or folder of `*_prep.nc` scenes
-                 split: str | Path | None = None, # split manifest (None: `split.json` beside a store, `manifest.json` in a folder)
-                 preprocess: Mapping | None = None, # PreprocessConfig keys for a folder (a run's `meta['preprocess']`)
-                 channels: list[str] | None = None, # SAR-grid channels for a folder (None: hh, hv, incidence angle, distance)
-                 max_side: int = 1024, # a folder's scenes are downsampled to about this many pixels a side (without `preprocess`)
-                ):
+
+    def __init__(
+        self,
+        source: str | Path,  # zarr store folder, or folder of `*_prep.nc` scenes
+        split: str
+        | Path
+        | None = None,  # split manifest (None: `split.json` beside a store, `manifest.json` in a folder)
+        preprocess: Mapping
+        | None = None,  # PreprocessConfig keys for a folder (a run's `meta['preprocess']`)
+        channels: list[str]
+        | None = None,  # SAR-grid channels for a folder (None: hh, hv, incidence angle, distance)
+        max_side: int = 1024,  # a folder's scenes are downsampled to about this many pixels a side (without `preprocess`)
+    ):
         self.path = Path(source)
-        if not self.path.exists(): raise MissingFileError(f"explore: {self.path} does not exist; pass a preprocessed store or a folder of *_prep.nc scenes")
+        if not self.path.exists():
+            raise MissingFileError(
+                f"explore: {self.path} does not exist; pass a preprocessed store or a folder of *_prep.nc scenes"
+            )
         self.kind = 'store' if _is_store(self.path) else 'folder'
         self._arrays: dict[str, dict] = {}
-        split = split if split is not None else (self.path.parent / 'split.json' if self.kind == 'store' else self.path / 'manifest.json')
+        split = (
+            split
+            if split is not None
+            else (self.path.parent / 'split.json' if self.kind == 'store' else self.path / 'manifest.json')
+        )
         splits = _read_split(split)
         (self._init_store if self.kind == 'store' else self._init_folder)(preprocess, channels, max_side)
-        for n in self.names: self.meta[n]['split'] = splits.get(n, '')
+        for n in self.names:
+            self.meta[n]['split'] = splits.get(n, '')
 
     def _init_store(self, preprocess, channels, max_side):
         self.store = SceneStore(self.path, in_memory=True)
         self.names, self.meta = list(self.store.names), {n: dict(m) for n, m in self.store.meta.items()}
-        self.channels, self.amsr2_channels, self.era5_channels = self.store.channels, self.store.amsr2_channels, self.store.era5_channels
+        self.channels, self.amsr2_channels, self.era5_channels = (
+            self.store.channels,
+            self.store.amsr2_channels,
+            self.store.era5_channels,
+        )
         self.coarse_factor, self.params = self.store.coarse_factor, self.store.params
 
     def _init_folder(self, preprocess, channels, max_side):
@@ -90,28 +129,51 @@ class SceneSource:
         self.infos, self.meta = {}, {}
         for n, f in self.files.items():
             info = pp.scene_info(f)
-            with open_scene(f) as ds: m = pp.scene_meta(ds, f); hw = (ds.sizes['sar_lines'], ds.sizes['sar_samples'])
+            with open_scene(f) as ds:
+                m = pp.scene_meta(ds, f)
+                hw = (ds.sizes['sar_lines'], ds.sizes['sar_samples'])
             self.infos[n] = info
-            self.meta[n] = {'scene': n, 'ice_service': m['ice_service'], 'region': m['region'], 'date': m['date'], 'shape80': hw}
+            self.meta[n] = {
+                'scene': n,
+                'ice_service': m['ice_service'],
+                'region': m['region'],
+                'date': m['date'],
+                'shape80': hw,
+            }
         self.names = sorted(self.files)
         kw = dict(preprocess or {})
-        if 'factor' not in kw: kw['factor'] = max(1, math.ceil(max(max(m['shape80']) for m in self.meta.values()) / max_side))
-        kw['channels'] = list(channels or kw.get('channels') or ['hh', 'hv', 'incidence_angle', 'distance_map'])
+        if 'factor' not in kw:
+            kw['factor'] = max(1, math.ceil(max(max(m['shape80']) for m in self.meta.values()) / max_side))
+        kw['channels'] = list(
+            channels or kw.get('channels') or ['hh', 'hv', 'incidence_angle', 'distance_map']
+        )
         self.cfg = pp.PreprocessConfig(**kw)
-        self.channels, self.amsr2_channels, self.era5_channels = list(self.cfg.channels), list(self.cfg.amsr2), list(self.cfg.era5)
-        self.coarse_factor, self.params = self.cfg.coarse_factor, {k: getattr(self.cfg, k) for k in vars(self.cfg)}
-        for m in self.meta.values(): m['shape'] = (m['shape80'][0] // self.cfg.factor, m['shape80'][1] // self.cfg.factor)
+        self.channels, self.amsr2_channels, self.era5_channels = (
+            list(self.cfg.channels),
+            list(self.cfg.amsr2),
+            list(self.cfg.era5),
+        )
+        self.coarse_factor, self.params = (
+            self.cfg.coarse_factor,
+            {k: getattr(self.cfg, k) for k in vars(self.cfg)},
+        )
+        for m in self.meta.values():
+            m['shape'] = (m['shape80'][0] // self.cfg.factor, m['shape80'][1] // self.cfg.factor)
 
-    def __len__(self): return len(self.names)
+    def __len__(self):
+        return len(self.names)
 
     def _check(self, name):
-        if name not in self.meta: raise DataError(f"scene {name!r} is not in {self.path}; scenes: {', '.join(self.names[:5])}{' ...' if len(self) > 5 else ''}")
+        if name not in self.meta:
+            raise DataError(
+                f"scene {name!r} is not in {self.path}; scenes: {', '.join(self.names[:5])}{' ...' if len(self) > 5 else ''}"
+            )
 
     def arrays(self, name: str) -> dict:
         "Store-like arrays of scene `name` (image, valid, doy, days_before, sic, sod, floe, amsr2, era5, lat, lon), cached."
         self._check(name)
         if name not in self._arrays:
-            self._arrays.clear()   # one scene in memory: full-size scenes are large
+            self._arrays.clear()  # one scene in memory: full-size scenes are large
             self._arrays[name] = self._load_store(name) if self.kind == 'store' else self._load_folder(name)
         return self._arrays[name]
 
@@ -125,112 +187,162 @@ class SceneSource:
     def _load_folder(self, name):
         target = self._frame(self.files[name], charts=True)
         cfg = self.cfg
-        earlier = stack.select_frames(self.infos[name], list(self.infos.values()), cfg.max_frames, cfg.min_days, cfg.max_days, cfg.min_overlap)
+        earlier = stack.select_frames(
+            self.infos[name],
+            list(self.infos.values()),
+            cfg.max_frames,
+            cfg.min_days,
+            cfg.max_days,
+            cfg.min_overlap,
+        )
         frames = [(self._frame(i.path, charts=False), d) for i, d in earlier]
         st = stack.stack_frames(target, frames)
         d = {k: st[k] for k in ('image', 'valid', 'doy', 'days_before')}
-        d.update({c: target[c] for c in TASKS}, amsr2=target['amsr2'], era5=target['era5'],
-                 lat=target['lat'].astype(np.float64), lon=target['lon'].astype(np.float64), sources=list(st['sources']))
+        d.update(
+            {c: target[c] for c in TASKS},
+            amsr2=target['amsr2'],
+            era5=target['era5'],
+            lat=target['lat'].astype(np.float64),
+            lon=target['lon'].astype(np.float64),
+            sources=list(st['sources']),
+        )
         return d
 
     def _frame(self, path, charts: bool):
-        try: return pp.scene_frame(path, self.cfg, charts=charts)
+        try:
+            return pp.scene_frame(path, self.cfg, charts=charts)
         except DataError:
-            if not charts: raise
-            fr = pp.scene_frame(path, self.cfg, charts=False)   # a test scene without its reference charts
+            if not charts:
+                raise
+            fr = pp.scene_frame(path, self.cfg, charts=False)  # a test scene without its reference charts
             fr.update({c: np.full(fr['valid'].shape, CHART_FILL, np.uint8) for c in TASKS})
             return fr
 
     def footprint(self, name: str) -> np.ndarray:
         "Outline `(N, 2)` of scene `name` in EPSG:3413 metres."
         self._check(name)
-        if self.kind == 'folder': return np.asarray(self.infos[name].footprint.exterior.coords)
+        if self.kind == 'folder':
+            return np.asarray(self.infos[name].footprint.exterior.coords)
         g = zarr.open_group(self.store.root / name, mode='r')
         return _footprint_xy(np.asarray(g['lat'][...]), np.asarray(g['lon'][...]))
 
     def label(self, name: str) -> str:
         "One line for the scene picker: name | date | service | region | split."
         m = self.meta[name]
-        return ' | '.join(str(x) for x in (name, m['date'], m['ice_service'].upper(), m['region'] or '-', m.get('split') or '-'))
+        return ' | '.join(
+            str(x)
+            for x in (name, m['date'], m['ice_service'].upper(), m['region'] or '-', m.get('split') or '-')
+        )
 
 # %% ../nbs/44_explore.ipynb #d2d2a84b
 def layer_names(src: SceneSource) -> list[str]:
     "Layers a source can show: SAR-grid channels, every AMSR2 channel, ERA5 fields and wind speed."
     out = [c for c in SAR_LAYERS if c in src.channels] + list(src.amsr2_channels) + list(src.era5_channels)
-    if {'u10m_rotated', 'v10m_rotated'} <= set(src.era5_channels): out.append('wind_speed')
+    if {'u10m_rotated', 'v10m_rotated'} <= set(src.era5_channels):
+        out.append('wind_speed')
     return out
+
 
 def layer_style(name: str) -> tuple[str, str, str]:
     "`(title, unit, colour map)` of a layer."
-    if name in SAR_LAYERS: return SAR_LAYERS[name][1:]
-    if name.startswith('btemp_'): return f"AMSR2 {name[6:].replace('_', '.')} GHz", 'K', 'viridis'
-    if name == 'wind_speed': return 'ERA5 10 m wind speed', 'm/s', 'plasma'
+    if name in SAR_LAYERS:
+        return SAR_LAYERS[name][1:]
+    if name.startswith('btemp_'):
+        return f"AMSR2 {name[6:].replace('_', '.')} GHz", 'K', 'viridis'
+    if name == 'wind_speed':
+        return 'ERA5 10 m wind speed', 'm/s', 'plasma'
     return f"ERA5 {name}", COARSE_UNITS.get(name, ''), 'coolwarm' if name in ('t2m', 'skt') else 'plasma'
 
+
 def _coarse(src: SceneSource, a: dict, name: str) -> np.ndarray:
-    if name == 'wind_speed': return np.hypot(_coarse(src, a, 'u10m_rotated'), _coarse(src, a, 'v10m_rotated'))
+    if name == 'wind_speed':
+        return np.hypot(_coarse(src, a, 'u10m_rotated'), _coarse(src, a, 'v10m_rotated'))
     key, names = ('amsr2', src.amsr2_channels) if name in src.amsr2_channels else ('era5', src.era5_channels)
     return destandardise(np.asarray(a[key][names.index(name)], np.float64), name)
 
-def layer_array(src: SceneSource, # the scenes
-                name: str, # scene
-                layer: str, # one of `layer_names(src)`
-                frame: int = -1, # frame of the stack (-1: the target)
-                window: tuple[int, int, int, int] | None = None, # (y0, y1, x0, x1) store pixels (None: whole scene)
-                step: int = 1, # read every `step`-th pixel
-               ) -> np.ndarray:
+
+def layer_array(
+    src: SceneSource,  # the scenes
+    name: str,  # scene
+    layer: str,  # one of `layer_names(src)`
+    frame: int = -1,  # frame of the stack (-1: the target)
+    window: tuple[int, int, int, int] | None = None,  # (y0, y1, x0, x1) store pixels (None: whole scene)
+    step: int = 1,  # read every `step`-th pixel
+) -> np.ndarray:
     "One layer of one frame in physical units on the store grid (NaN: no data), windowed and decimated."
     a = src.arrays(name)
     H, W = src.meta[name]['shape']
     y0, y1, x0, x1 = window or (0, H, 0, W)
     if layer in SAR_LAYERS:
-        if layer not in src.channels: raise DataError(f"layer {layer!r} is not in the store's channels {src.channels}")
+        if layer not in src.channels:
+            raise DataError(f"layer {layer!r} is not in the store's channels {src.channels}")
         c = src.channels.index(layer)
         v = np.asarray(a['image'][frame, c, y0:y1:step, x0:x1:step], np.float64)
         ok = np.asarray(a['valid'][frame, y0:y1:step, x0:x1:step], bool)
         return np.where(ok, destandardise(v, SAR_LAYERS[layer][0]), np.nan)
-    if layer not in layer_names(src): raise DataError(f"unknown layer {layer!r}; choose from {', '.join(layer_names(src))}")
+    if layer not in layer_names(src):
+        raise DataError(f"unknown layer {layer!r}; choose from {', '.join(layer_names(src))}")
     cf = src.coarse_factor
     g = _coarse(src, a, layer)
     rows, cols = np.arange(y0, y1, step) // cf, np.arange(x0, x1, step) // cf
     return g[np.ix_(np.minimum(rows, g.shape[0] - 1), np.minimum(cols, g.shape[1] - 1))]
 
 # %% ../nbs/44_explore.ipynb #1896f342
-ERROR_CLASSES = {'sic': (('under by 30 % or more', '#2166ac'), ('under by 10-20 %', '#92c5de'), ('exact', '#f7f7f7'),
-                         ('over by 10-20 %', '#f4a582'), ('over by 30 % or more', '#b2182b')),
-                 'sod': (('right', '#1a9850'), ('wrong', '#d73027')), 'floe': (('right', '#1a9850'), ('wrong', '#d73027'))}
+ERROR_CLASSES = {
+    'sic': (
+        ('under by 30 % or more', '#2166ac'),
+        ('under by 10-20 %', '#92c5de'),
+        ('exact', '#f7f7f7'),
+        ('over by 10-20 %', '#f4a582'),
+        ('over by 30 % or more', '#b2182b'),
+    ),
+    'sod': (('right', '#1a9850'), ('wrong', '#d73027')),
+    'floe': (('right', '#1a9850'), ('wrong', '#d73027')),
+}
 
-def error_map(pred: np.ndarray, # [H, W] predicted classes (255: none)
-              chart: np.ndarray, # [H, W] chart classes (255: none)
-              task: str, # 'sic', 'sod' or 'floe'
-             ) -> np.ndarray:
+
+def error_map(
+    pred: np.ndarray,  # [H, W] predicted classes (255: none)
+    chart: np.ndarray,  # [H, W] chart classes (255: none)
+    task: str,  # 'sic', 'sod' or 'floe'
+) -> np.ndarray:
     "Error classes `[H, W]` (indices into `ERROR_CLASSES[task]`, 255 where prediction or chart is missing)."
     p, c = np.asarray(pred, np.int16), np.asarray(chart, np.int16)
     ok = (p != CHART_FILL) & (c != CHART_FILL)
-    if task == 'sic': e = np.digitize(p - c, [-2.5, -0.5, 0.5, 2.5])
-    else: e = (p != c).astype(np.int64)
+    if task == 'sic':
+        e = np.digitize(p - c, [-2.5, -0.5, 0.5, 2.5])
+    else:
+        e = (p != c).astype(np.int64)
     return np.where(ok, e, CHART_FILL).astype(np.uint8)
+
 
 def class_legend(task: str, kind: str = 'chart') -> list[tuple[str, str]]:
     "`(label, colour)` legend entries: the chart classes of `task` (kind 'chart') or its error classes ('error')."
-    if kind == 'error': return list(ERROR_CLASSES[task])
+    if kind == 'error':
+        return list(ERROR_CLASSES[task])
     return [(c.name, c.colour) for c in CLASS_TABLES[task.upper()]]
 
 # %% ../nbs/44_explore.ipynb #5c1440f1
-def predict_probs(model: nn.Module, # sea-ice model
-                  arrays: Mapping[str, Any], # store-like arrays of one scene
-                  meta: Mapping[str, Any], # scene meta (`shape`)
-                  coarse_factor: int, # the store's coarse factor
-                  n_frames: int = 1, # frames the model reads
-                  channels: list[int] | None = None, # store channel indices the model reads
-                  tile: int = 256, overlap: int = 64, # tiling (store pixels)
-                 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+def predict_probs(
+    model: nn.Module,  # sea-ice model
+    arrays: Mapping[str, Any],  # store-like arrays of one scene
+    meta: Mapping[str, Any],  # scene meta (`shape`)
+    coarse_factor: int,  # the store's coarse factor
+    n_frames: int = 1,  # frames the model reads
+    channels: list[int] | None = None,  # store channel indices the model reads
+    tile: int = 256,
+    overlap: int = 64,  # tiling (store pixels)
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     "`(class maps {task: uint8 [H, W]}, probabilities {task: float32 [K, H, W]})` of one scene (a regression head: its value)."
     bands: dict[str, list] = {}
+
     def keep(blended):
-        for c, v in blended.items(): bands.setdefault(c, []).append(v[0].numpy().astype(np.float32))
+        for c, v in blended.items():
+            bands.setdefault(c, []).append(v[0].numpy().astype(np.float32))
         return outputs_to_classes(blended)
-    H, W = meta['shape']; cf = coarse_factor
+
+    H, W = meta['shape']
+    cf = coarse_factor
     tile = min(tile, max(cf, -(-max(H, W) // cf) * cf))
     overlap = min(overlap, (tile // 4) // cf * cf)
     cls = predict_scene(model, arrays, meta, cf, tile, overlap, n_frames, channels, predict=keep)
@@ -241,43 +353,65 @@ def find_tsvit(model: nn.Module) -> tuple[str, nn.Module] | None:
     "`(module name, TSViT)` inside a model (TSViT itself, or the fusion models' inner TSViT), None for others."
     return next(((n, m) for n, m in model.named_modules() if isinstance(m, TSViT)), None)
 
-def explain_window(H: int, W: int, # scene size (store pixels)
-                   row: int, col: int, # inspected pixel
-                   size: int, # window side (a multiple of the coarse factor and the patch size)
-                  ) -> tuple[int, int]:
+
+def explain_window(
+    H: int,
+    W: int,  # scene size (store pixels)
+    row: int,
+    col: int,  # inspected pixel
+    size: int,  # window side (a multiple of the coarse factor and the patch size)
+) -> tuple[int, int]:
     "Top-left `(y0, x0)` of a `size` window holding the pixel, as centred as the scene allows (multiples of `size`'s grid)."
+
     def start(n, i):
-        if n <= size: return 0
+        if n <= size:
+            return 0
         return int(np.clip(i - size // 2, 0, n - size))
+
     return start(H, row), start(W, col)
+
 
 def _task_slice(tasks: Mapping[str, int], task: str) -> slice:
     names = list(tasks)
-    if task not in names: raise DataError(f"the model has no task {task!r}; its tasks: {', '.join(names)}")
-    o = sum(tasks[t] for t in names[:names.index(task)])
+    if task not in names:
+        raise DataError(f"the model has no task {task!r}; its tasks: {', '.join(names)}")
+    o = sum(tasks[t] for t in names[: names.index(task)])
     return slice(o, o + tasks[task])
 
-def explain_pixel(model: nn.Module, # sea-ice model (TSViT family for attention)
-                  sample: Mapping[str, np.ndarray], # `data.crop_sample` of the window (numpy)
-                  row: int, col: int, # pixel inside the window
-                  task: str = 'sod', # task to explain
-                 ) -> dict:
+
+def explain_pixel(
+    model: nn.Module,  # sea-ice model (TSViT family for attention)
+    sample: Mapping[str, np.ndarray],  # `data.crop_sample` of the window (numpy)
+    row: int,
+    col: int,  # pixel inside the window
+    task: str = 'sod',  # task to explain
+) -> dict:
     "Temporal attention `[blocks, T]`, rollout `[h, w]` (TSViT) and gradient saliency `[h, w]` of one pixel of a window."
     keys = tuple(model.input_keys)
     batch = {k: torch.from_numpy(np.ascontiguousarray(sample[k]))[None] for k in keys}
     batch['image'] = batch['image'].float().requires_grad_(True)
     found = find_tsvit(model)
-    model.eval(); model.zero_grad(set_to_none=True)
+    model.eval()
+    model.zero_grad(set_to_none=True)
     if found is None:
-        out = model(**batch); att = {}
+        out = model(**batch)
+        att = {}
     else:
-        with record_attention(model) as att: out = model(**batch)
+        with record_attention(model) as att:
+            out = model(**batch)
     o = out[task][0, :, row, col]
     k = int(o.argmax()) if o.shape[0] > 1 else 0
     o[k].backward()
     g = batch['image'].grad[0].abs().sum((0, 1)).numpy()
-    res = {'task': task, 'class': k, 'saliency': g / g.max() if g.max() > 0 else g, 'temporal': None, 'rollout': None}
-    if found is None: return res
+    res = {
+        'task': task,
+        'class': k,
+        'saliency': g / g.max() if g.max() > 0 else g,
+        'temporal': None,
+        'rollout': None,
+    }
+    if found is None:
+        return res
     name, ts = found
     pre = f"{name}." if name else ''
     p, sl = ts.patch_size, _task_slice(ts.tasks, task)
@@ -288,7 +422,7 @@ def explain_pixel(model: nn.Module, # sea-ice model (TSViT family for attention)
     temporal = [att[f"{pre}temporal.{i}.attn"][q, :, sl, K:].mean((0, 1)) for i in range(len(ts.temporal))]
     t = torch.stack(temporal)
     res['temporal'] = (t / t.sum(-1, keepdim=True).clamp_min(1e-12)).numpy()
-    spatial = [att[f"{pre}spatial.{i}.attn"][sl] for i in range(len(ts.spatial))]   # streams (b k): b = 0
+    spatial = [att[f"{pre}spatial.{i}.attn"][sl] for i in range(len(ts.spatial))]  # streams (b k): b = 0
     r = attention_rollout(spatial).mean(0)[q].reshape(gh, gw).numpy()
     res['rollout'] = np.kron(r / r.max(), np.ones((p, p)))
     return res
@@ -296,19 +430,24 @@ def explain_pixel(model: nn.Module, # sea-ice model (TSViT family for attention)
 # %% ../nbs/44_explore.ipynb #4e623bfc
 class ExploreData:
     "Scenes and an optional model, with per-scene prediction caches and the pixel inspector's answers."
-    def __init__(self, source: str | Path | SceneSource, # store, folder of scenes, or a SceneSource
-                 run: str | Path | None = None, # run directory or checkpoint (None: no model)
-                 split: str | Path | None = None, # split manifest (see `SceneSource`)
-                 explain_tokens: int = 16, # explanation window: at most this many patch tokens a side
-                 device: str = 'cpu', # where the model runs
-                ):
+
+    def __init__(
+        self,
+        source: str | Path | SceneSource,  # store, folder of scenes, or a SceneSource
+        run: str | Path | None = None,  # run directory or checkpoint (None: no model)
+        split: str | Path | None = None,  # split manifest (see `SceneSource`)
+        explain_tokens: int = 16,  # explanation window: at most this many patch tokens a side
+        device: str = 'cpu',  # where the model runs
+    ):
         self.model, self.run = (None, None) if run is None else run_model(run)
         self.meta = self.run.meta if self.run else {}
         self.checkpoint = self.run.checkpoint if self.run else None
         pre = self.meta.get('preprocess') if self.run else None
         chans = (self.run.config.data.channels or self.meta.get('channels')) if self.run else None
-        if isinstance(source, SceneSource): self.src = source
-        else: self.src = SceneSource(source, split, preprocess=pre, channels=chans)
+        if isinstance(source, SceneSource):
+            self.src = source
+        else:
+            self.src = SceneSource(source, split, preprocess=pre, channels=chans)
         self.device, self.explain_tokens = device, explain_tokens
         self.chans, self.n_frames, self.tile, self.overlap = None, 1, 256, 64
         if self.model is not None:
@@ -320,22 +459,29 @@ class ExploreData:
         self.tsvit = find_tsvit(self.model) if self.model is not None else None
 
     @property
-    def names(self) -> list[str]: return self.src.names
+    def names(self) -> list[str]:
+        return self.src.names
 
     def prediction(self, name: str) -> tuple[dict, dict]:
         "`(class maps, probabilities)` of scene `name` (computed once per scene; empty without a model)."
-        if self.model is None: return {}, {}
+        if self.model is None:
+            return {}, {}
         if name not in self._pred:
             self._pred.clear()
             a, m = self.src.arrays(name), self.src.meta[name]
-            self._pred[name] = predict_probs(self.model, a, m, self.src.coarse_factor, self.n_frames, self.chans, self.tile, self.overlap)
+            self._pred[name] = predict_probs(
+                self.model, a, m, self.src.coarse_factor, self.n_frames, self.chans, self.tile, self.overlap
+            )
         return self._pred[name]
 
     def frames(self, name: str) -> list[dict]:
         "One dict per frame: day of year, days before the target, source scene."
         a = self.src.arrays(name)
         src = a.get('sources') or [''] * len(a['doy'])
-        return [{'doy': int(d), 'days_before': int(b), 'source': str(s)} for d, b, s in zip(a['doy'], a['days_before'], src)]
+        return [
+            {'doy': int(d), 'days_before': int(b), 'source': str(s)}
+            for d, b, s in zip(a['doy'], a['days_before'], src)
+        ]
 
     def explain_size(self) -> int:
         "Side of the explanation window: `explain_tokens` patches (TSViT) or 64 pixels, on the coarse grid."
@@ -347,36 +493,62 @@ class ExploreData:
 
     def explain(self, name: str, row: int, col: int, task: str = 'sod') -> dict | None:
         "`explain_pixel` on the window around `(row, col)`, with the window `(y0, x0, size)`; None without a model."
-        if self.model is None: return None
-        H, W = self.src.meta[name]['shape']; size = self.explain_size(); cf = self.src.coarse_factor
+        if self.model is None:
+            return None
+        H, W = self.src.meta[name]['shape']
+        size = self.explain_size()
+        cf = self.src.coarse_factor
         y0, x0 = explain_window(H, W, row, col, size)
         y0, x0 = y0 // cf * cf, x0 // cf * cf
         ch = self.chans if self.chans is not None else None
         s = crop_sample(self.src.arrays(name), self.src.meta[name], y0, x0, size, size, self.n_frames, cf, ch)
         out = explain_pixel(self.model, s, row - y0, col - x0, task)
         out['window'] = (y0, x0, size)
-        out['frames'] = [{'doy': int(d), 'days_before': int(b), 'padding': not bool(f)}
-                         for d, b, f in zip(s['doy'], s['days_before'], s['frame_mask'])]
+        out['frames'] = [
+            {'doy': int(d), 'days_before': int(b), 'padding': not bool(f)}
+            for d, b, f in zip(s['doy'], s['days_before'], s['frame_mask'])
+        ]
         return out
 
     def inspect(self, name: str, row: int, col: int, frame: int = -1) -> dict:
         "Everything about pixel `(row, col)` of frame `frame`: location, inputs in physical units, charts, model probabilities."
         a, m = self.src.arrays(name), self.src.meta[name]
         H, W = m['shape']
-        if not (0 <= row < H and 0 <= col < W): raise DataError(f"pixel ({row}, {col}) is outside scene {name} ({H} x {W})")
-        T = a['image'].shape[0]; f = frame % T
+        if not (0 <= row < H and 0 <= col < W):
+            raise DataError(f"pixel ({row}, {col}) is outside scene {name} ({H} x {W})")
+        T = a['image'].shape[0]
+        f = frame % T
         fr = self.frames(name)[f]
-        out = {'scene': name, 'row': row, 'col': col, 'frame': f, 'lat': float(a['lat'][row, col]), 'lon': float(a['lon'][row, col]),
-               'doy': fr['doy'], 'days_before': fr['days_before'], 'valid': bool(a['valid'][f, row, col]), 'inputs': {}, 'coarse': {},
-               'charts': {}, 'probabilities': {}, 'prediction': {}}
+        out = {
+            'scene': name,
+            'row': row,
+            'col': col,
+            'frame': f,
+            'lat': float(a['lat'][row, col]),
+            'lon': float(a['lon'][row, col]),
+            'doy': fr['doy'],
+            'days_before': fr['days_before'],
+            'valid': bool(a['valid'][f, row, col]),
+            'inputs': {},
+            'coarse': {},
+            'charts': {},
+            'probabilities': {},
+            'prediction': {},
+        }
         for c in SAR_LAYERS:
             if c in self.src.channels:
                 v = float(a['image'][f, self.src.channels.index(c), row, col])
-                out['inputs'][c] = (destandardise(v, SAR_LAYERS[c][0]) if out['valid'] else float('nan'), SAR_LAYERS[c][2])
+                out['inputs'][c] = (
+                    destandardise(v, SAR_LAYERS[c][0]) if out['valid'] else float('nan'),
+                    SAR_LAYERS[c][2],
+                )
         cf = self.src.coarse_factor
         for key, names in (('amsr2', self.src.amsr2_channels), ('era5', self.src.era5_channels)):
             for i, n in enumerate(names):
-                out['coarse'][n] = (destandardise(float(a[key][i, row // cf, col // cf]), n), layer_style(n)[1])
+                out['coarse'][n] = (
+                    destandardise(float(a[key][i, row // cf, col // cf]), n),
+                    layer_style(n)[1],
+                )
         for t in TASKS:
             k = int(a[t][row, col])
             out['charts'][t] = (k, CLASS_TABLES[t.upper()][k].name if k != CHART_FILL else 'no chart')
@@ -389,36 +561,46 @@ class ExploreData:
 # %% ../nbs/44_explore.ipynb #648acb9f
 OVERLAYS = ('none', 'chart', 'prediction', 'error', 'rollout', 'saliency')
 
+
 @dataclass
 class ViewState:
     "What the explorer shows: one scene, one layer of one frame, an overlay of one task, an inspected pixel."
+
     scene: str
     layer: str = 'hh'
-    frame: int = -1 # frame of the stack (-1: the target)
-    overlay: str = 'chart' # one of OVERLAYS
-    task: str = 'sod' # 'sic', 'sod' or 'floe'
-    alpha: float = 0.6 # overlay opacity
-    wind: bool = False # ERA5 wind arrows
-    pixel: tuple[int, int] | None = None # inspected (row, col)
+    frame: int = -1  # frame of the stack (-1: the target)
+    overlay: str = 'chart'  # one of OVERLAYS
+    task: str = 'sod'  # 'sic', 'sod' or 'floe'
+    alpha: float = 0.6  # overlay opacity
+    wind: bool = False  # ERA5 wind arrows
+    pixel: tuple[int, int] | None = None  # inspected (row, col)
+
 
 def _robust_limits(a: np.ndarray) -> tuple[float, float]:
     v = a[np.isfinite(a)]
-    if v.size == 0: return 0.0, 1.0
+    if v.size == 0:
+        return 0.0, 1.0
     lo, hi = np.percentile(v, [2, 98])
     return (float(lo), float(hi)) if hi > lo else (float(lo) - 0.5, float(lo) + 0.5)
 
+
 def _legend_handles(entries):
     from matplotlib.patches import Patch
+
     return [Patch(facecolor=c, edgecolor='0.4', label=l) for l, c in entries]
 
 # %% ../nbs/44_explore.ipynb #af501efc
 class ScenePanel:
     "One scene as a figure whose artists are updated in place (`update`); plain matplotlib, no widgets."
-    def __init__(self, data: ExploreData, # scenes and model
-                 fig=None, # figure to draw into (None: a new pyplot figure)
-                 max_px: int = 512, # most pixels drawn a side before decimating
-                ):
+
+    def __init__(
+        self,
+        data: ExploreData,  # scenes and model
+        fig=None,  # figure to draw into (None: a new pyplot figure)
+        max_px: int = 512,  # most pixels drawn a side before decimating
+    ):
         import matplotlib.pyplot as plt
+
         self.data, self.max_px = data, max_px
         self.fig = fig or plt.figure(figsize=(6.6, 4.8))
         self.ax = self.fig.add_axes([0.02, 0.04, 0.6, 0.88])
@@ -426,15 +608,21 @@ class ScenePanel:
         z = np.zeros((2, 2))
         self.base = self.ax.imshow(z, cmap='gray', interpolation='nearest')
         self.overlay = self.ax.imshow(np.ma.masked_all((2, 2)), interpolation='nearest', alpha=0.6)
-        self.expl = self.ax.imshow(np.ma.masked_all((2, 2)), cmap='magma', interpolation='nearest', alpha=0.6, vmin=0, vmax=1)
+        self.expl = self.ax.imshow(
+            np.ma.masked_all((2, 2)), cmap='magma', interpolation='nearest', alpha=0.6, vmin=0, vmax=1
+        )
         from matplotlib.patches import Rectangle
-        self.box = self.ax.add_patch(Rectangle((0, 0), 1, 1, fill=False, ec='cyan', lw=1, ls='--', visible=False))
-        self.marker, = self.ax.plot([], [], '+', color='red', ms=14, mew=2)
+
+        self.box = self.ax.add_patch(
+            Rectangle((0, 0), 1, 1, fill=False, ec='cyan', lw=1, ls='--', visible=False)
+        )
+        (self.marker,) = self.ax.plot([], [], '+', color='red', ms=14, mew=2)
         self.cbar = self.fig.colorbar(self.base, cax=self.cax)
         self.quiver, self.legend, self.state, self.explanation = None, None, None, None
-        self.legend_entries: tuple[str, list] = ('', [])   # (title, [(label, colour)]) of the overlay's legend
+        self.legend_entries: tuple[str, list] = ('', [])  # (title, [(label, colour)]) of the overlay's legend
         self.window, self.step, self._scene = None, 1, None
-        self.ax.set_xticks([]); self.ax.set_yticks([])
+        self.ax.set_xticks([])
+        self.ax.set_yticks([])
         self.ax.callbacks.connect('xlim_changed', self._on_limits)
         self.ax.callbacks.connect('ylim_changed', self._on_limits)
 
@@ -444,111 +632,172 @@ class ScenePanel:
         return (y0, y1, x0, x1), max(1, math.ceil(max(y1 - y0, x1 - x0) / self.max_px))
 
     def _extent(self, win, step, shape):
-        y0, _, x0, _ = win; h, w = shape
+        y0, _, x0, _ = win
+        h, w = shape
         return (x0 - 0.5, x0 + w * step - 0.5, y0 + h * step - 0.5, y0 - 0.5)
 
     def overlay_array(self, st: ViewState, win, step) -> tuple[np.ndarray | None, Any, Any, list]:
         "`(masked array, cmap, norm, legend entries)` of the overlay (None: nothing to draw)."
         from matplotlib.colors import BoundaryNorm, ListedColormap
-        y0, y1, x0, x1 = win; sl = (slice(y0, y1, step), slice(x0, x1, step))
-        a = self.data.src.arrays(st.scene); t = st.task
+
+        y0, y1, x0, x1 = win
+        sl = (slice(y0, y1, step), slice(x0, x1, step))
+        a = self.data.src.arrays(st.scene)
+        t = st.task
         if st.overlay == 'chart':
             cmap, norm = chart_cmap(t.upper())
             return np.ma.masked_equal(np.asarray(a[t][sl]), CHART_FILL), cmap, norm, class_legend(t)
         if st.overlay in ('prediction', 'error'):
             cls, _ = self.data.prediction(st.scene)
-            if not cls: return None, None, None, []
+            if not cls:
+                return None, None, None, []
             if st.overlay == 'prediction':
                 cmap, norm = chart_cmap(t.upper())
                 return np.ma.masked_equal(cls[t][sl], CHART_FILL), cmap, norm, class_legend(t)
             e = error_map(cls[t][sl], np.asarray(a[t][sl]), t)
             ent = class_legend(t, 'error')
-            cmap = ListedColormap([c for _, c in ent]); norm = BoundaryNorm(np.arange(len(ent) + 1) - 0.5, len(ent))
+            cmap = ListedColormap([c for _, c in ent])
+            norm = BoundaryNorm(np.arange(len(ent) + 1) - 0.5, len(ent))
             return np.ma.masked_equal(e, CHART_FILL), cmap, norm, ent
         return None, None, None, []
 
-    def update(self, st: ViewState, # what to show
-               what: tuple[str, ...] = ('base', 'overlay', 'wind', 'pixel'), # parts to refresh
-              ) -> float:
+    def update(
+        self,
+        st: ViewState,  # what to show
+        what: tuple[str, ...] = ('base', 'overlay', 'wind', 'pixel'),  # parts to refresh
+    ) -> float:
         "Refresh the parts `what` of the panel for state `st` (artists' data only); returns the seconds it took."
         t0 = time.perf_counter()
         if st.scene != self._scene:
             self._scene, self.window, self.explanation = st.scene, None, None
             H, W = self.data.src.meta[st.scene]['shape']
             self.ax.set_autoscale_on(False)
-            self.ax.set_xlim(-0.5, W - 0.5); self.ax.set_ylim(H - 0.5, -0.5)
+            self.ax.set_xlim(-0.5, W - 0.5)
+            self.ax.set_ylim(H - 0.5, -0.5)
             what = ('base', 'overlay', 'wind', 'pixel', 'scene')
         self.state = st
-        win, step = self._view(st.scene); self.step = step
+        win, step = self._view(st.scene)
+        self.step = step
         if 'base' in what:
             v = layer_array(self.data.src, st.scene, st.layer, st.frame, win, step)
             title, unit, cmap = layer_style(st.layer)
-            self.base.set_data(v); self.base.set_extent(self._extent(win, step, v.shape))
-            self.base.set_cmap(cmap); self.base.set_clim(*_robust_limits(v))
-            self.cbar.update_normal(self.base); self.cbar.set_label(f"{title} ({unit})")
+            self.base.set_data(v)
+            self.base.set_extent(self._extent(win, step, v.shape))
+            self.base.set_cmap(cmap)
+            self.base.set_clim(*_robust_limits(v))
+            self.cbar.update_normal(self.base)
+            self.cbar.set_label(f"{title} ({unit})")
             fr = self.data.frames(st.scene)[st.frame]
-            self.ax.set_title(f"{st.scene} · {title} · frame {st.frame % len(self.data.frames(st.scene)) + 1}/"
-                              f"{len(self.data.frames(st.scene))}: day {fr['doy']}, {fr['days_before']} d before target", fontsize=8)
+            self.ax.set_title(
+                f"{st.scene} · {title} · frame {st.frame % len(self.data.frames(st.scene)) + 1}/"
+                f"{len(self.data.frames(st.scene))}: day {fr['doy']}, {fr['days_before']} d before target",
+                fontsize=8,
+            )
         if 'overlay' in what:
             o, cmap, norm, ent = self.overlay_array(st, win, step)
-            if o is None: self.overlay.set_visible(False)
+            if o is None:
+                self.overlay.set_visible(False)
             else:
-                self.overlay.set_data(o); self.overlay.set_cmap(cmap); self.overlay.set_norm(norm)
-                self.overlay.set_extent(self._extent(win, step, o.shape)); self.overlay.set_visible(True)
-            self.overlay.set_alpha(st.alpha); self.expl.set_alpha(st.alpha)
+                self.overlay.set_data(o)
+                self.overlay.set_cmap(cmap)
+                self.overlay.set_norm(norm)
+                self.overlay.set_extent(self._extent(win, step, o.shape))
+                self.overlay.set_visible(True)
+            self.overlay.set_alpha(st.alpha)
+            self.expl.set_alpha(st.alpha)
             self._draw_explanation(st)
-            if self.legend is not None: self.legend.remove(); self.legend = None
+            if self.legend is not None:
+                self.legend.remove()
+                self.legend = None
             self.legend_entries = (f"{st.task.upper()} {st.overlay}", ent) if ent else ('', [])
             if ent:
-                self.legend = self.ax.legend(handles=_legend_handles(ent), title=self.legend_entries[0], fontsize=7,
-                                             title_fontsize=8, loc='upper left', bbox_to_anchor=(1.22, 1.0), frameon=False)
-        if 'wind' in what: self._draw_wind(st, 'scene' in what)
+                self.legend = self.ax.legend(
+                    handles=_legend_handles(ent),
+                    title=self.legend_entries[0],
+                    fontsize=7,
+                    title_fontsize=8,
+                    loc='upper left',
+                    bbox_to_anchor=(1.22, 1.0),
+                    frameon=False,
+                )
+        if 'wind' in what:
+            self._draw_wind(st, 'scene' in what)
         if 'pixel' in what:
-            if st.pixel is None: self.marker.set_data([], [])
-            else: self.marker.set_data([st.pixel[1]], [st.pixel[0]])
+            if st.pixel is None:
+                self.marker.set_data([], [])
+            else:
+                self.marker.set_data([st.pixel[1]], [st.pixel[0]])
         self.fig.canvas.draw_idle()
         return time.perf_counter() - t0
 
     def _draw_explanation(self, st):
         e = self.explanation
         show = st.overlay in ('rollout', 'saliency') and e is not None and e.get(st.overlay) is not None
-        self.expl.set_visible(show); self.box.set_visible(e is not None and st.overlay in ('rollout', 'saliency'))
-        if e is None: return
+        self.expl.set_visible(show)
+        self.box.set_visible(e is not None and st.overlay in ('rollout', 'saliency'))
+        if e is None:
+            return
         y0, x0, size = e['window']
         self.box.set_bounds(x0 - 0.5, y0 - 0.5, size, size)
         if show:
-            self.expl.set_data(e[st.overlay]); self.expl.set_extent((x0 - 0.5, x0 + size - 0.5, y0 + size - 0.5, y0 - 0.5))
+            self.expl.set_data(e[st.overlay])
+            self.expl.set_extent((x0 - 0.5, x0 + size - 0.5, y0 + size - 0.5, y0 - 0.5))
 
     def _draw_wind(self, st, new_scene):
         src = self.data.src
         have = {'u10m_rotated', 'v10m_rotated'} <= set(src.era5_channels)
-        if self.quiver is not None and (new_scene or not st.wind): self.quiver.remove(); self.quiver = None
-        if not (st.wind and have) or self.quiver is not None: return
-        a = src.arrays(st.scene); cf = src.coarse_factor
-        u, v = (destandardise(np.asarray(a['era5'][src.era5_channels.index(n)], np.float64), n) for n in ('u10m_rotated', 'v10m_rotated'))
+        if self.quiver is not None and (new_scene or not st.wind):
+            self.quiver.remove()
+            self.quiver = None
+        if not (st.wind and have) or self.quiver is not None:
+            return
+        a = src.arrays(st.scene)
+        cf = src.coarse_factor
+        u, v = (
+            destandardise(np.asarray(a['era5'][src.era5_channels.index(n)], np.float64), n)
+            for n in ('u10m_rotated', 'v10m_rotated')
+        )
         H, W = src.meta[st.scene]['shape']
         s = max(1, math.ceil(max(u.shape) / 16))
-        r, c = np.mgrid[0:u.shape[0]:s, 0:u.shape[1]:s]
+        r, c = np.mgrid[0 : u.shape[0] : s, 0 : u.shape[1] : s]
         x, y = (c + 0.5) * cf - 0.5, (r + 0.5) * cf - 0.5
-        keep = (x < W) & (y < H)   # v points up the image (towards decreasing line), u to the right
-        self.quiver = self.ax.quiver(x[keep], y[keep], u[::s, ::s][keep], v[::s, ::s][keep], color='gold', width=0.004,
-                                     scale_units='inches', scale=25, zorder=5)
+        keep = (x < W) & (y < H)  # v points up the image (towards decreasing line), u to the right
+        self.quiver = self.ax.quiver(
+            x[keep],
+            y[keep],
+            u[::s, ::s][keep],
+            v[::s, ::s][keep],
+            color='gold',
+            width=0.004,
+            scale_units='inches',
+            scale=25,
+            zorder=5,
+        )
 
     def _on_limits(self, ax):
-        if self.state is None or self._scene is None: return
+        if self.state is None or self._scene is None:
+            return
         H, W = self.data.src.meta[self._scene]['shape']
-        if max(H, W) <= self.max_px and self.window is None: return     # already at every pixel
+        if max(H, W) <= self.max_px and self.window is None:
+            return  # already at every pixel
         (x0, x1), (y1, y0) = ax.get_xlim(), ax.get_ylim()
-        win = (max(0, int(np.floor(y0))), min(H, int(np.ceil(y1)) + 1), max(0, int(np.floor(x0))), min(W, int(np.ceil(x1)) + 1))
+        win = (
+            max(0, int(np.floor(y0))),
+            min(H, int(np.ceil(y1)) + 1),
+            max(0, int(np.floor(x0))),
+            min(W, int(np.ceil(x1)) + 1),
+        )
         full = win == (0, H, 0, W)
         new = None if full else win
-        if new == self.window: return
+        if new == self.window:
+            return
         self.window = new
         self.update(self.state, ('base', 'overlay'))
 
     def at(self, x: float, y: float) -> tuple[int, int] | None:
         "Scene pixel `(row, col)` under data coordinates `(x, y)` (None outside the scene)."
-        if self._scene is None: return None
+        if self._scene is None:
+            return None
         H, W = self.data.src.meta[self._scene]['shape']
         r, c = int(round(y)), int(round(x))
         return (r, c) if 0 <= r < H and 0 <= c < W else None
@@ -556,19 +805,36 @@ class ScenePanel:
 # %% ../nbs/44_explore.ipynb #b737e974
 class FootprintMap:
     "All scene footprints on a polar stereographic map with offline coastlines; `select` highlights one, a click picks one."
-    def __init__(self, src: SceneSource, fig=None, on_pick=None): # scenes; figure (None: new); callback(name) on a click
+
+    def __init__(
+        self, src: SceneSource, fig=None, on_pick=None
+    ):  # scenes; figure (None: new); callback(name) on a click
         import matplotlib.pyplot as plt
         from matplotlib.patches import Polygon
+
         crs = polar_stereo_crs()
         self.fig = fig or plt.figure(figsize=(3.6, 3.6))
         self.ax = self.fig.add_axes([0.02, 0.02, 0.96, 0.9], projection=crs)
         self.patches, self.on_pick, self.selected = {}, on_pick, None
         rings = {n: src.footprint(n) for n in src.names}
         for n, r in rings.items():
-            self.patches[n] = self.ax.add_patch(Polygon(r, closed=True, transform=crs, fc=(0.2, 0.4, 0.8, 0.12), ec='C0',
-                                                        lw=0.8, picker=True, gid=n))
-        xy = np.concatenate(list(rings.values())); pad = 0.25 * max(np.ptp(xy[:, 0]), np.ptp(xy[:, 1])) + 1.5e5
-        self.ax.set_extent((xy[:, 0].min() - pad, xy[:, 0].max() + pad, xy[:, 1].min() - pad, xy[:, 1].max() + pad), crs=crs)
+            self.patches[n] = self.ax.add_patch(
+                Polygon(
+                    r,
+                    closed=True,
+                    transform=crs,
+                    fc=(0.2, 0.4, 0.8, 0.12),
+                    ec='C0',
+                    lw=0.8,
+                    picker=True,
+                    gid=n,
+                )
+            )
+        xy = np.concatenate(list(rings.values()))
+        pad = 0.25 * max(np.ptp(xy[:, 0]), np.ptp(xy[:, 1])) + 1.5e5
+        self.ax.set_extent(
+            (xy[:, 0].min() - pad, xy[:, 0].max() + pad, xy[:, 1].min() - pad, xy[:, 1].max() + pad), crs=crs
+        )
         add_land(self.ax, zorder=0)
         self.ax.gridlines(linewidth=0.3, color='grey')
         self.ax.set_title(f"{len(rings)} scenes (EPSG:3413)", fontsize=8)
@@ -576,158 +842,283 @@ class FootprintMap:
 
     def _picked(self, event):
         name = event.artist.get_gid()
-        if name in self.patches and self.on_pick is not None: self.on_pick(name)
+        if name in self.patches and self.on_pick is not None:
+            self.on_pick(name)
 
     def select(self, name: str):
         "Highlight scene `name`'s footprint."
         for n, p in self.patches.items():
             on = n == name
-            p.set_edgecolor('red' if on else 'C0'); p.set_linewidth(2 if on else 0.8)
-            p.set_facecolor((1, 0.2, 0.2, 0.25) if on else (0.2, 0.4, 0.8, 0.12)); p.set_zorder(3 if on else 2)
+            p.set_edgecolor('red' if on else 'C0')
+            p.set_linewidth(2 if on else 0.8)
+            p.set_facecolor((1, 0.2, 0.2, 0.25) if on else (0.2, 0.4, 0.8, 0.12))
+            p.set_zorder(3 if on else 2)
         self.selected = name
         self.fig.canvas.draw_idle()
 
+
 class ExplainPanel:
     "Temporal attention over the frames and class probabilities of the inspected pixel, redrawn on small axes."
+
     def __init__(self, fig=None):
         import matplotlib.pyplot as plt
+
         self.fig = fig or plt.figure(figsize=(4.2, 4.4))
         self.att, self.prob = self.fig.subplots(2, 1, gridspec_kw={'hspace': 0.75})
         self.clear()
 
     def clear(self, message: str = 'click a pixel of the scene'):
-        for ax in (self.att, self.prob): ax.cla(); ax.set_xticks([]); ax.set_yticks([])
-        self.att.set_title('temporal attention', fontsize=8); self.prob.set_title('class probabilities', fontsize=8)
+        for ax in (self.att, self.prob):
+            ax.cla()
+            ax.set_xticks([])
+            ax.set_yticks([])
+        self.att.set_title('temporal attention', fontsize=8)
+        self.prob.set_title('class probabilities', fontsize=8)
         self.att.text(0.5, 0.5, message, ha='center', va='center', fontsize=8, transform=self.att.transAxes)
         self.fig.canvas.draw_idle()
 
     def update(self, info: dict, expl: dict | None, task: str):
         "Draw the inspected pixel's temporal attention (TSViT) and its class probabilities for `task`."
-        for ax in (self.att, self.prob): ax.cla()
+        for ax in (self.att, self.prob):
+            ax.cla()
         if expl is not None and expl.get('temporal') is not None:
-            t = expl['temporal']; fr = expl['frames']
+            t = expl['temporal']
+            fr = expl['frames']
             x = np.arange(t.shape[1])
             self.att.bar(x, t.mean(0), color='C0', alpha=0.8, label='mean of blocks')
-            for i, row in enumerate(t): self.att.plot(x, row, 'o', ms=3, color=f"C{i + 1}", label=f"block {i + 1}")
-            self.att.set_xticks(x, [('pad' if f['padding'] else f"day {f['doy']}\n-{f['days_before']} d") for f in fr], fontsize=7)
-            self.att.set_ylim(0, 1); self.att.set_ylabel('share', fontsize=7); self.att.legend(fontsize=6, frameon=False)
-            self.att.set_title(f"temporal attention of {task.upper()} tokens, pixel ({info['row']}, {info['col']})", fontsize=8)
+            for i, row in enumerate(t):
+                self.att.plot(x, row, 'o', ms=3, color=f"C{i + 1}", label=f"block {i + 1}")
+            self.att.set_xticks(
+                x,
+                [('pad' if f['padding'] else f"day {f['doy']}\n-{f['days_before']} d") for f in fr],
+                fontsize=7,
+            )
+            self.att.set_ylim(0, 1)
+            self.att.set_ylabel('share', fontsize=7)
+            self.att.legend(fontsize=6, frameon=False)
+            self.att.set_title(
+                f"temporal attention of {task.upper()} tokens, pixel ({info['row']}, {info['col']})",
+                fontsize=8,
+            )
         else:
-            self.att.set_xticks([]); self.att.set_yticks([])
-            self.att.text(0.5, 0.5, 'temporal attention: TSViT runs only', ha='center', va='center', fontsize=8, transform=self.att.transAxes)
+            self.att.set_xticks([])
+            self.att.set_yticks([])
+            self.att.text(
+                0.5,
+                0.5,
+                'temporal attention: TSViT runs only',
+                ha='center',
+                va='center',
+                fontsize=8,
+                transform=self.att.transAxes,
+            )
         p = info['probabilities'].get(task)
         if p is not None and len(p) > 1:
             table = CLASS_TABLES[task.upper()]
             self.prob.bar(np.arange(len(p)), p, color=[c.colour for c in table], edgecolor='0.3')
-            self.prob.set_xticks(np.arange(len(p)), [c.name for c in table], rotation=35, ha='right', fontsize=6)
+            self.prob.set_xticks(
+                np.arange(len(p)), [c.name for c in table], rotation=35, ha='right', fontsize=6
+            )
             k = info['charts'][task][0]
             self.prob.set_ylim(0, 1)
             if k != CHART_FILL:
-                self.prob.axvline(k, color='k', ls='--', lw=1, label='chart'); self.prob.legend(fontsize=6, frameon=False)
+                self.prob.axvline(k, color='k', ls='--', lw=1, label='chart')
+                self.prob.legend(fontsize=6, frameon=False)
             self.prob.set_title(f"{task.upper()} class probabilities", fontsize=8)
         else:
-            self.prob.set_xticks([]); self.prob.set_yticks([])
-            self.prob.text(0.5, 0.5, 'no model: open with run=...' if p is None else f"{task.upper()} regression: {float(p[0]):.2f}",
-                           ha='center', va='center', fontsize=8, transform=self.prob.transAxes)
+            self.prob.set_xticks([])
+            self.prob.set_yticks([])
+            self.prob.text(
+                0.5,
+                0.5,
+                'no model: open with run=...'
+                if p is None
+                else f"{task.upper()} regression: {float(p[0]):.2f}",
+                ha='center',
+                va='center',
+                fontsize=8,
+                transform=self.prob.transAxes,
+            )
         self.fig.canvas.draw_idle()
 
 # %% ../nbs/44_explore.ipynb #6b6f47db
 def legend_html(title: str, entries: list[tuple[str, str]]) -> str:
     "An HTML legend (colour swatches and names) — the same classes as the figure's legend, as selectable text."
-    if not entries: return ''
-    sw = ''.join(f"<span style='display:inline-block;margin-right:8px'><span style='display:inline-block;width:11px;height:11px;"
-                 f"background:{c};border:1px solid #666;vertical-align:middle'></span> {html.escape(l)}</span>" for l, c in entries)
+    if not entries:
+        return ''
+    sw = ''.join(
+        f"<span style='display:inline-block;margin-right:8px'><span style='display:inline-block;width:11px;height:11px;"
+        f"background:{c};border:1px solid #666;vertical-align:middle'></span> {html.escape(l)}</span>"
+        for l, c in entries
+    )
     return f"<div class='seaice-legend' style='font-size:11px'><b>{html.escape(title)}</b>: {sw}</div>"
 
-def _fmt(v: float, unit: str) -> str: return 'no data' if not np.isfinite(v) else f"{v:.2f} {unit}"
 
-ERA5_NAMES = {'t2m': '2 m air temperature', 'skt': 'skin temperature', 'tcwv': 'water vapour column', 'tclw': 'cloud liquid water'}
+def _fmt(v: float, unit: str) -> str:
+    return 'no data' if not np.isfinite(v) else f"{v:.2f} {unit}"
+
+
+ERA5_NAMES = {
+    't2m': '2 m air temperature',
+    'skt': 'skin temperature',
+    'tcwv': 'water vapour column',
+    'tclw': 'cloud liquid water',
+}
+
 
 def _coarse_rows(coarse: dict) -> list[tuple[str, str]]:
     "AMSR2 as one row per frequency (H / V), ERA5 wind as speed with its components, other ERA5 fields by name."
     rows, done = [], set()
     for k, (v, u) in coarse.items():
-        if k in done: continue
+        if k in done:
+            continue
         if k.startswith('btemp_'):
-            pair = [p for p in (k[:-1] + 'h', k[:-1] + 'v') if p in coarse]; done.update(pair)
-            rows.append((f"AMSR2 {k[6:-1].replace('_', '.')} GHz {'/'.join(p[-1].upper() for p in pair)}",
-                         ' / '.join(f"{coarse[p][0]:.1f}" for p in pair) + ' K'))
+            pair = [p for p in (k[:-1] + 'h', k[:-1] + 'v') if p in coarse]
+            done.update(pair)
+            rows.append(
+                (
+                    f"AMSR2 {k[6:-1].replace('_', '.')} GHz {'/'.join(p[-1].upper() for p in pair)}",
+                    ' / '.join(f"{coarse[p][0]:.1f}" for p in pair) + ' K',
+                )
+            )
         elif k in ('u10m_rotated', 'v10m_rotated') and {'u10m_rotated', 'v10m_rotated'} <= set(coarse):
-            (uu, _), (vv, _) = coarse['u10m_rotated'], coarse['v10m_rotated']; done.update(('u10m_rotated', 'v10m_rotated'))
+            (uu, _), (vv, _) = coarse['u10m_rotated'], coarse['v10m_rotated']
+            done.update(('u10m_rotated', 'v10m_rotated'))
             rows.append(('ERA5 10 m wind', f"{math.hypot(uu, vv):.2f} m/s (u {uu:.2f}, v {vv:.2f})"))
-        else: rows.append((f"ERA5 {ERA5_NAMES.get(k, k)}", _fmt(v, u)))
+        else:
+            rows.append((f"ERA5 {ERA5_NAMES.get(k, k)}", _fmt(v, u)))
     return rows
 
-def inspector_html(info: dict, # `ExploreData.inspect` output
-                  ) -> str:
+
+def inspector_html(
+    info: dict,  # `ExploreData.inspect` output
+) -> str:
     "The pixel inspector as an HTML table: location, inputs in physical units, charts, model probabilities."
     e = html.escape
-    rows = [('scene', info['scene']), ('pixel (row, col)', f"{info['row']}, {info['col']}"),
-            ('lat, lon', f"{info['lat']:.4f}° N, {info['lon']:.4f}° E"),
-            ('frame', f"{info['frame'] + 1}: day {info['doy']}, {info['days_before']} d before target")]
+    rows = [
+        ('scene', info['scene']),
+        ('pixel (row, col)', f"{info['row']}, {info['col']}"),
+        ('lat, lon', f"{info['lat']:.4f}° N, {info['lon']:.4f}° E"),
+        ('frame', f"{info['frame'] + 1}: day {info['doy']}, {info['days_before']} d before target"),
+    ]
     rows += [(SAR_LAYERS[k][1], _fmt(v, u)) for k, (v, u) in info['inputs'].items()]
     rows += _coarse_rows(info['coarse'])
-    rows += [(f"chart {t.upper()}", f"{k} ({name})" if k != CHART_FILL else name) for t, (k, name) in info['charts'].items()]
+    rows += [
+        (f"chart {t.upper()}", f"{k} ({name})" if k != CHART_FILL else name)
+        for t, (k, name) in info['charts'].items()
+    ]
     for t, p in info['probabilities'].items():
         if len(p) > 1:
             top = np.argsort(p)[::-1][:3]
             txt = ', '.join(f"{CLASS_TABLES[t.upper()][k].name} {p[k]:.0%}" for k in top)
-        else: txt = f"value {float(p[0]):.2f}"
+        else:
+            txt = f"value {float(p[0]):.2f}"
         rows.append((f"model {t.upper()}", txt))
-    body = ''.join(f"<tr><td style='padding:0 8px 0 0;color:#555'>{e(str(a))}</td><td>{e(str(b))}</td></tr>" for a, b in rows)
+    body = ''.join(
+        f"<tr><td style='padding:0 8px 0 0;color:#555'>{e(str(a))}</td><td>{e(str(b))}</td></tr>"
+        for a, b in rows
+    )
     return f"<table class='seaice-inspector' style='font-size:12px;line-height:1.25'>{body}</table>"
 
 # %% ../nbs/44_explore.ipynb #81acd786
 def _canvas(fig):
     "The widget that shows `fig`: its ipympl canvas, or an Output redisplaying it (other backends)."
     import ipywidgets as W
+
     if isinstance(fig.canvas, W.DOMWidget):
-        fig.canvas.header_visible = False; fig.canvas.footer_visible = False
+        fig.canvas.header_visible = False
+        fig.canvas.footer_visible = False
         return fig.canvas
     return W.Output()
 
+
 class Explorer:
     "The interactive explorer: scene picker + footprint map, scene panel with layers and frames, pixel inspector, explanations."
-    def __init__(self, data: ExploreData, # scenes and an optional model
-                 scene: str | None = None, # scene to open first (None: the first)
-                 max_px: int = 512, # most pixels drawn a side before decimating
-                ):
+
+    def __init__(
+        self,
+        data: ExploreData,  # scenes and an optional model
+        scene: str | None = None,  # scene to open first (None: the first)
+        max_px: int = 512,  # most pixels drawn a side before decimating
+    ):
         import ipywidgets as W
         import matplotlib.pyplot as plt
+
         self.data, self.timings, self._displayed = data, {}, False
         names = data.names
-        if not names: raise DataError("explore: the source holds no scenes")
+        if not names:
+            raise DataError("explore: the source holds no scenes")
         scene = scene or names[0]
-        if scene not in names: raise DataError(f"explore: scene {scene!r} is not in the source; first scenes: {', '.join(names[:3])}")
+        if scene not in names:
+            raise DataError(
+                f"explore: scene {scene!r} is not in the source; first scenes: {', '.join(names[:3])}"
+            )
         with plt.ioff():
             self.scene_panel = ScenePanel(data, plt.figure(figsize=(6.6, 4.8)), max_px)
-            self.map = FootprintMap(data.src, plt.figure(figsize=(3.2, 3.2)), on_pick=lambda n: setattr(self.scene, 'value', n))
+            self.map = FootprintMap(
+                data.src, plt.figure(figsize=(3.2, 3.2)), on_pick=lambda n: setattr(self.scene, 'value', n)
+            )
             self.explain_panel = ExplainPanel(plt.figure(figsize=(3.8, 4.0)))
         layers = layer_names(data.src)
         self.state = ViewState(scene, layers[0], -1, 'chart', 'sod', 0.6)
-        self.filter = W.Text(placeholder='filter: name, date, service, region, split', layout=W.Layout(width='320px'))
-        self.scene = W.Dropdown(options=[(data.src.label(n), n) for n in names], value=scene, layout=W.Layout(width='320px'))
+        self.filter = W.Text(
+            placeholder='filter: name, date, service, region, split', layout=W.Layout(width='320px')
+        )
+        self.scene = W.Dropdown(
+            options=[(data.src.label(n), n) for n in names], value=scene, layout=W.Layout(width='320px')
+        )
         self.scene.add_class('seaice-scene-picker')
         small = W.Layout(width='240px')
-        self.layer = W.Dropdown(options=[(layer_style(l)[0], l) for l in layers], value=layers[0], description='layer', layout=small)
+        self.layer = W.Dropdown(
+            options=[(layer_style(l)[0], l) for l in layers],
+            value=layers[0],
+            description='layer',
+            layout=small,
+        )
         ov = [o for o in OVERLAYS if data.model is not None or o in ('none', 'chart')]
         self.overlay = W.Dropdown(options=ov, value='chart', description='overlay', layout=small)
-        self.task = W.ToggleButtons(options=[(t.upper(), t) for t in TASKS], value='sod', style={'button_width': '58px'},
-                                    layout=W.Layout(width='200px'))
-        self.alpha = W.FloatSlider(value=0.6, min=0, max=1, step=0.05, description='opacity', readout_format='.2f', layout=small)
-        self.wind = W.Checkbox(value=False, description='ERA5 wind arrows', indent=False,
-                               disabled=not {'u10m_rotated', 'v10m_rotated'} <= set(data.src.era5_channels))
+        self.task = W.ToggleButtons(
+            options=[(t.upper(), t) for t in TASKS],
+            value='sod',
+            style={'button_width': '58px'},
+            layout=W.Layout(width='200px'),
+        )
+        self.alpha = W.FloatSlider(
+            value=0.6, min=0, max=1, step=0.05, description='opacity', readout_format='.2f', layout=small
+        )
+        self.wind = W.Checkbox(
+            value=False,
+            description='ERA5 wind arrows',
+            indent=False,
+            disabled=not {'u10m_rotated', 'v10m_rotated'} <= set(data.src.era5_channels),
+        )
         self.frame = W.IntSlider(value=0, min=0, max=0, description='frame', continuous_update=False)
         self.frame_label = W.HTML()
         self.inspector = W.HTML('<i>click a pixel of the scene to inspect it</i>')
         self.status = W.HTML()
         self.legend = W.HTML()
-        self._canvases = {k: _canvas(f) for k, f in (('scene', self.scene_panel.fig), ('map', self.map.fig), ('explain', self.explain_panel.fig))}
-        title = W.HTML(f"<b>seaice_nb explorer</b> · {html.escape(str(data.src.path))} ({data.src.kind}, {len(names)} scenes)"
-                       + (f" · run {html.escape(str(data.checkpoint))}" if data.checkpoint else ' · no model'))
+        self._canvases = {
+            k: _canvas(f)
+            for k, f in (
+                ('scene', self.scene_panel.fig),
+                ('map', self.map.fig),
+                ('explain', self.explain_panel.fig),
+            )
+        }
+        title = W.HTML(
+            f"<b>seaice_nb explorer</b> · {html.escape(str(data.src.path))} ({data.src.kind}, {len(names)} scenes)"
+            + (f" · run {html.escape(str(data.checkpoint))}" if data.checkpoint else ' · no model')
+        )
         left = W.VBox([self.filter, self.scene, self._canvases['map']], layout=W.Layout(width='330px'))
-        mid = W.VBox([W.HBox([self.layer, self.overlay]), W.HBox([self.task, self.alpha, self.wind]),
-                      W.HBox([self.frame, self.frame_label]), self._canvases['scene'], self.legend])
+        mid = W.VBox(
+            [
+                W.HBox([self.layer, self.overlay]),
+                W.HBox([self.task, self.alpha, self.wind]),
+                W.HBox([self.frame, self.frame_label]),
+                self._canvases['scene'],
+                self.legend,
+            ]
+        )
         right = W.VBox([self.inspector, self._canvases['explain']], layout=W.Layout(width='390px'))
         self.panel = W.VBox([title, W.HBox([left, mid, right]), self.status])
         self.panel.add_class('seaice-explorer')
@@ -745,39 +1136,57 @@ class Explorer:
 
     # --- plumbing
     def _guard(self, fn, *args):
-        try: fn(*args)
-        except SeaIceError as e: self.status.value = f"<span style='color:#b00'>{html.escape(str(e))}</span>"
+        try:
+            fn(*args)
+        except SeaIceError as e:
+            self.status.value = f"<span style='color:#b00'>{html.escape(str(e))}</span>"
 
     def _show(self, key, took):
         self.timings[key] = took
         self.legend.value = legend_html(*self.scene_panel.legend_entries)
-        self.status.value = f"<span style='color:#777;font-size:11px'>{key} redrawn in {took * 1e3:.0f} ms</span>"
-        if not self._displayed: return                                     # nothing to redraw before the panel is shown
-        for k, f in (('scene', self.scene_panel.fig), ('map', self.map.fig), ('explain', self.explain_panel.fig)):
+        self.status.value = (
+            f"<span style='color:#777;font-size:11px'>{key} redrawn in {took * 1e3:.0f} ms</span>"
+        )
+        if not self._displayed:
+            return  # nothing to redraw before the panel is shown
+        for k, f in (
+            ('scene', self.scene_panel.fig),
+            ('map', self.map.fig),
+            ('explain', self.explain_panel.fig),
+        ):
             out = self._canvases[k]
-            if out is f.canvas: continue                                   # an ipympl canvas redraws itself
+            if out is f.canvas:
+                continue  # an ipympl canvas redraws itself
             if k == 'scene' or key in ('scene', 'inspect'):
                 from IPython.display import display
-                with out: out.clear_output(wait=True); display(f)
+
+                with out:
+                    out.clear_output(wait=True)
+                    display(f)
 
     def _set(self, part, **kw):
-        for k, v in kw.items(): setattr(self.state, k, v)
+        for k, v in kw.items():
+            setattr(self.state, k, v)
         self._guard(lambda: self._show(part, self.scene_panel.update(self.state, (part,))))
 
     def _on_filter(self, ch):
         q = ch['new'].lower().strip()
         opts = [(self.data.src.label(n), n) for n in self.data.names if q in self.data.src.label(n).lower()]
-        if opts: self.scene.options = opts
+        if opts:
+            self.scene.options = opts
 
     # --- actions (also the API the tests and notebooks drive)
     def open_scene(self, name: str):
         "Show scene `name`: the map highlights it, the frame slider spans its stack, the inspector resets."
         t0 = time.perf_counter()
-        if self.scene.value != name: self.scene.value = name; return   # the observer comes back here
+        if self.scene.value != name:
+            self.scene.value = name
+            return  # the observer comes back here
         self.state.scene, self.state.pixel, self.last_inspection = name, None, None
         T = len(self.data.frames(name))
         with self.frame.hold_trait_notifications():
-            self.frame.max = T - 1; self.frame.value = T - 1
+            self.frame.max = T - 1
+            self.frame.value = T - 1
         self.state.frame = T - 1
         self._frame_text()
         self.map.select(name)
@@ -788,19 +1197,23 @@ class Explorer:
 
     def _frame_text(self):
         fr = self.data.frames(self.state.scene)[self.state.frame]
-        self.frame_label.value = (f"day of year {fr['doy']} · {fr['days_before']} d before target"
-                                  + (f" · {html.escape(fr['source'])}" if fr['source'] else ''))
+        self.frame_label.value = f"day of year {fr['doy']} · {fr['days_before']} d before target" + (
+            f" · {html.escape(fr['source'])}" if fr['source'] else ''
+        )
 
     def _frame_changed(self, f):
-        self.state.frame = int(f); self._frame_text()
+        self.state.frame = int(f)
+        self._frame_text()
         took = self.scene_panel.update(self.state, ('base',))
-        if self.state.pixel is not None: self.inspect(*self.state.pixel, explain=False)
+        if self.state.pixel is not None:
+            self.inspect(*self.state.pixel, explain=False)
         self._show('frame', took)
 
     def _task_changed(self, t):
         self.state.task = t
         took = self.scene_panel.update(self.state, ('overlay',))
-        if self.state.pixel is not None: self.inspect(*self.state.pixel)
+        if self.state.pixel is not None:
+            self.inspect(*self.state.pixel)
         self._show('task', took)
 
     def inspect(self, row: int, col: int, explain: bool = True) -> dict:
@@ -809,7 +1222,9 @@ class Explorer:
         self.state.pixel = (int(row), int(col))
         info = self.data.inspect(self.state.scene, int(row), int(col), self.state.frame)
         if explain or self.scene_panel.explanation is None:
-            self.scene_panel.explanation = self.data.explain(self.state.scene, int(row), int(col), self.state.task)
+            self.scene_panel.explanation = self.data.explain(
+                self.state.scene, int(row), int(col), self.state.task
+            )
         self.inspector.value = inspector_html(info)
         self.explain_panel.update(info, self.scene_panel.explanation, self.state.task)
         self.scene_panel.update(self.state, ('overlay', 'pixel'))
@@ -819,114 +1234,175 @@ class Explorer:
 
     def _on_click(self, event):
         tb = getattr(self.scene_panel.fig.canvas, 'toolbar', None)
-        if event.inaxes is not self.scene_panel.ax or event.button != 1 or str(getattr(tb, '_nav_mode', getattr(tb, 'mode', '')) or ''):
+        if (
+            event.inaxes is not self.scene_panel.ax
+            or event.button != 1
+            or str(getattr(tb, '_nav_mode', getattr(tb, 'mode', '')) or '')
+        ):
             return
         px = self.scene_panel.at(event.xdata, event.ydata)
-        if px is not None: self._guard(self.inspect, *px)
+        if px is not None:
+            self._guard(self.inspect, *px)
 
     def close(self):
         "Close the figures and the widgets."
         import matplotlib.pyplot as plt
-        for f in (self.scene_panel.fig, self.map.fig, self.explain_panel.fig): plt.close(f)
+
+        for f in (self.scene_panel.fig, self.map.fig, self.explain_panel.fig):
+            plt.close(f)
         self.panel.close()
 
     def _ipython_display_(self):
         from IPython.display import display
+
         display(self.panel)
         self._displayed = True
         self._show('scene', self.timings.get('scene', 0.0))
 
 # %% ../nbs/44_explore.ipynb #eae80da3
-def explore(source: str | Path, # preprocessed zarr store, or a folder of RTT `*_prep.nc` scenes
-            run: str | Path | None = None, # run directory or checkpoint: predictions, errors, probabilities, explanations
-            scene: str | None = None, # scene to open first
-            split: str | Path | None = None, # split manifest (None: `split.json` beside a store)
-            device: str = 'cpu', # where the model runs
-            max_px: int = 512, # most pixels drawn a side before decimating (zoom refines)
-           ) -> Explorer:
+def explore(
+    source: str | Path,  # preprocessed zarr store, or a folder of RTT `*_prep.nc` scenes
+    run: str
+    | Path
+    | None = None,  # run directory or checkpoint: predictions, errors, probabilities, explanations
+    scene: str | None = None,  # scene to open first
+    split: str | Path | None = None,  # split manifest (None: `split.json` beside a store)
+    device: str = 'cpu',  # where the model runs
+    max_px: int = 512,  # most pixels drawn a side before decimating (zoom refines)
+) -> Explorer:
     "Open the interactive explorer on `source` (and a run); display the returned `Explorer` in a notebook."
     return Explorer(ExploreData(source, run, split, device=device), scene, max_px)
 
-def explore_demo(root: str | Path = 'runs/demo', # demo folder written by `make demo` / `seaice demo`
-                 model: str = 'tsvit_v2', # 'tsvit_v2' or 'unet_baseline'
-                 **kwargs) -> Explorer: # `explore` arguments (scene, device, ...)
+
+def explore_demo(
+    root: str | Path = 'runs/demo',  # demo folder written by `make demo` / `seaice demo`
+    model: str = 'tsvit_v2',  # 'tsvit_v2' or 'unet_baseline'
+    **kwargs,
+) -> Explorer:  # `explore` arguments (scene, device, ...)
     "The demo's store with one of its trained runs, in the explorer."
     root = Path(root)
     store, run = root / 'data' / 'store.zarr', root / model
-    if not store.exists(): raise MissingFileError(f"{store} does not exist: run `make demo` (or `seaice demo`) first")
-    if not run.exists(): raise MissingFileError(f"{run} does not exist; the demo trains 'tsvit_v2' and 'unet_baseline'")
+    if not store.exists():
+        raise MissingFileError(f"{store} does not exist: run `make demo` (or `seaice demo`) first")
+    if not run.exists():
+        raise MissingFileError(f"{run} does not exist; the demo trains 'tsvit_v2' and 'unet_baseline'")
     return explore(store, run, **kwargs)
 
 # %% ../nbs/44_explore.ipynb #3436530f
 def _render(fig):
     fig.canvas.draw()
 
+
 def _deferred(fig):
     "Make `draw_idle` a no-op, as in ipympl, where it only schedules the one render the browser receives."
     fig.canvas.draw_idle = lambda *a, **k: None
     return fig
 
-def bench_redraw(data: ExploreData, # scenes (and a model for prediction/explanation timings)
-                 scene: str | None = None, # scene (None: the largest)
-                 repeats: int = 5, # A/B pairs per action
-                ) -> dict:
+
+def bench_redraw(
+    data: ExploreData,  # scenes (and a model for prediction/explanation timings)
+    scene: str | None = None,  # scene (None: the largest)
+    repeats: int = 5,  # A/B pairs per action
+) -> dict:
     "Median ms per explorer action (update in place + render) vs rebuilding the figure, and their ratio."
     import matplotlib.pyplot as plt
+
     scene = scene or max(data.names, key=lambda n: (len(data.frames(n)), np.prod(data.src.meta[n]['shape'])))
     T = len(data.frames(scene))
     layers = layer_names(data.src)[:2]
-    res = {'scene': scene, 'shape': list(data.src.meta[scene]['shape']), 'frames': T, 'repeats': repeats,
-           'load_average': [round(x, 2) for x in os.getloadavg()]}
-    t = time.perf_counter(); data.prediction(scene); res['first_prediction_ms'] = round((time.perf_counter() - t) * 1e3, 1)
+    res = {
+        'scene': scene,
+        'shape': list(data.src.meta[scene]['shape']),
+        'frames': T,
+        'repeats': repeats,
+        'load_average': [round(x, 2) for x in os.getloadavg()],
+    }
+    t = time.perf_counter()
+    data.prediction(scene)
+    res['first_prediction_ms'] = round((time.perf_counter() - t) * 1e3, 1)
     with plt.ioff():
         panel = ScenePanel(data, _deferred(plt.figure(figsize=(6.6, 4.8))))
     st = ViewState(scene, layers[0], -1, 'prediction' if data.model is not None else 'chart', 'sod')
-    panel.update(st); _render(panel.fig)
+    panel.update(st)
+    _render(panel.fig)
     r = []
     for _ in range(repeats):
-        t = time.perf_counter(); _render(panel.fig); r.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        _render(panel.fig)
+        r.append(time.perf_counter() - t)
     res['render_only_ms'] = round(float(np.median(r)) * 1e3, 1)
-    actions = {'layer': ('base', lambda i: setattr(st, 'layer', layers[i % len(layers)])),
-               'frame': ('base', lambda i: setattr(st, 'frame', i % T)),
-               'overlay': ('overlay', lambda i: setattr(st, 'task', TASKS[i % 3])),
-               'opacity': ('overlay', lambda i: setattr(st, 'alpha', 0.3 + 0.1 * (i % 5)))}
+    actions = {
+        'layer': ('base', lambda i: setattr(st, 'layer', layers[i % len(layers)])),
+        'frame': ('base', lambda i: setattr(st, 'frame', i % T)),
+        'overlay': ('overlay', lambda i: setattr(st, 'task', TASKS[i % 3])),
+        'opacity': ('overlay', lambda i: setattr(st, 'alpha', 0.3 + 0.1 * (i % 5))),
+    }
     upd, reb = {}, {}
     for name, (part, change) in actions.items():
         a, b = [], []
         for i in range(repeats):
             change(i + 1)
-            t = time.perf_counter(); panel.update(st, (part,)); _render(panel.fig); a.append(time.perf_counter() - t)
             t = time.perf_counter()
-            with plt.ioff(): p2 = ScenePanel(data, _deferred(plt.figure(figsize=(6.6, 4.8))))
-            p2.update(st); _render(p2.fig); plt.close(p2.fig); b.append(time.perf_counter() - t)
+            panel.update(st, (part,))
+            _render(panel.fig)
+            a.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            with plt.ioff():
+                p2 = ScenePanel(data, _deferred(plt.figure(figsize=(6.6, 4.8))))
+            p2.update(st)
+            _render(p2.fig)
+            plt.close(p2.fig)
+            b.append(time.perf_counter() - t)
         upd[name], reb[name] = float(np.median(a)) * 1e3, float(np.median(b)) * 1e3
     res['update_ms'] = {k: round(v, 1) for k, v in upd.items()}
     res['rebuild_ms'] = {k: round(v, 1) for k, v in reb.items()}
     res['rebuild_over_update'] = {k: round(reb[k] / upd[k], 2) for k in upd}
     H, W = data.src.meta[scene]['shape']
-    t = time.perf_counter(); data.inspect(scene, H // 2, W // 2); res['inspect_ms'] = round((time.perf_counter() - t) * 1e3, 1)
+    t = time.perf_counter()
+    data.inspect(scene, H // 2, W // 2)
+    res['inspect_ms'] = round((time.perf_counter() - t) * 1e3, 1)
     if data.model is not None:
-        t = time.perf_counter(); data.explain(scene, H // 2, W // 2, 'sod'); res['explain_ms'] = round((time.perf_counter() - t) * 1e3, 1)
+        t = time.perf_counter()
+        data.explain(scene, H // 2, W // 2, 'sod')
+        res['explain_ms'] = round((time.perf_counter() - t) * 1e3, 1)
     plt.close(panel.fig)
     return res
+
 
 def bench_main(argv: list[str]) -> int:
     "`seaice bench explore [STORE] [--run RUN]`: explorer redraw times vs rebuilding the figure (synthetic data without STORE)."
     ap = argparse.ArgumentParser(prog='seaice bench explore', description=bench_main.__doc__)
-    ap.add_argument('store', nargs='?', help='preprocessed store or folder of scenes (default: 4 synthetic scenes, demo-sized)')
+    ap.add_argument(
+        'store',
+        nargs='?',
+        help='preprocessed store or folder of scenes (default: 4 synthetic scenes, demo-sized)',
+    )
     ap.add_argument('--run', help='run directory or checkpoint')
     ap.add_argument('--repeats', type=int, default=5, help='A/B pairs per action (default 5)')
     a = ap.parse_args(argv)
-    import matplotlib; matplotlib.use('Agg')
+    import matplotlib
+
+    matplotlib.use('Agg')
     with tempfile.TemporaryDirectory() as tmp:
         store = a.store
         if store is None:
             from seaice_nb.preprocess import PreprocessConfig, preprocess
             from seaice_nb.synth import generate_scenes
+
             generate_scenes(Path(tmp) / 'scenes', 4, seed=0, size=(400, 480), progress=False)
             store = Path(tmp) / 'store.zarr'
-            preprocess(Path(tmp) / 'scenes', store, PreprocessConfig(factor=4, max_frames=3, max_days=30), workers=0, progress=False)
+            preprocess(
+                Path(tmp) / 'scenes',
+                store,
+                PreprocessConfig(factor=4, max_frames=3, max_days=30),
+                workers=0,
+                progress=False,
+            )
         res = bench_redraw(ExploreData(store, a.run), repeats=a.repeats)
-    res['data'] = 'synthetic (seaice_nb.synth, seed 0, 4 scenes of 400 x 480 px at 4x: the demo size)' if a.store is None else str(a.store)
+    res['data'] = (
+        'synthetic (seaice_nb.synth, seed 0, 4 scenes of 400 x 480 px at 4x: the demo size)'
+        if a.store is None
+        else str(a.store)
+    )
     print(json.dumps(res, indent=1))
     return 0

@@ -12,7 +12,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from .core import ConfigError, DataError, MissingFileError, atomic_write, code_version, file_digest, get_logger
+from seaice_nb.core import (
+    ConfigError,
+    DataError,
+    MissingFileError,
+    atomic_write,
+    code_version,
+    file_digest,
+    get_logger,
+)
 from .metrics import CHARTS, ScoreAccumulator
 from .predict import OnnxModel, RunSettings, fixed_tile, load_run, predict_maps, scene_inputs
 from .runs import find_checkpoint
@@ -24,8 +32,10 @@ __all__ = ['OUTPUTS', 'example_inputs', 'export_onnx', 'max_logit_diff', 'check_
 # %% ../nbs/46_export.ipynb #82a2eb89
 OUTPUTS = tuple(CHARTS)
 
+
 class _Positional(nn.Module):
     "The model with positional inputs in `input_keys` order and a tuple of chart outputs (what the tracer needs)."
+
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model, self.keys = model, tuple(model.input_keys)
@@ -34,38 +44,47 @@ class _Positional(nn.Module):
         out = self.model(**dict(zip(self.keys, args)))
         return tuple(out[c] for c in OUTPUTS)
 
-def example_inputs(model: nn.Module, # a sea-ice model
-                   n_frames: int = 1, # T
-                   tile: int = 64, # H = W
-                   batch_size: int = 2, # B
-                   seed: int = 0, # generator seed
-                   masked: bool = True, # mask a corner of pixels (and, when T > 1, pad the first frame of sample 0)
-                  ) -> dict[str, torch.Tensor]:
+
+def example_inputs(
+    model: nn.Module,  # a sea-ice model
+    n_frames: int = 1,  # T
+    tile: int = 64,  # H = W
+    batch_size: int = 2,  # B
+    seed: int = 0,  # generator seed
+    masked: bool = True,  # mask a corner of pixels (and, when T > 1, pad the first frame of sample 0)
+) -> dict[str, torch.Tensor]:
     "Inputs for every key the model reads, shaped like `predict_scene`'s batches."
     from seaice_nb.models.layers import make_batch
+
     b = make_batch(model, batch_size, n_frames, tile, seed, labels=False)
-    b['doy'] = b['doy'].clamp(1, 366); b['days_before'] = b['days_before'].long()
+    b['doy'] = b['doy'].clamp(1, 366)
+    b['days_before'] = b['days_before'].long()
     if masked:
         b['valid'][-1, :, : tile // 4, : tile // 4] = False
         b['image'][-1, :, :, : tile // 4, : tile // 4] = 0
         if n_frames > 1:
-            b['frame_mask'][0, 0] = False; b['valid'][0, 0] = False; b['image'][0, 0] = 0
+            b['frame_mask'][0, 0] = False
+            b['valid'][0, 0] = False
+            b['image'][0, 0] = 0
     return {k: b[k] for k in model.input_keys}
 
 # %% ../nbs/46_export.ipynb #b21dc433
-def export_onnx(model: nn.Module, # a sea-ice model (eval mode is set)
-                path: str | Path, # output .onnx file (written atomically)
-                n_frames: int = 1, # T the model reads
-                tile: Optional[int] = None, # example tile (default: the fixed tile, else 64)
-                opset: int = 17, # ONNX opset
-                metadata: Mapping[str, Any] | None = None, # stored as JSON under the model's 'seaice' metadata key
-               ) -> dict:
+def export_onnx(
+    model: nn.Module,  # a sea-ice model (eval mode is set)
+    path: str | Path,  # output .onnx file (written atomically)
+    n_frames: int = 1,  # T the model reads
+    tile: Optional[int] = None,  # example tile (default: the fixed tile, else 64)
+    opset: int = 17,  # ONNX opset
+    metadata: Mapping[str, Any] | None = None,  # stored as JSON under the model's 'seaice' metadata key
+) -> dict:
     "Export with the TorchScript tracer: dynamic batch, dynamic tile when the architecture allows; returns what was exported."
     import onnx  # deferred: only export needs it
+
     model = model.eval()
     fixed = fixed_tile(model)
     tile = int(tile or fixed or 64)
-    if fixed and tile != fixed: raise ConfigError(f"tile={tile}: the model is built for {fixed}-pixel tiles (TSViT img_size)")
+    if fixed and tile != fixed:
+        raise ConfigError(f"tile={tile}: the model is built for {fixed}-pixel tiles (TSViT img_size)")
     x = example_inputs(model, n_frames, tile)
     keys = list(x)
     spatial = {'image': (3, 4), 'valid': (2, 3), 'amsr2': (2, 3), 'era5': (2, 3), 'optical': (2, 3)}
@@ -74,72 +93,119 @@ def export_onnx(model: nn.Module, # a sea-ice model (eval mode is set)
         for k in keys:
             if k in spatial:
                 h, w = spatial[k]
-                dyn[k].update({h: 'height' if k in ('image', 'valid', 'optical') else 'coarse_height',
-                               w: 'width' if k in ('image', 'valid', 'optical') else 'coarse_width'})
-    for c in OUTPUTS: dyn[c] = {0: 'batch', 2: 'height', 3: 'width'} if fixed is None else {0: 'batch'}
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
+                dyn[k].update(
+                    {
+                        h: 'height' if k in ('image', 'valid', 'optical') else 'coarse_height',
+                        w: 'width' if k in ('image', 'valid', 'optical') else 'coarse_width',
+                    }
+                )
+    for c in OUTPUTS:
+        dyn[c] = {0: 'batch', 2: 'height', 3: 'width'} if fixed is None else {0: 'batch'}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".tmp-{path.name}")
     t0 = time.perf_counter()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter('ignore')  # the tracer warns about every Python-side shape check it freezes
-            torch.onnx.export(_Positional(model).eval(), tuple(x.values()), str(tmp), input_names=keys, output_names=list(OUTPUTS),
-                              dynamic_axes=dyn, opset_version=opset, dynamo=False, do_constant_folding=True)
+            torch.onnx.export(
+                _Positional(model).eval(),
+                tuple(x.values()),
+                str(tmp),
+                input_names=keys,
+                output_names=list(OUTPUTS),
+                dynamic_axes=dyn,
+                opset_version=opset,
+                dynamo=False,
+                do_constant_folding=True,
+            )
         m = onnx.load(str(tmp))
-        info = {'input_keys': keys, 'outputs': list(OUTPUTS), 'tile': fixed, 'dynamic_tile': fixed is None, 'n_frames': n_frames,
-                'opset': opset, 'exporter': 'torch.onnx.export(dynamo=False)', 'torch': torch.__version__,
-                'code_version': code_version(), **dict(metadata or {})}
-        entry = m.metadata_props.add(); entry.key, entry.value = 'seaice', json.dumps(info)
+        info = {
+            'input_keys': keys,
+            'outputs': list(OUTPUTS),
+            'tile': fixed,
+            'dynamic_tile': fixed is None,
+            'n_frames': n_frames,
+            'opset': opset,
+            'exporter': 'torch.onnx.export(dynamo=False)',
+            'torch': torch.__version__,
+            'code_version': code_version(),
+            **dict(metadata or {}),
+        }
+        entry = m.metadata_props.add()
+        entry.key, entry.value = 'seaice', json.dumps(info)
         onnx.checker.check_model(m)
         onnx.save(m, str(tmp))
         os.replace(tmp, path)
-    finally: tmp.unlink(missing_ok=True)
+    finally:
+        tmp.unlink(missing_ok=True)
     model.eval()  # the exporter restores the wrapper's training flag on the way out: keep the model in eval mode
-    return {**info, 'path': str(path), 'bytes': path.stat().st_size, 'export_s': round(time.perf_counter() - t0, 2)}
+    return {
+        **info,
+        'path': str(path),
+        'bytes': path.stat().st_size,
+        'export_s': round(time.perf_counter() - t0, 2),
+    }
 
 # %% ../nbs/46_export.ipynb #52c676c7
 @torch.no_grad()
-def max_logit_diff(model: nn.Module, # the PyTorch model
-                   onnx_model: OnnxModel, # its export
-                   inputs: Mapping[str, torch.Tensor], # one batch
-                  ) -> float:
+def max_logit_diff(
+    model: nn.Module,  # the PyTorch model
+    onnx_model: OnnxModel,  # its export
+    inputs: Mapping[str, torch.Tensor],  # one batch
+) -> float:
     "Largest absolute difference of any output logit between PyTorch and onnxruntime."
     ref = model.eval()(**{k: inputs[k] for k in model.input_keys})
     got = onnx_model(**inputs)
     return max(float((ref[c].float() - got[c].float()).abs().max()) for c in OUTPUTS)
 
-def check_export(model: nn.Module, # the PyTorch model
-                 path: str | Path, # its .onnx
-                 n_frames: int = 1, # T
-                 real: Sequence[Mapping[str, torch.Tensor]] = (), # batches of real tiles (`real_batches`)
-                ) -> dict:
+
+def check_export(
+    model: nn.Module,  # the PyTorch model
+    path: str | Path,  # its .onnx
+    n_frames: int = 1,  # T
+    real: Sequence[Mapping[str, torch.Tensor]] = (),  # batches of real tiles (`real_batches`)
+) -> dict:
     "Max abs logit differences on random inputs (other batch size, masked and unmasked, other tile when dynamic) and real ones."
     om = OnnxModel(path)
     tile = om.info.get('tile') or 64
-    cases = {'random_b3_masked': example_inputs(model, n_frames, tile, 3, seed=1),
-             'random_b1_unmasked': example_inputs(model, n_frames, tile, 1, seed=2, masked=False)}
-    if om.info.get('dynamic_tile'): cases['random_tile_96x96'] = example_inputs(model, n_frames, 96, 2, seed=3)
+    cases = {
+        'random_b3_masked': example_inputs(model, n_frames, tile, 3, seed=1),
+        'random_b1_unmasked': example_inputs(model, n_frames, tile, 1, seed=2, masked=False),
+    }
+    if om.info.get('dynamic_tile'):
+        cases['random_tile_96x96'] = example_inputs(model, n_frames, 96, 2, seed=3)
     out = {k: max_logit_diff(model, om, v) for k, v in cases.items()}
-    for i, b in enumerate(real): out[f'real_{i}'] = max_logit_diff(model, om, b)
+    for i, b in enumerate(real):
+        out[f'real_{i}'] = max_logit_diff(model, om, b)
     return out
 
 # %% ../nbs/46_export.ipynb #86e80025
-def real_batches(settings: RunSettings, # the run
-                 scene: str | Path, # an RTT scene
-                 tile: int, # tile size
-                 n: int = 2, # batches
-                 batch_size: int = 2, # tiles per batch
-                ) -> list[dict[str, torch.Tensor]]:
+def real_batches(
+    settings: RunSettings,  # the run
+    scene: str | Path,  # an RTT scene
+    tile: int,  # tile size
+    n: int = 2,  # batches
+    batch_size: int = 2,  # tiles per batch
+) -> list[dict[str, torch.Tensor]]:
     "Batches of real tiles of `scene`, preprocessed as for prediction."
     from seaice_nb.data import crop_sample
     from seaice_nb.evaluate import tile_starts
+
     arrays, meta, _ = scene_inputs(scene, settings)
     cf = settings.preprocess.coarse_factor
     H, W = meta['shape']
-    starts = [(y, x) for y in tile_starts(H, tile, tile // 2 // cf * cf or cf) for x in tile_starts(W, tile, tile // 2 // cf * cf or cf)]
+    starts = [
+        (y, x)
+        for y in tile_starts(H, tile, tile // 2 // cf * cf or cf)
+        for x in tile_starts(W, tile, tile // 2 // cf * cf or cf)
+    ]
     out = []
     for i in range(0, min(len(starts), n * batch_size), batch_size):
-        s = [crop_sample(arrays, meta, y, x, tile, tile, settings.n_frames, cf) for y, x in starts[i:i + batch_size]]
+        s = [
+            crop_sample(arrays, meta, y, x, tile, tile, settings.n_frames, cf)
+            for y, x in starts[i : i + batch_size]
+        ]
         out.append({k: torch.from_numpy(np.stack([t[k] for t in s])) for k in settings.input_keys})
     return out
 
@@ -147,30 +213,48 @@ def real_batches(settings: RunSettings, # the run
 def auto_method(path: str | Path) -> str:
     "'static' for graphs dominated by convolutions (int8 Conv needs fixed activation ranges to be fast), else 'dynamic'."
     import onnx
+
     ops = [n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node]
     return 'static' if ops.count('Conv') > ops.count('MatMul') + ops.count('Gemm') else 'dynamic'
+
 
 @contextlib.contextmanager
 def _quiet_root_logger():
     "onnxruntime's quantiser reports every tensor it skips (e.g. boolean masks) on the root logger: keep that out of the output."
-    root = logging.getLogger(); level = root.level
+    root = logging.getLogger()
+    level = root.level
     root.setLevel(logging.ERROR)
-    try: yield
-    finally: root.setLevel(level)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
 
-def quantize_int8(src: str | Path, # fp32 .onnx
-                  dst: str | Path, # int8 .onnx (written atomically)
-                  method: str = 'auto', # 'dynamic', 'static' or 'auto' (`auto_method`)
-                  calibration: Sequence[Mapping[str, torch.Tensor]] = (), # batches of real tiles for 'static'
-                 ) -> dict:
+
+def quantize_int8(
+    src: str | Path,  # fp32 .onnx
+    dst: str | Path,  # int8 .onnx (written atomically)
+    method: str = 'auto',  # 'dynamic', 'static' or 'auto' (`auto_method`)
+    calibration: Sequence[Mapping[str, torch.Tensor]] = (),  # batches of real tiles for 'static'
+) -> dict:
     "Quantise an exported model to int8 for the CPU; the metadata travels along. Returns sizes and the method."
     import onnx
-    if method == 'auto': method = auto_method(src)
-    from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType, quant_pre_process, quantize_dynamic,
-                                          quantize_static)
+
+    if method == 'auto':
+        method = auto_method(src)
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quant_pre_process,
+        quantize_dynamic,
+        quantize_static,
+    )
+
     src, dst = Path(src), Path(dst)
-    if method not in ('dynamic', 'static'): raise ConfigError(f"method={method!r}; use 'dynamic' or 'static'")
-    if method == 'static' and not calibration: raise ConfigError("static quantisation needs calibration batches (real tiles of a few scenes)")
+    if method not in ('dynamic', 'static'):
+        raise ConfigError(f"method={method!r}; use 'dynamic' or 'static'")
+    if method == 'static' and not calibration:
+        raise ConfigError("static quantisation needs calibration batches (real tiles of a few scenes)")
     pre, tmp = dst.with_name(f".tmp-pre-{dst.name}"), dst.with_name(f".tmp-{dst.name}")
     try:
         with warnings.catch_warnings(), _quiet_root_logger():
@@ -180,32 +264,55 @@ def quantize_int8(src: str | Path, # fp32 .onnx
                 quantize_dynamic(str(pre), str(tmp), weight_type=QuantType.QInt8)
             else:
                 names = [i.name for i in onnx.load(str(pre)).graph.input]
+
                 class Reader(CalibrationDataReader):
-                    def __init__(self): self.it = iter([{k: b[k].numpy() for k in names} for b in calibration])
-                    def get_next(self): return next(self.it, None)
-                quantize_static(str(pre), str(tmp), Reader(), quant_format=QuantFormat.QDQ, activation_type=QuantType.QUInt8,
-                                weight_type=QuantType.QInt8, per_channel=True)
-        m, meta = onnx.load(str(tmp)), {p.key: p.value for p in onnx.load(str(src), load_external_data=False).metadata_props}
+                    def __init__(self):
+                        self.it = iter([{k: b[k].numpy() for k in names} for b in calibration])
+
+                    def get_next(self):
+                        return next(self.it, None)
+
+                quantize_static(
+                    str(pre),
+                    str(tmp),
+                    Reader(),
+                    quant_format=QuantFormat.QDQ,
+                    activation_type=QuantType.QUInt8,
+                    weight_type=QuantType.QInt8,
+                    per_channel=True,
+                )
+        m, meta = (
+            onnx.load(str(tmp)),
+            {p.key: p.value for p in onnx.load(str(src), load_external_data=False).metadata_props},
+        )
         info = {**json.loads(meta.get('seaice', '{}')), 'quantisation': f'int8 {method}'}
         del m.metadata_props[:]
-        entry = m.metadata_props.add(); entry.key, entry.value = 'seaice', json.dumps(info)
-        onnx.save(m, str(tmp)); os.replace(tmp, dst)
+        entry = m.metadata_props.add()
+        entry.key, entry.value = 'seaice', json.dumps(info)
+        onnx.save(m, str(tmp))
+        os.replace(tmp, dst)
     finally:
-        pre.unlink(missing_ok=True); tmp.unlink(missing_ok=True)
+        pre.unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
     return {'method': method, 'path': str(dst), 'bytes': dst.stat().st_size, 'fp32_bytes': src.stat().st_size}
 
 # %% ../nbs/46_export.ipynb #c90bc49f
-def score_scenes(model: nn.Module, # PyTorch model or `OnnxModel`
-                 settings: RunSettings, # the run
-                 scenes: Sequence[str | Path], # RTT files with charts (or `_prep_reference.nc` beside them)
-                 tile: Optional[int] = None, overlap: Optional[int] = None, # tiling
-                 batch_size: int = 4, # tiles per forward pass
-                ) -> dict:
+def score_scenes(
+    model: nn.Module,  # PyTorch model or `OnnxModel`
+    settings: RunSettings,  # the run
+    scenes: Sequence[str | Path],  # RTT files with charts (or `_prep_reference.nc` beside them)
+    tile: Optional[int] = None,
+    overlap: Optional[int] = None,  # tiling
+    batch_size: int = 4,  # tiles per forward pass
+) -> dict:
     "Official score at 80 m of `model` on `scenes` (pixels pooled over all scenes)."
     from seaice_nb.evaluate import reference_charts, upsample_nearest
+
     acc = ScoreAccumulator()
     for s in scenes:
-        r = predict_maps(model, settings, s, (), tile, overlap, batch_size, progress=False, mask_invalid=False)  # as `evaluate` scores
+        r = predict_maps(
+            model, settings, s, (), tile, overlap, batch_size, progress=False, mask_invalid=False
+        )  # as `evaluate` scores
         ref = reference_charts(Path(s).parent, r['meta']['scene'])
         f = settings.preprocess.factor
         acc.update(ref, {c: upsample_nearest(m, f, ref['sic'].shape) for c, m in r['maps'].items()})
@@ -217,8 +324,10 @@ def describe_scenes(scenes: Sequence[str | Path]) -> str:
     d = Path(scenes[0]).parent if scenes else Path('.')
     m = d / 'manifest.json'
     if m.is_file():
-        try: man = json.loads(m.read_text())
-        except json.JSONDecodeError: man = {}
+        try:
+            man = json.loads(m.read_text())
+        except json.JSONDecodeError:
+            man = {}
         if man.get('kind') == 'seaice_nb.synth':
             names = {Path(s).name for s in scenes}
             splits = sorted({r['split'] for r in man.get('scenes', []) if r['file'] in names})
@@ -226,16 +335,19 @@ def describe_scenes(scenes: Sequence[str | Path]) -> str:
     return f"{len(scenes)} scenes from {d}"
 
 # %% ../nbs/46_export.ipynb #1bbf0655
-def export_run(run: str | Path, # run directory or checkpoint file
-               out: str | Path | None = None, # .onnx path (default `<run>/export/model.onnx`)
-               scenes: Sequence[str | Path] = (), # RTT scenes: real check inputs, static calibration, scoring
-               int8: bool = False, # also write `<out stem>.int8.onnx`
-               method: str = 'auto', # quantisation: 'dynamic', 'static' or 'auto' (static for convolutional models)
-               calibration: Sequence[str | Path] = (), # scenes for static calibration (default: `scenes`; better training scenes)
-               score: bool = False, # official score of PyTorch, fp32 ONNX and int8 on `scenes` (need charts)
-               tile: Optional[int] = None, # example tile for dynamic models
-               opset: int = 17, # ONNX opset
-              ) -> dict:
+def export_run(
+    run: str | Path,  # run directory or checkpoint file
+    out: str | Path | None = None,  # .onnx path (default `<run>/export/model.onnx`)
+    scenes: Sequence[str | Path] = (),  # RTT scenes: real check inputs, static calibration, scoring
+    int8: bool = False,  # also write `<out stem>.int8.onnx`
+    method: str = 'auto',  # quantisation: 'dynamic', 'static' or 'auto' (static for convolutional models)
+    calibration: Sequence[
+        str | Path
+    ] = (),  # scenes for static calibration (default: `scenes`; better training scenes)
+    score: bool = False,  # official score of PyTorch, fp32 ONNX and int8 on `scenes` (need charts)
+    tile: Optional[int] = None,  # example tile for dynamic models
+    opset: int = 17,  # ONNX opset
+) -> dict:
     "Export a run's model, check it against PyTorch, optionally quantise and score; writes `<out>.json` and returns the report."
     model, settings = load_run(run)
     ckpt = find_checkpoint(run)
@@ -249,31 +361,60 @@ def export_run(run: str | Path, # run directory or checkpoint file
     if int8:
         method = auto_method(out) if method == 'auto' else method
         cal = list(calibration or scenes)
-        if method == 'static' and not cal: raise ConfigError("static int8 quantisation needs calibration scenes (--calib or --scenes)")
+        if method == 'static' and not cal:
+            raise ConfigError("static int8 quantisation needs calibration scenes (--calib or --scenes)")
         calib = [b for s in cal for b in real_batches(settings, s, t, 4, 4)] if method == 'static' else []
         q = out.with_name(out.stem + '.int8.onnx')
         rep['int8'] = quantize_int8(out, q, method, calib)
     if score and scenes:
-        rep['score'] = {'scenes': [Path(s).name for s in scenes], 'data': describe_scenes(scenes),
-                        'torch': score_scenes(model, settings, scenes), 'onnx_fp32': score_scenes(OnnxModel(out), settings, scenes)}
+        rep['score'] = {
+            'scenes': [Path(s).name for s in scenes],
+            'data': describe_scenes(scenes),
+            'torch': score_scenes(model, settings, scenes),
+            'onnx_fp32': score_scenes(OnnxModel(out), settings, scenes),
+        }
         if int8:
             rep['score']['onnx_int8'] = score_scenes(OnnxModel(rep['int8']['path']), settings, scenes)
-            rep['score']['int8_drop_combined'] = round(rep['score']['onnx_fp32']['combined'] - rep['score']['onnx_int8']['combined'], 3)
-    with atomic_write(out.with_suffix('.json'), 'w') as f: json.dump(rep, f, indent=1)
-    get_logger('export').info(f"exported {settings.model} to {out}: max abs logit difference {max(rep['max_abs_logit_diff'].values()):.2e}")
+            rep['score']['int8_drop_combined'] = round(
+                rep['score']['onnx_fp32']['combined'] - rep['score']['onnx_int8']['combined'], 3
+            )
+    with atomic_write(out.with_suffix('.json'), 'w') as f:
+        json.dump(rep, f, indent=1)
+    get_logger('export').info(
+        f"exported {settings.model} to {out}: max abs logit difference {max(rep['max_abs_logit_diff'].values()):.2e}"
+    )
     return rep
 
 # %% ../nbs/46_export.ipynb #92d8d79c
 def main(argv: list[str]) -> int:
     "`seaice export RUN --onnx OUT.onnx [--scenes S.nc ...] [--int8 [--method auto|static|dynamic] [--calib S.nc ...]] [--score]`."
-    ap = argparse.ArgumentParser(prog='seaice export', description='Export a run to ONNX (checked against PyTorch), optionally int8-quantised and scored.')
+    ap = argparse.ArgumentParser(
+        prog='seaice export',
+        description='Export a run to ONNX (checked against PyTorch), optionally int8-quantised and scored.',
+    )
     ap.add_argument('run', help='run directory or checkpoint file')
     ap.add_argument('--onnx', default=None, help='output .onnx (default <run>/export/model.onnx)')
-    ap.add_argument('--scenes', nargs='*', default=[], help='RTT scenes: real check inputs, static calibration, scoring')
+    ap.add_argument(
+        '--scenes', nargs='*', default=[], help='RTT scenes: real check inputs, static calibration, scoring'
+    )
     ap.add_argument('--int8', action='store_true', help='also write <out>.int8.onnx')
-    ap.add_argument('--method', choices=('auto', 'dynamic', 'static'), default='auto', help='int8 method (auto: static for U-Nets)')
-    ap.add_argument('--calib', nargs='*', default=[], help='scenes for static calibration (default --scenes; prefer training scenes)')
-    ap.add_argument('--score', action='store_true', help='official score of torch / onnx fp32 / int8 on --scenes (need charts)')
+    ap.add_argument(
+        '--method',
+        choices=('auto', 'dynamic', 'static'),
+        default='auto',
+        help='int8 method (auto: static for U-Nets)',
+    )
+    ap.add_argument(
+        '--calib',
+        nargs='*',
+        default=[],
+        help='scenes for static calibration (default --scenes; prefer training scenes)',
+    )
+    ap.add_argument(
+        '--score',
+        action='store_true',
+        help='official score of torch / onnx fp32 / int8 on --scenes (need charts)',
+    )
     ap.add_argument('--tile', type=int, default=None, help='example tile for models with a dynamic tile')
     ap.add_argument('--opset', type=int, default=17, help='ONNX opset version')
     a = ap.parse_args(argv)

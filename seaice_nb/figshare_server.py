@@ -15,106 +15,149 @@ __all__ = ['FakeFile', 'make_files', 'FigshareServer']
 @dataclass
 class FakeFile:
     "One file of a fake article: its bytes, and how the server should misbehave when asked for it."
-    id: int                         # figshare file id
-    name: str                       # file name as the server announces it (may be malicious on purpose)
-    data: bytes                     # content
+
+    id: int  # figshare file id
+    name: str  # file name as the server announces it (may be malicious on purpose)
+    data: bytes  # content
     faults: list[str] = field(default_factory=list)  # one-shot faults, consumed one per download request
-    ignore_range: bool = False      # always answer 200 with the full body
-    rate: float | None = None       # bytes per second; None = as fast as possible
-    supplied_md5: str | None = None # override the announced md5 (None: the true md5)
+    ignore_range: bool = False  # always answer 200 with the full body
+    rate: float | None = None  # bytes per second; None = as fast as possible
+    supplied_md5: str | None = None  # override the announced md5 (None: the true md5)
 
     @property
-    def md5(self) -> str: return hashlib.md5(self.data).hexdigest()
-    @property
-    def etag(self) -> str: return f'"{self.md5[:16]}-{len(self.data)}"'
+    def md5(self) -> str:
+        return hashlib.md5(self.data).hexdigest()
 
-def make_files(sizes: list[int],         # size in bytes of each file
-               seed: int = 0,            # seed of the content generator
-               first_id: int = 40000001, # id of the first file
-               pattern: str = '{date}T1200{i:02d}_{svc}_prep.nc', # name template
-              ) -> list[FakeFile]:
+    @property
+    def etag(self) -> str:
+        return f'"{self.md5[:16]}-{len(self.data)}"'
+
+
+def make_files(
+    sizes: list[int],  # size in bytes of each file
+    seed: int = 0,  # seed of the content generator
+    first_id: int = 40000001,  # id of the first file
+    pattern: str = '{date}T1200{i:02d}_{svc}_prep.nc',  # name template
+) -> list[FakeFile]:
     "Deterministic pseudo-random files named like AI4Arctic RTT scenes."
     rng = random.Random(seed)
     out = []
     for i, n in enumerate(sizes):
-        name = pattern.format(i=i, date=f"2021{1 + i % 12:02d}{1 + i % 28:02d}", svc='dmi' if i % 2 else 'cis')
+        name = pattern.format(
+            i=i, date=f"2021{1 + i % 12:02d}{1 + i % 28:02d}", svc='dmi' if i % 2 else 'cis'
+        )
         out.append(FakeFile(first_id + i, name, rng.randbytes(n)))
     return out
 
 # %% ../nbs/12_figshare_server.ipynb #bd010c2c
 _RANGE = re.compile(r'^bytes=(\d+)-(\d*)$')
 
+
 class _Handler(http.server.BaseHTTPRequestHandler):
-    protocol_version = 'HTTP/1.1'   # keep-alive, so the client's sessions are exercised
+    protocol_version = 'HTTP/1.1'  # keep-alive, so the client's sessions are exercised
     server_version = 'fakeshare/1'
 
-    def log_message(self, *args): pass
+    def log_message(self, *args):
+        pass
+
     @property
-    def fs(self) -> 'FigshareServer': return self.server.owner
+    def fs(self) -> 'FigshareServer':
+        return self.server.owner
 
     def _send(self, status: int, body: bytes = b'', headers: dict | None = None, ctype='text/plain'):
         self.send_response(status)
         self.send_header('Content-Type', ctype)
         self.send_header('Content-Length', str(len(body)))
-        for k, v in (headers or {}).items(): self.send_header(k, str(v))
+        for k, v in (headers or {}).items():
+            self.send_header(k, str(v))
         self.end_headers()
-        if body and self.command != 'HEAD': self.wfile.write(body)
+        if body and self.command != 'HEAD':
+            self.wfile.write(body)
 
     def _json(self, status: int, obj, headers=None):
         self._send(status, json.dumps(obj).encode(), headers, 'application/json')
 
-    def do_HEAD(self): self.do_GET()
+    def do_HEAD(self):
+        self.do_GET()
 
     def do_GET(self):
         u = urlsplit(self.path)
         self.fs._log(self.command, self.path, dict(self.headers))
-        if m := re.fullmatch(r'/v2/articles/(\d+)/files', u.path): return self._list(int(m[1]), parse_qs(u.query))
+        if m := re.fullmatch(r'/v2/articles/(\d+)/files', u.path):
+            return self._list(int(m[1]), parse_qs(u.query))
         if m := re.fullmatch(r'/ndownloader/files/(\d+)', u.path):
-            if 'ndownloader' in self.fs.missing_forms: return self._json(404, {'message': 'Not found', 'code': 'NotFound'})
-            if 'ndownloader' in self.fs.challenge_forms: return self._send(202)
-            return self._send(302, headers={'Location': f"{self.fs.url}/objects/{m[1]}?sig={random.getrandbits(32):08x}"})
-        if m := re.fullmatch(r'/objects/(\d+)', u.path): return self._download(int(m[1]))
+            if 'ndownloader' in self.fs.missing_forms:
+                return self._json(404, {'message': 'Not found', 'code': 'NotFound'})
+            if 'ndownloader' in self.fs.challenge_forms:
+                return self._send(202)
+            return self._send(
+                302, headers={'Location': f"{self.fs.url}/objects/{m[1]}?sig={random.getrandbits(32):08x}"}
+            )
+        if m := re.fullmatch(r'/objects/(\d+)', u.path):
+            return self._download(int(m[1]))
         if m := re.fullmatch(r'/v2/file/download/(\d+)', u.path):
-            if 'api' in self.fs.missing_forms: return self._json(404, {'message': 'Entity not found: file', 'code': 'EntityNotFound'})
-            if 'api' in self.fs.challenge_forms: return self._send(202)
+            if 'api' in self.fs.missing_forms:
+                return self._json(404, {'message': 'Entity not found: file', 'code': 'EntityNotFound'})
+            if 'api' in self.fs.challenge_forms:
+                return self._send(202)
             return self._download(int(m[1]))
         self._json(404, {'message': 'Not found', 'code': 'NotFound'})
 
     def _list(self, article: int, q: dict):
         files = self.fs.articles.get(article)
-        if files is None: return self._json(404, {'message': 'Entity not found: article', 'code': 'EntityNotFound'})
+        if files is None:
+            return self._json(404, {'message': 'Entity not found: article', 'code': 'EntityNotFound'})
         if ({'page', 'page_size'} & q.keys()) and ({'limit', 'offset'} & q.keys()):
-            return self._json(422, {'message': 'Page/page_size and limit/offset are mutually exclusive', 'code': 'UnprocessableEntity'})
+            return self._json(
+                422,
+                {
+                    'message': 'Page/page_size and limit/offset are mutually exclusive',
+                    'code': 'UnprocessableEntity',
+                },
+            )
         try:
             if {'limit', 'offset'} & q.keys():
                 limit, offset = int(q.get('limit', ['10'])[0]), int(q.get('offset', ['0'])[0])
-                if offset > 1000: raise ValueError
+                if offset > 1000:
+                    raise ValueError
             else:
                 page, size = int(q.get('page', ['1'])[0]), int(q.get('page_size', ['10'])[0])
-                if page < 1 or not 1 <= size <= 1000: raise ValueError
+                if page < 1 or not 1 <= size <= 1000:
+                    raise ValueError
                 limit, offset = size, (page - 1) * size
-        except ValueError: return self._json(400, {'message': 'Invalid pagination', 'code': 'BadRequest'})
-        objs = [self.fs.file_object(f) for f in files[offset:offset + limit]]
+        except ValueError:
+            return self._json(400, {'message': 'Invalid pagination', 'code': 'BadRequest'})
+        objs = [self.fs.file_object(f) for f in files[offset : offset + limit]]
         self._json(200, objs, {'ETag': f'"list-{article}-{offset}"', 'Last-Modified': self.fs.last_modified})
 
     def _reset(self):
         "Abort the connection with a TCP reset (SO_LINGER 0), as a flaky proxy would."
         self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack('ii', 1, 0))
-        self.connection.close(); self.close_connection = True
+        self.connection.close()
+        self.close_connection = True
 
     def _download(self, fid: int):
         f = self.fs.by_id.get(fid)
-        if f is None: return self._json(404, {'message': 'Entity not found: file', 'code': 'EntityNotFound'})
+        if f is None:
+            return self._json(404, {'message': 'Entity not found: file', 'code': 'EntityNotFound'})
         fault = self.fs._next_fault(f)
         kind, _, arg = (fault or '').partition(':')
-        if kind == 'stall': time.sleep(float(arg or 1)); kind = ''
+        if kind == 'stall':
+            time.sleep(float(arg or 1))
+            kind = ''
         if kind.isdigit() and kind not in ('202',):
             hdr = {'Retry-After': arg or '1'} if kind == '429' else {}
             return self._send(int(kind), f"fault {kind}\n".encode(), hdr)
-        if kind == '202': return self._send(202, headers={'Retry-After': arg} if arg else None)
+        if kind == '202':
+            return self._send(202, headers={'Retry-After': arg} if arg else None)
         size, data = len(f.data), f.data
-        meta = {'ETag': f.etag, 'Last-Modified': self.fs.last_modified, 'Accept-Ranges': 'none' if f.ignore_range else 'bytes'}
-        if kind == 'empty': return self._send(200, b'', meta, 'application/octet-stream')
+        meta = {
+            'ETag': f.etag,
+            'Last-Modified': self.fs.last_modified,
+            'Accept-Ranges': 'none' if f.ignore_range else 'bytes',
+        }
+        if kind == 'empty':
+            return self._send(200, b'', meta, 'application/octet-stream')
         start, status = 0, 200
         rng, if_range = self.headers.get('Range'), self.headers.get('If-Range')
         if rng and not f.ignore_range and (if_range is None or if_range in (f.etag, self.fs.last_modified)):
@@ -124,20 +167,25 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 end = min(int(m[2]), size - 1) if m[2] else size - 1
                 if start >= size or end < start:
                     return self._send(416, b'', {**meta, 'Content-Range': f'bytes */{size}'})
-                data, status = f.data[start:end + 1], 206
+                data, status = f.data[start : end + 1], 206
                 meta['Content-Range'] = f'bytes {start}-{end}/{size}'
         if kind == 'corrupt' and data:
-            i = len(data) // 2; data = data[:i] + bytes([data[i] ^ 0xFF]) + data[i + 1:]
+            i = len(data) // 2
+            data = data[:i] + bytes([data[i] ^ 0xFF]) + data[i + 1 :]
         self.send_response(status)
         self.send_header('Content-Type', 'application/octet-stream')
         self.send_header('Content-Length', str(len(data)))
-        for k, v in meta.items(): self.send_header(k, v)
+        for k, v in meta.items():
+            self.send_header(k, v)
         self.end_headers()
-        if self.command == 'HEAD': return
+        if self.command == 'HEAD':
+            return
         stop = int(len(data) * float(arg or 0.5)) if kind in ('reset', 'cut') else len(data)
         self._stream(f, memoryview(data)[:stop])
-        if kind == 'reset': self._reset()
-        if kind == 'cut': self.close_connection = True
+        if kind == 'reset':
+            self._reset()
+        if kind == 'cut':
+            self.close_connection = True
 
     def _stream(self, f: FakeFile, view: memoryview):
         chunk = 1 << 16 if f.rate else 1 << 20
@@ -145,83 +193,119 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.fs._streams(+1)
         try:
             while sent < len(view):
-                n = self.wfile.write(view[sent:sent + chunk]) or 0
-                sent += n; self.fs._count(f, n)
-                if f.rate and (ahead := sent / f.rate - (time.monotonic() - t0)) > 0: time.sleep(ahead)
-        except OSError: self.close_connection = True   # the client went away (killed, timed out)
-        finally: self.fs._streams(-1)
+                n = self.wfile.write(view[sent : sent + chunk]) or 0
+                sent += n
+                self.fs._count(f, n)
+                if f.rate and (ahead := sent / f.rate - (time.monotonic() - t0)) > 0:
+                    time.sleep(ahead)
+        except OSError:
+            self.close_connection = True  # the client went away (killed, timed out)
+        finally:
+            self.fs._streams(-1)
 
 # %% ../nbs/12_figshare_server.ipynb #9d9ce172
 class FigshareServer:
     "A figshare-compatible HTTP server on 127.0.0.1 (ephemeral port) serving fake articles with fault injection."
-    def __init__(self,
-                 articles: dict[int, list[FakeFile]] | None = None, # article id -> its files
-                 challenge_forms: set[str] | tuple = (),  # URL forms that always answer 202: 'ndownloader', 'api'
-                 missing_forms: set[str] | tuple = (),    # URL forms that always answer 404: 'ndownloader', 'api'
-                ):
+
+    def __init__(
+        self,
+        articles: dict[int, list[FakeFile]] | None = None,  # article id -> its files
+        challenge_forms: set[str] | tuple = (),  # URL forms that always answer 202: 'ndownloader', 'api'
+        missing_forms: set[str] | tuple = (),  # URL forms that always answer 404: 'ndownloader', 'api'
+    ):
         self.articles = dict(articles or {})
         self.challenge_forms, self.missing_forms = set(challenge_forms), set(missing_forms)
         self.last_modified = email.utils.formatdate(1_670_000_000, usegmt=True)
-        self.served: dict[str, int] = {}   # file name -> bytes served (body bytes written to sockets)
-        self.requests: list[tuple] = []    # (method, path, headers, time.monotonic()) of every request, in order
+        self.served: dict[str, int] = {}  # file name -> bytes served (body bytes written to sockets)
+        self.requests: list[
+            tuple
+        ] = []  # (method, path, headers, time.monotonic()) of every request, in order
         self._lock = threading.Lock()
         self._httpd = self._thread = None
         self._active = 0
 
     @property
-    def by_id(self) -> dict[int, FakeFile]: return {f.id: f for fs in self.articles.values() for f in fs}
+    def by_id(self) -> dict[int, FakeFile]:
+        return {f.id: f for fs in self.articles.values() for f in fs}
 
     def add_article(self, article_id: int, files: list[FakeFile]) -> 'FigshareServer':
         "Serve `files` as article `article_id`."
-        self.articles[article_id] = list(files); return self
+        self.articles[article_id] = list(files)
+        return self
 
     def file_object(self, f: FakeFile) -> dict:
         "The figshare API v2 file object for `f`."
         md5 = f.md5
-        return {'id': f.id, 'name': f.name, 'size': len(f.data), 'is_link_only': False,
-                'download_url': f"{self.url}/ndownloader/files/{f.id}",
-                'supplied_md5': f.supplied_md5 if f.supplied_md5 is not None else md5, 'computed_md5': md5,
-                'mimetype': 'application/x-netcdf'}
+        return {
+            'id': f.id,
+            'name': f.name,
+            'size': len(f.data),
+            'is_link_only': False,
+            'download_url': f"{self.url}/ndownloader/files/{f.id}",
+            'supplied_md5': f.supplied_md5 if f.supplied_md5 is not None else md5,
+            'computed_md5': md5,
+            'mimetype': 'application/x-netcdf',
+        }
 
     def _log(self, method, path, headers):
-        with self._lock: self.requests.append((method, path, headers, time.monotonic()))
+        with self._lock:
+            self.requests.append((method, path, headers, time.monotonic()))
+
     def _count(self, f: FakeFile, n: int):
-        with self._lock: self.served[f.name] = self.served.get(f.name, 0) + n
+        with self._lock:
+            self.served[f.name] = self.served.get(f.name, 0) + n
+
     def _next_fault(self, f: FakeFile) -> str | None:
-        with self._lock: return f.faults.pop(0) if f.faults else None
+        with self._lock:
+            return f.faults.pop(0) if f.faults else None
 
     def _streams(self, d: int):
-        with self._lock: self._active += d
+        with self._lock:
+            self._active += d
 
     def wait_idle(self, timeout: float = 10) -> bool:
         "Wait until no response body is being sent (e.g. to a client that was just killed); False on timeout."
         t0 = time.monotonic()
-        while self._active and time.monotonic() - t0 < timeout: time.sleep(0.01)
+        while self._active and time.monotonic() - t0 < timeout:
+            time.sleep(0.01)
         return not self._active
 
     def reset_counts(self):
         "Forget bytes served and requests seen so far."
-        with self._lock: self.served.clear(); self.requests.clear()
+        with self._lock:
+            self.served.clear()
+            self.requests.clear()
 
     def start(self) -> 'FigshareServer':
         "Bind 127.0.0.1 on a free port and serve from a daemon thread."
         self._httpd = http.server.ThreadingHTTPServer(('127.0.0.1', 0), _Handler)
         self._httpd.daemon_threads = True
-        self._httpd.handle_error = lambda *a: None   # clients that vanish mid-body are part of the job
+        self._httpd.handle_error = lambda *a: None  # clients that vanish mid-body are part of the job
         self._httpd.owner = self
-        self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={'poll_interval': 0.05}, daemon=True)
-        self._thread.start(); return self
+        self._thread = threading.Thread(
+            target=self._httpd.serve_forever, kwargs={'poll_interval': 0.05}, daemon=True
+        )
+        self._thread.start()
+        return self
 
     def stop(self):
         "Stop serving and close the socket."
-        if self._httpd: self._httpd.shutdown(); self._httpd.server_close(); self._httpd = None
+        if self._httpd:
+            self._httpd.shutdown()
+            self._httpd.server_close()
+            self._httpd = None
 
     @property
-    def url(self) -> str: return f"http://127.0.0.1:{self._httpd.server_address[1]}"
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self._httpd.server_address[1]}"
+
     @property
     def api(self) -> str:
         "The API base URL to hand to the client (`--api`)."
         return f"{self.url}/v2"
 
-    def __enter__(self): return self.start()
-    def __exit__(self, *exc): self.stop()
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()

@@ -10,8 +10,15 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 from .core import DataError
-from .charts import (CHART_FILL, CHART_WEIGHTS, CHARTS, METRIC_NAMES, N_CLASSES,  # noqa: F401 (also re-exported)
-                              chart_dict, chart_key)
+from seaice_nb.charts import (
+    CHART_FILL,
+    CHART_WEIGHTS,
+    CHARTS,
+    METRIC_NAMES,
+    N_CLASSES,  # noqa: F401 (also re-exported)
+    chart_dict,
+    chart_key,
+)
 
 # %% auto #0
 __all__ = ['IGNORE', 'SEASONS', 'DISTANCE_ZONES', 'INCIDENCE_EDGES', 'WIND_EDGES', 'r2_from_confusion', 'f1_from_confusion',
@@ -20,53 +27,68 @@ __all__ = ['IGNORE', 'SEASONS', 'DISTANCE_ZONES', 'INCIDENCE_EDGES', 'WIND_EDGES
            'ConditionAccumulator']
 
 # %% ../nbs/40_metrics.ipynb #647091a3
-IGNORE = CHART_FILL   # reference pixels with this value are not scored
+IGNORE = CHART_FILL  # reference pixels with this value are not scored
 
 # %% ../nbs/40_metrics.ipynb #e59843ea
 def _pred_values(cm: np.ndarray) -> np.ndarray:
     "The predicted value of each column: the class indices, then 255 for an extra 'masked' column."
     n, m = cm.shape
-    if m not in (n, n + 1): raise DataError(f"a confusion matrix must be n x n or n x (n+1), got {cm.shape}")
+    if m not in (n, n + 1):
+        raise DataError(f"a confusion matrix must be n x n or n x (n+1), got {cm.shape}")
     return np.array(list(range(n)) + [IGNORE] * (m - n), np.float64)
+
 
 def r2_from_confusion(cm: np.ndarray) -> float:
     "R² of class indices (rows reference, columns prediction, optional last column predicted 255), as `sklearn`'s `r2_score`."
     cm = np.asarray(cm, dtype=np.float64)
     n = cm.sum()
-    if n == 0: return float('nan')
+    if n == 0:
+        return float('nan')
     i = np.arange(cm.shape[0], dtype=np.float64)[:, None]
     j = _pred_values(cm)[None, :]
     ss_res = float((cm * (i - j) ** 2).sum())
-    rows = cm.sum(1); mean = float((rows * i[:, 0]).sum() / n)
+    rows = cm.sum(1)
+    mean = float((rows * i[:, 0]).sum() / n)
     ss_tot = float((rows * (i[:, 0] - mean) ** 2).sum())
-    if ss_tot == 0: return 1.0 if ss_res == 0 else 0.0
+    if ss_tot == 0:
+        return 1.0 if ss_res == 0 else 0.0
     return 1.0 - ss_res / ss_tot
+
 
 def f1_from_confusion(cm: np.ndarray, average: str = 'weighted') -> float | np.ndarray:
     "Weighted (by reference support) F1, equal to `sklearn.metrics.f1_score(average='weighted')`; `average=None` gives per-class F1."
     cm = np.asarray(cm, dtype=np.float64)
     _pred_values(cm)
     n = cm.shape[0]
-    tp = np.diag(cm[:, :n]); fp = cm[:, :n].sum(0) - tp; fn = cm.sum(1) - tp
+    tp = np.diag(cm[:, :n])
+    fp = cm[:, :n].sum(0) - tp
+    fn = cm.sum(1) - tp
     denom = 2 * tp + fp + fn
     f1 = np.divide(2 * tp, denom, out=np.zeros_like(tp), where=denom > 0)
-    if average is None: return f1
+    if average is None:
+        return f1
     support = cm.sum(1)
-    if support.sum() == 0: return float('nan')
+    if support.sum() == 0:
+        return float('nan')
     return float((f1 * support).sum() / support.sum())
 
 # %% ../nbs/40_metrics.ipynb #4ac1b262
 def combine_scores(scores: Mapping[str, float]) -> float:
     "Combined score `(2·SIC + 2·SOD + FLOE) / 5` of already-rounded chart scores, rounded to 3 decimals (as the official code)."
     present = [c for c in CHARTS if c in scores and not math.isnan(scores[c])]
-    if not present: return float('nan')
-    return round(sum(CHART_WEIGHTS[c] * scores[c] for c in present) / sum(CHART_WEIGHTS[c] for c in present), 3)
+    if not present:
+        return float('nan')
+    return round(
+        sum(CHART_WEIGHTS[c] * scores[c] for c in present) / sum(CHART_WEIGHTS[c] for c in present), 3
+    )
+
 
 def scores_from_confusion(cms: Mapping[str, np.ndarray]) -> dict:
     "Official scores (×100, 3 decimals) from per-chart confusion matrices: `{'sic', 'sod', 'floe', 'combined'}`."
     out = {}
     for c in CHARTS:
-        if c not in cms: continue
+        if c not in cms:
+            continue
         v = r2_from_confusion(cms[c]) if c == 'sic' else f1_from_confusion(cms[c])
         out[c] = float('nan') if math.isnan(v) else round(v * 100, 3)
     out['combined'] = combine_scores(out)
@@ -74,68 +96,101 @@ def scores_from_confusion(cms: Mapping[str, np.ndarray]) -> dict:
 
 # %% ../nbs/40_metrics.ipynb #54e15dfc
 def _as_numpy(a) -> np.ndarray:
-    if hasattr(a, 'detach'): a = a.detach().cpu().numpy()
+    if hasattr(a, 'detach'):
+        a = a.detach().cpu().numpy()
     return np.asarray(a)
 
-def confusion_matrix(true, # reference class indices, 255 = ignore (any shape)
-                     pred, # predicted class indices, same shape
-                     n_classes: int, # classes of the chart
-                     chart: str = 'chart', # name used in error messages
-                     masked: bool = False, # accept predicted 255: one extra last column counts it
-                    ) -> np.ndarray:
+
+def confusion_matrix(
+    true,  # reference class indices, 255 = ignore (any shape)
+    pred,  # predicted class indices, same shape
+    n_classes: int,  # classes of the chart
+    chart: str = 'chart',  # name used in error messages
+    masked: bool = False,  # accept predicted 255: one extra last column counts it
+) -> np.ndarray:
     "int64 confusion matrix (rows = reference) of the pixels whose reference is not 255; `masked`: a last column for predicted 255."
     k = n_classes + 1 if masked else n_classes
     if hasattr(true, 'detach') and hasattr(pred, 'detach'):  # stay on the tensor's device: no big host copies
-        if true.shape != pred.shape: raise DataError(f"{chart}: reference shape {tuple(true.shape)} != prediction shape {tuple(pred.shape)}")
-        t = true.reshape(-1).long(); p = pred.reshape(-1).long(); keep = t != IGNORE
+        if true.shape != pred.shape:
+            raise DataError(
+                f"{chart}: reference shape {tuple(true.shape)} != prediction shape {tuple(pred.shape)}"
+            )
+        t = true.reshape(-1).long()
+        p = pred.reshape(-1).long()
+        keep = t != IGNORE
         t, p = t[keep], p[keep]
         _check_range(chart, n_classes, _minmax(t), _minmax(p[p != IGNORE] if masked else p), masked)
-        if masked: p = p.masked_fill(p == IGNORE, n_classes)
-        return (t * k + p).bincount(minlength=n_classes * k).reshape(n_classes, k).cpu().numpy().astype(np.int64)
+        if masked:
+            p = p.masked_fill(p == IGNORE, n_classes)
+        return (
+            (t * k + p).bincount(minlength=n_classes * k).reshape(n_classes, k).cpu().numpy().astype(np.int64)
+        )
     true, pred = _as_numpy(true), _as_numpy(pred)
-    if true.shape != pred.shape: raise DataError(f"{chart}: reference shape {true.shape} != prediction shape {pred.shape}")
-    t = true.reshape(-1).astype(np.int64); p = pred.reshape(-1).astype(np.int64); keep = t != IGNORE
+    if true.shape != pred.shape:
+        raise DataError(f"{chart}: reference shape {true.shape} != prediction shape {pred.shape}")
+    t = true.reshape(-1).astype(np.int64)
+    p = pred.reshape(-1).astype(np.int64)
+    keep = t != IGNORE
     t, p = t[keep], p[keep]
     _check_range(chart, n_classes, _minmax(t), _minmax(p[p != IGNORE] if masked else p), masked)
-    if masked: p = np.where(p == IGNORE, n_classes, p)
+    if masked:
+        p = np.where(p == IGNORE, n_classes, p)
     return np.bincount(t * k + p, minlength=n_classes * k).reshape(n_classes, k)
 
-def _minmax(a) -> tuple[int, int]: return (int(a.min()), int(a.max())) if len(a) else (0, 0)
+
+def _minmax(a) -> tuple[int, int]:
+    return (int(a.min()), int(a.max())) if len(a) else (0, 0)
+
 
 def _check_range(chart, n, t, p, masked):
     (tmin, tmax), (pmin, pmax) = t, p
-    if tmax >= n or tmin < 0: raise DataError(f"{chart}: reference classes must be 0..{n - 1} or 255, got {tmin}..{tmax}")
+    if tmax >= n or tmin < 0:
+        raise DataError(f"{chart}: reference classes must be 0..{n - 1} or 255, got {tmin}..{tmax}")
     if pmax >= n or pmin < 0:
-        raise DataError(f"{chart}: predicted classes must be 0..{n - 1}{' or 255' if masked else ''}, got {pmin}..{pmax}")
+        raise DataError(
+            f"{chart}: predicted classes must be 0..{n - 1}{' or 255' if masked else ''}, got {pmin}..{pmax}"
+        )
 
 # %% ../nbs/40_metrics.ipynb #6497a3e4
 def score_charts(charts: Iterable[str] | None) -> tuple[str, ...]:
     "The charts to score: all three (None, the official score) or the named ones in either spelling."
-    if charts is None: return CHARTS
-    if isinstance(charts, str): charts = (charts,)
+    if charts is None:
+        return CHARTS
+    if isinstance(charts, str):
+        charts = (charts,)
     want = {chart_key(c, 'charts') for c in charts}
-    if not want: raise DataError("charts=(): name at least one chart to score")
+    if not want:
+        raise DataError("charts=(): name at least one chart to score")
     return tuple(c for c in CHARTS if c in want)
 
-def chart_pair(true: Mapping[str, Any], # reference, chart -> anything (either spelling)
-               pred: Mapping[str, Any], # prediction, chart -> anything (either spelling)
-               charts: tuple[str, ...], # the charts to score (project keys)
-               explicit: bool, # the caller named the charts (no hint about the official score in the error)
-              ) -> tuple[dict, dict]:
+
+def chart_pair(
+    true: Mapping[str, Any],  # reference, chart -> anything (either spelling)
+    pred: Mapping[str, Any],  # prediction, chart -> anything (either spelling)
+    charts: tuple[str, ...],  # the charts to score (project keys)
+    explicit: bool,  # the caller named the charts (no hint about the official score in the error)
+) -> tuple[dict, dict]:
     "`true` and `pred` keyed by the project's chart keys; a clear `DataError` when a chart to score is missing."
     true, pred = chart_dict(true, 'reference'), chart_dict(pred, 'prediction')
     for what, d in (('reference', true), ('prediction', pred)):
         missing = [c for c in charts if c not in d]
         if missing:
-            hint = '' if explicit else ("; the official score needs all three charts — pass charts=(...) "
-                                        "to score only some")
-            raise DataError(f"{what} has no {', '.join(missing)} chart (it has {', '.join(d) or 'none'}){hint}")
+            hint = (
+                ''
+                if explicit
+                else ("; the official score needs all three charts — pass charts=(...) to score only some")
+            )
+            raise DataError(
+                f"{what} has no {', '.join(missing)} chart (it has {', '.join(d) or 'none'}){hint}"
+            )
     return true, pred
 
-def official_score(true: Mapping[str, Any], # chart -> reference class indices (one array, or a list of scenes to pool)
-                   pred: Mapping[str, Any], # chart -> predicted class indices, same shapes
-                   charts: Iterable[str] | None = None, # charts to score; None: all three (the official score)
-                  ) -> dict:
+
+def official_score(
+    true: Mapping[str, Any],  # chart -> reference class indices (one array, or a list of scenes to pool)
+    pred: Mapping[str, Any],  # chart -> predicted class indices, same shapes
+    charts: Iterable[str] | None = None,  # charts to score; None: all three (the official score)
+) -> dict:
     "The AI4Arctic score of pooled pixels: SIC R², SOD and FLOE weighted F1 (×100, 3 decimals) and the combined score."
     charts_ = score_charts(charts)
     true, pred = chart_pair(true, pred, charts_, charts is not None)
@@ -147,19 +202,25 @@ def official_score(true: Mapping[str, Any], # chart -> reference class indices (
                 got = len(ps) if isinstance(ps, (list, tuple)) else 'one'
                 raise DataError(f"{c}: {len(ts)} reference scenes but {got} prediction(s)")
             cms[c] = sum(confusion_matrix(t, p, N_CLASSES[c], c) for t, p in zip(ts, ps))
-        else: cms[c] = confusion_matrix(ts, ps, N_CLASSES[c], c)
+        else:
+            cms[c] = confusion_matrix(ts, ps, N_CLASSES[c], c)
     return scores_from_confusion(cms)
 
 # %% ../nbs/40_metrics.ipynb #cd946f38
 class ScoreAccumulator:
     "Per-chart confusion matrices accumulated over batches; `.scores()` gives the official score of everything seen."
-    def __init__(self, charts: Iterable[str] | None = None, # charts to score (either spelling); None: all three
-                 allow_masked: bool = False, # accept predicted 255 (a package) and score it as the official code
-                ):
+
+    def __init__(
+        self,
+        charts: Iterable[str] | None = None,  # charts to score (either spelling); None: all three
+        allow_masked: bool = False,  # accept predicted 255 (a package) and score it as the official code
+    ):
         self.explicit = charts is not None
         self.charts, self.allow_masked = score_charts(charts), allow_masked
         self.cms = {c: np.zeros((N_CLASSES[c], N_CLASSES[c]), np.int64) for c in self.charts}
-        self.masked = {c: np.zeros(N_CLASSES[c], np.int64) for c in self.charts}  # per reference class: predicted 255
+        self.masked = {
+            c: np.zeros(N_CLASSES[c], np.int64) for c in self.charts
+        }  # per reference class: predicted 255
 
     def update(self, true: Mapping[str, Any], pred: Mapping[str, Any]) -> 'ScoreAccumulator':
         "Add a batch: `true[chart]` and `pred[chart]` are class-index arrays or tensors of equal shape (chart: either spelling)."
@@ -168,11 +229,14 @@ class ScoreAccumulator:
             n = N_CLASSES[c]
             cm = confusion_matrix(true[c], pred[c], n, c, masked=self.allow_masked)
             self.cms[c] += cm[:, :n]
-            if self.allow_masked: self.masked[c] += cm[:, n]
+            if self.allow_masked:
+                self.masked[c] += cm[:, n]
         return self
 
     def merge(self, other: 'ScoreAccumulator') -> 'ScoreAccumulator':
-        for c in self.charts: self.cms[c] += other.cms[c]; self.masked[c] += other.masked[c]
+        for c in self.charts:
+            self.cms[c] += other.cms[c]
+            self.masked[c] += other.masked[c]
         return self
 
     def state(self) -> np.ndarray:
@@ -180,69 +244,123 @@ class ScoreAccumulator:
         return np.concatenate([a for c in self.charts for a in (self.cms[c].ravel(), self.masked[c])])
 
     def load_state(self, flat) -> 'ScoreAccumulator':
-        flat = _as_numpy(flat).astype(np.int64); i = 0
+        flat = _as_numpy(flat).astype(np.int64)
+        i = 0
         for c in self.charts:
             n = N_CLASSES[c]
-            self.cms[c] = flat[i:i + n * n].reshape(n, n).copy(); i += n * n
-            self.masked[c] = flat[i:i + n].copy(); i += n
+            self.cms[c] = flat[i : i + n * n].reshape(n, n).copy()
+            i += n * n
+            self.masked[c] = flat[i : i + n].copy()
+            i += n
         return self
 
     def full(self, chart: str) -> np.ndarray:
         "The chart's matrix with the masked-prediction column appended when any pixel was masked."
         c = chart_key(chart)
-        if not self.masked[c].any(): return self.cms[c]
+        if not self.masked[c].any():
+            return self.cms[c]
         return np.concatenate([self.cms[c], self.masked[c][:, None]], 1)
 
     def n_masked(self) -> dict:
         "Per chart: scored pixels (reference has a class) whose prediction is 255."
         return {c: int(self.masked[c].sum()) for c in self.charts}
-    def n_pixels(self) -> dict: return {c: int(self.cms[c].sum() + self.masked[c].sum()) for c in self.charts}
-    def scores(self) -> dict: return scores_from_confusion({c: self.full(c) for c in self.charts})
+
+    def n_pixels(self) -> dict:
+        return {c: int(self.cms[c].sum() + self.masked[c].sum()) for c in self.charts}
+
+    def scores(self) -> dict:
+        return scores_from_confusion({c: self.full(c) for c in self.charts})
 
     def per_class(self) -> list[dict]:
         "One row per chart and class: reference support, predicted count, precision, recall, F1."
         rows = []
         for c in self.charts:
-            full = self.full(c).astype(np.float64); cm = full[:, :N_CLASSES[c]]; tp = np.diag(cm)
+            full = self.full(c).astype(np.float64)
+            cm = full[:, : N_CLASSES[c]]
+            tp = np.diag(cm)
             prec = np.divide(tp, cm.sum(0), out=np.full_like(tp, np.nan), where=cm.sum(0) > 0)
             rec = np.divide(tp, full.sum(1), out=np.full_like(tp, np.nan), where=full.sum(1) > 0)
             f1 = f1_from_confusion(full, average=None)
             for k in range(N_CLASSES[c]):
-                rows.append(dict(chart=c, cls=k, support=int(full[k].sum()), predicted=int(cm[:, k].sum()),
-                                 precision=float(prec[k]), recall=float(rec[k]), f1=float(f1[k])))
+                rows.append(
+                    dict(
+                        chart=c,
+                        cls=k,
+                        support=int(full[k].sum()),
+                        predicted=int(cm[:, k].sum()),
+                        precision=float(prec[k]),
+                        recall=float(rec[k]),
+                        f1=float(f1[k]),
+                    )
+                )
         return rows
 
 # %% ../nbs/40_metrics.ipynb #f6d5612b
-SEASONS = {12: 'DJF', 1: 'DJF', 2: 'DJF', 3: 'MAM', 4: 'MAM', 5: 'MAM', 6: 'JJA', 7: 'JJA', 8: 'JJA', 9: 'SON', 10: 'SON', 11: 'SON'}
-DISTANCE_ZONES = ('land', '0-0.5 km', '0.5-1 km', '1-2 km', '2-4 km', '4-8 km', '8-16 km', '16-32 km', '32-64 km', '64-128 km', '>128 km')
-INCIDENCE_EDGES = (25., 30., 35., 40., 45.)   # degrees; Sentinel-1 EW spans about 19-47
-WIND_EDGES = (3., 6., 9., 12.)                # m/s at 10 m
+SEASONS = {
+    12: 'DJF',
+    1: 'DJF',
+    2: 'DJF',
+    3: 'MAM',
+    4: 'MAM',
+    5: 'MAM',
+    6: 'JJA',
+    7: 'JJA',
+    8: 'JJA',
+    9: 'SON',
+    10: 'SON',
+    11: 'SON',
+}
+DISTANCE_ZONES = (
+    'land',
+    '0-0.5 km',
+    '0.5-1 km',
+    '1-2 km',
+    '2-4 km',
+    '4-8 km',
+    '8-16 km',
+    '16-32 km',
+    '32-64 km',
+    '64-128 km',
+    '>128 km',
+)
+INCIDENCE_EDGES = (25.0, 30.0, 35.0, 40.0, 45.0)  # degrees; Sentinel-1 EW spans about 19-47
+WIND_EDGES = (3.0, 6.0, 9.0, 12.0)  # m/s at 10 m
+
 
 def band_labels(edges: Iterable[float], unit: str = '') -> list[str]:
     "Labels `<e0`, `e0-e1`, ..., `>=eN` of the bins `np.digitize(x, edges)` gives."
     e = [f"{x:g}" for x in edges]
     return [f"<{e[0]}{unit}"] + [f"{a}-{b}{unit}" for a, b in zip(e[:-1], e[1:])] + [f">={e[-1]}{unit}"]
 
+
 def scene_conditions(meta: Mapping[str, Any]) -> dict:
     "Scene-level conditions from a sample's `meta`: month, season, ice service, region, year."
     date = str(meta.get('date', '') or '')
     out = {}
     if len(date) >= 7 and date[4] == '-':
-        m = int(date[5:7]); out.update(month=f"{m:02d}", season=SEASONS[m], year=date[:4])
+        m = int(date[5:7])
+        out.update(month=f"{m:02d}", season=SEASONS[m], year=date[:4])
     for k in ('ice_service', 'region'):
-        if meta.get(k) not in (None, ''): out[k] = str(meta[k])
+        if meta.get(k) not in (None, ''):
+            out[k] = str(meta[k])
     return out
 
-def pixel_conditions(distance_zone=None, # distance-map zone index 0..10 per pixel
-                     incidence_deg=None, # incidence angle in degrees per pixel
-                     wind_speed=None, # 10 m wind speed in m/s per pixel
-                    ) -> dict:
+
+def pixel_conditions(
+    distance_zone=None,  # distance-map zone index 0..10 per pixel
+    incidence_deg=None,  # incidence angle in degrees per pixel
+    wind_speed=None,  # 10 m wind speed in m/s per pixel
+) -> dict:
     "Pixel-level condition labels `{name: (int bin array, labels)}` for `ConditionAccumulator.update`."
     out = {}
     if distance_zone is not None:
-        z = np.clip(np.rint(_as_numpy(distance_zone)), 0, 10).astype(np.int64); out['distance_to_land'] = (z, list(DISTANCE_ZONES))
+        z = np.clip(np.rint(_as_numpy(distance_zone)), 0, 10).astype(np.int64)
+        out['distance_to_land'] = (z, list(DISTANCE_ZONES))
     if incidence_deg is not None:
-        out['incidence_angle'] = (np.digitize(_as_numpy(incidence_deg), INCIDENCE_EDGES), band_labels(INCIDENCE_EDGES, '°'))
+        out['incidence_angle'] = (
+            np.digitize(_as_numpy(incidence_deg), INCIDENCE_EDGES),
+            band_labels(INCIDENCE_EDGES, '°'),
+        )
     if wind_speed is not None:
         out['wind_speed'] = (np.digitize(_as_numpy(wind_speed), WIND_EDGES), band_labels(WIND_EDGES, ' m/s'))
     return out
@@ -250,33 +368,50 @@ def pixel_conditions(distance_zone=None, # distance-map zone index 0..10 per pix
 # %% ../nbs/40_metrics.ipynb #1eb253eb
 class ConditionAccumulator:
     "One `ScoreAccumulator` per (condition, value) plus the pooled total; `.table()` gives the breakdown rows."
+
     def __init__(self, charts: Iterable[str] | None = None):  # charts to score; None: all three
-        self.total = ScoreAccumulator(charts); self.charts = self.total.charts
+        self.total = ScoreAccumulator(charts)
+        self.charts = self.total.charts
         self.groups: dict[tuple[str, str], ScoreAccumulator] = {}
         self._charts = charts
 
     def _get(self, key):
-        if key not in self.groups: self.groups[key] = ScoreAccumulator(self._charts)
+        if key not in self.groups:
+            self.groups[key] = ScoreAccumulator(self._charts)
         return self.groups[key]
 
-    def update(self, true: Mapping[str, Any], pred: Mapping[str, Any], # one scene (or tile): chart -> class map
-               scene: Mapping[str, str] | None = None, # scene conditions, e.g. `scene_conditions(meta)`
-               pixel: Mapping[str, tuple] | None = None, # pixel conditions, e.g. `pixel_conditions(...)`
-              ) -> 'ConditionAccumulator':
+    def update(
+        self,
+        true: Mapping[str, Any],
+        pred: Mapping[str, Any],  # one scene (or tile): chart -> class map
+        scene: Mapping[str, str] | None = None,  # scene conditions, e.g. `scene_conditions(meta)`
+        pixel: Mapping[str, tuple] | None = None,  # pixel conditions, e.g. `pixel_conditions(...)`
+    ) -> 'ConditionAccumulator':
         true, pred = chart_pair(true, pred, self.charts, self.total.explicit)
-        true = {c: _as_numpy(true[c]) for c in self.charts}; pred = {c: _as_numpy(pred[c]) for c in self.charts}
+        true = {c: _as_numpy(true[c]) for c in self.charts}
+        pred = {c: _as_numpy(pred[c]) for c in self.charts}
         self.total.update(true, pred)
-        for name, value in (scene or {}).items(): self._get((name, str(value))).update(true, pred)
+        for name, value in (scene or {}).items():
+            self._get((name, str(value))).update(true, pred)
         for name, (bins, labels) in (pixel or {}).items():
             bins = _as_numpy(bins)
             for b in np.unique(bins):
                 sel = bins == b
-                self._get((name, labels[int(b)])).update({c: t[sel] for c, t in true.items()}, {c: p[sel] for c, p in pred.items()})
+                self._get((name, labels[int(b)])).update(
+                    {c: t[sel] for c, t in true.items()}, {c: p[sel] for c, p in pred.items()}
+                )
         return self
 
     def table(self) -> list[dict]:
         "Rows `condition, value, n_<chart>..., sic, sod, floe, combined` (the pooled total first)."
         rows = []
         for (name, value), acc in [(('all', 'all'), self.total)] + sorted(self.groups.items()):
-            rows.append(dict(condition=name, value=value, **{f"n_{c}": n for c, n in acc.n_pixels().items()}, **acc.scores()))
+            rows.append(
+                dict(
+                    condition=name,
+                    value=value,
+                    **{f"n_{c}": n for c, n in acc.n_pixels().items()},
+                    **acc.scores(),
+                )
+            )
         return rows

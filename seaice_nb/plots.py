@@ -27,49 +27,80 @@ COLUMN_MM = 84.0  # one journal column
 PAGE_MM = 174.0  # a two-column page
 DPI = 300  # raster resolution of saved figures
 FIGURE_STYLE = {
-    'font.size': 7, 'axes.titlesize': 7.5, 'axes.labelsize': 7, 'legend.fontsize': 6, 'xtick.labelsize': 6,
-    'ytick.labelsize': 6, 'figure.titlesize': 8, 'axes.linewidth': 0.6, 'lines.linewidth': 1.0,
-    'xtick.major.width': 0.6, 'ytick.major.width': 0.6, 'xtick.major.size': 2.5, 'ytick.major.size': 2.5,
-    'axes.spines.top': False, 'axes.spines.right': False, 'legend.frameon': False, 'figure.dpi': 150,
-    'savefig.dpi': DPI, 'savefig.bbox': 'tight', 'savefig.pad_inches': 0.02, 'pdf.fonttype': 42, 'ps.fonttype': 42,
-    'font.family': 'DejaVu Sans', 'image.interpolation': 'nearest',
+    'font.size': 7,
+    'axes.titlesize': 7.5,
+    'axes.labelsize': 7,
+    'legend.fontsize': 6,
+    'xtick.labelsize': 6,
+    'ytick.labelsize': 6,
+    'figure.titlesize': 8,
+    'axes.linewidth': 0.6,
+    'lines.linewidth': 1.0,
+    'xtick.major.width': 0.6,
+    'ytick.major.width': 0.6,
+    'xtick.major.size': 2.5,
+    'ytick.major.size': 2.5,
+    'axes.spines.top': False,
+    'axes.spines.right': False,
+    'legend.frameon': False,
+    'figure.dpi': 150,
+    'savefig.dpi': DPI,
+    'savefig.bbox': 'tight',
+    'savefig.pad_inches': 0.02,
+    'pdf.fonttype': 42,
+    'ps.fonttype': 42,
+    'font.family': 'DejaVu Sans',
+    'image.interpolation': 'nearest',
 }
 
-def figure_size(width: str | float = 'page', # 'column', 'page', or a width in mm
-                aspect: float = 0.5, # height / width
-               ) -> tuple[float, float]:
+
+def figure_size(
+    width: str | float = 'page',  # 'column', 'page', or a width in mm
+    aspect: float = 0.5,  # height / width
+) -> tuple[float, float]:
     "(width, height) in inches of a figure printed at a column or page width."
     mm = {'column': COLUMN_MM, 'page': PAGE_MM}.get(width, width) if isinstance(width, str) else float(width)
-    if not isinstance(mm, float): raise DataError(f"figure width {width!r}: use 'column', 'page' or millimetres")
+    if not isinstance(mm, float):
+        raise DataError(f"figure width {width!r}: use 'column', 'page' or millimetres")
     return mm / 25.4, mm / 25.4 * aspect
+
 
 def figure_style():
     "A context in which new figures take `FIGURE_STYLE` (`with figure_style(): fig, ax = plt.subplots(...)`)."
     return plt.rc_context(FIGURE_STYLE)
 
+
 def styled(f):
     "Decorator: the whole of a plotting function runs in `figure_style()` (text, ticks and colourbars drawn late too)."
+
     @functools.wraps(f)
     def g(*args, **kw):
-        with figure_style(): return f(*args, **kw)
+        with figure_style():
+            return f(*args, **kw)
+
     return g
 
-def save_figure(fig, # a matplotlib Figure
-                path: str | Path, # target; its suffix is replaced by each format's
-                formats: Sequence[str] = ('png', 'pdf'), # one file per format
-                dpi: int = DPI, # raster resolution
-                close: bool = True, # close the figure after saving (always, even when saving fails)
-               ) -> list[Path]:
+
+def save_figure(
+    fig,  # a matplotlib Figure
+    path: str | Path,  # target; its suffix is replaced by each format's
+    formats: Sequence[str] = ('png', 'pdf'),  # one file per format
+    dpi: int = DPI,  # raster resolution
+    close: bool = True,  # close the figure after saving (always, even when saving fails)
+) -> list[Path]:
     "Write `fig` as PNG (300 dpi) and PDF beside each other; returns the files."
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     stem = path.with_suffix('') if path.suffix.lstrip('.') in ('png', 'pdf', 'svg', 'jpg') else path
     out = []
     try:
         with plt.rc_context(FIGURE_STYLE):
             for f in formats:
-                out.append(stem.with_name(f"{stem.name}.{f}")); fig.savefig(out[-1], format=f, dpi=dpi)
+                out.append(stem.with_name(f"{stem.name}.{f}"))
+                fig.savefig(out[-1], format=f, dpi=dpi)
     finally:
-        if close: plt.close(fig)
+        if close:
+            plt.close(fig)
     return out
 
 # %% ../nbs/43_plots.ipynb #be619c01
@@ -77,208 +108,324 @@ def _names(chart: str, short: bool = False) -> list[str]:
     names = [c.name for c in CLASS_TABLES[chart.upper()]]
     return [textwrap.fill(n, 13) for n in names] if short else names
 
+
 def _colours(chart: str) -> list[str]:
     return [c.colour for c in CLASS_TABLES[chart.upper()]]
+
 
 def _save(fig, path: str | Path, dpi: int = DPI) -> Path:
     "Save as PNG at `dpi` and close `fig` (always closed, even when saving fails)."
     return save_figure(fig, Path(path), ('png',), dpi)[0]
 
+
 def count_label(n: float) -> str:
     "Compact pixel count: 950, 12k, 3.4M."
     n = float(n)
     for div, suf in ((1e9, 'G'), (1e6, 'M'), (1e3, 'k')):
-        if n >= div: return f"{n / div:.2g}{suf}" if n / div < 10 else f"{n / div:.0f}{suf}"
+        if n >= div:
+            return f"{n / div:.2g}{suf}" if n / div < 10 else f"{n / div:.0f}{suf}"
     return f"{n:.0f}"
 
 # %% ../nbs/43_plots.ipynb #6160ef8e
 SIC_GROUPS = {'0%': (0,), '10–30%': (1, 2, 3), '40–60%': (4, 5, 6), '70–90%': (7, 8, 9), '100%': (10,)}
 
-def group_confusion(cm: np.ndarray, # [K, K] counts
-                    groups: Mapping[str, Sequence[int]] = SIC_GROUPS, # group name -> class indices
-                   ) -> np.ndarray:
+
+def group_confusion(
+    cm: np.ndarray,  # [K, K] counts
+    groups: Mapping[str, Sequence[int]] = SIC_GROUPS,  # group name -> class indices
+) -> np.ndarray:
     "Sum a confusion matrix over groups of classes (rows and columns)."
     cm = np.asarray(cm)
     idx = [list(g) for g in groups.values()]
     if sorted(i for g in idx for i in g) != list(range(len(cm))):
-        raise DataError(f"groups {dict(groups)} do not cover the {len(cm)} classes of the matrix exactly once")
+        raise DataError(
+            f"groups {dict(groups)} do not cover the {len(cm)} classes of the matrix exactly once"
+        )
     return np.array([[cm[np.ix_(a, b)].sum() for b in idx] for a in idx])
 
 # %% ../nbs/43_plots.ipynb #2ca8e657
 @styled
-def plot_confusion(cm: np.ndarray, # [K, K] counts, rows = chart (reference), columns = prediction
-                   chart: str, # 'sic', 'sod' or 'floe' (class names on the axes)
-                   normalise: bool = True, # colour by row share (recall); False: by count
-                   ax=None, # axes to draw on (default: a new column-wide figure)
-                   group: bool = False, # SIC only: group into 0 / 10-30 / 40-60 / 70-90 / 100 %
-                   counts: bool = True, # write pixel counts in the cells where they fit
-                   colorbar: bool = True, # a colourbar as tall as the matrix
-                  ):
+def plot_confusion(
+    cm: np.ndarray,  # [K, K] counts, rows = chart (reference), columns = prediction
+    chart: str,  # 'sic', 'sod' or 'floe' (class names on the axes)
+    normalise: bool = True,  # colour by row share (recall); False: by count
+    ax=None,  # axes to draw on (default: a new column-wide figure)
+    group: bool = False,  # SIC only: group into 0 / 10-30 / 40-60 / 70-90 / 100 %
+    counts: bool = True,  # write pixel counts in the cells where they fit
+    colorbar: bool = True,  # a colourbar as tall as the matrix
+):
     "Draw a confusion matrix with class names, row shares and counts; returns the figure."
     cm = np.asarray(cm, np.float64)
     names = _names(chart, short=True)
     if group:
-        if chart.lower() != 'sic': raise DataError(f"group=True is for the SIC chart, not {chart!r}")
+        if chart.lower() != 'sic':
+            raise DataError(f"group=True is for the SIC chart, not {chart!r}")
         cm, names = group_confusion(cm), list(SIC_GROUPS)
     k = len(cm)
     if ax is None:
-        with figure_style(): _, ax = plt.subplots(figsize=figure_size('column', 0.9), constrained_layout=True)
+        with figure_style():
+            _, ax = plt.subplots(figsize=figure_size('column', 0.9), constrained_layout=True)
     share = cm / np.maximum(cm.sum(1, keepdims=True), 1)
     data = share if normalise else cm
     im = ax.imshow(data, cmap='Blues', vmin=0, vmax=1 if normalise else max(data.max(), 1))
     cell_pt = ax.get_position().width * ax.figure.get_figwidth() * 72 / k  # printed size of one cell
     ax.set_xticks(range(k), names, rotation=90 if k > 5 or cell_pt < 30 else 0)
     ax.set_yticks(range(k), names)
-    ax.set_xlabel('prediction'); ax.set_ylabel('chart')
+    ax.set_xlabel('prediction')
+    ax.set_ylabel('chart')
     ax.tick_params(length=0, labelsize=5 if cell_pt < 24 else None)
-    for s in ax.spines.values(): s.set_visible(False)
-    ax.set_title(f"{chart.upper()}{' grouped' if group else ''}: {'row share (recall)' if normalise else 'pixels'}")
+    for s in ax.spines.values():
+        s.set_visible(False)
+    ax.set_title(
+        f"{chart.upper()}{' grouped' if group else ''}: {'row share (recall)' if normalise else 'pixels'}"
+    )
     fs = min(6.0, cell_pt / 3.2)
     for i in range(k):
         for j in range(k):
-            if cm[i, j] == 0 or fs < 3.5: continue
+            if cm[i, j] == 0 or fs < 3.5:
+                continue
             txt = f"{100 * share[i, j]:.0f}" if normalise else count_label(cm[i, j])
-            if counts and normalise and cell_pt >= 16: txt += f"\n{count_label(cm[i, j])}"
-            ax.text(j, i, txt, ha='center', va='center', fontsize=fs, linespacing=0.9,
-                    color='white' if data[i, j] > 0.55 * (1 if normalise else data.max()) else '#202020')
+            if counts and normalise and cell_pt >= 16:
+                txt += f"\n{count_label(cm[i, j])}"
+            ax.text(
+                j,
+                i,
+                txt,
+                ha='center',
+                va='center',
+                fontsize=fs,
+                linespacing=0.9,
+                color='white' if data[i, j] > 0.55 * (1 if normalise else data.max()) else '#202020',
+            )
     if colorbar:
         cax = ax.inset_axes([1.03, 0, 0.045, 1])  # exactly as tall as the matrix
         cb = ax.figure.colorbar(im, cax=cax)
-        cb.set_label('share of chart pixels' if normalise else 'pixels'); cb.outline.set_linewidth(0.4)
+        cb.set_label('share of chart pixels' if normalise else 'pixels')
+        cb.outline.set_linewidth(0.4)
     return ax.figure
 
-def save_confusion_matrices(cms: Mapping[str, np.ndarray], # chart -> [K, K] counts
-                            out_dir: str | Path, # folder for `confusion_<chart>_{counts,normalised}.png`
-                           ) -> list[Path]:
+
+def save_confusion_matrices(
+    cms: Mapping[str, np.ndarray],  # chart -> [K, K] counts
+    out_dir: str | Path,  # folder for `confusion_<chart>_{counts,normalised}.png`
+) -> list[Path]:
     "Counts and row-normalised confusion matrix figures for every chart (figures closed; SIC also grouped)."
     paths = []
     for c, cm in cms.items():
         for norm in (False, True):
             fig = plot_confusion(cm, c, norm)
-            paths.append(_save(fig, Path(out_dir) / f"confusion_{c}_{'normalised' if norm else 'counts'}.png"))
-        if c == 'sic' and len(cm) == 11: paths.append(_save(plot_confusion(cm, c, group=True), Path(out_dir) / 'confusion_sic_grouped.png'))
+            paths.append(
+                _save(fig, Path(out_dir) / f"confusion_{c}_{'normalised' if norm else 'counts'}.png")
+            )
+        if c == 'sic' and len(cm) == 11:
+            paths.append(
+                _save(plot_confusion(cm, c, group=True), Path(out_dir) / 'confusion_sic_grouped.png')
+            )
     return paths
 
 # %% ../nbs/43_plots.ipynb #5cae7e74
 MONTHS = tuple(dt.date(2000, m, 1).strftime('%b') for m in range(1, 13))
 
+
 def _value_order(condition: str) -> list[str]:
-    known = {'distance_to_land': list(DISTANCE_ZONES), 'incidence_angle': band_labels(INCIDENCE_EDGES, '°'),
-             'wind_speed': band_labels(WIND_EDGES, ' m/s'), 'season': list(dict.fromkeys(SEASONS.values())),
-             'month': [f"{m:02d}" for m in range(1, 13)]}
+    known = {
+        'distance_to_land': list(DISTANCE_ZONES),
+        'incidence_angle': band_labels(INCIDENCE_EDGES, '°'),
+        'wind_speed': band_labels(WIND_EDGES, ' m/s'),
+        'season': list(dict.fromkeys(SEASONS.values())),
+        'month': [f"{m:02d}" for m in range(1, 13)],
+    }
     return known.get(condition, [])
 
-def order_values(condition: str, # condition name, e.g. 'incidence_angle'
-                 values: Sequence[str], # its values as written in per_condition.csv
-                ) -> list[str]:
+
+def order_values(
+    condition: str,  # condition name, e.g. 'incidence_angle'
+    values: Sequence[str],  # its values as written in per_condition.csv
+) -> list[str]:
     "The values of a condition in physical order: known bands first by their edges, then by the first number, then as text."
     known = _value_order(condition)
+
     def key(v):
         v = str(v)
-        if v in known: return (0, known.index(v), v)
+        if v in known:
+            return (0, known.index(v), v)
         m = re.search(r'-?\d+(?:\.\d+)?', v)
-        return (1, float(m.group()) + (0.5 if v.lstrip().startswith(('>', '≥')) else -0.5 if v.lstrip().startswith('<') else 0), v) if m else (2, 0, v)
+        return (
+            (
+                1,
+                float(m.group())
+                + (0.5 if v.lstrip().startswith(('>', '≥')) else -0.5 if v.lstrip().startswith('<') else 0),
+                v,
+            )
+            if m
+            else (2, 0, v)
+        )
+
     return sorted(dict.fromkeys(map(str, values)), key=key)
 
 # %% ../nbs/43_plots.ipynb #596ec1bf
 SCORE_KEYS = {'sic': 'SIC R²', 'sod': 'SOD F1', 'floe': 'FLOE F1', 'combined': 'combined'}
 
+
 def _read_csv(path: str | Path) -> list[dict]:
     path = Path(path)
-    if not path.is_file(): raise MissingFileError(f"{path} does not exist: run the evaluation first")
-    with open(path, newline='') as f: return list(csv.DictReader(f))
+    if not path.is_file():
+        raise MissingFileError(f"{path} does not exist: run the evaluation first")
+    with open(path, newline='') as f:
+        return list(csv.DictReader(f))
+
 
 def _num(v) -> float:
-    try: return float(v)
-    except (TypeError, ValueError): return float('nan')
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return float('nan')
 
-def clipped_bars(ax, # axes
-                 x: np.ndarray, # bar centres
-                 values: Sequence[float], # heights (NaN: no bar)
-                 width: float, # bar width
-                 floor: float = -50.0, # lowest value drawn; lower ones are cut here and their value printed
-                 **kw, # for `ax.bar` (color, label, yerr, ...)
-                ):
+
+def clipped_bars(
+    ax,  # axes
+    x: np.ndarray,  # bar centres
+    values: Sequence[float],  # heights (NaN: no bar)
+    width: float,  # bar width
+    floor: float = -50.0,  # lowest value drawn; lower ones are cut here and their value printed
+    **kw,  # for `ax.bar` (color, label, yerr, ...)
+):
     "Bars whose values below `floor` (an R² of -300 on a few pixels) are cut at it, with the true value written on them."
     v = np.asarray(values, np.float64)
     bars = ax.bar(x, np.maximum(v, floor), width, **kw)
     for b, val in zip(bars, v):
         if np.isfinite(val) and val < floor:
-            b.set_hatch('////'); b.set_edgecolor('white'); b.set_linewidth(0)
-            ax.text(b.get_x() + b.get_width() / 2, floor + 2, f"{val:.0f}", rotation=90, ha='center', va='bottom',
-                    fontsize=5, color='k', bbox=dict(fc='w', ec='none', pad=0.3, alpha=0.85))
+            b.set_hatch('////')
+            b.set_edgecolor('white')
+            b.set_linewidth(0)
+            ax.text(
+                b.get_x() + b.get_width() / 2,
+                floor + 2,
+                f"{val:.0f}",
+                rotation=90,
+                ha='center',
+                va='bottom',
+                fontsize=5,
+                color='k',
+                bbox=dict(fc='w', ec='none', pad=0.3, alpha=0.85),
+            )
     return bars
 
+
 @styled
-def plot_conditions(rows: Sequence[Mapping[str, Any]] | str | Path, # `per_condition.csv` rows or its path
-                    path: str | Path | None = None, # save here (PNG) and close; None: return the figure
-                    conditions: Sequence[str] | None = None, # which conditions (default: all but 'all')
-                    min_pixels: int = 1000, # leave out values with fewer labelled pixels
-                    floor: float = -50.0, # lowest score drawn (lower R² values are printed on the bar)
-                    width: str | float = 'page', # printed width: 'column', 'page' or mm
-                   ):
+def plot_conditions(
+    rows: Sequence[Mapping[str, Any]] | str | Path,  # `per_condition.csv` rows or its path
+    path: str | Path | None = None,  # save here (PNG) and close; None: return the figure
+    conditions: Sequence[str] | None = None,  # which conditions (default: all but 'all')
+    min_pixels: int = 1000,  # leave out values with fewer labelled pixels
+    floor: float = -50.0,  # lowest score drawn (lower R² values are printed on the bar)
+    width: str | float = 'page',  # printed width: 'column', 'page' or mm
+):
     "Bars of SIC R², SOD F1, FLOE F1 and combined score per value of every condition, with pixel counts."
     rows = _read_csv(rows) if isinstance(rows, (str, Path)) else list(rows)
     conds = list(conditions or dict.fromkeys(r['condition'] for r in rows if r['condition'] != 'all'))
-    if not conds: raise DataError("no condition rows to plot")
+    if not conds:
+        raise DataError("no condition rows to plot")
     npx = lambda r: max(_num(r.get(f"n_{c}")) if np.isfinite(_num(r.get(f"n_{c}"))) else 0 for c in CHARTS)
     panels = []
     for cond in conds:
         sub = {str(r['value']): r for r in rows if r['condition'] == cond and npx(r) >= min_pixels}
-        if len(sub) > 1: panels.append((cond, [sub[v] for v in order_values(cond, list(sub))]))
-    if not panels: raise DataError(f"no condition has two values with at least {min_pixels} pixels: lower min_pixels")
+        if len(sub) > 1:
+            panels.append((cond, [sub[v] for v in order_values(cond, list(sub))]))
+    if not panels:
+        raise DataError(f"no condition has two values with at least {min_pixels} pixels: lower min_pixels")
     ncol = 2 if len(panels) > 1 else 1
     nrow = -(-len(panels) // ncol)
     with figure_style():
-        fig, axes = plt.subplots(nrow, ncol, figsize=figure_size(width, 0.26 * nrow * (2 / ncol) ** 0.5 + 0.05),
-                                 constrained_layout=True, squeeze=False)
+        fig, axes = plt.subplots(
+            nrow,
+            ncol,
+            figsize=figure_size(width, 0.26 * nrow * (2 / ncol) ** 0.5 + 0.05),
+            constrained_layout=True,
+            squeeze=False,
+        )
     w = 0.2
     for ax, (cond, sub) in zip(axes.flat, panels):
         x = np.arange(len(sub))
         for k, key in enumerate(SCORE_KEYS):
-            clipped_bars(ax, x + (k - 1.5) * w, [_num(r[key]) for r in sub], w, floor, label=SCORE_KEYS[key], color=f'C{k}')
+            clipped_bars(
+                ax,
+                x + (k - 1.5) * w,
+                [_num(r[key]) for r in sub],
+                w,
+                floor,
+                label=SCORE_KEYS[key],
+                color=f'C{k}',
+            )
         lo = max(floor, min(0, np.nanmin([_num(r[key]) for r in sub for key in SCORE_KEYS] + [0])))
         ax.set_ylim(lo - 5 if lo < 0 else 0, 100)
         many = len(sub) > 6  # long axes: one rotated line per value, else value over its count
-        ax.set_xticks(x, [f"{r['value']} ({count_label(npx(r))} px)" if many else f"{r['value']}\n{count_label(npx(r))} px" for r in sub],
-                      rotation=90 if many else 0)
-        ax.set_ylabel('score (×100)'); ax.set_title(cond.replace('_', ' '))
+        ax.set_xticks(
+            x,
+            [
+                f"{r['value']} ({count_label(npx(r))} px)"
+                if many
+                else f"{r['value']}\n{count_label(npx(r))} px"
+                for r in sub
+            ],
+            rotation=90 if many else 0,
+        )
+        ax.set_ylabel('score (×100)')
+        ax.set_title(cond.replace('_', ' '))
         ax.axhline(0, color='k', lw=0.5)
-    for ax in axes.flat[len(panels):]: ax.set_visible(False)
+    for ax in axes.flat[len(panels) :]:
+        ax.set_visible(False)
     fig.legend(*axes.flat[0].get_legend_handles_labels(), loc='outside lower center', ncol=4)
     return _save(fig, path) if path is not None else fig
 
+
 @styled
-def plot_per_class(rows: Sequence[Mapping[str, Any]] | str | Path, # `per_class.csv` rows or its path
-                   path: str | Path | None = None, # save here (PNG) and close; None: return the figure
-                  ):
+def plot_per_class(
+    rows: Sequence[Mapping[str, Any]] | str | Path,  # `per_class.csv` rows or its path
+    path: str | Path | None = None,  # save here (PNG) and close; None: return the figure
+):
     "Precision, recall and F1 per class of each chart, with the class support."
     rows = _read_csv(rows) if isinstance(rows, (str, Path)) else list(rows)
-    with figure_style(): fig, axes = plt.subplots(1, 3, figsize=figure_size('page', 0.36), constrained_layout=True)
+    with figure_style():
+        fig, axes = plt.subplots(1, 3, figsize=figure_size('page', 0.36), constrained_layout=True)
     for ax, c in zip(axes, CHARTS):
-        sub = [r for r in rows if r['chart'] == c]; x = np.arange(len(sub))
-        for k, key in enumerate(('precision', 'recall', 'f1')): ax.bar(x + (k - 1) * 0.27, [_num(r[key]) for r in sub], 0.27, label=key)
+        sub = [r for r in rows if r['chart'] == c]
+        x = np.arange(len(sub))
+        for k, key in enumerate(('precision', 'recall', 'f1')):
+            ax.bar(x + (k - 1) * 0.27, [_num(r[key]) for r in sub], 0.27, label=key)
         names = _names(c, short=True)
-        ax.set_xticks(x, [f"{names[int(r['cls'])]}\n({count_label(_num(r['support']))})" for r in sub], rotation=90, fontsize=5)
-        ax.set_ylim(0, 1); ax.set_title(c.upper())
+        ax.set_xticks(
+            x,
+            [f"{names[int(r['cls'])]}\n({count_label(_num(r['support']))})" for r in sub],
+            rotation=90,
+            fontsize=5,
+        )
+        ax.set_ylim(0, 1)
+        ax.set_title(c.upper())
     axes[0].legend()
     return _save(fig, path) if path is not None else fig
 
 # %% ../nbs/43_plots.ipynb #771b53f7
 @styled
-def plot_comparison(rows: Sequence[Mapping[str, Any]], # one per run: `group` (preset), score keys (x100)
-                    keys: Mapping[str, str] = SCORE_KEYS, # score key -> axis label
-                    group: str = 'preset', # runs with the same value are seeds of one configuration
-                    floor: float = -50.0, # lowest value drawn; lower ones are cut and printed
-                    width: str | float = 'column', # printed width: 'column', 'page' or mm
-                    title: str = '', # e.g. the subset and grid the scores were computed on
-                   ):
+def plot_comparison(
+    rows: Sequence[Mapping[str, Any]],  # one per run: `group` (preset), score keys (x100)
+    keys: Mapping[str, str] = SCORE_KEYS,  # score key -> axis label
+    group: str = 'preset',  # runs with the same value are seeds of one configuration
+    floor: float = -50.0,  # lowest value drawn; lower ones are cut and printed
+    width: str | float = 'column',  # printed width: 'column', 'page' or mm
+    title: str = '',  # e.g. the subset and grid the scores were computed on
+):
     "Grouped bars of the scores of several runs: mean over seeds, their range and the single runs; returns the figure."
-    if not rows: raise DataError("no runs to compare")
+    if not rows:
+        raise DataError("no runs to compare")
     groups: dict[str, list] = {}
-    for r in rows: groups.setdefault(str(r.get(group) or r.get('run')), []).append(r)
-    with figure_style(): fig, ax = plt.subplots(figsize=figure_size(width, 0.62), constrained_layout=True)
-    x = np.arange(len(keys)); w = 0.8 / len(groups); handles = []
+    for r in rows:
+        groups.setdefault(str(r.get(group) or r.get('run')), []).append(r)
+    with figure_style():
+        fig, ax = plt.subplots(figsize=figure_size(width, 0.62), constrained_layout=True)
+    x = np.arange(len(keys))
+    w = 0.8 / len(groups)
+    handles = []
     for i, (g, rs) in enumerate(groups.items()):
         vals = np.array([[_num(r.get(k)) for k in keys] for r in rs])
         mean = np.nanmean(vals, 0) if np.isfinite(vals).any() else np.full(len(keys), np.nan)
@@ -290,17 +437,36 @@ def plot_comparison(rows: Sequence[Mapping[str, Any]], # one per run: `group` (p
             err = np.vstack([m - lo, hi - m])
         label = f"{g} ({len(rs)} seeds)" if len(rs) > 1 else g
         handles.append(Patch(facecolor=f'C{i}', label=label))
-        bars = clipped_bars(ax, xs, mean, w * 0.92, floor, color=f'C{i}', yerr=err,
-                            error_kw={'lw': 0.6, 'capsize': 1.5, 'capthick': 0.6})
+        bars = clipped_bars(
+            ax,
+            xs,
+            mean,
+            w * 0.92,
+            floor,
+            color=f'C{i}',
+            yerr=err,
+            error_kw={'lw': 0.6, 'capsize': 1.5, 'capthick': 0.6},
+        )
         if len(rs) > 1:
-            for v in vals: ax.plot(xs, np.maximum(v, floor), 'o', ms=1.6, mfc='k', mec='none', ls='none')
+            for v in vals:
+                ax.plot(xs, np.maximum(v, floor), 'o', ms=1.6, mfc='k', mec='none', ls='none')
         for b, m in zip(bars, mean):
             if np.isfinite(m) and m >= floor:
-                ax.text(b.get_x() + b.get_width() / 2, max(m, 0) + 1.5, f"{m:.1f}", ha='center', va='bottom', fontsize=4.5)
-    ax.set_xticks(x, list(keys.values())); ax.set_ylabel('score (×100)'); ax.axhline(0, color='k', lw=0.5)
+                ax.text(
+                    b.get_x() + b.get_width() / 2,
+                    max(m, 0) + 1.5,
+                    f"{m:.1f}",
+                    ha='center',
+                    va='bottom',
+                    fontsize=4.5,
+                )
+    ax.set_xticks(x, list(keys.values()))
+    ax.set_ylabel('score (×100)')
+    ax.axhline(0, color='k', lw=0.5)
     vals = [_num(r.get(k)) for r in rows for k in keys]
     ax.set_ylim(max(floor, min([0] + [v for v in vals if np.isfinite(v)])) - 4, 108)
-    if title: ax.set_title(title)
+    if title:
+        ax.set_title(title)
     ax.legend(handles=handles, loc='upper center', bbox_to_anchor=(0.5, -0.12), ncol=min(len(groups), 3))
     return fig
 
@@ -309,11 +475,13 @@ def _scale_factor(lat: float) -> float:
     "EPSG:3413 map metres per ground metre at latitude `lat` (true scale at 70°N, spherical approximation)."
     return (1 + np.sin(np.radians(70.0))) / (1 + np.sin(np.radians(lat)))
 
-def add_scale_bar(ax, # a cartopy GeoAxes in EPSG:3413
-                  lat: float, # latitude where the bar is true (the map centre)
-                  fraction: float = 0.25, # about this share of the map width
-                  loc: tuple[float, float] = (0.05, 0.06), # lower-left corner in axes fraction
-                 ) -> float:
+
+def add_scale_bar(
+    ax,  # a cartopy GeoAxes in EPSG:3413
+    lat: float,  # latitude where the bar is true (the map centre)
+    fraction: float = 0.25,  # about this share of the map width
+    loc: tuple[float, float] = (0.05, 0.06),  # lower-left corner in axes fraction
+) -> float:
     "Draw a ground-true scale bar of a round length in km; returns that length."
     x0, x1, y0, y1 = ax.get_extent(crs=ax.projection)
     k = _scale_factor(lat)
@@ -324,9 +492,19 @@ def add_scale_bar(ax, # a cartopy GeoAxes in EPSG:3413
     kw = dict(transform=ax.projection, zorder=6, solid_capstyle='butt')
     ax.plot([bx, bx + length], [by, by], color='k', lw=3, **kw)
     ax.plot([bx + length / 2, bx + length], [by, by], color='w', lw=2, **kw)
-    ax.text(bx + length / 2, by + 0.025 * (y1 - y0), f"{km:g} km", ha='center', va='bottom', fontsize=6, zorder=6,
-            transform=ax.projection, bbox=dict(fc='w', ec='none', alpha=0.7, pad=0.5))
+    ax.text(
+        bx + length / 2,
+        by + 0.025 * (y1 - y0),
+        f"{km:g} km",
+        ha='center',
+        va='bottom',
+        fontsize=6,
+        zorder=6,
+        transform=ax.projection,
+        bbox=dict(fc='w', ec='none', alpha=0.7, pad=0.5),
+    )
     return km
+
 
 def _scene_date(name: str) -> str:
     m = re.search(r'(\d{8}T\d{6})', name or '')
@@ -334,118 +512,206 @@ def _scene_date(name: str) -> str:
 
 # %% ../nbs/43_plots.ipynb #06d877d2
 @styled
-def plot_scene_map(pred: np.ndarray, # [H, W] predicted class map (255 = none)
-                   chart: np.ndarray, # [H, W] reference chart (255 = none)
-                   sar: np.ndarray, # [H, W] HH backscatter in dB (NaN or 0 = no data)
-                   lat: np.ndarray, lon: np.ndarray, # [H, W] pixel centres (degrees)
-                   chart_name: str = 'sod', # which chart: 'sic', 'sod' or 'floe'
-                   path: str | Path | None = None, # save here (PNG and PDF, 300 dpi) and close; None: return the figure
-                   land: np.ndarray | None = None, # [H, W] bool land (distance-map zone 0)
-                   title: str = '', # the scene id (its date is read from it)
-                   width: str | float = 'page', # printed width: 'column', 'page' or mm
-                   formats: Sequence[str] = ('png', 'pdf'), # files written when `path` is given
-                  ):
+def plot_scene_map(
+    pred: np.ndarray,  # [H, W] predicted class map (255 = none)
+    chart: np.ndarray,  # [H, W] reference chart (255 = none)
+    sar: np.ndarray,  # [H, W] HH backscatter in dB (NaN or 0 = no data)
+    lat: np.ndarray,
+    lon: np.ndarray,  # [H, W] pixel centres (degrees)
+    chart_name: str = 'sod',  # which chart: 'sic', 'sod' or 'floe'
+    path: str | Path | None = None,  # save here (PNG and PDF, 300 dpi) and close; None: return the figure
+    land: np.ndarray | None = None,  # [H, W] bool land (distance-map zone 0)
+    title: str = '',  # the scene id (its date is read from it)
+    width: str | float = 'page',  # printed width: 'column', 'page' or mm
+    formats: Sequence[str] = ('png', 'pdf'),  # files written when `path` is given
+):
     "SAR (dB), chart and prediction side by side on a polar stereographic map; returns the figure (or the first file saved)."
     from seaice_nb.charts import chart_cmap
     from seaice_nb.scenes import add_land, polar_stereo_crs, to_polar_stereo  # cartopy: loaded only for maps
+
     if not (np.shape(pred) == np.shape(chart) == np.shape(sar) == np.shape(lat) == np.shape(lon)):
-        raise DataError(f"map arrays differ in shape: pred {np.shape(pred)}, chart {np.shape(chart)}, sar {np.shape(sar)}, "
-                        f"lat {np.shape(lat)}, lon {np.shape(lon)}: pass maps of one grid")
+        raise DataError(
+            f"map arrays differ in shape: pred {np.shape(pred)}, chart {np.shape(chart)}, sar {np.shape(sar)}, "
+            f"lat {np.shape(lat)}, lon {np.shape(lon)}: pass maps of one grid"
+        )
     c = chart_name.lower()
     crs = polar_stereo_crs()
     x, y = to_polar_stereo(lat, lon)
     cmap, norm = chart_cmap(c.upper())
-    s = np.asarray(sar, np.float64); s = np.where((s == 0) | ~np.isfinite(s), np.nan, s)
+    s = np.asarray(sar, np.float64)
+    s = np.where((s == 0) | ~np.isfinite(s), np.nan, s)
     lo, hi = (np.nanpercentile(s, 2), np.nanpercentile(s, 98)) if np.isfinite(s).any() else (-30, 0)
     with figure_style():
-        fig, axes = plt.subplots(1, 3, figsize=figure_size(width, 0.46), subplot_kw={'projection': crs}, layout='constrained')
+        fig, axes = plt.subplots(
+            1, 3, figsize=figure_size(width, 0.46), subplot_kw={'projection': crs}, layout='constrained'
+        )
     pad = 0.08 * max(np.ptp(x), np.ptp(y), 1.0)
     extent = (x.min() - pad, x.max() + pad, y.min() - pad, y.max() + pad)
-    grids = [('SAR HH', s, dict(cmap='gray', vmin=lo, vmax=hi)),
-             (f"chart {c.upper()}", np.ma.masked_equal(np.asarray(chart, np.float64), 255), dict(cmap=cmap, norm=norm)),
-             (f"prediction {c.upper()}", np.ma.masked_equal(np.asarray(pred, np.float64), 255), dict(cmap=cmap, norm=norm))]
+    grids = [
+        ('SAR HH', s, dict(cmap='gray', vmin=lo, vmax=hi)),
+        (
+            f"chart {c.upper()}",
+            np.ma.masked_equal(np.asarray(chart, np.float64), 255),
+            dict(cmap=cmap, norm=norm),
+        ),
+        (
+            f"prediction {c.upper()}",
+            np.ma.masked_equal(np.asarray(pred, np.float64), 255),
+            dict(cmap=cmap, norm=norm),
+        ),
+    ]
     land = np.zeros(np.shape(pred), bool) if land is None else np.asarray(land, bool)
     for i, (ax, (name, data, kw)) in enumerate(zip(axes, grids)):
         ax.set_extent(extent, crs=crs)
         add_land(ax, zorder=0, facecolor='#e8e4da', edgecolor='none')  # Natural Earth land under the scene
         mesh = ax.pcolormesh(x, y, data, transform=crs, shading='auto', rasterized=True, zorder=1, **kw)
         if land.any():  # the scene's own land pixels (distance-map zone 0), finer than Natural Earth's coast
-            ax.pcolormesh(x, y, np.ma.masked_where(~land, land.astype(float)), transform=crs, shading='auto',
-                          cmap=plt.matplotlib.colors.ListedColormap(['#cfc8b6']), rasterized=True, zorder=2)
+            ax.pcolormesh(
+                x,
+                y,
+                np.ma.masked_where(~land, land.astype(float)),
+                transform=crs,
+                shading='auto',
+                cmap=plt.matplotlib.colors.ListedColormap(['#cfc8b6']),
+                rasterized=True,
+                zorder=2,
+            )
         add_land(ax, zorder=3, facecolor='none', edgecolor='k', linewidth=0.5)  # coastline outline on top
-        gl = ax.gridlines(draw_labels=True, linewidth=0.3, color='0.5', alpha=0.7, x_inline=False, y_inline=False,
-                          rotate_labels=False)
+        gl = ax.gridlines(
+            draw_labels=True,
+            linewidth=0.3,
+            color='0.5',
+            alpha=0.7,
+            x_inline=False,
+            y_inline=False,
+            rotate_labels=False,
+        )
         gl.top_labels = gl.right_labels = False
-        if i: gl.left_labels = False
+        if i:
+            gl.left_labels = False
         gl.xlabel_style = gl.ylabel_style = {'size': 5}
         ax.set_title(name)
         if i == 0:
             cb = fig.colorbar(mesh, ax=ax, orientation='horizontal', shrink=0.8, pad=0.02, aspect=25)
-            cb.set_label('HH backscatter (dB)'); cb.outline.set_linewidth(0.4)
+            cb.set_label('HH backscatter (dB)')
+            cb.outline.set_linewidth(0.4)
             add_scale_bar(ax, float(np.nanmean(lat)))
-    present = sorted({int(v) for v in np.unique(np.concatenate([np.ravel(chart), np.ravel(pred)])) if v != 255})
+    present = sorted(
+        {int(v) for v in np.unique(np.concatenate([np.ravel(chart), np.ravel(pred)])) if v != 255}
+    )
     names, colours = _names(c), _colours(c)
     handles = [Patch(facecolor=colours[k], edgecolor='0.3', linewidth=0.3, label=names[k]) for k in present]
-    if land.any(): handles.append(Patch(facecolor='#cfc8b6', edgecolor='k', linewidth=0.3, label='land'))
-    fig.legend(handles=handles, loc='outside lower right', ncol=min(len(handles), 4), title=f"{c.upper()} classes (WMO colours)")
+    if land.any():
+        handles.append(Patch(facecolor='#cfc8b6', edgecolor='k', linewidth=0.3, label='land'))
+    fig.legend(
+        handles=handles,
+        loc='outside lower right',
+        ncol=min(len(handles), 4),
+        title=f"{c.upper()} classes (WMO colours)",
+    )
     date = _scene_date(title)
     fig.suptitle(' — '.join(t for t in (title, date) if t))
     return save_figure(fig, path, formats)[0] if path is not None else fig
 
-def scene_map(store, # `seaice_nb.data.SceneStore`
-              name: str, # scene
-              pred: Mapping[str, np.ndarray], # class maps on the store grid (`evaluate.predict_scene`)
-              path: str | Path | None, # output (PNG and PDF); None: return the figure
-              chart: str = 'sod', # which chart
-              formats: Sequence[str] = ('png', 'pdf'), # files written when `path` is given
-             ):
+
+def scene_map(
+    store,  # `seaice_nb.data.SceneStore`
+    name: str,  # scene
+    pred: Mapping[str, np.ndarray],  # class maps on the store grid (`evaluate.predict_scene`)
+    path: str | Path | None,  # output (PNG and PDF); None: return the figure
+    chart: str = 'sod',  # which chart
+    formats: Sequence[str] = ('png', 'pdf'),  # files written when `path` is given
+):
     "The map of one stored scene: its HH in dB, chart and prediction, land from its distance map, lat/lon from the store."
     import zarr  # only the store-backed map needs it
     from seaice_nb.scenes import destandardise
+
     g = zarr.open_group(store.root / name, mode='r')
-    a = store.arrays(name); ch = list(store.channels)
+    a = store.arrays(name)
+    ch = list(store.channels)
     img = a['image']
-    if 'hh' in ch: hh = destandardise(np.asarray(img[-1, ch.index('hh'), :, :], np.float64), 'nersc_sar_primary')
-    else: hh = np.full(np.shape(pred[chart]), np.nan)
+    if 'hh' in ch:
+        hh = destandardise(np.asarray(img[-1, ch.index('hh'), :, :], np.float64), 'nersc_sar_primary')
+    else:
+        hh = np.full(np.shape(pred[chart]), np.nan)
     land = None
-    if 'distance_map' in ch: land = np.rint(destandardise(np.asarray(img[-1, ch.index('distance_map'), :, :], np.float64), 'distance_map')) <= 0
-    return plot_scene_map(pred[chart], np.asarray(a[chart][...]), hh, np.asarray(g['lat'][...]), np.asarray(g['lon'][...]),
-                          chart, path, land, title=name, formats=formats)
+    if 'distance_map' in ch:
+        land = (
+            np.rint(
+                destandardise(np.asarray(img[-1, ch.index('distance_map'), :, :], np.float64), 'distance_map')
+            )
+            <= 0
+        )
+    return plot_scene_map(
+        pred[chart],
+        np.asarray(a[chart][...]),
+        hh,
+        np.asarray(g['lat'][...]),
+        np.asarray(g['lon'][...]),
+        chart,
+        path,
+        land,
+        title=name,
+        formats=formats,
+    )
 
 # %% ../nbs/43_plots.ipynb #ca66a411
 @styled
-def plot_training_curves(run_dir: str | Path, # run directory with metrics.csv
-                         path: str | Path | None = None, # output (default: run_dir/training_curves.png)
-                        ) -> Path:
+def plot_training_curves(
+    run_dir: str | Path,  # run directory with metrics.csv
+    path: str | Path | None = None,  # output (default: run_dir/training_curves.png)
+) -> Path:
     "Training/validation loss and validation scores against steps (figure closed)."
     from seaice_nb.runs import read_metrics  # runs brings torch: only the curves need it
+
     run_dir = Path(run_dir)
-    if not (run_dir / 'metrics.csv').exists(): raise MissingFileError(f"{run_dir / 'metrics.csv'} does not exist: is this a run directory?")
+    if not (run_dir / 'metrics.csv').exists():
+        raise MissingFileError(f"{run_dir / 'metrics.csv'} does not exist: is this a run directory?")
     rows = read_metrics(run_dir)
     series: dict[tuple, list] = {}
-    for r in rows: series.setdefault((r['split'], r['name']), []).append((r['step'], r['value']))
-    with figure_style(): fig, (a1, a2) = plt.subplots(1, 2, figsize=figure_size('page', 0.32), constrained_layout=True)
+    for r in rows:
+        series.setdefault((r['split'], r['name']), []).append((r['step'], r['value']))
+    with figure_style():
+        fig, (a1, a2) = plt.subplots(1, 2, figsize=figure_size('page', 0.32), constrained_layout=True)
     for (split, name), pts in sorted(series.items()):
         s, v = zip(*sorted(pts))
-        if name == 'loss': a1.plot(s, v, 'o-', ms=2, label=f"{split} loss")
-        elif split == 'val' and name in SCORE_KEYS: a2.plot(s, v, 'o-', ms=2, label=SCORE_KEYS[name])
-    a1.set_xlabel('optimiser step'); a1.set_ylabel('loss'); a1.set_yscale('log'); a1.legend()
-    a2.set_xlabel('optimiser step'); a2.set_ylabel('score (×100)'); a2.set_title('validation')
-    if a2.get_legend_handles_labels()[0]: a2.legend()
-    else: a2.text(0.5, 0.5, 'no validation data', ha='center', va='center', transform=a2.transAxes)
+        if name == 'loss':
+            a1.plot(s, v, 'o-', ms=2, label=f"{split} loss")
+        elif split == 'val' and name in SCORE_KEYS:
+            a2.plot(s, v, 'o-', ms=2, label=SCORE_KEYS[name])
+    a1.set_xlabel('optimiser step')
+    a1.set_ylabel('loss')
+    a1.set_yscale('log')
+    a1.legend()
+    a2.set_xlabel('optimiser step')
+    a2.set_ylabel('score (×100)')
+    a2.set_title('validation')
+    if a2.get_legend_handles_labels()[0]:
+        a2.legend()
+    else:
+        a2.text(0.5, 0.5, 'no validation data', ha='center', va='center', transform=a2.transAxes)
     return _save(fig, path or run_dir / 'training_curves.png')
 
 # %% ../nbs/43_plots.ipynb #3deaa699
-def evaluation_figures(eval_dir: str | Path, # folder written by `evaluate`
-                       min_pixels: int = 100, # per-condition values with fewer labelled pixels are left out (a run's quick look)
-                      ) -> list[Path]:
+def evaluation_figures(
+    eval_dir: str | Path,  # folder written by `evaluate`
+    min_pixels: int = 100,  # per-condition values with fewer labelled pixels are left out (a run's quick look)
+) -> list[Path]:
     "Draw every figure of an evaluation folder into `eval_dir/figures/` (all figures closed)."
-    d = Path(eval_dir); out = d / 'figures'
-    cms = {c: np.loadtxt(d / f'confusion_{c}.csv', delimiter=',', dtype=np.int64, ndmin=2) for c in CHARTS if (d / f'confusion_{c}.csv').exists()}
+    d = Path(eval_dir)
+    out = d / 'figures'
+    cms = {
+        c: np.loadtxt(d / f'confusion_{c}.csv', delimiter=',', dtype=np.int64, ndmin=2)
+        for c in CHARTS
+        if (d / f'confusion_{c}.csv').exists()
+    }
     paths = save_confusion_matrices(cms, out)
     if (d / 'per_condition.csv').exists():
         rows = _read_csv(d / 'per_condition.csv')
-        try: paths.append(plot_conditions(rows, out / 'per_condition.png', min_pixels=min_pixels))
-        except DataError as e: print(f"no per-condition figure: {e}")  # e.g. one scene: every condition has one value
-    if (d / 'per_class.csv').exists(): paths.append(plot_per_class(d / 'per_class.csv', out / 'per_class.png'))
+        try:
+            paths.append(plot_conditions(rows, out / 'per_condition.png', min_pixels=min_pixels))
+        except DataError as e:
+            print(f"no per-condition figure: {e}")  # e.g. one scene: every condition has one value
+    if (d / 'per_class.csv').exists():
+        paths.append(plot_per_class(d / 'per_class.csv', out / 'per_class.png'))
     return paths

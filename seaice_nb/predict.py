@@ -13,8 +13,17 @@ import numpy as np
 import torch
 from torch import nn
 
-from .core import (CheckpointError, ConfigError, DataError, MissingFileError, SeaIceError, code_version, file_digest,
-                            from_dict, get_logger)
+from seaice_nb.core import (
+    CheckpointError,
+    ConfigError,
+    DataError,
+    MissingFileError,
+    SeaIceError,
+    code_version,
+    file_digest,
+    from_dict,
+    get_logger,
+)
 from .evaluate import predict_scene, upsample_nearest
 from .metrics import CHARTS, N_CLASSES
 from .preprocess import AMSR2_CHANNELS, ERA5_CHANNELS, PreprocessConfig, scene_frame
@@ -29,24 +38,37 @@ __all__ = ['RunSettings', 'run_settings', 'fixed_tile', 'load_run', 'read_frame'
 @dataclass
 class RunSettings:
     "What inference needs to know about a trained run: its model, inputs and preprocessing."
+
     checkpoint: Path  # the checkpoint file
     model: str  # preset name (or 'package.module:callable')
     model_kwargs: dict  # keyword overrides of the preset
-    preprocess: PreprocessConfig  # the training preprocessing; `channels` are the model's input channels, in order
+    preprocess: (
+        PreprocessConfig  # the training preprocessing; `channels` are the model's input channels, in order
+    )
     n_frames: int  # frames the model was trained on (1 = target scene only)
     input_keys: tuple  # sample keys the model reads
     tile: Optional[int] = None  # the run's inference tile (`DataConfig.inference_tile`)
     overlap: Optional[int] = None  # the run's inference overlap
 
-def run_settings(meta: Mapping[str, Any], # checkpoint metadata (`runs.load_checkpoint(...)[1]`)
-                 checkpoint: str | Path = '', # where it came from (for messages)
-                ) -> RunSettings:
+
+def run_settings(
+    meta: Mapping[str, Any],  # checkpoint metadata (`runs.load_checkpoint(...)[1]`)
+    checkpoint: str | Path = '',  # where it came from (for messages)
+) -> RunSettings:
     "Typed inference settings from a checkpoint's metadata (the one function that reads that layout)."
     pre = meta.get('preprocess')
-    if not pre: raise CheckpointError(f"checkpoint {checkpoint} records no preprocessing parameters (meta['preprocess']): "
-                                      f"it was not trained on a store written by `seaice preprocess`, so a raw scene cannot be prepared for it")
+    if not pre:
+        raise CheckpointError(
+            f"checkpoint {checkpoint} records no preprocessing parameters (meta['preprocess']): "
+            f"it was not trained on a store written by `seaice preprocess`, so a raw scene cannot be prepared for it"
+        )
     known = {f.name for f in dataclasses.fields(PreprocessConfig)}
-    cfg = from_dict(PreprocessConfig, {k: v for k, v in pre.items() if k in known}, where='preprocess', source=str(checkpoint))
+    cfg = from_dict(
+        PreprocessConfig,
+        {k: v for k, v in pre.items() if k in known},
+        where='preprocess',
+        source=str(checkpoint),
+    )
     keys = tuple(meta.get('input_keys') or ('image',))
     amsr2 = list(meta.get('amsr2_channels') or cfg.amsr2) if 'amsr2' in keys else []  # not read: not computed
     era5 = list(meta.get('era5_channels') or cfg.era5) if 'era5' in keys else []
@@ -54,58 +76,88 @@ def run_settings(meta: Mapping[str, Any], # checkpoint metadata (`runs.load_chec
     cfg = dataclasses.replace(cfg, channels=list(chans), amsr2=amsr2, era5=era5)
     conf = checkpoint_config(meta, str(checkpoint))
     data = conf.data
-    return RunSettings(Path(checkpoint), conf.model, dict(conf.model_kwargs), cfg, int(data.n_frames), keys,
-                       data.inference_tile, data.inference_overlap)
+    return RunSettings(
+        Path(checkpoint),
+        conf.model,
+        dict(conf.model_kwargs),
+        cfg,
+        int(data.n_frames),
+        keys,
+        data.inference_tile,
+        data.inference_overlap,
+    )
 
 # %% ../nbs/45_predict.ipynb #1cfebb9e
 def fixed_tile(model: nn.Module) -> Optional[int]:
     "The tile size an architecture is built for (TSViT's `img_size`), None when any suitable size works."
     from seaice_nb.models.tsvit import TSViT
+
     return next((int(m.img_size) for m in model.modules() if isinstance(m, TSViT)), None)
 
-def load_run(run: str | Path, # run directory or checkpoint file
-            ) -> tuple[nn.Module, RunSettings]:
+
+def load_run(
+    run: str | Path,  # run directory or checkpoint file
+) -> tuple[nn.Module, RunSettings]:
     "The trained model (eval mode, CPU) and its inference settings."
     ckpt = find_checkpoint(run)
     model, meta = load_checkpoint(ckpt)
     return model.eval(), run_settings(meta, ckpt)
 
 # %% ../nbs/45_predict.ipynb #24083946
-def read_frame(path: str | Path, # RTT scene file (`*_prep.nc`; charts are not needed)
-               cfg: PreprocessConfig, # the run's preprocessing
-              ) -> dict:
+def read_frame(
+    path: str | Path,  # RTT scene file (`*_prep.nc`; charts are not needed)
+    cfg: PreprocessConfig,  # the run's preprocessing
+) -> dict:
     "`preprocess.scene_frame` without charts; a corrupt or foreign file raises `DataError` naming it."
     path = Path(path)
-    if not path.is_file(): raise MissingFileError(f"scene file {path} does not exist")
-    try: return scene_frame(path, cfg, charts=False)
-    except SeaIceError: raise
+    if not path.is_file():
+        raise MissingFileError(f"scene file {path} does not exist")
+    try:
+        return scene_frame(path, cfg, charts=False)
+    except SeaIceError:
+        raise
     except KeyError as e:
-        raise DataError(f"{path}: variable {e} is missing; is it an AI4Arctic ready-to-train scene (`seaice validate {path}`)?") from None
+        raise DataError(
+            f"{path}: variable {e} is missing; is it an AI4Arctic ready-to-train scene (`seaice validate {path}`)?"
+        ) from None
     except (OSError, RuntimeError, ValueError, IndexError) as e:
-        raise DataError(f"cannot read {path} ({type(e).__name__}: {e}): the file is truncated or corrupt; download it again") from None
+        raise DataError(
+            f"cannot read {path} ({type(e).__name__}: {e}): the file is truncated or corrupt; download it again"
+        ) from None
 
 # %% ../nbs/45_predict.ipynb #75392cd1
 _log = get_logger('predict')
 
+
 def frames_allowed(settings: RunSettings, model: nn.Module, n_given: int) -> bool:
     "Whether the model can run on `n_given` < trained frames (padding masked, or only the target frame read); logs the fallback."
     from seaice_nb.models.unet import TimmUNet, UNet
-    if n_given >= settings.n_frames: return True
-    if 'frame_mask' in settings.input_keys:
-        _log.warning(f"the model was trained on {settings.n_frames} frames, {n_given} given: falling back to "
-                     f"{'single-frame' if n_given == 1 else 'shorter'} input with the missing frames masked as padding; "
-                     f"pass earlier scenes (--history) for the input it was trained on")
-        return True
-    if isinstance(model, (UNet, TimmUNet)): return True  # reads the target frame only
-    raise ConfigError(f"the model was trained on {settings.n_frames} frames and has no padding mask: "
-                      f"pass {settings.n_frames - n_given} earlier scene(s) with --history")
 
-def scene_inputs(scene: str | Path, # target RTT scene file
-                 settings: RunSettings, # the run's settings
-                 history: Sequence[str | Path] = (), # earlier scenes of the same area, any order
-                ) -> tuple[dict, dict, dict]:
+    if n_given >= settings.n_frames:
+        return True
+    if 'frame_mask' in settings.input_keys:
+        _log.warning(
+            f"the model was trained on {settings.n_frames} frames, {n_given} given: falling back to "
+            f"{'single-frame' if n_given == 1 else 'shorter'} input with the missing frames masked as padding; "
+            f"pass earlier scenes (--history) for the input it was trained on"
+        )
+        return True
+    if isinstance(model, (UNet, TimmUNet)):
+        return True  # reads the target frame only
+    raise ConfigError(
+        f"the model was trained on {settings.n_frames} frames and has no padding mask: "
+        f"pass {settings.n_frames - n_given} earlier scene(s) with --history"
+    )
+
+
+def scene_inputs(
+    scene: str | Path,  # target RTT scene file
+    settings: RunSettings,  # the run's settings
+    history: Sequence[str | Path] = (),  # earlier scenes of the same area, any order
+) -> tuple[dict, dict, dict]:
     "`(arrays, meta, target frame)`: the scene prepared like a store group, for `evaluate.predict_scene`."
     from seaice_nb import stack
+
     cfg = settings.preprocess
     target = read_frame(scene, cfg)
     t0 = target['meta']['datetime']
@@ -113,57 +165,96 @@ def scene_inputs(scene: str | Path, # target RTT scene file
     for p in history:
         fr = read_frame(p, cfg)
         days = (t0 - fr['meta']['datetime']).total_seconds() / 86400
-        if days <= 0: raise DataError(f"history scene {p} ({fr['meta']['datetime']:%Y-%m-%d %H:%M}) is not earlier than the target {scene}")
+        if days <= 0:
+            raise DataError(
+                f"history scene {p} ({fr['meta']['datetime']:%Y-%m-%d %H:%M}) is not earlier than the target {scene}"
+            )
         earlier.append((fr, days))
     earlier.sort(key=lambda t: -t[1])  # oldest first, as the store
     if len(earlier) > settings.n_frames - 1:
-        _log.info(f"{len(earlier)} history scenes given, the model reads {settings.n_frames - 1}: the newest are used")
-        earlier = earlier[len(earlier) - (settings.n_frames - 1):] if settings.n_frames > 1 else []
+        _log.info(
+            f"{len(earlier)} history scenes given, the model reads {settings.n_frames - 1}: the newest are used"
+        )
+        earlier = earlier[len(earlier) - (settings.n_frames - 1) :] if settings.n_frames > 1 else []
     st = stack.stack_frames(target, earlier)
     H, W = target['valid'].shape
-    arrays = dict(image=st['image'], valid=st['valid'], doy=st['doy'], days_before=st['days_before'],
-                  amsr2=target['amsr2'], era5=target['era5'], **{c: np.full((H, W), 255, np.uint8) for c in CHARTS})
+    arrays = dict(
+        image=st['image'],
+        valid=st['valid'],
+        doy=st['doy'],
+        days_before=st['days_before'],
+        amsr2=target['amsr2'],
+        era5=target['era5'],
+        **{c: np.full((H, W), 255, np.uint8) for c in CHARTS},
+    )
     m = target['meta']
-    meta = {'scene': m['scene'], 'ice_service': m['ice_service'], 'region': m['region'], 'date': m['date'], 'shape': (H, W),
-            'n_frames': len(st['sources']), 'sources': list(st['sources'])}
+    meta = {
+        'scene': m['scene'],
+        'ice_service': m['ice_service'],
+        'region': m['region'],
+        'date': m['date'],
+        'shape': (H, W),
+        'n_frames': len(st['sources']),
+        'sources': list(st['sources']),
+    }
     return arrays, meta, target
 
 # %% ../nbs/45_predict.ipynb #06181867
 class ProbabilityRecorder:
     "A `predict` callable for `predict_scene` that also keeps the blended class probabilities (uint8 percent)."
-    def __init__(self, shape: tuple[int, int], # the scene's model-grid shape
-                 keep: bool = True, # keep the probabilities (False: class maps only)
-                 progress: bool = False, # a tqdm bar over the scene's rows
-                ):
+
+    def __init__(
+        self,
+        shape: tuple[int, int],  # the scene's model-grid shape
+        keep: bool = True,  # keep the probabilities (False: class maps only)
+        progress: bool = False,  # a tqdm bar over the scene's rows
+    ):
         from tqdm.auto import tqdm
+
         self.shape, self.keep, self.row, self.probs = tuple(shape), keep, 0, {}
         self.bar = tqdm(total=self.shape[0], desc='rows', unit='row', disable=not progress, leave=False)
 
     def __call__(self, blended: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         from seaice_nb.models.losses import outputs_to_classes
+
         rows = next(iter(blended.values())).shape[-2]
         if self.keep:
             for c, v in blended.items():
-                if v.shape[1] < 2: continue  # a regression head has no class probabilities
+                if v.shape[1] < 2:
+                    continue  # a regression head has no class probabilities
                 a = self.probs.setdefault(c, np.zeros((v.shape[1], *self.shape), np.uint8))
-                a[:, self.row:self.row + rows] = (v[0].clamp(0, 1) * 100).round().to(torch.uint8).numpy()
-        self.row += rows; self.bar.update(rows)
-        if self.row >= self.shape[0]: self.bar.close()
+                a[:, self.row : self.row + rows] = (v[0].clamp(0, 1) * 100).round().to(torch.uint8).numpy()
+        self.row += rows
+        self.bar.update(rows)
+        if self.row >= self.shape[0]:
+            self.bar.close()
         return outputs_to_classes(blended)
 
 # %% ../nbs/45_predict.ipynb #4b5169d7
 class OnnxModel(nn.Module):
     "An ONNX file run by onnxruntime on the CPU behind the sea-ice model interface."
-    def __init__(self, path: str | Path, # .onnx file written by `seaice_nb.export`
-                 threads: Optional[int] = None, # intra-op threads (None: onnxruntime's default)
-                ):
+
+    def __init__(
+        self,
+        path: str | Path,  # .onnx file written by `seaice_nb.export`
+        threads: Optional[int] = None,  # intra-op threads (None: onnxruntime's default)
+    ):
         super().__init__()
         import onnxruntime as ort  # deferred: only the onnx backend needs it
-        if not Path(path).is_file(): raise MissingFileError(f"ONNX model {path} does not exist; write it with `seaice export RUN --onnx {path}`")
+
+        if not Path(path).is_file():
+            raise MissingFileError(
+                f"ONNX model {path} does not exist; write it with `seaice export RUN --onnx {path}`"
+            )
         so = ort.SessionOptions()
-        if threads: so.intra_op_num_threads, so.inter_op_num_threads = int(threads), 1
-        try: self.session = ort.InferenceSession(str(path), so, providers=['CPUExecutionProvider'])
-        except Exception as e: raise DataError(f"onnxruntime cannot load {path}: {e}") from None  # ort raises its own Fail/InvalidGraph types
+        if threads:
+            so.intra_op_num_threads, so.inter_op_num_threads = int(threads), 1
+        try:
+            self.session = ort.InferenceSession(str(path), so, providers=['CPUExecutionProvider'])
+        except Exception as e:
+            raise DataError(
+                f"onnxruntime cannot load {path}: {e}"
+            ) from None  # ort raises its own Fail/InvalidGraph types
         self.path = Path(path)
         self.input_keys = tuple(i.name for i in self.session.get_inputs())
         self.output_names = [o.name for o in self.session.get_outputs()]
@@ -174,27 +265,37 @@ class OnnxModel(nn.Module):
         return {n: torch.from_numpy(o) for n, o in zip(self.output_names, self.session.run(None, feeds))}
 
 # %% ../nbs/45_predict.ipynb #cbc35ece
-def _tiling(settings: RunSettings, model: nn.Module, tile: Optional[int], overlap: Optional[int]) -> tuple[int, int]:
+def _tiling(
+    settings: RunSettings, model: nn.Module, tile: Optional[int], overlap: Optional[int]
+) -> tuple[int, int]:
     cf = settings.preprocess.coarse_factor
-    fixed = fixed_tile(model) if isinstance(model, nn.Module) and not isinstance(model, OnnxModel) else getattr(model, 'info', {}).get('tile')
-    if fixed and tile and tile != fixed: raise ConfigError(f"tile={tile}: the model is built for {fixed}-pixel tiles (TSViT img_size)")
+    fixed = (
+        fixed_tile(model)
+        if isinstance(model, nn.Module) and not isinstance(model, OnnxModel)
+        else getattr(model, 'info', {}).get('tile')
+    )
+    if fixed and tile and tile != fixed:
+        raise ConfigError(f"tile={tile}: the model is built for {fixed}-pixel tiles (TSViT img_size)")
     tile = int(tile or fixed or settings.tile or 256)
-    if overlap is None: overlap = settings.overlap if tile == settings.tile and settings.overlap is not None else tile // 4
+    if overlap is None:
+        overlap = settings.overlap if tile == settings.tile and settings.overlap is not None else tile // 4
     overlap = int(overlap) // cf * cf
     return tile, overlap
 
-def predict_maps(model: nn.Module, # a sea-ice model or an `OnnxModel`
-                 settings: RunSettings, # the run's settings
-                 scene: str | Path, # RTT scene file
-                 history: Sequence[str | Path] = (), # earlier scenes (temporal models)
-                 tile: Optional[int] = None, # inference tile (default: the model's fixed size, else the run's)
-                 overlap: Optional[int] = None, # tile overlap (default: the run's, else tile / 4)
-                 batch_size: int = 4, # tiles per forward pass
-                 probabilities: bool = False, # also keep the per-class probabilities
-                 device: str = 'cpu', # where a PyTorch model runs
-                 progress: bool = True, # tqdm bar over the scene's rows
-                 mask_invalid: bool = True, # 255 where the scene has no SAR data (False: scoring, as `evaluate` does)
-                ) -> dict:
+
+def predict_maps(
+    model: nn.Module,  # a sea-ice model or an `OnnxModel`
+    settings: RunSettings,  # the run's settings
+    scene: str | Path,  # RTT scene file
+    history: Sequence[str | Path] = (),  # earlier scenes (temporal models)
+    tile: Optional[int] = None,  # inference tile (default: the model's fixed size, else the run's)
+    overlap: Optional[int] = None,  # tile overlap (default: the run's, else tile / 4)
+    batch_size: int = 4,  # tiles per forward pass
+    probabilities: bool = False,  # also keep the per-class probabilities
+    device: str = 'cpu',  # where a PyTorch model runs
+    progress: bool = True,  # tqdm bar over the scene's rows
+    mask_invalid: bool = True,  # 255 where the scene has no SAR data (False: scoring, as `evaluate` does)
+) -> dict:
     "Class maps `{chart: uint8 [h, w]}` on the model grid, probabilities, the target frame, inputs meta and timings."
     t0 = time.perf_counter()
     arrays, meta, target = scene_inputs(scene, settings, history)
@@ -202,78 +303,159 @@ def predict_maps(model: nn.Module, # a sea-ice model or an `OnnxModel`
     t1 = time.perf_counter()
     tile, overlap = _tiling(settings, model, tile, overlap)
     rec = ProbabilityRecorder(meta['shape'], probabilities, progress)
-    maps = predict_scene(model, arrays, meta, settings.preprocess.coarse_factor, tile, overlap, settings.n_frames, None,
-                         batch_size, device, predict=rec, mask_invalid=mask_invalid)
+    maps = predict_scene(
+        model,
+        arrays,
+        meta,
+        settings.preprocess.coarse_factor,
+        tile,
+        overlap,
+        settings.n_frames,
+        None,
+        batch_size,
+        device,
+        predict=rec,
+        mask_invalid=mask_invalid,
+    )
     t2 = time.perf_counter()
-    return dict(maps=maps, probs=rec.probs, target=target, meta=meta, tile=tile, overlap=overlap,
-                seconds={'read_preprocess': round(t1 - t0, 3), 'inference': round(t2 - t1, 3)})
+    return dict(
+        maps=maps,
+        probs=rec.probs,
+        target=target,
+        meta=meta,
+        tile=tile,
+        overlap=overlap,
+        seconds={'read_preprocess': round(t1 - t0, 3), 'inference': round(t2 - t1, 3)},
+    )
 
 # %% ../nbs/45_predict.ipynb #58fc85eb
 def _flag_meanings(chart: str) -> str:
     from seaice_nb.scenes import CLASS_TABLES
-    return ' '.join(c.name.replace(' ', '_').replace('%', '_percent').replace('-', '_') for c in CLASS_TABLES[chart.upper()])
 
-def charts_dataset(maps80: Mapping[str, np.ndarray], # {chart: uint8 [H80, W80]}
-                   result: Mapping[str, Any], # `predict_maps` output
-                   settings: RunSettings, # the run
-                   scene: str | Path, # the input file
-                  ) -> 'xr.Dataset':
+    return ' '.join(
+        c.name.replace(' ', '_').replace('%', '_percent').replace('-', '_')
+        for c in CLASS_TABLES[chart.upper()]
+    )
+
+
+def charts_dataset(
+    maps80: Mapping[str, np.ndarray],  # {chart: uint8 [H80, W80]}
+    result: Mapping[str, Any],  # `predict_maps` output
+    settings: RunSettings,  # the run
+    scene: str | Path,  # the input file
+) -> 'xr.Dataset':  # noqa: F821 (xarray is imported lazily, below)
     "The CF NetCDF content of one prediction."
     import xarray as xr
     from seaice_nb.scenes import GEO_VARS, open_scene
+
     tgt, meta = result['target'], result['meta']
     data = {}
     for c in CHARTS:
-        data[c.upper()] = (('sar_lines', 'sar_samples'), np.asarray(maps80[c], np.uint8),
-                           {'long_name': f"predicted {c.upper()} class ({'concentration in tenths' if c == 'sic' else 'stage of development' if c == 'sod' else 'floe size'})",
-                            'units': '1', 'flag_values': np.arange(N_CLASSES[c], dtype=np.uint8), 'flag_meanings': _flag_meanings(c),
-                            'valid_range': np.array([0, N_CLASSES[c] - 1], np.uint8)})
-    coords = {'lat': (('y', 'x'), tgt['lat'], {'standard_name': 'latitude', 'units': 'degrees_north', 'long_name': 'model-grid pixel centre latitude'}),
-              'lon': (('y', 'x'), tgt['lon'], {'standard_name': 'longitude', 'units': 'degrees_east', 'long_name': 'model-grid pixel centre longitude'})}
+        data[c.upper()] = (
+            ('sar_lines', 'sar_samples'),
+            np.asarray(maps80[c], np.uint8),
+            {
+                'long_name': f"predicted {c.upper()} class ({'concentration in tenths' if c == 'sic' else 'stage of development' if c == 'sod' else 'floe size'})",
+                'units': '1',
+                'flag_values': np.arange(N_CLASSES[c], dtype=np.uint8),
+                'flag_meanings': _flag_meanings(c),
+                'valid_range': np.array([0, N_CLASSES[c] - 1], np.uint8),
+            },
+        )
+    coords = {
+        'lat': (
+            ('y', 'x'),
+            tgt['lat'],
+            {
+                'standard_name': 'latitude',
+                'units': 'degrees_north',
+                'long_name': 'model-grid pixel centre latitude',
+            },
+        ),
+        'lon': (
+            ('y', 'x'),
+            tgt['lon'],
+            {
+                'standard_name': 'longitude',
+                'units': 'degrees_east',
+                'long_name': 'model-grid pixel centre longitude',
+            },
+        ),
+    }
     for c, p in result['probs'].items():
-        data[f"{c.upper()}_probability"] = ((f'class_{c}', 'y', 'x'), p,
-            {'long_name': f"blended probability of each {c.upper()} class on the model grid", 'units': '1', 'scale_factor': 0.01,
-             'coordinates': 'lat lon', 'flag_meanings': _flag_meanings(c)})
+        data[f"{c.upper()}_probability"] = (
+            (f'class_{c}', 'y', 'x'),
+            p,
+            {
+                'long_name': f"blended probability of each {c.upper()} class on the model grid",
+                'units': '1',
+                'scale_factor': 0.01,
+                'coordinates': 'lat lon',
+                'flag_meanings': _flag_meanings(c),
+            },
+        )
     ds_in = open_scene(scene)
     try:
         for v in GEO_VARS:
-            if v in ds_in: data[v] = (ds_in[v].dims, np.asarray(ds_in[v].values), dict(ds_in[v].attrs))
-    finally: ds_in.close()
+            if v in ds_in:
+                data[v] = (ds_in[v].dims, np.asarray(ds_in[v].values), dict(ds_in[v].attrs))
+    finally:
+        ds_in.close()
     f = settings.preprocess.factor
     ds = xr.Dataset(data, coords=coords if result['probs'] else {})
-    ds.attrs = {'Conventions': 'CF-1.10', 'title': f"seaice_nb ice charts predicted for {meta['scene']}",
-                'source': f"Sentinel-1 scene {Path(scene).name}" + (f" with earlier scenes {', '.join(meta['sources'][:-1])}" if meta['n_frames'] > 1 else ''),
-                'history': f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())} seaice predict",
-                'comment': f"predicted on a {f * 80} m grid (factor {f}), upsampled nearest-neighbour to the 80 m grid of the input file; "
-                           f"255 = no SAR data", 'seaice:scene': meta['scene'], 'seaice:date': meta['date'],
-                'seaice:checkpoint': str(settings.checkpoint), 'seaice:model': settings.model, 'seaice:factor': f,
-                'seaice:frames': meta['n_frames'], 'seaice:frames_trained': settings.n_frames,
-                'seaice:tile': result['tile'], 'seaice:overlap': result['overlap'],
-                'seaice:preprocess': json.dumps(dataclasses.asdict(settings.preprocess)), 'seaice:code_version': code_version()}
+    ds.attrs = {
+        'Conventions': 'CF-1.10',
+        'title': f"seaice_nb ice charts predicted for {meta['scene']}",
+        'source': f"Sentinel-1 scene {Path(scene).name}"
+        + (f" with earlier scenes {', '.join(meta['sources'][:-1])}" if meta['n_frames'] > 1 else ''),
+        'history': f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())} seaice predict",
+        'comment': f"predicted on a {f * 80} m grid (factor {f}), upsampled nearest-neighbour to the 80 m grid of the input file; "
+        f"255 = no SAR data",
+        'seaice:scene': meta['scene'],
+        'seaice:date': meta['date'],
+        'seaice:checkpoint': str(settings.checkpoint),
+        'seaice:model': settings.model,
+        'seaice:factor': f,
+        'seaice:frames': meta['n_frames'],
+        'seaice:frames_trained': settings.n_frames,
+        'seaice:tile': result['tile'],
+        'seaice:overlap': result['overlap'],
+        'seaice:preprocess': json.dumps(dataclasses.asdict(settings.preprocess)),
+        'seaice:code_version': code_version(),
+    }
     return ds
 
 # %% ../nbs/45_predict.ipynb #941320f0
-def to_epsg3413(maps: Mapping[str, np.ndarray], # {name: [h, w]} on the model grid (uint8 classes, or floats)
-                lat: np.ndarray, lon: np.ndarray, # [h, w] pixel centres (degrees)
-                pixel: float, # output pixel size in metres
-               ) -> tuple[dict, np.ndarray, np.ndarray]:
+def to_epsg3413(
+    maps: Mapping[str, np.ndarray],  # {name: [h, w]} on the model grid (uint8 classes, or floats)
+    lat: np.ndarray,
+    lon: np.ndarray,  # [h, w] pixel centres (degrees)
+    pixel: float,  # output pixel size in metres
+) -> tuple[dict, np.ndarray, np.ndarray]:
     "Nearest-neighbour resampling onto a north-up EPSG:3413 grid: `({name: [ny, nx]}, x centres, y centres)`; 255 (NaN) outside."
     from seaice_nb.scenes import from_polar_stereo, to_polar_stereo
     from seaice_nb.stack import source_coords
+
     x, y = to_polar_stereo(lat, lon)
     xs = np.arange(np.floor(x.min() / pixel), np.ceil(x.max() / pixel) + 1) * pixel + pixel / 2
-    ys = (np.arange(np.ceil(y.max() / pixel), np.floor(y.min() / pixel) - 1, -1) * pixel - pixel / 2)
+    ys = np.arange(np.ceil(y.max() / pixel), np.floor(y.min() / pixel) - 1, -1) * pixel - pixel / 2
     X, Y = np.meshgrid(xs, ys)
     dlat, dlon = from_polar_stereo(X, Y)
     r, c = source_coords(lat, lon, dlat, dlon)
     h, w = lat.shape
     inside = np.isfinite(r) & np.isfinite(c) & (r > -0.5) & (r < h - 0.5) & (c > -0.5) & (c < w - 0.5)
-    ri = np.clip(np.rint(np.nan_to_num(r)), 0, h - 1).astype(np.intp); ci = np.clip(np.rint(np.nan_to_num(c)), 0, w - 1).astype(np.intp)
+    ri = np.clip(np.rint(np.nan_to_num(r)), 0, h - 1).astype(np.intp)
+    ci = np.clip(np.rint(np.nan_to_num(c)), 0, w - 1).astype(np.intp)
     out = {}
     for k, m in maps.items():
         m = np.asarray(m)
-        out[k] = np.where(inside, m[ri, ci], 255).astype(np.uint8) if m.dtype == np.uint8 else np.where(inside, m[ri, ci], np.nan).astype(np.float32)
+        out[k] = (
+            np.where(inside, m[ri, ci], 255).astype(np.uint8)
+            if m.dtype == np.uint8
+            else np.where(inside, m[ri, ci], np.nan).astype(np.float32)
+        )
     return out, xs, ys
+
 
 def write_geotiff(a: np.ndarray, xs: np.ndarray, ys: np.ndarray, chart: str, path: str | Path) -> Path:
     "One chart as a deflate-compressed EPSG:3413 GeoTIFF with a colour table, class names and nodata 255."
@@ -281,61 +463,117 @@ def write_geotiff(a: np.ndarray, xs: np.ndarray, ys: np.ndarray, chart: str, pat
     import xarray as xr
     from matplotlib.colors import to_rgba
     from seaice_nb.scenes import CLASS_TABLES
+
     da = xr.DataArray(a, dims=('y', 'x'), coords={'y': ys, 'x': xs}, name=chart.upper())
     da = da.rio.write_crs('EPSG:3413').rio.write_nodata(255)
     da.rio.to_raster(path, dtype='uint8', compress='deflate', driver='GTiff')
     with rasterio.open(path, 'r+') as dst:
-        dst.write_colormap(1, {c.index: tuple(int(255 * v) for v in to_rgba(c.colour)) for c in CLASS_TABLES[chart.upper()]})
+        dst.write_colormap(
+            1, {c.index: tuple(int(255 * v) for v in to_rgba(c.colour)) for c in CLASS_TABLES[chart.upper()]}
+        )
         dst.update_tags(1, **{f"class_{c.index}": c.name for c in CLASS_TABLES[chart.upper()]})
     return Path(path)
 
 # %% ../nbs/45_predict.ipynb #a045e768
-def quicklook(maps: Mapping[str, np.ndarray], # {chart: uint8 [ny, nx]} on the EPSG:3413 grid (`to_epsg3413`), 255 = none
-              xs: np.ndarray, ys: np.ndarray, # grid centres (m), ys from north to south
-              hh: Optional[np.ndarray] = None, # [ny, nx] standardised HH on the same grid (0 or NaN = no data), or None
-              title: str = '', # figure title
-             ):
+def quicklook(
+    maps: Mapping[
+        str, np.ndarray
+    ],  # {chart: uint8 [ny, nx]} on the EPSG:3413 grid (`to_epsg3413`), 255 = none
+    xs: np.ndarray,
+    ys: np.ndarray,  # grid centres (m), ys from north to south
+    hh: Optional[
+        np.ndarray
+    ] = None,  # [ny, nx] standardised HH on the same grid (0 or NaN = no data), or None
+    title: str = '',  # figure title
+):
     "HH and the three predicted charts on a polar stereographic map with coastlines and class legends; returns the figure."
     import matplotlib.pyplot as plt
     from seaice_nb.scenes import CLASS_TABLES, add_land, chart_cmap, destandardise, polar_stereo_crs
+
     crs = polar_stereo_crs()
     p = abs(xs[1] - xs[0]) if len(xs) > 1 else 1.0
-    extent = (xs[0] - p / 2, xs[-1] + p / 2, ys[-1] - p / 2, ys[0] + p / 2)  # imshow of the regular grid: no per-cell mesh
+    extent = (
+        xs[0] - p / 2,
+        xs[-1] + p / 2,
+        ys[-1] - p / 2,
+        ys[0] + p / 2,
+    )  # imshow of the regular grid: no per-cell mesh
     panels = ([('HH (dB)', None)] if hh is not None else []) + [(c.upper(), c) for c in CHARTS]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.3 * len(panels), 4.8), subplot_kw={'projection': crs}, constrained_layout=True)
+    fig, axes = plt.subplots(
+        1,
+        len(panels),
+        figsize=(4.3 * len(panels), 4.8),
+        subplot_kw={'projection': crs},
+        constrained_layout=True,
+    )
     pad = 0.1 * max(extent[1] - extent[0], extent[3] - extent[2])
     for ax, (name, c) in zip(np.atleast_1d(axes), panels):
         ax.set_extent((extent[0] - pad, extent[1] + pad, extent[2] - pad, extent[3] + pad), crs=crs)
         if c is None:
-            h = np.asarray(hh, np.float64); db = np.where((h == 0) | ~np.isfinite(h), np.nan, destandardise(h, 'nersc_sar_primary'))
+            h = np.asarray(hh, np.float64)
+            db = np.where((h == 0) | ~np.isfinite(h), np.nan, destandardise(h, 'nersc_sar_primary'))
             ok = np.isfinite(db).any()
-            ax.imshow(db, extent=extent, transform=crs, origin='upper', interpolation='nearest', cmap='gray',
-                      vmin=np.nanpercentile(db, 2) if ok else 0, vmax=np.nanpercentile(db, 98) if ok else 1)
+            ax.imshow(
+                db,
+                extent=extent,
+                transform=crs,
+                origin='upper',
+                interpolation='nearest',
+                cmap='gray',
+                vmin=np.nanpercentile(db, 2) if ok else 0,
+                vmax=np.nanpercentile(db, 98) if ok else 1,
+            )
         else:
             cmap, norm = chart_cmap(c.upper())
             m = np.asarray(maps[c])
-            ax.imshow(np.ma.masked_equal(m.astype(np.float64), 255), extent=extent, transform=crs, origin='upper',
-                      interpolation='nearest', cmap=cmap, norm=norm)
+            ax.imshow(
+                np.ma.masked_equal(m.astype(np.float64), 255),
+                extent=extent,
+                transform=crs,
+                origin='upper',
+                interpolation='nearest',
+                cmap=cmap,
+                norm=norm,
+            )
             present = [k for k in np.unique(m) if k != 255]
-            ax.legend(handles=[plt.Rectangle((0, 0), 1, 1, color=CLASS_TABLES[c.upper()][k].colour, label=CLASS_TABLES[c.upper()][k].name)
-                               for k in present], fontsize=6, loc='lower left', framealpha=0.85, title='predicted', title_fontsize=6)
+            ax.legend(
+                handles=[
+                    plt.Rectangle(
+                        (0, 0),
+                        1,
+                        1,
+                        color=CLASS_TABLES[c.upper()][k].colour,
+                        label=CLASS_TABLES[c.upper()][k].name,
+                    )
+                    for k in present
+                ],
+                fontsize=6,
+                loc='lower left',
+                framealpha=0.85,
+                title='predicted',
+                title_fontsize=6,
+            )
         add_land(ax, zorder=3, alpha=0.8)
         ax.gridlines(linewidth=0.3, color='grey', alpha=0.6)
         ax.set_title(name, fontsize=9)
-    if title: fig.suptitle(title, fontsize=10)
+    if title:
+        fig.suptitle(title, fontsize=10)
     return fig
 
 # %% ../nbs/45_predict.ipynb #b611e14f
-def write_outputs(result: Mapping[str, Any], # `predict_maps` output
-                  settings: RunSettings, # the run
-                  scene: str | Path, # the input file
-                  out_dir: str | Path, # output folder
-                  geotiff: bool = True, # write one GeoTIFF per chart
-                  png: bool = True, # write the quick-look figure
-                 ) -> dict:
+def write_outputs(
+    result: Mapping[str, Any],  # `predict_maps` output
+    settings: RunSettings,  # the run
+    scene: str | Path,  # the input file
+    out_dir: str | Path,  # output folder
+    geotiff: bool = True,  # write one GeoTIFF per chart
+    png: bool = True,  # write the quick-look figure
+) -> dict:
     "Write NetCDF, GeoTIFFs and the quick-look atomically (all into a temporary folder, then moved); returns `{kind: path}` and timings."
     import matplotlib.pyplot as plt
-    out_dir = Path(out_dir); out_dir.mkdir(parents=True, exist_ok=True)
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
     name, f, tgt = result['meta']['scene'], settings.preprocess.factor, result['target']
     tmp = Path(tempfile.mkdtemp(prefix=f'.tmp-{name}-', dir=out_dir))
     files, secs = {}, {}
@@ -345,46 +583,67 @@ def write_outputs(result: Mapping[str, Any], # `predict_maps` output
         maps80 = {c: upsample_nearest(m, f, shape80) for c, m in result['maps'].items()}
         ds = charts_dataset(maps80, result, settings, scene)
         enc = {v: {'zlib': True, 'complevel': 1} for v in ds.data_vars}
-        for c in CHARTS: enc[c.upper()].update(_FillValue=np.uint8(255), chunksizes=tuple(min(1024, n) for n in shape80))
+        for c in CHARTS:
+            enc[c.upper()].update(_FillValue=np.uint8(255), chunksizes=tuple(min(1024, n) for n in shape80))
         ds.to_netcdf(tmp / f"{name}_charts.nc", format='NETCDF4', engine='netcdf4', encoding=enc)
-        files['netcdf'] = f"{name}_charts.nc"; secs['netcdf'] = round(time.perf_counter() - t, 3)
+        files['netcdf'] = f"{name}_charts.nc"
+        secs['netcdf'] = round(time.perf_counter() - t, 3)
         if geotiff or png:
             t = time.perf_counter()
             ch = settings.preprocess.channels
-            grids = dict(result['maps'], **({'hh': tgt['image'][ch.index('hh')]} if 'hh' in ch and png else {}))
+            grids = dict(
+                result['maps'], **({'hh': tgt['image'][ch.index('hh')]} if 'hh' in ch and png else {})
+            )
             proj, xs, ys = to_epsg3413(grids, tgt['lat'], tgt['lon'], 80.0 * f)
             secs['reproject'] = round(time.perf_counter() - t, 3)
         if geotiff:
             t = time.perf_counter()
             for c in CHARTS:
-                write_geotiff(proj[c], xs, ys, c, tmp / f"{name}_{c.upper()}.tif"); files[f'geotiff_{c}'] = f"{name}_{c.upper()}.tif"
+                write_geotiff(proj[c], xs, ys, c, tmp / f"{name}_{c.upper()}.tif")
+                files[f'geotiff_{c}'] = f"{name}_{c.upper()}.tif"
             secs['geotiff'] = round(time.perf_counter() - t, 3)
         if png:
             t = time.perf_counter()
-            fig = quicklook({c: proj[c] for c in CHARTS}, xs, ys, proj.get('hh'), f"{name} — {Path(str(settings.model)).name}")
-            try: fig.savefig(tmp / f"{name}_quicklook.png", dpi=110)
-            finally: plt.close(fig)
-            files['quicklook'] = f"{name}_quicklook.png"; secs['quicklook'] = round(time.perf_counter() - t, 3)
+            fig = quicklook(
+                {c: proj[c] for c in CHARTS},
+                xs,
+                ys,
+                proj.get('hh'),
+                f"{name} — {Path(str(settings.model)).name}",
+            )
+            try:
+                fig.savefig(tmp / f"{name}_quicklook.png", dpi=110)
+            finally:
+                plt.close(fig)
+            files['quicklook'] = f"{name}_quicklook.png"
+            secs['quicklook'] = round(time.perf_counter() - t, 3)
         for k, fn in files.items():
-            os.replace(tmp / fn, out_dir / fn); files[k] = out_dir / fn
-    finally: shutil.rmtree(tmp, ignore_errors=True)
+            os.replace(tmp / fn, out_dir / fn)
+            files[k] = out_dir / fn
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return {'files': files, 'seconds': secs}
 
 # %% ../nbs/45_predict.ipynb #549f3a32
-def predict(run: str | Path, # run directory or checkpoint file
-            scene: str | Path, # RTT scene file (`*_prep.nc`; a test-set file without charts works)
-            out_dir: str | Path, # output folder
-            history: Sequence[str | Path] = (), # earlier scenes of the same area (temporal models)
-            backend: str = 'torch', # 'torch' (eager PyTorch) or 'onnx' (onnxruntime)
-            onnx: str | Path | None = None, # with backend 'onnx': the exported model (default `<run>/export/model.onnx`)
-            tile: Optional[int] = None, overlap: Optional[int] = None, # tiling (defaults: the model's fixed tile, else the run's)
-            batch_size: int = 4, # tiles per forward pass
-            probabilities: bool = False, # also write per-class probabilities (model grid)
-            geotiff: bool = True, png: bool = True, # which extra outputs to write
-            threads: Optional[int] = None, # CPU threads for inference
-            device: str = 'cpu', # PyTorch device
-            progress: bool = True, # tqdm bar over the scene's rows
-           ) -> dict:
+def predict(
+    run: str | Path,  # run directory or checkpoint file
+    scene: str | Path,  # RTT scene file (`*_prep.nc`; a test-set file without charts works)
+    out_dir: str | Path,  # output folder
+    history: Sequence[str | Path] = (),  # earlier scenes of the same area (temporal models)
+    backend: str = 'torch',  # 'torch' (eager PyTorch) or 'onnx' (onnxruntime)
+    onnx: str
+    | Path
+    | None = None,  # with backend 'onnx': the exported model (default `<run>/export/model.onnx`)
+    tile: Optional[int] = None,
+    overlap: Optional[int] = None,  # tiling (defaults: the model's fixed tile, else the run's)
+    batch_size: int = 4,  # tiles per forward pass
+    probabilities: bool = False,  # also write per-class probabilities (model grid)
+    geotiff: bool = True,
+    png: bool = True,  # which extra outputs to write
+    threads: Optional[int] = None,  # CPU threads for inference
+    device: str = 'cpu',  # PyTorch device
+    progress: bool = True,  # tqdm bar over the scene's rows
+) -> dict:
     "Predict the SIC/SOD/FLOE charts of one scene with a trained run and write them; returns paths, shapes and timings."
     t0 = time.perf_counter()
     model, settings = load_run(run)
@@ -393,30 +652,62 @@ def predict(run: str | Path, # run directory or checkpoint file
         model = OnnxModel(path, threads)
         src = model.info.get('checkpoint_md5')
         if src and src != file_digest(settings.checkpoint):
-            raise CheckpointError(f"{path} was exported from another checkpoint than {settings.checkpoint}; export it again")
-    elif backend != 'torch': raise ConfigError(f"backend={backend!r}; use 'torch' or 'onnx'")
-    elif threads: torch.set_num_threads(int(threads))
+            raise CheckpointError(
+                f"{path} was exported from another checkpoint than {settings.checkpoint}; export it again"
+            )
+    elif backend != 'torch':
+        raise ConfigError(f"backend={backend!r}; use 'torch' or 'onnx'")
+    elif threads:
+        torch.set_num_threads(int(threads))
     t1 = time.perf_counter()
-    res = predict_maps(model, settings, scene, history, tile, overlap, batch_size, probabilities, device, progress)
+    res = predict_maps(
+        model, settings, scene, history, tile, overlap, batch_size, probabilities, device, progress
+    )
     w = write_outputs(res, settings, scene, out_dir, geotiff, png)
-    secs = {'load_model': round(t1 - t0, 3), **res['seconds'], 'write': round(sum(w['seconds'].values()), 3),
-            'write_parts': w['seconds'], 'total': round(time.perf_counter() - t0, 3)}
+    secs = {
+        'load_model': round(t1 - t0, 3),
+        **res['seconds'],
+        'write': round(sum(w['seconds'].values()), 3),
+        'write_parts': w['seconds'],
+        'total': round(time.perf_counter() - t0, 3),
+    }
     _log.info(f"{res['meta']['scene']}: charts written to {out_dir} in {secs['total']:.1f} s ({backend})")
-    return {'scene': res['meta']['scene'], 'files': {k: str(v) for k, v in w['files'].items()}, 'backend': backend,
-            'frames': res['meta']['n_frames'], 'shape': list(res['maps']['sic'].shape), 'tile': res['tile'], 'seconds': secs}
+    return {
+        'scene': res['meta']['scene'],
+        'files': {k: str(v) for k, v in w['files'].items()},
+        'backend': backend,
+        'frames': res['meta']['n_frames'],
+        'shape': list(res['maps']['sic'].shape),
+        'tile': res['tile'],
+        'seconds': secs,
+    }
 
 # %% ../nbs/45_predict.ipynb #3193647d
 def main(argv: list[str]) -> int:
     "`seaice predict RUN SCENE.nc --out DIR [--history A.nc ...] [--backend onnx --onnx M.onnx]`."
-    ap = argparse.ArgumentParser(prog='seaice predict', description='Predict SIC/SOD/FLOE charts of one AI4Arctic scene with a trained run: '
-                                 'CF NetCDF at 80 m, EPSG:3413 GeoTIFFs and a quick-look PNG.')
+    ap = argparse.ArgumentParser(
+        prog='seaice predict',
+        description='Predict SIC/SOD/FLOE charts of one AI4Arctic scene with a trained run: '
+        'CF NetCDF at 80 m, EPSG:3413 GeoTIFFs and a quick-look PNG.',
+    )
     ap.add_argument('run', help='run directory (checkpoints/best.pt, else last.pt) or a checkpoint file')
     ap.add_argument('scene', help='RTT scene file (*_prep.nc); charts are not needed')
     ap.add_argument('--out', required=True, help='output folder')
-    ap.add_argument('--history', nargs='*', default=[], help='earlier scenes of the same area (temporal models)')
-    ap.add_argument('--backend', choices=('torch', 'onnx'), default='torch', help='PyTorch, or onnxruntime with --onnx')
-    ap.add_argument('--onnx', default=None, help='exported model for --backend onnx (default <run>/export/model.onnx)')
-    ap.add_argument('--tile', type=int, default=None, help="inference tile, model-grid pixels (default: the run's data config)")
+    ap.add_argument(
+        '--history', nargs='*', default=[], help='earlier scenes of the same area (temporal models)'
+    )
+    ap.add_argument(
+        '--backend', choices=('torch', 'onnx'), default='torch', help='PyTorch, or onnxruntime with --onnx'
+    )
+    ap.add_argument(
+        '--onnx', default=None, help='exported model for --backend onnx (default <run>/export/model.onnx)'
+    )
+    ap.add_argument(
+        '--tile',
+        type=int,
+        default=None,
+        help="inference tile, model-grid pixels (default: the run's data config)",
+    )
     ap.add_argument('--overlap', type=int, default=None, help="tile overlap (default: the run's data config)")
     ap.add_argument('--batch-size', type=int, default=4, help='tiles per forward pass')
     ap.add_argument('--threads', type=int, default=None, help='CPU threads for inference')
@@ -426,7 +717,22 @@ def main(argv: list[str]) -> int:
     ap.add_argument('--device', default='cpu', help="'cpu' or 'cuda' (torch backend)")
     ap.add_argument('--quiet', action='store_true', help='no progress bars')
     a = ap.parse_args(argv)
-    r = predict(a.run, a.scene, a.out, a.history, a.backend, a.onnx, a.tile, a.overlap, a.batch_size, a.probabilities,
-                not a.no_geotiff, not a.no_png, a.threads, a.device, not a.quiet)
+    r = predict(
+        a.run,
+        a.scene,
+        a.out,
+        a.history,
+        a.backend,
+        a.onnx,
+        a.tile,
+        a.overlap,
+        a.batch_size,
+        a.probabilities,
+        not a.no_geotiff,
+        not a.no_png,
+        a.threads,
+        a.device,
+        not a.quiet,
+    )
     print(json.dumps(r, indent=1))
     return 0

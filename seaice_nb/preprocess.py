@@ -14,8 +14,17 @@ import xarray as xr
 from scipy import ndimage
 
 from .charts import CHARTS, N_CLASSES
-from .core import (ConfigError, DataError, MissingFileError, SeaIceError, code_version, file_digest,
-                            from_dict, get_logger, to_dict)
+from seaice_nb.core import (
+    ConfigError,
+    DataError,
+    MissingFileError,
+    SeaIceError,
+    code_version,
+    file_digest,
+    from_dict,
+    get_logger,
+    to_dict,
+)
 
 # %% auto #0
 __all__ = ['SAR_CHANNELS', 'AMSR2_CHANNELS', 'ERA5_CHANNELS', 'ENCODINGS', 'STORE_FORMAT', 'PreprocessConfig', 'downsample_mean',
@@ -26,9 +35,15 @@ __all__ = ['SAR_CHANNELS', 'AMSR2_CHANNELS', 'ERA5_CHANNELS', 'ENCODINGS', 'STOR
            'find_scenes', 'shard_of', 'preprocess', 'validate_store', 'main']
 
 # %% ../nbs/20_preprocess.ipynb #9889f5ed
-SAR_CHANNELS = {'hh': 'nersc_sar_primary', 'hv': 'nersc_sar_secondary',
-                'incidence_angle': 'sar_incidenceangle', 'distance_map': 'distance_map'}
-AMSR2_CHANNELS = [f'btemp_{f}{p}' for f in ('6_9', '7_3', '10_7', '18_7', '23_8', '36_5', '89_0') for p in 'hv']
+SAR_CHANNELS = {
+    'hh': 'nersc_sar_primary',
+    'hv': 'nersc_sar_secondary',
+    'incidence_angle': 'sar_incidenceangle',
+    'distance_map': 'distance_map',
+}
+AMSR2_CHANNELS = [
+    f'btemp_{f}{p}' for f in ('6_9', '7_3', '10_7', '18_7', '23_8', '36_5', '89_0') for p in 'hv'
+]
 ERA5_CHANNELS = ['u10m_rotated', 'v10m_rotated', 't2m', 'skt', 'tcwv', 'tclw']
 ENCODINGS = ['month_sin', 'month_cos', 'lat', 'lon_sin', 'lon_cos']
 
@@ -36,267 +51,410 @@ ENCODINGS = ['month_sin', 'month_cos', 'lat', 'lon_sin', 'lon_cos']
 @dataclass
 class PreprocessConfig:
     "Knobs of `seaice preprocess` (YAML kind `preprocess`); recorded in every zarr group it writes."
+
     factor: int = 10  # SAR-grid downsampling factor (80 m -> factor*80 m)
-    channels: list[str] = field(default_factory=lambda: ['hh', 'hv', 'incidence_angle', 'distance_map',
-        'btemp_18_7h', 'btemp_18_7v', 'btemp_36_5h', 'btemp_36_5v',
-        'u10m_rotated', 'v10m_rotated', 't2m', 'tcwv', 'tclw', 'month_sin', 'month_cos', 'lat', 'lon_sin', 'lon_cos'])  # SAR-grid channels (early fusion): SAR names, AMSR2/ERA5 names, encodings
-    amsr2: list[str] = field(default_factory=lambda: list(AMSR2_CHANNELS))  # AMSR2 channels kept on the coarse grid
-    era5: list[str] = field(default_factory=lambda: list(ERA5_CHANNELS))  # ERA5 channels kept on the coarse grid
+    channels: list[str] = field(
+        default_factory=lambda: [
+            'hh',
+            'hv',
+            'incidence_angle',
+            'distance_map',
+            'btemp_18_7h',
+            'btemp_18_7v',
+            'btemp_36_5h',
+            'btemp_36_5v',
+            'u10m_rotated',
+            'v10m_rotated',
+            't2m',
+            'tcwv',
+            'tclw',
+            'month_sin',
+            'month_cos',
+            'lat',
+            'lon_sin',
+            'lon_cos',
+        ]
+    )  # SAR-grid channels (early fusion): SAR names, AMSR2/ERA5 names, encodings
+    amsr2: list[str] = field(
+        default_factory=lambda: list(AMSR2_CHANNELS)
+    )  # AMSR2 channels kept on the coarse grid
+    era5: list[str] = field(
+        default_factory=lambda: list(ERA5_CHANNELS)
+    )  # ERA5 channels kept on the coarse grid
     coarse_factor: int = 4  # SAR-grid pixels per coarse AMSR2/ERA5 cell (4 x 800 m = 3.2 km)
     chart_method: str = 'mode'  # 'mode' (majority, ignoring 255) or 'max' for chart downsampling
     min_valid: float = 0.5  # fraction of valid 80 m pixels a downsampled pixel needs
     max_frames: int = 3  # frames per stack including the target (1 = no stacking)
-    min_days: float = 0.0  # earliest frame is at least this many days before the target (excluded: the target itself)
+    min_days: float = (
+        0.0  # earliest frame is at least this many days before the target (excluded: the target itself)
+    )
     max_days: float = 10.0  # ... and at most this many
     min_overlap: float = 0.2  # fraction of the target footprint an earlier scene must cover
     chunk: int = 256  # spatial chunk size of the zarr arrays
     grid_offset: float = 0.0  # 80 m pixel (row/col) of 2 km grid point 0 (the spec: every 25th pixel from 0)
 
     def __post_init__(self):
-        if self.factor < 1: raise ConfigError(f"factor must be >= 1, got {self.factor}")
-        if self.coarse_factor < 1: raise ConfigError(f"coarse_factor must be >= 1, got {self.coarse_factor}")
-        if self.chart_method not in ('mode', 'max'): raise ConfigError(f"chart_method must be 'mode' or 'max', got {self.chart_method!r}")
-        if self.max_frames < 1: raise ConfigError(f"max_frames must be >= 1, got {self.max_frames}")
+        if self.factor < 1:
+            raise ConfigError(f"factor must be >= 1, got {self.factor}")
+        if self.coarse_factor < 1:
+            raise ConfigError(f"coarse_factor must be >= 1, got {self.coarse_factor}")
+        if self.chart_method not in ('mode', 'max'):
+            raise ConfigError(f"chart_method must be 'mode' or 'max', got {self.chart_method!r}")
+        if self.max_frames < 1:
+            raise ConfigError(f"max_frames must be >= 1, got {self.max_frames}")
         known = set(SAR_CHANNELS) | set(AMSR2_CHANNELS) | set(ERA5_CHANNELS) | set(ENCODINGS)
-        for k, names, ok in (('channels', self.channels, known), ('amsr2', self.amsr2, AMSR2_CHANNELS), ('era5', self.era5, ERA5_CHANNELS)):
+        for k, names, ok in (
+            ('channels', self.channels, known),
+            ('amsr2', self.amsr2, AMSR2_CHANNELS),
+            ('era5', self.era5, ERA5_CHANNELS),
+        ):
             bad = [c for c in names if c not in ok]
-            if bad: raise ConfigError(f"{k}: unknown channel {bad[0]!r}; choose from {', '.join(sorted(ok))}")
+            if bad:
+                raise ConfigError(f"{k}: unknown channel {bad[0]!r}; choose from {', '.join(sorted(ok))}")
 
 # %% ../nbs/20_preprocess.ipynb #23964760
 def _blocks(a: np.ndarray, factor: int) -> np.ndarray:
     "View `a[..., H, W]` as `[..., H//f, W//f, f*f]` blocks (trailing remainder dropped)."
     h, w = a.shape[-2] // factor, a.shape[-1] // factor
-    a = a[..., :h * factor, :w * factor]
+    a = a[..., : h * factor, : w * factor]
     a = a.reshape(*a.shape[:-2], h, factor, w, factor)
     return np.moveaxis(a, -3, -2).reshape(*a.shape[:-4], h, w, factor * factor)
 
-def downsample_mean(a: np.ndarray, # [..., H, W] values
-                    valid: np.ndarray, # [H, W] bool, pixels that count
-                    factor: int, # block size
-                    min_valid: float = 0.5, # fraction of valid pixels a block needs
-                   ) -> tuple[np.ndarray, np.ndarray]:
+
+def downsample_mean(
+    a: np.ndarray,  # [..., H, W] values
+    valid: np.ndarray,  # [H, W] bool, pixels that count
+    factor: int,  # block size
+    min_valid: float = 0.5,  # fraction of valid pixels a block needs
+) -> tuple[np.ndarray, np.ndarray]:
     "Block mean over valid pixels; returns (mean with 0 on invalid blocks, block validity)."
-    if factor == 1: return np.where(valid, a, 0).astype(np.float32), valid.copy()
+    if factor == 1:
+        return np.where(valid, a, 0).astype(np.float32), valid.copy()
     h, w = a.shape[-2] // factor, a.shape[-1] // factor
-    v = valid[:h * factor, :w * factor]
-    x = np.where(v, a[..., :h * factor, :w * factor], 0)  # reshaped views, sums accumulated in float64: no 8 B/px copy
+    v = valid[: h * factor, : w * factor]
+    x = np.where(
+        v, a[..., : h * factor, : w * factor], 0
+    )  # reshaped views, sums accumulated in float64: no 8 B/px copy
     n = v.reshape(h, factor, w, factor).sum((1, 3), dtype=np.int32)
     s = x.reshape(*x.shape[:-2], h, factor, w, factor).sum((-3, -1), dtype=np.float64)
     ok = n >= min_valid * factor * factor
     return np.where(ok, s / np.maximum(n, 1), 0).astype(np.float32), ok
 
 # %% ../nbs/20_preprocess.ipynb #e51c4cc3
-def downsample_labels(a: np.ndarray, # [H, W] uint8 class indices, `ignore` = no label
-                      factor: int, # block size
-                      method: str = 'mode', # 'mode' or 'max'
-                      ignore: int = 255, # ignore index
-                     ) -> np.ndarray:
+def downsample_labels(
+    a: np.ndarray,  # [H, W] uint8 class indices, `ignore` = no label
+    factor: int,  # block size
+    method: str = 'mode',  # 'mode' or 'max'
+    ignore: int = 255,  # ignore index
+) -> np.ndarray:
     "Block mode (or max) of a chart, ignoring `ignore`; all-ignore blocks stay `ignore`."
-    if factor == 1: return a.astype(np.uint8)
+    if factor == 1:
+        return a.astype(np.uint8)
     b = _blocks(a.astype(np.uint8), factor)  # 1 byte per pixel: the class loop below is memory-bound
     lab = b != ignore
     if method == 'max':
         out = np.where(lab, b.astype(np.int16), -1).max(-1)
         return np.where(out < 0, ignore, out).astype(np.uint8)
-    if method != 'mode': raise ConfigError(f"chart method must be 'mode' or 'max', got {method!r}")
+    if method != 'mode':
+        raise ConfigError(f"chart method must be 'mode' or 'max', got {method!r}")
     n = int(b[lab].max()) + 1 if lab.any() else 1
     counts = np.zeros(b.shape[:-1] + (n,), np.int32)
-    for c in range(n): counts[..., c] = (b == c).sum(-1, dtype=np.int32)  # c < n never equals `ignore`
+    for c in range(n):
+        counts[..., c] = (b == c).sum(-1, dtype=np.int32)  # c < n never equals `ignore`
     out = counts.argmax(-1)  # ties: the lower class
     return np.where(counts.sum(-1) == 0, ignore, out).astype(np.uint8)
 
 # %% ../nbs/20_preprocess.ipynb #404a39a4
-def fine_to_coarse(n: int, # number of output pixels along the axis
-                   factor: int = 1, # output pixel size in 80 m pixels
-                   start: float = 0, # 80 m coordinate of the first output pixel's first 80 m pixel
-                   grid_factor: int = 25, # 80 m pixels per 2 km sample
-                   grid_offset: float = 0.0, # 80 m pixel of 2 km sample 0
-                  ) -> np.ndarray:
+def fine_to_coarse(
+    n: int,  # number of output pixels along the axis
+    factor: int = 1,  # output pixel size in 80 m pixels
+    start: float = 0,  # 80 m coordinate of the first output pixel's first 80 m pixel
+    grid_factor: int = 25,  # 80 m pixels per 2 km sample
+    grid_offset: float = 0.0,  # 80 m pixel of 2 km sample 0
+) -> np.ndarray:
     "Fractional 2 km grid coordinate of the centres of `n` output pixels."
     return (start + np.arange(n) * factor + (factor - 1) / 2 - grid_offset) / grid_factor
 
-def resample_2km(a: np.ndarray, # [..., h2, w2] 2 km grid(s)
-                 shape: tuple[int, int], # output (H, W)
-                 factor: int = 1, # output pixel size in 80 m pixels
-                 origin: tuple[float, float] = (0, 0), # 80 m (row, col) of the output's top-left pixel corner
-                 grid_factor: int = 25, # 80 m pixels per 2 km sample
-                 grid_offset: float = 0.0, # 80 m pixel of 2 km sample 0
-                ) -> np.ndarray:
+
+def resample_2km(
+    a: np.ndarray,  # [..., h2, w2] 2 km grid(s)
+    shape: tuple[int, int],  # output (H, W)
+    factor: int = 1,  # output pixel size in 80 m pixels
+    origin: tuple[float, float] = (0, 0),  # 80 m (row, col) of the output's top-left pixel corner
+    grid_factor: int = 25,  # 80 m pixels per 2 km sample
+    grid_offset: float = 0.0,  # 80 m pixel of 2 km sample 0
+) -> np.ndarray:
     "Bilinear resampling of 2 km grids onto an 80 m-aligned output grid at the exact fractional positions."
     r = fine_to_coarse(shape[0], factor, origin[0], grid_factor, grid_offset)
     c = fine_to_coarse(shape[1], factor, origin[1], grid_factor, grid_offset)
     rr, cc = np.meshgrid(r, c, indexing='ij')
     flat = a.reshape(-1, *a.shape[-2:])
-    out = np.stack([ndimage.map_coordinates(x.astype(np.float64), [rr, cc], order=1, mode='nearest') for x in flat])
+    out = np.stack(
+        [ndimage.map_coordinates(x.astype(np.float64), [rr, cc], order=1, mode='nearest') for x in flat]
+    )
     return out.reshape(*a.shape[:-2], *shape).astype(np.float32)
+
 
 def official_crop(a: np.ndarray, y0: int, x0: int, size: int, grid_factor: int = 25) -> np.ndarray:
     "The official loader's 2 km crop for an 80 m patch at (y0, x0): its sub-cell offset truncated to zero (misaligned)."
-    return resample_2km(a, (size, size), origin=(y0 // grid_factor * grid_factor, x0 // grid_factor * grid_factor),
-                        grid_factor=grid_factor)
+    return resample_2km(
+        a,
+        (size, size),
+        origin=(y0 // grid_factor * grid_factor, x0 // grid_factor * grid_factor),
+        grid_factor=grid_factor,
+    )
 
 # %% ../nbs/20_preprocess.ipynb #954d5b03
-def standardise(a: np.ndarray, # values of one variable
-                name: str, # AI4Arctic variable name
-                stats: dict, # {name: (mean, std)} official statistics
-                valid: np.ndarray | None = None, # pixels to use for the detection
-               ) -> tuple[np.ndarray, bool]:
+def standardise(
+    a: np.ndarray,  # values of one variable
+    name: str,  # AI4Arctic variable name
+    stats: dict,  # {name: (mean, std)} official statistics
+    valid: np.ndarray | None = None,  # pixels to use for the detection
+) -> tuple[np.ndarray, bool]:
     "Standardise `a` unless it already is; returns (values, was_already_standardised)."
     mean, std = stats[name]
     k = max(1, a.size // 200_000)  # the detection needs a location, not every pixel: an even subsample
-    pick = lambda k: (a.ravel()[::k] if valid is None else a.ravel()[::k][valid.ravel()[::k]])
+    pick = lambda k: a.ravel()[::k] if valid is None else a.ravel()[::k][valid.ravel()[::k]]
     x = pick(k)
     x = x[np.isfinite(x)]
-    if x.size == 0 and k > 1: x = pick(1); x = x[np.isfinite(x)]  # a small valid region the subsample missed
-    if x.size == 0: return np.zeros_like(a, np.float32), True
+    if x.size == 0 and k > 1:
+        x = pick(1)
+        x = x[np.isfinite(x)]  # a small valid region the subsample missed
+    if x.size == 0:
+        return np.zeros_like(a, np.float32), True
     m = float(x.mean())
-    if abs(m) <= abs(m - mean): return a.astype(np.float32, copy=False), True
+    if abs(m) <= abs(m - mean):
+        return a.astype(np.float32, copy=False), True
     return ((a - mean) / std).astype(np.float32), False
 
 # %% ../nbs/20_preprocess.ipynb #8afbd8c1
-def encodings(names: list[str], # subset of ENCODINGS
-              date: dt.date | dt.datetime, # acquisition date of the frame
-              lat: np.ndarray, lon: np.ndarray, # [H, W] degrees
-             ) -> np.ndarray:
+def encodings(
+    names: list[str],  # subset of ENCODINGS
+    date: dt.date | dt.datetime,  # acquisition date of the frame
+    lat: np.ndarray,
+    lon: np.ndarray,  # [H, W] degrees
+) -> np.ndarray:
     "Encoding channels `[len(names), H, W]` for one frame."
     doy = date.timetuple().tm_yday
     ang = 2 * np.pi * (doy - 1) / 365.25
-    f = {'month_sin': lambda: np.full(lat.shape, np.sin(ang)), 'month_cos': lambda: np.full(lat.shape, np.cos(ang)),
-         'lat': lambda: (lat - 75.0) / 15.0, 'lon_sin': lambda: np.sin(np.deg2rad(lon)), 'lon_cos': lambda: np.cos(np.deg2rad(lon))}
-    return np.stack([f[n]() for n in names]).astype(np.float32) if names else np.zeros((0, *lat.shape), np.float32)
+    f = {
+        'month_sin': lambda: np.full(lat.shape, np.sin(ang)),
+        'month_cos': lambda: np.full(lat.shape, np.cos(ang)),
+        'lat': lambda: (lat - 75.0) / 15.0,
+        'lon_sin': lambda: np.sin(np.deg2rad(lon)),
+        'lon_cos': lambda: np.cos(np.deg2rad(lon)),
+    }
+    return (
+        np.stack([f[n]() for n in names]).astype(np.float32)
+        if names
+        else np.zeros((0, *lat.shape), np.float32)
+    )
 
 # %% ../nbs/20_preprocess.ipynb #1a1a7c96
 class SceneInvalidError(DataError):
     "A scene file failed validation; `.path` and `.problems` say which file and what is wrong."
+
     def __init__(self, path, problems: list):
         self.path, self.problems = Path(path), list(problems)
-        shown = '; '.join(str(p) for p in self.problems[:6]) + (f"; ... {len(self.problems) - 6} more" if len(self.problems) > 6 else '')
-        super().__init__(f"{self.path.name}: invalid scene ({shown}); check it with `seaice validate {self.path}`")
-    def __reduce__(self): return (SceneInvalidError, (self.path, self.problems))
+        shown = '; '.join(str(p) for p in self.problems[:6]) + (
+            f"; ... {len(self.problems) - 6} more" if len(self.problems) > 6 else ''
+        )
+        super().__init__(
+            f"{self.path.name}: invalid scene ({shown}); check it with `seaice validate {self.path}`"
+        )
+
+    def __reduce__(self):
+        return (SceneInvalidError, (self.path, self.problems))
+
 
 def _unreadable(path, why: str):
     from seaice_nb.scenes import Problem
+
     return SceneInvalidError(path, [Problem('error', None, why)])
 
-def read_scene(path: str | Path, # RTT scene file (its `_reference.nc` is merged when charts are missing)
-               strict: bool = False, # warnings are errors too
-              ) -> tuple[xr.Dataset, str]:
+
+def read_scene(
+    path: str | Path,  # RTT scene file (its `_reference.nc` is merged when charts are missing)
+    strict: bool = False,  # warnings are errors too
+) -> tuple[xr.Dataset, str]:
     "Read, decode and validate a scene in one pass over its bytes; returns (in-memory dataset, md5 of the file)."
     import hashlib, netCDF4
     from seaice_nb import scenes
+
     path = Path(path)
-    if not path.exists(): raise MissingFileError(f"scene file {path} does not exist")
+    if not path.exists():
+        raise MissingFileError(f"scene file {path} does not exist")
     data = path.read_bytes()
     md5 = hashlib.md5(data).hexdigest()
-    if not data: raise _unreadable(path, 'the file is empty (0 bytes): the download failed; download it again')
-    try: nc = netCDF4.Dataset(path.name, mode='r', memory=data)
-    except OSError as e: raise _unreadable(path, f"not a NetCDF-4 file, or truncated ({e}): download it again") from e
+    if not data:
+        raise _unreadable(path, 'the file is empty (0 bytes): the download failed; download it again')
     try:
-        ds = xr.open_dataset(xr.backends.NetCDF4DataStore(nc), engine='store', mask_and_scale=False, decode_times=False)
-        for v in ds.variables.values():  # in place; a variable that cannot be decoded is reported by the validator
-            try: v.load()
-            except (OSError, RuntimeError, ValueError, KeyError): pass
+        nc = netCDF4.Dataset(path.name, mode='r', memory=data)
+    except OSError as e:
+        raise _unreadable(path, f"not a NetCDF-4 file, or truncated ({e}): download it again") from e
+    try:
+        ds = xr.open_dataset(
+            xr.backends.NetCDF4DataStore(nc), engine='store', mask_and_scale=False, decode_times=False
+        )
+        for v in (
+            ds.variables.values()
+        ):  # in place; a variable that cannot be decoded is reported by the validator
+            try:
+                v.load()
+            except (OSError, RuntimeError, ValueError, KeyError):
+                pass
         ref = scenes.reference_path(path)
         if not any(c in ds for c in scenes.CHART_VARS) and ref.exists():
             r = scenes.open_scene(ref, reference=False)
-            with r: ds = ds.merge(r[[c for c in scenes.CHART_VARS if c in r]].load())
+            with r:
+                ds = ds.merge(r[[c for c in scenes.CHART_VARS if c in r]].load())
         problems = scenes.validate_dataset(ds, charts_required=False)
         bad = [p for p in problems if p.severity == 'error' or strict]
-        if bad: raise SceneInvalidError(path, bad)
+        if bad:
+            raise SceneInvalidError(path, bad)
         ds = ds.load()
         ds.set_close(None)  # the file is closed below; the returned dataset lives in memory only
         return ds, md5
-    finally: nc.close()
+    finally:
+        nc.close()
 
 # %% ../nbs/20_preprocess.ipynb #b7a7ee40
-def frame_of(ds: xr.Dataset, # a scene loaded by `read_scene` (validated)
-             path: str | Path, # the file it came from (names errors)
-             cfg: PreprocessConfig, # preprocessing parameters
-             charts: bool | str = 'auto', # downsample the charts: True (required), False, 'auto' (when present)
-            ) -> dict:
+def frame_of(
+    ds: xr.Dataset,  # a scene loaded by `read_scene` (validated)
+    path: str | Path,  # the file it came from (names errors)
+    cfg: PreprocessConfig,  # preprocessing parameters
+    charts: bool | str = 'auto',  # downsample the charts: True (required), False, 'auto' (when present)
+) -> dict:
     "Downsampled, standardised SAR-grid channels, validity, coarse grids, lat/lon, metadata (and charts) of one scene."
     from seaice_nb import scenes
+
     f = cfg.factor
     hh = ds['nersc_sar_primary'].values
     valid80 = np.isfinite(hh) & (hh != 0)
     H, W = hh.shape[0] // f, hh.shape[1] // f
-    if H < 1 or W < 1: raise DataError(f"{Path(path).name}: scene {hh.shape} is smaller than the downsampling factor {f}")
+    if H < 1 or W < 1:
+        raise DataError(f"{Path(path).name}: scene {hh.shape} is smaller than the downsampling factor {f}")
     std_flags, chans = {}, {}
     for name in [c for c in cfg.channels if c in SAR_CHANNELS]:
         var = SAR_CHANNELS[name]
         x, std_flags[var] = standardise(ds[var].values, var, scenes.STATS, valid80)
         chans[name], valid = downsample_mean(x, valid80, f, cfg.min_valid)
-    if not chans: _, valid = downsample_mean(np.zeros(hh.shape, np.float32), valid80, f, cfg.min_valid)
-    coarse_names = sorted(set(cfg.amsr2) | set(cfg.era5) | {c for c in cfg.channels if c in AMSR2_CHANNELS or c in ERA5_CHANNELS})
+    if not chans:
+        _, valid = downsample_mean(np.zeros(hh.shape, np.float32), valid80, f, cfg.min_valid)
+    coarse_names = sorted(
+        set(cfg.amsr2)
+        | set(cfg.era5)
+        | {c for c in cfg.channels if c in AMSR2_CHANNELS or c in ERA5_CHANNELS}
+    )
     fine = {}
     for var in coarse_names:
         g, std_flags[var] = standardise(ds[var].values, var, scenes.STATS)
-        g = np.where(np.isfinite(g), g, 0).astype(np.float32)  # no data -> the standardised mean, as SAR's fill
+        g = np.where(np.isfinite(g), g, 0).astype(
+            np.float32
+        )  # no data -> the standardised mean, as SAR's fill
         fine[var] = resample_2km(g, (H, W), f, grid_factor=scenes.GRID_FACTOR, grid_offset=cfg.grid_offset)
     lat, lon = pixel_latlon(ds, H, W, f)
     meta = scene_meta(ds, path)
     enc = iter(encodings([c for c in cfg.channels if c in ENCODINGS], meta['datetime'], lat, lon))
-    image = np.stack([chans[c] if c in SAR_CHANNELS else fine[c] if c in fine else next(enc) for c in cfg.channels])
+    image = np.stack(
+        [chans[c] if c in SAR_CHANNELS else fine[c] if c in fine else next(enc) for c in cfg.channels]
+    )
     image = np.where(valid[None], image, 0).astype(np.float32)
     cf = cfg.coarse_factor
     hc, wc = -(-H // cf), -(-W // cf)
+
     def coarse(names):
-        if not names: return np.zeros((0, hc, wc), np.float32)
+        if not names:
+            return np.zeros((0, hc, wc), np.float32)
         x = np.stack([fine[n] for n in names])
         x = np.pad(x, ((0, 0), (0, hc * cf - H), (0, wc * cf - W)), mode='edge')
         return x.reshape(len(names), hc, cf, wc, cf).mean((2, 4)).astype(np.float32)
-    out = dict(image=image, valid=valid, lat=lat.astype(np.float32), lon=lon.astype(np.float32),
-               amsr2=coarse(cfg.amsr2), era5=coarse(cfg.era5), meta=meta, standardised=std_flags, shape80=hh.shape)
+
+    out = dict(
+        image=image,
+        valid=valid,
+        lat=lat.astype(np.float32),
+        lon=lon.astype(np.float32),
+        amsr2=coarse(cfg.amsr2),
+        era5=coarse(cfg.era5),
+        meta=meta,
+        standardised=std_flags,
+        shape80=hh.shape,
+    )
     has = all(c.upper() in ds for c in CHARTS)
     if charts is True and not has:
-        raise DataError(f"{Path(path).name}: chart {next(c.upper() for c in CHARTS if c.upper() not in ds)} is missing "
-                        f"(test scenes need their _reference.nc beside them)")
+        raise DataError(
+            f"{Path(path).name}: chart {next(c.upper() for c in CHARTS if c.upper() not in ds)} is missing "
+            f"(test scenes need their _reference.nc beside them)"
+        )
     if charts and has:
-        for c in CHARTS: out[c] = downsample_labels(ds[c.upper()].values, f, cfg.chart_method)
+        for c in CHARTS:
+            out[c] = downsample_labels(ds[c.upper()].values, f, cfg.chart_method)
     return out
 
-def scene_frame(path: str | Path, # RTT NetCDF file
-                cfg: PreprocessConfig, # preprocessing parameters
-                charts: bool | str = True, # downsample the charts (True: required; 'auto': when present)
-                strict: bool = False, # validation warnings are errors too
-               ) -> dict:
+
+def scene_frame(
+    path: str | Path,  # RTT NetCDF file
+    cfg: PreprocessConfig,  # preprocessing parameters
+    charts: bool | str = True,  # downsample the charts (True: required; 'auto': when present)
+    strict: bool = False,  # validation warnings are errors too
+) -> dict:
     "Read, validate and downsample one scene (`read_scene` + `frame_of`); the frame carries the file's md5."
     ds, md5 = read_scene(path, strict)
-    with ds: return {**frame_of(ds, path, cfg, charts), 'md5': md5, 'file': Path(path).name}
+    with ds:
+        return {**frame_of(ds, path, cfg, charts), 'md5': md5, 'file': Path(path).name}
 
 # %% ../nbs/20_preprocess.ipynb #23d13f6e
 def pixel_latlon(ds: xr.Dataset, H: int, W: int, factor: int) -> tuple[np.ndarray, np.ndarray]:
     "Lat/lon at the centres of the downsampled pixels (80 m centres `i f + (f-1)/2`), from the tie points."
     from seaice_nb import scenes
+
     lat, lon = scenes.tie_points(ds)
     H80, W80 = ds.sizes['sar_lines'], ds.sizes['sar_samples']
     rows = (np.arange(H) * factor + (factor - 1) / 2) * (lat.shape[0] - 1) / (H80 - 1)
     cols = (np.arange(W) * factor + (factor - 1) / 2) * (lat.shape[1] - 1) / (W80 - 1)
-    la, lo = np.radians(lat), np.radians(lon)  # interpolate on the unit sphere: no longitude wrap at the date line
+    la, lo = (
+        np.radians(lat),
+        np.radians(lon),
+    )  # interpolate on the unit sphere: no longitude wrap at the date line
     xyz = np.stack([np.cos(la) * np.cos(lo), np.cos(la) * np.sin(lo), np.sin(la)])
     rr, cc = np.meshgrid(rows, cols, indexing='ij')
     out = np.stack([ndimage.map_coordinates(c, [rr, cc], order=1, mode='nearest') for c in xyz])
     out /= np.linalg.norm(out, axis=0)
     return np.degrees(np.arcsin(out[2])), np.degrees(np.arctan2(out[1], out[0]))
 
+
 def scene_meta(ds: xr.Dataset, path) -> dict:
     "Scene id, ice service, region and acquisition time from the file's attributes and its raw name."
     from seaice_nb import scenes
-    try: scenes.parse_rtt_name(Path(path).name); sid = Path(path).name  # the file name names the group (as the planner does)
-    except SeaIceError: sid = str(ds.attrs.get('scene_id', Path(path).name))
+
+    try:
+        scenes.parse_rtt_name(Path(path).name)
+        sid = Path(path).name  # the file name names the group (as the planner does)
+    except SeaIceError:
+        sid = str(ds.attrs.get('scene_id', Path(path).name))
     stem = sid.replace('_prep.nc', '').replace('.nc', '')
     region = ''
     if ds.attrs.get('original_id'):
-        try: region = scenes.parse_raw_name(str(ds.attrs['original_id'])).region
-        except SeaIceError: region = ''
+        try:
+            region = scenes.parse_raw_name(str(ds.attrs['original_id'])).region
+        except SeaIceError:
+            region = ''
     when, service, _ = scenes.parse_rtt_name(stem + '_prep.nc')
-    return {'scene': stem, 'ice_service': service, 'region': region, 'datetime': when, 'date': when.date().isoformat()}
+    return {
+        'scene': stem,
+        'ice_service': service,
+        'region': region,
+        'datetime': when,
+        'date': when.date().isoformat(),
+    }
 
 # %% ../nbs/20_preprocess.ipynb #9dec22c6
-def scene_info(path: str | Path) -> 'stack.SceneInfo':
+def scene_info(path: str | Path) -> 'stack.SceneInfo':  # noqa: F821 (imported lazily, below)
     "Time and EPSG:3413 footprint of a scene file (reads only the geolocation)."
     from seaice_nb import scenes, stack
     from shapely.geometry import Polygon
+
     ds = scenes.open_scene(path)
     try:
         ring = scenes.scene_footprint(ds)
@@ -304,18 +462,25 @@ def scene_info(path: str | Path) -> 'stack.SceneInfo':
         stem = Path(path).name.replace('_prep.nc', '')
         p = Polygon(ring)
         return stack.SceneInfo(stem, when, p if p.is_valid else p.buffer(0), str(path))
-    except (KeyError, ValueError) as e: raise DataError(f"{path}: cannot read the geolocation ({e})") from e
-    finally: ds.close()
+    except (KeyError, ValueError) as e:
+        raise DataError(f"{path}: cannot read the geolocation ({e})") from e
+    finally:
+        ds.close()
 
-def plan_stacks(paths: list[str | Path], # scene files
-                cfg: PreprocessConfig, # frame selection parameters
-               ) -> tuple[dict, dict]:
+
+def plan_stacks(
+    paths: list[str | Path],  # scene files
+    cfg: PreprocessConfig,  # frame selection parameters
+) -> tuple[dict, dict]:
     "({scene: (path, [(earlier path, days_before), ...])}, {file name: error}) for all readable scenes."
     from seaice_nb import stack
+
     infos, failed = [], {}
     for p in paths:
-        try: infos.append(scene_info(p))
-        except SeaIceError as e: failed[Path(p).name] = str(e)
+        try:
+            infos.append(scene_info(p))
+        except SeaIceError as e:
+            failed[Path(p).name] = str(e)
     plan = {}
     for t in infos:
         frames = stack.select_frames(t, infos, cfg.max_frames, cfg.min_days, cfg.max_days, cfg.min_overlap)
@@ -326,48 +491,115 @@ def plan_stacks(paths: list[str | Path], # scene files
 STORE_FORMAT = 'seaice_nb.preprocess/2'
 _OLD_FORMATS = {'seaice_nb.preprocess/1': 'all channels in one chunk'}
 
+
 def _n_classes(chart: str) -> int:
     return N_CLASSES[chart]
 
-def scene_dataset(target: dict, # scene_frame() of the target (with charts)
-                  stacked: dict, # stack.stack_frames() output
-                  cfg: PreprocessConfig, # parameters
-                  sources: list[str | Path], # files that went in (target first)
-                  dropped: dict | None = None, # {file: error} frames that could not be read
-                  digests: dict | None = None, # {file name: md5} already computed (None: hash the files now)
-                 ) -> xr.Dataset:
+
+def scene_dataset(
+    target: dict,  # scene_frame() of the target (with charts)
+    stacked: dict,  # stack.stack_frames() output
+    cfg: PreprocessConfig,  # parameters
+    sources: list[str | Path],  # files that went in (target first)
+    dropped: dict | None = None,  # {file: error} frames that could not be read
+    digests: dict | None = None,  # {file name: md5} already computed (None: hash the files now)
+) -> xr.Dataset:
     "The zarr group content of one scene (see the table at the top)."
     T, C, H, W = stacked['image'].shape
     cf = cfg.coarse_factor
     m = target['meta']
     digests = digests or {}
-    times = np.array([np.datetime64(m['datetime'], 's') - np.timedelta64(int(round(d * 86400)), 's') if s != m['scene']
-                      else np.datetime64(m['datetime'], 's') for s, d in zip(stacked['sources'], stacked.get('days_exact', stacked['days_before']))])
+    times = np.array(
+        [
+            np.datetime64(m['datetime'], 's') - np.timedelta64(int(round(d * 86400)), 's')
+            if s != m['scene']
+            else np.datetime64(m['datetime'], 's')
+            for s, d in zip(stacked['sources'], stacked.get('days_exact', stacked['days_before']))
+        ]
+    )
     ds = xr.Dataset(
-        {'image': (('time', 'channel', 'y', 'x'), stacked['image'], {'long_name': 'standardised SAR-grid channels', 'units': '1',
-                    'channel_names': list(cfg.channels)}),
-         'valid': (('time', 'y', 'x'), stacked['valid'], {'long_name': 'pixel has SAR data in this frame'}),
-         'doy': (('time',), stacked['doy'], {'long_name': 'day of year of the frame', 'units': '1'}),
-         'days_before': (('time',), stacked['days_before'], {'long_name': 'days before the target acquisition', 'units': 'days'}),
-         **{c: (('y', 'x'), target[c], {'long_name': f'{c.upper()} chart class of the target scene', 'units': '1',
-                'flag_values': list(range(_n_classes(c))), 'ignore_index': 255}) for c in CHARTS},
-         'amsr2': (('channel_amsr2', 'yc', 'xc'), target['amsr2'], {'long_name': 'standardised AMSR2 brightness temperatures',
-                   'units': '1', 'channel_names': list(cfg.amsr2)}),
-         'era5': (('channel_era5', 'yc', 'xc'), target['era5'], {'long_name': 'standardised ERA5 fields', 'units': '1',
-                  'channel_names': list(cfg.era5)})},
-        coords={'time': ('time', times.astype('datetime64[ns]'), {'long_name': 'frame acquisition start'}),
-                'lat': (('y', 'x'), target['lat'], {'standard_name': 'latitude', 'units': 'degrees_north'}),
-                'lon': (('y', 'x'), target['lon'], {'standard_name': 'longitude', 'units': 'degrees_east'}),
-                'source': ('time', np.array(stacked['sources'], dtype=object).astype(str), {'long_name': 'scene of the frame'})})
-    ds.attrs = {'Conventions': 'CF-1.10', 'title': f"seaice_nb preprocessed scene {m['scene']}",
-                'seaice:format': STORE_FORMAT, 'seaice:scene': m['scene'], 'seaice:ice_service': m['ice_service'],
-                'seaice:region': m['region'], 'seaice:date': m['datetime'].isoformat(),
-                'seaice:shape80': list(map(int, target['shape80'])), 'seaice:factor': cfg.factor, 'seaice:coarse_factor': cf,
-                'seaice:params': json.dumps(to_dict(cfg)), 'seaice:code_version': code_version(),
-                'seaice:sources': json.dumps({Path(p).name: digests.get(Path(p).name) or file_digest(p) for p in sources}),
-                'seaice:standardised': json.dumps(target['standardised']), 'seaice:dropped_frames': json.dumps(dropped or {}),
-                'seaice:complete': True}
+        {
+            'image': (
+                ('time', 'channel', 'y', 'x'),
+                stacked['image'],
+                {
+                    'long_name': 'standardised SAR-grid channels',
+                    'units': '1',
+                    'channel_names': list(cfg.channels),
+                },
+            ),
+            'valid': (
+                ('time', 'y', 'x'),
+                stacked['valid'],
+                {'long_name': 'pixel has SAR data in this frame'},
+            ),
+            'doy': (('time',), stacked['doy'], {'long_name': 'day of year of the frame', 'units': '1'}),
+            'days_before': (
+                ('time',),
+                stacked['days_before'],
+                {'long_name': 'days before the target acquisition', 'units': 'days'},
+            ),
+            **{
+                c: (
+                    ('y', 'x'),
+                    target[c],
+                    {
+                        'long_name': f'{c.upper()} chart class of the target scene',
+                        'units': '1',
+                        'flag_values': list(range(_n_classes(c))),
+                        'ignore_index': 255,
+                    },
+                )
+                for c in CHARTS
+            },
+            'amsr2': (
+                ('channel_amsr2', 'yc', 'xc'),
+                target['amsr2'],
+                {
+                    'long_name': 'standardised AMSR2 brightness temperatures',
+                    'units': '1',
+                    'channel_names': list(cfg.amsr2),
+                },
+            ),
+            'era5': (
+                ('channel_era5', 'yc', 'xc'),
+                target['era5'],
+                {'long_name': 'standardised ERA5 fields', 'units': '1', 'channel_names': list(cfg.era5)},
+            ),
+        },
+        coords={
+            'time': ('time', times.astype('datetime64[ns]'), {'long_name': 'frame acquisition start'}),
+            'lat': (('y', 'x'), target['lat'], {'standard_name': 'latitude', 'units': 'degrees_north'}),
+            'lon': (('y', 'x'), target['lon'], {'standard_name': 'longitude', 'units': 'degrees_east'}),
+            'source': (
+                'time',
+                np.array(stacked['sources'], dtype=object).astype(str),
+                {'long_name': 'scene of the frame'},
+            ),
+        },
+    )
+    ds.attrs = {
+        'Conventions': 'CF-1.10',
+        'title': f"seaice_nb preprocessed scene {m['scene']}",
+        'seaice:format': STORE_FORMAT,
+        'seaice:scene': m['scene'],
+        'seaice:ice_service': m['ice_service'],
+        'seaice:region': m['region'],
+        'seaice:date': m['datetime'].isoformat(),
+        'seaice:shape80': list(map(int, target['shape80'])),
+        'seaice:factor': cfg.factor,
+        'seaice:coarse_factor': cf,
+        'seaice:params': json.dumps(to_dict(cfg)),
+        'seaice:code_version': code_version(),
+        'seaice:sources': json.dumps(
+            {Path(p).name: digests.get(Path(p).name) or file_digest(p) for p in sources}
+        ),
+        'seaice:standardised': json.dumps(target['standardised']),
+        'seaice:dropped_frames': json.dumps(dropped or {}),
+        'seaice:complete': True,
+    }
     return ds
+
 
 def value_problems(ds: xr.Dataset, name: str = '') -> list[str]:
     "Value checks of a scene group (finite channels and grids, charts in their class ranges or 255): nothing bad may be stored."
@@ -375,12 +607,17 @@ def value_problems(ds: xr.Dataset, name: str = '') -> list[str]:
     for v in ('image', 'amsr2', 'era5', 'lat', 'lon'):
         a = np.asarray(ds[v].values)
         n = int((~np.isfinite(a)).sum())
-        if n: out.append(f"{pre}{v} has {n} non-finite values (NaN/inf)")
+        if n:
+            out.append(f"{pre}{v} has {n} non-finite values (NaN/inf)")
     for c in CHARTS:
         a = np.asarray(ds[c].values)
         bad = (a != 255) & (a >= _n_classes(c))
-        if bad.any(): out.append(f"{pre}{c} has {int(bad.sum())} pixels outside 0..{_n_classes(c) - 1} (or 255), e.g. {int(a[bad].flat[0])}")
+        if bad.any():
+            out.append(
+                f"{pre}{c} has {int(bad.sum())} pixels outside 0..{_n_classes(c) - 1} (or 255), e.g. {int(a[bad].flat[0])}"
+            )
     return out
+
 
 def _encoding(ds: xr.Dataset, chunk: int) -> dict:
     "One chunk per (frame, channel) and `chunk` x `chunk` pixels: reading k channels reads ~k/C of the bytes."
@@ -388,19 +625,34 @@ def _encoding(ds: xr.Dataset, chunk: int) -> dict:
     enc = {}
     for v in ds.variables:
         dims = ds[v].dims
-        if not dims: continue
-        enc[v] = {'chunks': tuple(min(chunk, ds.sizes[d]) if d in ('y', 'x', 'yc', 'xc') else
-                                  1 if d in per_one and len(dims) > 1 else ds.sizes[d] for d in dims)}
-    for v in CHARTS: enc[v]['fill_value'] = None
+        if not dims:
+            continue
+        enc[v] = {
+            'chunks': tuple(
+                min(chunk, ds.sizes[d])
+                if d in ('y', 'x', 'yc', 'xc')
+                else 1
+                if d in per_one and len(dims) > 1
+                else ds.sizes[d]
+                for d in dims
+            )
+        }
+    for v in CHARTS:
+        enc[v]['fill_value'] = None
     enc['source']['dtype'] = 'U32'
     return enc
 
-def _tmp_root(root: Path) -> Path: return root.parent / f'.{root.name}.tmp'
+
+def _tmp_root(root: Path) -> Path:
+    return root.parent / f'.{root.name}.tmp'
+
 
 def write_group(ds: xr.Dataset, root: str | Path, name: str, chunk: int = 256) -> Path:
     "Write `ds` as group `name` of the zarr store `root`, atomically (temp folder beside the store + rename)."
     import warnings
-    root = Path(root); tmp_root = _tmp_root(root)
+
+    root = Path(root)
+    tmp_root = _tmp_root(root)
     tmp = tmp_root / f'{name}-{uuid.uuid4().hex[:8]}'
     tmp_root.mkdir(parents=True, exist_ok=True)
     try:
@@ -408,43 +660,68 @@ def write_group(ds: xr.Dataset, root: str | Path, name: str, chunk: int = 256) -
             warnings.filterwarnings('ignore', message='.*does not have a Zarr V3 specification.*')
             ds.to_zarr(tmp, mode='w', zarr_format=3, consolidated=False, encoding=_encoding(ds, chunk))
         final = root / name
-        if final.exists():  # a group rewritten (its stack changed): move the old one away first, then remove it
-            old = tmp_root / f'{name}-old-{uuid.uuid4().hex[:8]}'; os.replace(final, old); shutil.rmtree(old)
+        if (
+            final.exists()
+        ):  # a group rewritten (its stack changed): move the old one away first, then remove it
+            old = tmp_root / f'{name}-old-{uuid.uuid4().hex[:8]}'
+            os.replace(final, old)
+            shutil.rmtree(old)
         os.replace(tmp, final)
         return final
     finally:
-        if tmp.exists(): shutil.rmtree(tmp, ignore_errors=True)
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
 
 # %% ../nbs/20_preprocess.ipynb #d69d8035
-def open_store(root: str | Path, # zarr store folder
-               cfg: PreprocessConfig | None = None, # parameters a writer wants to use (checked against the store's)
-               create: bool = False, # create the root group when missing
-               audit: bool = False, # accept older formats too (for `validate_store` only: they cannot be read for training)
-              ) -> Path:
+def open_store(
+    root: str | Path,  # zarr store folder
+    cfg: PreprocessConfig | None = None,  # parameters a writer wants to use (checked against the store's)
+    create: bool = False,  # create the root group when missing
+    audit: bool = False,  # accept older formats too (for `validate_store` only: they cannot be read for training)
+) -> Path:
     "Check (or create, atomically) the root group of a preprocessed store; a writer's parameters must match the store's."
     import zarr
+
     root = Path(root)
     meta = root / 'zarr.json'
     if not meta.exists() and create:  # built aside and renamed: two writers creating one store cannot collide
         tmp = root.parent / f'.{root.name}.create-{uuid.uuid4().hex[:8]}'
         g = zarr.open_group(tmp, mode='w', zarr_format=3)
-        g.attrs.update({'seaice:format': STORE_FORMAT, 'seaice:params': json.dumps(to_dict(cfg)) if cfg else '{}',
-                        'seaice:code_version': code_version()})
-        try: os.rename(tmp, root)
-        except OSError: shutil.rmtree(tmp, ignore_errors=True)  # another writer was first: check theirs below
-    if not meta.exists(): raise MissingFileError(f"{root} is not a preprocessed store (no zarr.json); run `seaice preprocess` first")
+        g.attrs.update(
+            {
+                'seaice:format': STORE_FORMAT,
+                'seaice:params': json.dumps(to_dict(cfg)) if cfg else '{}',
+                'seaice:code_version': code_version(),
+            }
+        )
+        try:
+            os.rename(tmp, root)
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)  # another writer was first: check theirs below
+    if not meta.exists():
+        raise MissingFileError(
+            f"{root} is not a preprocessed store (no zarr.json); run `seaice preprocess` first"
+        )
     attrs = json.loads(meta.read_text()).get('attributes', {})
     fmt = attrs.get('seaice:format')
-    if fmt in _OLD_FORMATS and audit: return root
+    if fmt in _OLD_FORMATS and audit:
+        return root
     if fmt in _OLD_FORMATS:
-        raise DataError(f"{root} is an old store (format {fmt}: {_OLD_FORMATS[fmt]}); this version reads {STORE_FORMAT}. "
-                        f"Rebuild it: `seaice preprocess SCENES {root} --overwrite`")
-    if fmt != STORE_FORMAT: raise DataError(f"{root}: not a seaice_nb store (format {fmt!r}, expected {STORE_FORMAT})")
+        raise DataError(
+            f"{root} is an old store (format {fmt}: {_OLD_FORMATS[fmt]}); this version reads {STORE_FORMAT}. "
+            f"Rebuild it: `seaice preprocess SCENES {root} --overwrite`"
+        )
+    if fmt != STORE_FORMAT:
+        raise DataError(f"{root}: not a seaice_nb store (format {fmt!r}, expected {STORE_FORMAT})")
     if cfg is not None:
         saved = json.loads(attrs.get('seaice:params', '{}'))
         diff = [k for k, v in to_dict(cfg).items() if saved.get(k) != v]
-        if diff: raise ConfigError(f"{root} was written with different {', '.join(diff)}; use a new --out or --overwrite")
+        if diff:
+            raise ConfigError(
+                f"{root} was written with different {', '.join(diff)}; use a new --out or --overwrite"
+            )
     return root
+
 
 def done_scenes(root: str | Path) -> list[str]:
     "Names of the complete scene groups in a store."
@@ -453,320 +730,484 @@ def done_scenes(root: str | Path) -> list[str]:
     for d in sorted(root.iterdir()) if root.is_dir() else []:
         j = d / 'zarr.json'
         if d.is_dir() and j.exists():
-            try: attrs = json.loads(j.read_text()).get('attributes', {})
-            except json.JSONDecodeError: continue
-            if attrs.get('seaice:complete') is True: out.append(d.name)
+            try:
+                attrs = json.loads(j.read_text()).get('attributes', {})
+            except json.JSONDecodeError:
+                continue
+            if attrs.get('seaice:complete') is True:
+                out.append(d.name)
     return out
 
 # %% ../nbs/20_preprocess.ipynb #6dbbbc2e
 class StoreLockedError(SeaIceError, RuntimeError):
     "Another run holds the store's lock file."
 
+
 def _proc_start(pid: int) -> str:
     "Start time of a process (clock ticks since boot), '' when unknown: tells a reused pid from the original."
-    try: return Path(f'/proc/{pid}/stat').read_text().rsplit(')', 1)[1].split()[19]
-    except (OSError, IndexError): return ''
+    try:
+        return Path(f'/proc/{pid}/stat').read_text().rsplit(')', 1)[1].split()[19]
+    except (OSError, IndexError):
+        return ''
+
 
 def _stale(h: dict) -> bool:
     import socket
-    if h.get('host') != socket.gethostname(): return False  # cannot check another host
-    try: os.kill(int(h['pid']), 0)
-    except ProcessLookupError: return True
-    except PermissionError: pass
+
+    if h.get('host') != socket.gethostname():
+        return False  # cannot check another host
+    try:
+        os.kill(int(h['pid']), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        pass
     return bool(h.get('start')) and _proc_start(int(h['pid'])) not in ('', h['start'])
 
-def _lock_dir(root: Path) -> Path: return root.parent / f'.{root.name}.lock'
+
+def _lock_dir(root: Path) -> Path:
+    return root.parent / f'.{root.name}.lock'
+
 
 class store_lock:
     "Context manager: hold the lock of store `root` (shared only with holders of the same `run` key)."
+
     def __init__(self, root: str | Path, run: str | None = None, wait: float = 5.0):
         import socket
+
         self.root, self.dir = Path(root), _lock_dir(Path(root))
         self.run, self.wait = run, wait
-        self.me = {'host': socket.gethostname(), 'pid': os.getpid(), 'start': _proc_start(os.getpid()),
-                   'run': run or uuid.uuid4().hex, 'since': dt.datetime.now(dt.timezone.utc).isoformat(timespec='seconds')}
+        self.me = {
+            'host': socket.gethostname(),
+            'pid': os.getpid(),
+            'start': _proc_start(os.getpid()),
+            'run': run or uuid.uuid4().hex,
+            'since': dt.datetime.now(dt.timezone.utc).isoformat(timespec='seconds'),
+        }
         self.file, self.first = self.dir / f"{self.me['host']}-{self.me['pid']}.json", False
 
     def _holders(self) -> list[tuple[Path, dict]]:
         out = []
         for p in self.dir.glob('*.json'):
-            try: out.append((p, json.loads(p.read_text())))
-            except (OSError, json.JSONDecodeError): continue  # being written or just removed
+            try:
+                out.append((p, json.loads(p.read_text())))
+            except (OSError, json.JSONDecodeError):
+                continue  # being written or just removed
         return out
 
     def __enter__(self):
         self.root.parent.mkdir(parents=True, exist_ok=True)
         t0 = time.monotonic()
         while True:
-            try: self.dir.mkdir(); first = True
-            except FileExistsError: first = False
+            try:
+                self.dir.mkdir()
+                first = True
+            except FileExistsError:
+                first = False
             if not first:
                 hs = self._holders()
                 live = []
                 for p, h in hs:
-                    if _stale(h): p.unlink(missing_ok=True)
-                    else: live.append(h)
+                    if _stale(h):
+                        p.unlink(missing_ok=True)
+                    else:
+                        live.append(h)
                 others = [h for h in live if h.get('run') != self.me['run']]
                 if others:
                     h = others[0]
-                    raise StoreLockedError(f"{self.root} is being written by another run (host {h.get('host')}, pid {h.get('pid')}, "
-                                           f"since {h.get('since')}); wait for it to finish, or if that process is gone, "
-                                           f"delete {self.dir}")
+                    raise StoreLockedError(
+                        f"{self.root} is being written by another run (host {h.get('host')}, pid {h.get('pid')}, "
+                        f"since {h.get('since')}); wait for it to finish, or if that process is gone, "
+                        f"delete {self.dir}"
+                    )
                 if not live:
                     if time.monotonic() - t0 < self.wait and not hs and self.dir.exists():
-                        time.sleep(0.05); continue  # just created by someone who is writing their holder file
-                    try: self.dir.rmdir()  # left by dead runs (or an empty folder): clear it and retry
-                    except OSError: pass
+                        time.sleep(0.05)
+                        continue  # just created by someone who is writing their holder file
+                    try:
+                        self.dir.rmdir()  # left by dead runs (or an empty folder): clear it and retry
+                    except OSError:
+                        pass
                     continue
-            try: fd = os.open(self.file, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileNotFoundError: continue  # the last holder removed the folder meanwhile
-            with os.fdopen(fd, 'w') as f: json.dump(self.me, f)
+            try:
+                fd = os.open(self.file, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileNotFoundError:
+                continue  # the last holder removed the folder meanwhile
+            with os.fdopen(fd, 'w') as f:
+                json.dump(self.me, f)
             self.first = first
             return self
 
     def __exit__(self, *exc):
         self.file.unlink(missing_ok=True)
-        try: self.dir.rmdir()
-        except OSError: pass  # other holders of the same run are still working
+        try:
+            self.dir.rmdir()
+        except OSError:
+            pass  # other holders of the same run are still working
         return False
 
 # %% ../nbs/20_preprocess.ipynb #c2e9fbd1
-def _cache_dir(root: Path, run: str) -> Path: return _tmp_root(Path(root)) / f'frames-{run}'
-def _stem(path) -> str: return Path(path).name.replace('_prep.nc', '')
+def _cache_dir(root: Path, run: str) -> Path:
+    return _tmp_root(Path(root)) / f'frames-{run}'
 
-def compute_frame(path: str, # scene file
-                  cfg: PreprocessConfig, # parameters
-                  cache: str, # cache folder of this run
-                  strict: bool = False, # validation warnings are errors too
-                 ) -> tuple[str, str | None]:
+
+def _stem(path) -> str:
+    return Path(path).name.replace('_prep.nc', '')
+
+
+def compute_frame(
+    path: str,  # scene file
+    cfg: PreprocessConfig,  # parameters
+    cache: str,  # cache folder of this run
+    strict: bool = False,  # validation warnings are errors too
+) -> tuple[str, str | None]:
     "Phase 1: read, validate, downsample and hash one scene once, into the run's frame cache; (file name, error or None)."
     import pickle
+
     out = Path(cache) / f'{_stem(path)}.pkl'
     try:
         if not out.exists():
             fr = scene_frame(path, cfg, charts='auto', strict=strict)
             tmp = out.with_name(f'.{out.name}.{uuid.uuid4().hex[:8]}')
             try:
-                with open(tmp, 'wb') as f: pickle.dump(fr, f, protocol=pickle.HIGHEST_PROTOCOL)
+                with open(tmp, 'wb') as f:
+                    pickle.dump(fr, f, protocol=pickle.HIGHEST_PROTOCOL)
                 os.replace(tmp, out)
-            finally: tmp.unlink(missing_ok=True)
+            finally:
+                tmp.unlink(missing_ok=True)
         return Path(path).name, None
-    except SeaIceError as e: return Path(path).name, str(e)
-    except (OSError, ValueError, KeyError, IndexError, RuntimeError) as e:  # anything else a bad file provokes, named
+    except SeaIceError as e:
+        return Path(path).name, str(e)
+    except (
+        OSError,
+        ValueError,
+        KeyError,
+        IndexError,
+        RuntimeError,
+    ) as e:  # anything else a bad file provokes, named
         return Path(path).name, f"{Path(path).name}: {type(e).__name__}: {e}"
 
-def assemble_scene(path: str, # target scene file
-                   frames: list[tuple[str, float]], # earlier (file, days_before) that the plan wants, oldest first
-                   cfg: PreprocessConfig, # parameters
-                   root: str, # store folder
-                   cache: str, # frame cache of this run
-                  ) -> tuple[str, str | None]:
+
+def assemble_scene(
+    path: str,  # target scene file
+    frames: list[tuple[str, float]],  # earlier (file, days_before) that the plan wants, oldest first
+    cfg: PreprocessConfig,  # parameters
+    root: str,  # store folder
+    cache: str,  # frame cache of this run
+) -> tuple[str, str | None]:
     "Phase 2: stack a target from cached frames, check the values and write its group; (file name, error or None)."
     import pickle
     from seaice_nb import stack
+
     def load(p):
-        with open(Path(cache) / f'{_stem(p)}.pkl', 'rb') as f: return pickle.load(f)
+        with open(Path(cache) / f'{_stem(p)}.pkl', 'rb') as f:
+            return pickle.load(f)
+
     try:
         target = load(path)
         if any(c not in target for c in CHARTS):
-            raise DataError(f"{Path(path).name}: no charts (a test-set scene needs its _prep_reference.nc beside it): "
-                            f"it can be an earlier frame of other scenes but not a target")
+            raise DataError(
+                f"{Path(path).name}: no charts (a test-set scene needs its _prep_reference.nc beside it): "
+                f"it can be an earlier frame of other scenes but not a target"
+            )
         earlier, dropped = [], {}
         for p, d in frames:
-            try: earlier.append((load(p), d))
-            except FileNotFoundError: dropped[Path(p).name] = 'invalid or unreadable (reported against that file)'
+            try:
+                earlier.append((load(p), d))
+            except FileNotFoundError:
+                dropped[Path(p).name] = 'invalid or unreadable (reported against that file)'
         stacked = stack.stack_frames(target, earlier)
         stacked['days_exact'] = [d for _, d in earlier] + [0.0]
         used = [target] + [fr for fr, _ in earlier]
-        ds = scene_dataset(target, stacked, cfg, [fr['file'] for fr in used], dropped, {fr['file']: fr['md5'] for fr in used})
+        ds = scene_dataset(
+            target, stacked, cfg, [fr['file'] for fr in used], dropped, {fr['file']: fr['md5'] for fr in used}
+        )
         bad = value_problems(ds)
-        if bad: raise DataError(f"{Path(path).name}: not written: " + '; '.join(bad))
+        if bad:
+            raise DataError(f"{Path(path).name}: not written: " + '; '.join(bad))
         write_group(ds, root, target['meta']['scene'], cfg.chunk)
         return Path(path).name, None
-    except SeaIceError as e: return Path(path).name, str(e)
+    except SeaIceError as e:
+        return Path(path).name, str(e)
     except (OSError, ValueError, KeyError, IndexError, RuntimeError) as e:
         return Path(path).name, f"{Path(path).name}: {type(e).__name__}: {e}"
 
-def process_scene(path: str, # target scene file
-                  frames: list[tuple[str, float]], # earlier (file, days_before), oldest first
-                  cfg: PreprocessConfig, # parameters
-                  root: str, # store folder
-                 ) -> str:
+
+def process_scene(
+    path: str,  # target scene file
+    frames: list[tuple[str, float]],  # earlier (file, days_before), oldest first
+    cfg: PreprocessConfig,  # parameters
+    root: str,  # store folder
+) -> str:
     "Preprocess, stack and write one scene on its own (both phases, a private cache); returns its group name."
     import tempfile as _tf
+
     with _tf.TemporaryDirectory(dir=Path(root).parent, prefix=f'.{Path(root).name}.frames-') as cache:
         for p in [path] + [p for p, _ in frames]:
             name, err = compute_frame(p, cfg, cache)
-            if err and p == path: raise DataError(err)
+            if err and p == path:
+                raise DataError(err)
         name, err = assemble_scene(path, frames, cfg, root, cache)
-        if err: raise DataError(err)
+        if err:
+            raise DataError(err)
     return _stem(path)
 
 # %% ../nbs/20_preprocess.ipynb #1b259620
 def _die_with_parent(parent: int):
     "Process-pool initializer: SIGKILL this worker when `parent` dies (Linux prctl); exit at once if it already has."
     import ctypes, signal
-    try: ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # 1 = PR_SET_PDEATHSIG
-    except (OSError, AttributeError): pass  # not Linux: the pool's own shutdown is all there is
-    if os.getppid() != parent: os._exit(1)
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass  # not Linux: the pool's own shutdown is all there is
+    if os.getppid() != parent:
+        os._exit(1)
+
 
 def usable_cpus() -> int:
     "CPUs this process may use: `$SLURM_CPUS_PER_TASK` inside a SLURM task, else the affinity mask."
     n = os.environ.get('SLURM_CPUS_PER_TASK')
-    if n and n.isdigit() and int(n) > 0: return int(n)
-    try: return len(os.sched_getaffinity(0))
-    except AttributeError: return os.cpu_count() or 1
+    if n and n.isdigit() and int(n) > 0:
+        return int(n)
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
 
 class _Engine:
     "submit / wait-for-any over inline calls, a process pool or a Dask client (one loop drives all three)."
+
     def __init__(self, workers: int, client=None):
         self.client, self.pool = client, None
         if client is None and workers > 0:
             import multiprocessing as mp
-            self.pool = ProcessPoolExecutor(workers, mp_context=mp.get_context('fork'), initializer=_die_with_parent,
-                                            initargs=(os.getpid(),))
+
+            self.pool = ProcessPoolExecutor(
+                workers,
+                mp_context=mp.get_context('fork'),
+                initializer=_die_with_parent,
+                initargs=(os.getpid(),),
+            )
+
     def submit(self, fn, *args):
-        if self.client is not None: return self.client.submit(fn, *args, pure=False)
-        if self.pool is not None: return self.pool.submit(fn, *args)
+        if self.client is not None:
+            return self.client.submit(fn, *args, pure=False)
+        if self.pool is not None:
+            return self.pool.submit(fn, *args)
         from concurrent.futures import Future
-        f = Future(); f.set_result(fn(*args)); return f
+
+        f = Future()
+        f.set_result(fn(*args))
+        return f
+
     def wait_any(self, futs: set) -> set:
         if self.client is not None:
             from distributed import wait
+
             return set(wait(list(futs), return_when='FIRST_COMPLETED').done)
         from concurrent.futures import FIRST_COMPLETED, wait
+
         return set(wait(futs, return_when=FIRST_COMPLETED).done)
+
     def close(self, futs=()):
-        if self.client is not None and futs: self.client.cancel(list(futs))
-        if self.pool is not None: self.pool.shutdown(wait=True, cancel_futures=True)
+        if self.client is not None and futs:
+            self.client.cancel(list(futs))
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
 
 # %% ../nbs/20_preprocess.ipynb #310a1d3d
 def find_scenes(src: str | Path | list) -> list[Path]:
     "RTT scene files from a folder (`*_prep.nc`) or a list of paths."
-    if isinstance(src, (list, tuple)): return [Path(p) for p in src]
+    if isinstance(src, (list, tuple)):
+        return [Path(p) for p in src]
     src = Path(src)
-    if src.is_file(): return [src]
-    if not src.is_dir(): raise MissingFileError(f"{src} is neither a scene file nor a folder of scenes")
+    if src.is_file():
+        return [src]
+    if not src.is_dir():
+        raise MissingFileError(f"{src} is neither a scene file nor a folder of scenes")
     files = sorted(src.glob('*_prep.nc'))
-    if not files: raise MissingFileError(f"no *_prep.nc scenes in {src}; run `seaice synth` or `seaice download` first")
+    if not files:
+        raise MissingFileError(f"no *_prep.nc scenes in {src}; run `seaice synth` or `seaice download` first")
     return files
+
 
 def shard_of(files: list, i: int, n: int) -> list:
     "The i-th of n contiguous, nearly equal blocks of `files` (sorted by name = acquisition time)."
-    if not 0 <= i < n: raise ConfigError(f"shard {i} is not in 0..{n - 1}")
+    if not 0 <= i < n:
+        raise ConfigError(f"shard {i} is not in 0..{n - 1}")
     files = sorted(files, key=lambda p: Path(p).name)
-    return files[i * len(files) // n:(i + 1) * len(files) // n]
+    return files[i * len(files) // n : (i + 1) * len(files) // n]
+
 
 def _run_key(run: str | None) -> str | None:
     "The lock's run key: given, else shared by the tasks of one SLURM array job, else None (private)."
-    if run: return run
+    if run:
+        return run
     aj = os.environ.get('SLURM_ARRAY_JOB_ID')
     return f'slurm-{aj}' if aj else None
 
-def preprocess(src: str | Path | list, # folder of RTT scenes or a list of files
-               out: str | Path, # zarr store folder
-               cfg: PreprocessConfig | None = None, # parameters
-               workers: int | None = None, # local processes (0 = inline; None = every CPU this process was given)
-               client=None, # a dask.distributed Client: run there instead
-               overwrite: bool = False, # delete the store first (under the lock)
-               progress: bool = True, # tqdm bar
-               strict: bool = False, # validation warnings reject a scene too
-               shard: tuple[int, int] | None = None, # (i, n): write only the i-th of n blocks of targets (array tasks)
-               run: str | None = None, # lock key shared by cooperating runs (default: the SLURM array job, else private)
-              ) -> dict:
+
+def preprocess(
+    src: str | Path | list,  # folder of RTT scenes or a list of files
+    out: str | Path,  # zarr store folder
+    cfg: PreprocessConfig | None = None,  # parameters
+    workers: int | None = None,  # local processes (0 = inline; None = every CPU this process was given)
+    client=None,  # a dask.distributed Client: run there instead
+    overwrite: bool = False,  # delete the store first (under the lock)
+    progress: bool = True,  # tqdm bar
+    strict: bool = False,  # validation warnings reject a scene too
+    shard: tuple[int, int] | None = None,  # (i, n): write only the i-th of n blocks of targets (array tasks)
+    run: str
+    | None = None,  # lock key shared by cooperating runs (default: the SLURM array job, else private)
+) -> dict:
     "Preprocess every scene into the store; returns {'written', 'skipped', 'failed': {file: error}, 'seconds', 'reads'}."
     from tqdm.auto import tqdm
+
     cfg = cfg or PreprocessConfig()
     log = get_logger('preprocess')
     t0 = time.time()
     files = find_scenes(src)
     out = Path(out).absolute()
     workers = usable_cpus() if workers is None else workers
-    if overwrite and shard and shard[1] > 1: raise ConfigError("--overwrite cannot be used by array tasks: delete the store before submitting")
+    if overwrite and shard and shard[1] > 1:
+        raise ConfigError("--overwrite cannot be used by array tasks: delete the store before submitting")
     with store_lock(out, _run_key(run)) as lock:
-        if lock.first and _tmp_root(out).exists(): shutil.rmtree(_tmp_root(out))  # what killed runs left behind
-        if overwrite and out.exists(): shutil.rmtree(out)
+        if lock.first and _tmp_root(out).exists():
+            shutil.rmtree(_tmp_root(out))  # what killed runs left behind
+        if overwrite and out.exists():
+            shutil.rmtree(out)
         open_store(out, cfg, create=True)
         plan, failed = plan_stacks(files, cfg)
         targets = {_stem(p) for p in (shard_of(files, *shard) if shard else files)}
         failed = {k: v for k, v in failed.items() if _stem(k) in targets}
         done = set(done_scenes(out))
         todo = {s: v for s, v in sorted(plan.items()) if s in targets and s not in done}
-        needed = list(dict.fromkeys(str(p) for s, (tp, fr) in todo.items() for p in [tp] + [q for q, _ in fr]))
-        cache = _cache_dir(out, uuid.uuid4().hex[:12]); cache.mkdir(parents=True)
+        needed = list(
+            dict.fromkeys(str(p) for s, (tp, fr) in todo.items() for p in [tp] + [q for q, _ in fr])
+        )
+        cache = _cache_dir(out, uuid.uuid4().hex[:12])
+        cache.mkdir(parents=True)
         waiting = {s: {tp} | {q for q, _ in fr} for s, (tp, fr) in todo.items()}
         written, bad_frames = [], set()
         eng = _Engine(0 if len(needed) <= 1 else workers, client)
         futs = {}
         try:
             bar = tqdm(total=len(needed) + len(todo), desc='preprocess', disable=not progress)
-            for p in needed: futs[eng.submit(compute_frame, p, cfg, str(cache), strict)] = ('frame', p)
+            for p in needed:
+                futs[eng.submit(compute_frame, p, cfg, str(cache), strict)] = ('frame', p)
             while futs:
                 for f in eng.wait_any(set(futs)):
                     kind, key = futs.pop(f)
                     name, err = f.result()
                     bar.update()
                     if err:
-                        failed[name] = err; log.error(f"skipped {name}: {err}")
-                        if kind == 'frame': bad_frames.add(key)
-                    elif kind == 'target': written.append(key)
-                    if kind != 'frame': continue
+                        failed[name] = err
+                        log.error(f"skipped {name}: {err}")
+                        if kind == 'frame':
+                            bad_frames.add(key)
+                    elif kind == 'target':
+                        written.append(key)
+                    if kind != 'frame':
+                        continue
                     for s in [s for s, need in waiting.items() if key in need]:
                         waiting[s].discard(key)
-                        if waiting[s]: continue
+                        if waiting[s]:
+                            continue
                         del waiting[s]
                         tp, fr = todo[s]
-                        if str(tp) in bad_frames: bar.update(); continue  # the target itself is invalid: already reported
-                        futs[eng.submit(assemble_scene, str(tp), [(str(q), d) for q, d in fr], cfg, str(out), str(cache))] = ('target', s)
+                        if str(tp) in bad_frames:
+                            bar.update()
+                            continue  # the target itself is invalid: already reported
+                        futs[
+                            eng.submit(
+                                assemble_scene,
+                                str(tp),
+                                [(str(q), d) for q, d in fr],
+                                cfg,
+                                str(out),
+                                str(cache),
+                            )
+                        ] = ('target', s)
             bar.close()
         finally:
             eng.close(futs)
             shutil.rmtree(cache, ignore_errors=True)
             if lock.first:  # leave nothing temporary behind (other holders of a shared lock clean their own)
-                try: _tmp_root(out).rmdir()
-                except OSError: pass
-    summary = {'written': sorted(written), 'skipped': sorted(done & targets & set(plan)), 'failed': dict(sorted(failed.items())),
-               'seconds': round(time.time() - t0, 2), 'reads': len(needed),
-               'workers': 0 if len(needed) <= 1 or client is not None else workers}
-    log.info(f"preprocess: {len(written)} written, {len(summary['skipped'])} already done, {len(failed)} failed "
-             f"({len(needed)} scenes read once each)")
+                try:
+                    _tmp_root(out).rmdir()
+                except OSError:
+                    pass
+    summary = {
+        'written': sorted(written),
+        'skipped': sorted(done & targets & set(plan)),
+        'failed': dict(sorted(failed.items())),
+        'seconds': round(time.time() - t0, 2),
+        'reads': len(needed),
+        'workers': 0 if len(needed) <= 1 or client is not None else workers,
+    }
+    log.info(
+        f"preprocess: {len(written)} written, {len(summary['skipped'])} already done, {len(failed)} failed "
+        f"({len(needed)} scenes read once each)"
+    )
     return summary
 
 # %% ../nbs/20_preprocess.ipynb #18072e2e
-def validate_store(root: str | Path, # store folder
-                   src: str | Path | list | None = None, # scene files to compare with (None: structure and values only)
-                   check_md5: bool = True, # recompute the md5 of the sources
-                  ) -> list[str]:
+def validate_store(
+    root: str | Path,  # store folder
+    src: str | Path | list | None = None,  # scene files to compare with (None: structure and values only)
+    check_md5: bool = True,  # recompute the md5 of the sources
+) -> list[str]:
     "Problems found in a preprocessed store (empty when it is good); stores of older formats are audited too."
     open_store(root, audit=True)
     fmt = json.loads((Path(root) / 'zarr.json').read_text()).get('attributes', {}).get('seaice:format')
-    problems = [] if fmt == STORE_FORMAT else [f"{root}: format {fmt} ({_OLD_FORMATS[fmt]}), this version reads {STORE_FORMAT}: "
-                                               f"rebuild it with `seaice preprocess SCENES {root} --overwrite`"]
+    problems = (
+        []
+        if fmt == STORE_FORMAT
+        else [
+            f"{root}: format {fmt} ({_OLD_FORMATS[fmt]}), this version reads {STORE_FORMAT}: "
+            f"rebuild it with `seaice preprocess SCENES {root} --overwrite`"
+        ]
+    )
     files = {_stem(p): p for p in find_scenes(src)} if src is not None else {}
     for name in done_scenes(root):
         ds = xr.open_zarr(Path(root) / name, consolidated=False, zarr_format=3)
         try:
             cfg = from_dict(PreprocessConfig, json.loads(ds.attrs['seaice:params']))
-            T, C = ds.sizes['time'], ds.sizes['channel']
-            if C != len(cfg.channels) or ds['image'].dtype != np.float32: problems.append(f"{name}: image {ds['image'].dtype} with {C} channels")
-            if ds['days_before'].values[-1] != 0: problems.append(f"{name}: last frame is not the target")
-            if not (np.diff(ds['days_before'].values) <= 0).all(): problems.append(f"{name}: frames not ordered oldest -> newest")
-            if ds.sizes['yc'] != -(-ds.sizes['y'] // cfg.coarse_factor): problems.append(f"{name}: coarse grid {ds.sizes['yc']} rows for {ds.sizes['y']}")
+            C = ds.sizes['channel']
+            if C != len(cfg.channels) or ds['image'].dtype != np.float32:
+                problems.append(f"{name}: image {ds['image'].dtype} with {C} channels")
+            if ds['days_before'].values[-1] != 0:
+                problems.append(f"{name}: last frame is not the target")
+            if not (np.diff(ds['days_before'].values) <= 0).all():
+                problems.append(f"{name}: frames not ordered oldest -> newest")
+            if ds.sizes['yc'] != -(-ds.sizes['y'] // cfg.coarse_factor):
+                problems.append(f"{name}: coarse grid {ds.sizes['yc']} rows for {ds.sizes['y']}")
             for c in CHARTS:
-                if ds[c].dtype != np.uint8: problems.append(f"{name}: {c} is {ds[c].dtype}, not uint8")
+                if ds[c].dtype != np.uint8:
+                    problems.append(f"{name}: {c} is {ds[c].dtype}, not uint8")
             problems += value_problems(ds, name)
             if name in files:
-                try: fr = scene_frame(files[name], cfg)
-                except SeaIceError as e: problems.append(f"{name}: its source cannot be checked: {e}"); continue
+                try:
+                    fr = scene_frame(files[name], cfg)
+                except SeaIceError as e:
+                    problems.append(f"{name}: its source cannot be checked: {e}")
+                    continue
                 for c in CHARTS:
-                    if not np.array_equal(ds[c].values, fr[c]): problems.append(f"{name}: {c} differs from the source charts")
-                if not np.allclose(ds['image'].values[-1], fr['image'], atol=1e-6): problems.append(f"{name}: target frame differs from the source")
-                if not np.array_equal(ds['valid'].values[-1], fr['valid']): problems.append(f"{name}: target validity differs from the source")
+                    if not np.array_equal(ds[c].values, fr[c]):
+                        problems.append(f"{name}: {c} differs from the source charts")
+                if not np.allclose(ds['image'].values[-1], fr['image'], atol=1e-6):
+                    problems.append(f"{name}: target frame differs from the source")
+                if not np.array_equal(ds['valid'].values[-1], fr['valid']):
+                    problems.append(f"{name}: target validity differs from the source")
             if check_md5 and src is not None:
                 by_name = {p.name: p for p in files.values()}
                 for f, md5 in json.loads(ds.attrs['seaice:sources']).items():
-                    if f in by_name and file_digest(by_name[f]) != md5: problems.append(f"{name}: source {f} changed since preprocessing (md5)")
-        finally: ds.close()
+                    if f in by_name and file_digest(by_name[f]) != md5:
+                        problems.append(f"{name}: source {f} changed since preprocessing (md5)")
+        finally:
+            ds.close()
     return problems
 
 # %% ../nbs/20_preprocess.ipynb #48170aba
@@ -774,42 +1215,101 @@ def main(argv: list[str]) -> int:
     "`seaice preprocess SRC OUT`: validate and preprocess RTT scenes into a zarr store (resumable)."
     import yaml
     from seaice_nb.core import load_config
-    ap = argparse.ArgumentParser(prog='seaice preprocess', description='Validate, downsample, align, stack and write scenes to a '
-                                 'zarr store. Invalid scenes are reported and skipped. Rerunning resumes: complete scene groups are skipped.')
+
+    ap = argparse.ArgumentParser(
+        prog='seaice preprocess',
+        description='Validate, downsample, align, stack and write scenes to a '
+        'zarr store. Invalid scenes are reported and skipped. Rerunning resumes: complete scene groups are skipped.',
+    )
     ap.add_argument('src', help='folder of *_prep.nc scenes (or one file)')
     ap.add_argument('out', help='zarr store folder')
     ap.add_argument('--config', help='YAML file or preset with PreprocessConfig keys')
-    ap.add_argument('-o', '--override', action='append', default=[], metavar='KEY=VALUE', help='override a config key (YAML value)')
-    ap.add_argument('--workers', type=int, default=None, help='local processes (0 = inline; default: every CPU given, $SLURM_CPUS_PER_TASK)')
-    ap.add_argument('--scheduler', help='address of a running Dask scheduler to run on instead of local processes')
-    ap.add_argument('--slurm-workers', type=int, default=0, metavar='N', help='start N Dask worker jobs with dask_jobqueue.SLURMCluster')
+    ap.add_argument(
+        '-o',
+        '--override',
+        action='append',
+        default=[],
+        metavar='KEY=VALUE',
+        help='override a config key (YAML value)',
+    )
+    ap.add_argument(
+        '--workers',
+        type=int,
+        default=None,
+        help='local processes (0 = inline; default: every CPU given, $SLURM_CPUS_PER_TASK)',
+    )
+    ap.add_argument(
+        '--scheduler', help='address of a running Dask scheduler to run on instead of local processes'
+    )
+    ap.add_argument(
+        '--slurm-workers',
+        type=int,
+        default=0,
+        metavar='N',
+        help='start N Dask worker jobs with dask_jobqueue.SLURMCluster',
+    )
     ap.add_argument('--slurm-cores', type=int, default=4, help='cores per Dask worker job')
     ap.add_argument('--slurm-memory', default='16GB', help='memory per Dask worker job')
-    ap.add_argument('--slurm-walltime', default=None, help='time limit of the worker jobs (default: the partition\'s)')
-    ap.add_argument('--scheduler-host', default=None, help="address the workers reach the scheduler on (e.g. '127.0.0.1' on one node)")
-    ap.add_argument('--shard', type=int, nargs=2, metavar=('I', 'N'), help='write only the I-th of N blocks of target scenes')
+    ap.add_argument(
+        '--slurm-walltime', default=None, help='time limit of the worker jobs (default: the partition\'s)'
+    )
+    ap.add_argument(
+        '--scheduler-host',
+        default=None,
+        help="address the workers reach the scheduler on (e.g. '127.0.0.1' on one node)",
+    )
+    ap.add_argument(
+        '--shard',
+        type=int,
+        nargs=2,
+        metavar=('I', 'N'),
+        help='write only the I-th of N blocks of target scenes',
+    )
     ap.add_argument('--strict', action='store_true', help='validation warnings reject a scene too')
     ap.add_argument('--overwrite', action='store_true', help='delete the store first (under the store lock)')
-    ap.add_argument('--validate', action='store_true', help='reopen and check the store against the inputs afterwards')
+    ap.add_argument(
+        '--validate', action='store_true', help='reopen and check the store against the inputs afterwards'
+    )
     ap.add_argument('--quiet', action='store_true', help='no progress bars')
     a = ap.parse_args(argv)
     over = {}
     for o in a.override:
-        if '=' not in o: raise ConfigError(f"override {o!r} must look like key=value")
-        k, v = o.split('=', 1); over[k] = yaml.safe_load(v)
+        if '=' not in o:
+            raise ConfigError(f"override {o!r} must look like key=value")
+        k, v = o.split('=', 1)
+        over[k] = yaml.safe_load(v)
     cfg = load_config(a.config or {}, PreprocessConfig, over, kind='preprocess')
     client, cluster = None, None
     if a.scheduler:
         from distributed import Client
+
         client = Client(a.scheduler)
     elif a.slurm_workers:
         from seaice_nb.slurm import dask_slurm_client
-        cluster, client = dask_slurm_client(a.slurm_workers, a.slurm_cores, a.slurm_memory, a.slurm_walltime, a.scheduler_host)
-    try: s = preprocess(a.src, a.out, cfg, a.workers, client, a.overwrite, not a.quiet, a.strict, tuple(a.shard) if a.shard else None)
+
+        cluster, client = dask_slurm_client(
+            a.slurm_workers, a.slurm_cores, a.slurm_memory, a.slurm_walltime, a.scheduler_host
+        )
+    try:
+        s = preprocess(
+            a.src,
+            a.out,
+            cfg,
+            a.workers,
+            client,
+            a.overwrite,
+            not a.quiet,
+            a.strict,
+            tuple(a.shard) if a.shard else None,
+        )
     finally:
-        if client is not None: client.close()
-        if cluster is not None: cluster.close()
-    if a.validate: s['problems'] = validate_store(a.out, a.src)
-    for name, err in s['failed'].items(): print(f"FAILED {name}: {err}", file=sys.stderr)
+        if client is not None:
+            client.close()
+        if cluster is not None:
+            cluster.close()
+    if a.validate:
+        s['problems'] = validate_store(a.out, a.src)
+    for name, err in s['failed'].items():
+        print(f"FAILED {name}: {err}", file=sys.stderr)
     print(json.dumps({k: (len(v) if k in ('written', 'skipped') else v) for k, v in s.items()}, indent=1))
     return 1 if s['failed'] or s.get('problems') else 0

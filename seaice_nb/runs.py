@@ -14,8 +14,17 @@ import torch
 import yaml
 from torch import nn
 
-from .core import (CheckpointError, ConfigError, atomic_write, code_version, from_dict, get_logger, resolve,
-                            save_config, to_dict)
+from seaice_nb.core import (
+    CheckpointError,
+    ConfigError,
+    atomic_write,
+    code_version,
+    from_dict,
+    get_logger,
+    resolve,
+    save_config,
+    to_dict,
+)
 from .data import DataConfig
 from .charts import CHARTS, chart_dict
 
@@ -26,28 +35,42 @@ __all__ = ['CKPT_FORMAT', 'TrainConfig', 'model_factory', 'model_accepts', 'with
 
 # %% ../nbs/40a_runs.ipynb #13977db9
 def _check_model_name(name: str):
-    if ':' in name: return  # 'package.module:callable' is resolved when the model is built
+    if ':' in name:
+        return  # 'package.module:callable' is resolved when the model is built
     from seaice_nb.models import list_models
+
     known = list_models()
     if name not in known:
         import difflib
+
         close = difflib.get_close_matches(name, known, n=1)
-        raise ConfigError(f"model {name!r} is not a registered preset" + (f"; did you mean {close[0]!r}?" if close else '')
-                          + f"; choose from {', '.join(known)} or give 'package.module:callable'")
+        raise ConfigError(
+            f"model {name!r} is not a registered preset"
+            + (f"; did you mean {close[0]!r}?" if close else '')
+            + f"; choose from {', '.join(known)} or give 'package.module:callable'"
+        )
+
 
 @dataclass
 class TrainConfig:
     "Everything a training run needs (YAML kind `train`); saved as the run's `config.yaml` and inside every checkpoint."
+
     name: str = 'run'  # run name: the run directory is `<run_root>/<date>_<name>`
     model: str = 'unet_baseline'  # preset of `seaice_nb.models.create_model`, or 'package.module:callable'
-    model_kwargs: dict[str, Any] = field(default_factory=dict)  # keyword overrides of the model preset (sizes that follow the data are filled in)
-    data: DataConfig = field(default_factory=DataConfig)  # what the model reads: store, split, channels, crop, frames, tiles
+    model_kwargs: dict[str, Any] = field(
+        default_factory=dict
+    )  # keyword overrides of the model preset (sizes that follow the data are filled in)
+    data: DataConfig = field(
+        default_factory=DataConfig
+    )  # what the model reads: store, split, channels, crop, frames, tiles
     optimizer: Literal['adamw', 'sgd'] = 'adamw'  # AdamW, or SGD with momentum
     lr: float = 1e-3  # peak learning rate
     weight_decay: float = 0.01  # decoupled (AdamW) or L2 (SGD) weight decay
     momentum: float = 0.9  # SGD momentum
     betas: tuple[float, float] = (0.9, 0.999)  # AdamW betas
-    scheduler: Literal['cosine', 'restarts', 'constant'] = 'cosine'  # after warm-up: one cosine, cosine warm restarts, or flat
+    scheduler: Literal['cosine', 'restarts', 'constant'] = (
+        'cosine'  # after warm-up: one cosine, cosine warm restarts, or flat
+    )
     warmup_steps: int = 0  # linear warm-up over this many optimiser steps
     restart_epochs: int = 20  # period of the warm restarts, in epochs
     min_lr_ratio: float = 0.0  # cosine floor as a fraction of `lr`
@@ -56,47 +79,79 @@ class TrainConfig:
     batch_size: int = 16  # global batch per optimiser step (all processes and accumulation steps together)
     accum_steps: int = 1  # gradient accumulation: micro-batches per optimiser step
     grad_clip: Optional[float] = None  # clip the global gradient norm to this value
-    amp: Literal['auto', 'off', 'fp16', 'bf16'] = 'auto'  # autocast: 'auto' = bf16 (or fp16+scaler) on CUDA, off on CPU
-    loss_weights: dict[str, float] = field(default_factory=lambda: {'sic': 1.0, 'sod': 3.0, 'floe': 3.0})  # per-task loss weights
-    class_weights: Literal['none', 'inverse', 'sqrt_inverse'] = 'none'  # class reweighting from the training labels' frequencies
+    amp: Literal['auto', 'off', 'fp16', 'bf16'] = (
+        'auto'  # autocast: 'auto' = bf16 (or fp16+scaler) on CUDA, off on CPU
+    )
+    loss_weights: dict[str, float] = field(
+        default_factory=lambda: {'sic': 1.0, 'sod': 3.0, 'floe': 3.0}
+    )  # per-task loss weights
+    class_weights: Literal['none', 'inverse', 'sqrt_inverse'] = (
+        'none'  # class reweighting from the training labels' frequencies
+    )
     class_weight_samples: int = 256  # samples scanned to count class frequencies
-    head_bias: bool = False  # start the output heads at the training class priors (`models.losses.init_head_bias`)
+    head_bias: bool = (
+        False  # start the output heads at the training class priors (`models.losses.init_head_bias`)
+    )
     val_every: int = 1  # validate every this many epochs
     monitor: str = 'combined'  # validation metric for best checkpoint / early stopping ('loss' is minimised, scores maximised)
-    patience: Optional[int] = None  # early stopping: validations without improvement before stopping (None = never)
+    patience: Optional[int] = (
+        None  # early stopping: validations without improvement before stopping (None = never)
+    )
     ckpt_every: int = 0  # also write `last.pt` every this many optimiser steps (0 = at epoch ends only)
     seed: int = 0  # seeds the model initialisation, the sampler and the loaders
     deterministic: bool = False  # ask PyTorch for deterministic kernels (slower)
     num_workers: int = 0  # DataLoader worker processes per training process
     device: Literal['auto', 'cpu', 'cuda'] = 'auto'  # 'auto' = CUDA when available
-    init_from: Optional[str] = None  # transfer learning: checkpoint whose matching tensors initialise the model
+    init_from: Optional[str] = (
+        None  # transfer learning: checkpoint whose matching tensors initialise the model
+    )
     transfer_lr_scale: float = 0.5  # learning rate factor when `init_from` is set
-    tracking: Literal['files', 'tensorboard', 'mlflow'] = 'files'  # metrics.csv always; also TensorBoard or an MLflow file store
+    tracking: Literal['files', 'tensorboard', 'mlflow'] = (
+        'files'  # metrics.csv always; also TensorBoard or an MLflow file store
+    )
     run_root: str = 'runs'  # parent folder of run directories
     progress: bool = True  # tqdm progress bar (rank 0 only)
 
     def __post_init__(self):
-        for k in ('epochs', 'batch_size', 'accum_steps', 'val_every', 'class_weight_samples', 'restart_epochs'):
-            if getattr(self, k) < 1: raise ConfigError(f"{k} must be >= 1, got {getattr(self, k)}")
+        for k in (
+            'epochs',
+            'batch_size',
+            'accum_steps',
+            'val_every',
+            'class_weight_samples',
+            'restart_epochs',
+        ):
+            if getattr(self, k) < 1:
+                raise ConfigError(f"{k} must be >= 1, got {getattr(self, k)}")
         for k in ('warmup_steps', 'ckpt_every', 'num_workers', 'weight_decay', 'momentum', 'min_lr_ratio'):
-            if getattr(self, k) < 0: raise ConfigError(f"{k} must be >= 0, got {getattr(self, k)}")
+            if getattr(self, k) < 0:
+                raise ConfigError(f"{k} must be >= 0, got {getattr(self, k)}")
         if self.steps_per_epoch is not None and self.steps_per_epoch < 1:
-            raise ConfigError(f"steps_per_epoch must be >= 1 (or null for one pass over the data), got {self.steps_per_epoch}")
-        if self.patience is not None and self.patience < 0: raise ConfigError(f"patience must be >= 0, got {self.patience}")
-        if self.grad_clip is not None and self.grad_clip <= 0: raise ConfigError(f"grad_clip must be > 0, got {self.grad_clip}")
-        if self.lr <= 0: raise ConfigError(f"lr must be > 0, got {self.lr}")
-        if not 0 < self.transfer_lr_scale: raise ConfigError(f"transfer_lr_scale must be > 0, got {self.transfer_lr_scale}")
+            raise ConfigError(
+                f"steps_per_epoch must be >= 1 (or null for one pass over the data), got {self.steps_per_epoch}"
+            )
+        if self.patience is not None and self.patience < 0:
+            raise ConfigError(f"patience must be >= 0, got {self.patience}")
+        if self.grad_clip is not None and self.grad_clip <= 0:
+            raise ConfigError(f"grad_clip must be > 0, got {self.grad_clip}")
+        if self.lr <= 0:
+            raise ConfigError(f"lr must be > 0, got {self.lr}")
+        if not 0 < self.transfer_lr_scale:
+            raise ConfigError(f"transfer_lr_scale must be > 0, got {self.transfer_lr_scale}")
         self.loss_weights = chart_dict(self.loss_weights, 'loss_weights')  # either spelling: SIC or sic
         _check_model_name(self.model)
 
 # %% ../nbs/40a_runs.ipynb #e1fb3747
 def model_factory(name: str):
     "The callable that builds the model `name` (a registered preset or 'package.module:callable')."
-    if ':' in name: return resolve(name)
+    if ':' in name:
+        return resolve(name)
     from seaice_nb.models.layers import _MODELS, list_models
+
     list_models()  # registers every family
     _check_model_name(name)
     return _MODELS[name]
+
 
 def model_accepts(name: str) -> set[str]:
     "Keyword arguments the model `name` accepts (its preset's own, and its class's when the preset passes `**kwargs` on)."
@@ -106,147 +161,227 @@ def model_accepts(name: str) -> set[str]:
     names = {k for k, p in params.items() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)} - {'self'}
     if any(p.kind == p.VAR_KEYWORD for p in params.values()) and not isinstance(fn, type):
         ret = get_type_hints(fn).get('return')
-        for cls in (ret.__mro__ if isinstance(ret, type) and issubclass(ret, nn.Module) else ()):
-            if cls is nn.Module: break
+        for cls in ret.__mro__ if isinstance(ret, type) and issubclass(ret, nn.Module) else ():
+            if cls is nn.Module:
+                break
             ps = inspect.signature(cls.__init__).parameters
             names |= {k for k, p in ps.items() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)} - {'self'}
-            if not any(p.kind == p.VAR_KEYWORD for p in ps.values()): break  # `**kwargs` goes on to the base class
+            if not any(p.kind == p.VAR_KEYWORD for p in ps.values()):
+                break  # `**kwargs` goes on to the base class
             inner = getattr(cls, 'kwargs_to', None)  # a wrapper naming the module its `**kwargs` build
-            if inner is not None: names |= set(inspect.signature(inner.__init__).parameters) - {'self', 'kwargs'}
+            if inner is not None:
+                names |= set(inspect.signature(inner.__init__).parameters) - {'self', 'kwargs'}
     return names
 
-def with_model_inputs(cfg: TrainConfig, # the run's config
-                      sizes: Mapping[str, Any], # `data.model_inputs(cfg.data, store)`
-                     ) -> TrainConfig:
+
+def with_model_inputs(
+    cfg: TrainConfig,  # the run's config
+    sizes: Mapping[str, Any],  # `data.model_inputs(cfg.data, store)`
+) -> TrainConfig:
     "`cfg` with the data-dependent model sizes the model accepts filled into `model_kwargs` (a conflicting preset value is an error)."
     accepted, kw = model_accepts(cfg.model), dict(cfg.model_kwargs)
     for k, v in sizes.items():
-        if k not in accepted: continue
+        if k not in accepted:
+            continue
         if k in kw and kw[k] != v:
-            raise ConfigError(f"model_kwargs.{k}={kw[k]!r} but the data gives {k}={v!r} (data: crop, channels, store); "
-                              f"remove {k} from model_kwargs: the model's input sizes follow the data")
+            raise ConfigError(
+                f"model_kwargs.{k}={kw[k]!r} but the data gives {k}={v!r} (data: crop, channels, store); "
+                f"remove {k} from model_kwargs: the model's input sizes follow the data"
+            )
         kw[k] = v
     return dataclasses.replace(cfg, model_kwargs=kw)
 
-def build_model(cfg: TrainConfig, # the run's config (`model`, `model_kwargs`)
-               ) -> nn.Module:
+
+def build_model(
+    cfg: TrainConfig,  # the run's config (`model`, `model_kwargs`)
+) -> nn.Module:
     "Build the model of `cfg`; checks the sea-ice model interface (`input_keys`)."
     model = model_factory(cfg.model)(**cfg.model_kwargs)
     if not isinstance(getattr(model, 'input_keys', None), (tuple, list)):
-        raise ConfigError(f"model {cfg.model!r} has no `input_keys` tuple: it does not follow the sea-ice model interface")
+        raise ConfigError(
+            f"model {cfg.model!r} has no `input_keys` tuple: it does not follow the sea-ice model interface"
+        )
     return model
 
 # %% ../nbs/40a_runs.ipynb #b625632a
 def _diff_keys(a, b, prefix=''):
     if isinstance(a, dict) and isinstance(b, dict):
-        return [k for key in sorted(set(a) | set(b)) for k in _diff_keys(a.get(key), b.get(key), f"{prefix}{key}.")]
+        return [
+            k
+            for key in sorted(set(a) | set(b))
+            for k in _diff_keys(a.get(key), b.get(key), f"{prefix}{key}.")
+        ]
     return [] if a == b else [prefix.rstrip('.')]
+
 
 def default_run_dir(cfg: TrainConfig, date: dt.date | str | None = None) -> Path:
     "`<run_root>/<date>_<name>` (date: today, UTC)."
     date = date or dt.datetime.now(dt.timezone.utc).date()
     return Path(cfg.run_root) / f"{date}_{cfg.name}"
 
-def prepare_run_dir(cfg: TrainConfig, # the resolved config to save
-                    run_dir: str | Path | None = None, # default: `default_run_dir(cfg)`
-                   ) -> Path:
+
+def prepare_run_dir(
+    cfg: TrainConfig,  # the resolved config to save
+    run_dir: str | Path | None = None,  # default: `default_run_dir(cfg)`
+) -> Path:
     "Create or reopen a run directory: save `config.yaml` (refusing a different config once a checkpoint exists) and record this start in `run.json`."
     from seaice_nb.core import _NAME_RE
+
     if not _NAME_RE.match(cfg.name):
-        raise ConfigError(f"run name {cfg.name!r} must be letters, digits, '.', '_' or '-' (no spaces or slashes)")
+        raise ConfigError(
+            f"run name {cfg.name!r} must be letters, digits, '.', '_' or '-' (no spaces or slashes)"
+        )
     run = Path(run_dir) if run_dir is not None else default_run_dir(cfg)
     run.mkdir(parents=True, exist_ok=True)
     saved = run / 'config.yaml'
     if saved.exists():
         diff = _diff_keys(yaml.safe_load(saved.read_text()), to_dict(cfg))
         if diff and (run / 'checkpoints' / 'last.pt').exists():
-            raise ConfigError(f"cannot resume {run}: its config differs in {', '.join(diff)}; "
-                              f"use a new run name (or run directory) or the saved config")
+            raise ConfigError(
+                f"cannot resume {run}: its config differs in {', '.join(diff)}; "
+                f"use a new run name (or run directory) or the saved config"
+            )
         if diff:
-            get_logger('runs').warning(f"{saved} differs in {', '.join(diff)} and the run has no checkpoint: replaced")
+            get_logger('runs').warning(
+                f"{saved} differs in {', '.join(diff)} and the run has no checkpoint: replaced"
+            )
             save_config(cfg, saved)
-    else: save_config(cfg, saved)
+    else:
+        save_config(cfg, saved)
     meta_path = run / 'run.json'
-    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {
-        'name': cfg.name, 'created': dt.datetime.now(dt.timezone.utc).isoformat(timespec='seconds'),
-        'code_version': code_version(), 'host': socket.gethostname(), 'python': sys.version.split()[0]}
-    meta.setdefault('starts', []).append({'time': dt.datetime.now(dt.timezone.utc).isoformat(timespec='seconds'),
-                                          'slurm_job_id': os.environ.get('SLURM_JOB_ID')})
-    with atomic_write(meta_path, 'w') as f: json.dump(meta, f, indent=1)
+    meta = (
+        json.loads(meta_path.read_text())
+        if meta_path.exists()
+        else {
+            'name': cfg.name,
+            'created': dt.datetime.now(dt.timezone.utc).isoformat(timespec='seconds'),
+            'code_version': code_version(),
+            'host': socket.gethostname(),
+            'python': sys.version.split()[0],
+        }
+    )
+    meta.setdefault('starts', []).append(
+        {
+            'time': dt.datetime.now(dt.timezone.utc).isoformat(timespec='seconds'),
+            'slurm_job_id': os.environ.get('SLURM_JOB_ID'),
+        }
+    )
+    with atomic_write(meta_path, 'w') as f:
+        json.dump(meta, f, indent=1)
     return run
 
 # %% ../nbs/40a_runs.ipynb #1158fcbd
 CKPT_FORMAT = 2
 
-def _unwrap(model: nn.Module) -> nn.Module: return model.module if hasattr(model, 'module') else model
 
-def save_checkpoint(path: str | Path, # target file (replaced atomically)
-                    model: nn.Module, # model (a DDP wrapper is unwrapped)
-                    meta: Mapping[str, Any], # plain metadata: config, code version, epoch, step, metrics, ...
-                    optimizer=None, scheduler=None, scaler=None, # training state to resume
-                    rng: Any = None, # RNG states (one per rank)
-                   ) -> Path:
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if hasattr(model, 'module') else model
+
+
+def save_checkpoint(
+    path: str | Path,  # target file (replaced atomically)
+    model: nn.Module,  # model (a DDP wrapper is unwrapped)
+    meta: Mapping[str, Any],  # plain metadata: config, code version, epoch, step, metrics, ...
+    optimizer=None,
+    scheduler=None,
+    scaler=None,  # training state to resume
+    rng: Any = None,  # RNG states (one per rank)
+) -> Path:
     "Write a weights-only-loadable checkpoint atomically."
     obj = {'format': CKPT_FORMAT, 'model': _unwrap(model).state_dict(), 'meta': dict(meta)}
-    if optimizer is not None: obj['optimizer'] = optimizer.state_dict()
-    if scheduler is not None: obj['scheduler'] = scheduler.state_dict()
-    if scaler is not None: obj['scaler'] = scaler.state_dict()
-    if rng is not None: obj['rng'] = rng
-    with atomic_write(path, 'wb') as f: torch.save(obj, f)
+    if optimizer is not None:
+        obj['optimizer'] = optimizer.state_dict()
+    if scheduler is not None:
+        obj['scheduler'] = scheduler.state_dict()
+    if scaler is not None:
+        obj['scaler'] = scaler.state_dict()
+    if rng is not None:
+        obj['rng'] = rng
+    with atomic_write(path, 'wb') as f:
+        torch.save(obj, f)
     return Path(path)
+
 
 def _upgrade_v1(meta: dict, source: str) -> dict:
     cfg = dict(meta.get('config') or {})
     data = dict(cfg.get('data') or {})
     for old, new in DataConfig.RENAMED.items():
-        if old in data: data[new] = data.pop(old)
-    if meta.get('n_frames'): data['n_frames'] = int(meta['n_frames'])
+        if old in data:
+            data[new] = data.pop(old)
+    if meta.get('n_frames'):
+        data['n_frames'] = int(meta['n_frames'])
     cfg['data'] = data
     cfg.pop('figures', None)
-    get_logger('runs').info(f"{source}: format-1 checkpoint upgraded to the typed data config (read only, file unchanged)")
+    get_logger('runs').info(
+        f"{source}: format-1 checkpoint upgraded to the typed data config (read only, file unchanged)"
+    )
     return {**meta, 'config': cfg}
+
 
 def read_checkpoint(path: str | Path) -> dict:
     "Load a checkpoint with `weights_only=True` (no code runs), upgrading an older format; `CheckpointError` on a missing or foreign file."
     p = Path(path)
-    if not p.is_file(): raise CheckpointError(f"checkpoint {p} does not exist")
-    try: obj = torch.load(p, map_location='cpu', weights_only=True)
-    except Exception as e: raise CheckpointError(f"cannot read checkpoint {p} with weights_only=True: {e}") from None
+    if not p.is_file():
+        raise CheckpointError(f"checkpoint {p} does not exist")
+    try:
+        obj = torch.load(p, map_location='cpu', weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"cannot read checkpoint {p} with weights_only=True: {e}") from None
     if not isinstance(obj, dict) or 'model' not in obj or 'meta' not in obj:
         raise CheckpointError(f"{p} is not a seaice_nb checkpoint (no 'model' and 'meta' entries)")
     fmt = int(obj.get('format', 1))
     if fmt > CKPT_FORMAT:
-        raise CheckpointError(f"{p} has checkpoint format {fmt}, newer than this seaice_nb reads ({CKPT_FORMAT}): upgrade seaice_nb")
-    if fmt == 1: obj['meta'] = _upgrade_v1(obj['meta'], str(p))
+        raise CheckpointError(
+            f"{p} has checkpoint format {fmt}, newer than this seaice_nb reads ({CKPT_FORMAT}): upgrade seaice_nb"
+        )
+    if fmt == 1:
+        obj['meta'] = _upgrade_v1(obj['meta'], str(p))
     return obj
+
 
 def checkpoint_config(meta: Mapping[str, Any], source: str = 'checkpoint') -> TrainConfig:
     "The typed `TrainConfig` stored in a checkpoint's `meta`."
-    try: return from_dict(TrainConfig, dict(meta.get('config') or {}), source=source)
-    except ConfigError as e: raise CheckpointError(f"{source}: its config does not fit this seaice_nb: {e}") from None
+    try:
+        return from_dict(TrainConfig, dict(meta.get('config') or {}), source=source)
+    except ConfigError as e:
+        raise CheckpointError(f"{source}: its config does not fit this seaice_nb: {e}") from None
+
 
 def load_weights(model: nn.Module, state: Mapping[str, torch.Tensor], source: str = 'checkpoint'):
     "Strictly load `state` into `model`; a mismatch raises `CheckpointError` naming the tensors."
     own = _unwrap(model).state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
-    shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(v.shape)}"
-              for k, v in own.items() if k in state and state[k].shape != v.shape]
+    shapes = [
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(v.shape)}"
+        for k, v in own.items()
+        if k in state and state[k].shape != v.shape
+    ]
     if missing or unexpected or shapes:
-        def few(xs): return ', '.join(xs[:5]) + (' ...' if len(xs) > 5 else '')
-        parts = ([f"missing in checkpoint: {few(missing)}"] if missing else []) \
-            + ([f"not in model: {few(unexpected)}"] if unexpected else []) \
+
+        def few(xs):
+            return ', '.join(xs[:5]) + (' ...' if len(xs) > 5 else '')
+
+        parts = (
+            ([f"missing in checkpoint: {few(missing)}"] if missing else [])
+            + ([f"not in model: {few(unexpected)}"] if unexpected else [])
             + ([f"shape mismatch: {'; '.join(shapes[:5])}"] if shapes else [])
-        raise CheckpointError(f"{source} does not match the model ({type(_unwrap(model)).__name__}): " + ' | '.join(parts))
+        )
+        raise CheckpointError(
+            f"{source} does not match the model ({type(_unwrap(model)).__name__}): " + ' | '.join(parts)
+        )
     _unwrap(model).load_state_dict(state)
 
-def load_checkpoint(path: str | Path, # checkpoint written by the trainer
-                    model: nn.Module | None = None, # model to load into (default: rebuilt from the checkpoint's config)
-                   ) -> tuple[nn.Module, dict]:
+
+def load_checkpoint(
+    path: str | Path,  # checkpoint written by the trainer
+    model: nn.Module | None = None,  # model to load into (default: rebuilt from the checkpoint's config)
+) -> tuple[nn.Module, dict]:
     "Model with the checkpoint's weights (rebuilt from its config unless given) and the checkpoint's `meta`."
     obj = read_checkpoint(path)
     meta = obj['meta']
-    if model is None: model = build_model(checkpoint_config(meta, str(path)))
+    if model is None:
+        model = build_model(checkpoint_config(meta, str(path)))
     load_weights(model, obj['model'], f"checkpoint {path}")
     return model, meta
 
@@ -254,6 +389,7 @@ def load_checkpoint(path: str | Path, # checkpoint written by the trainer
 @dataclass
 class Run:
     "A trained run: its directory, the checkpoint in use, the typed config and the checkpoint's metadata."
+
     run_dir: Path
     checkpoint: Path
     config: TrainConfig
@@ -263,14 +399,21 @@ class Run:
         "The model with this checkpoint's weights."
         return load_checkpoint(self.checkpoint)[0]
 
+
 def find_checkpoint(path: str | Path) -> Path:
     "A checkpoint file, or a run directory's `checkpoints/best.pt` (else `last.pt`)."
     p = Path(path)
-    if p.is_file(): return p
+    if p.is_file():
+        return p
     for name in ('best.pt', 'last.pt'):
-        if (p / 'checkpoints' / name).is_file(): return p / 'checkpoints' / name
-    if p.is_dir(): raise CheckpointError(f"{p} holds no checkpoints/best.pt or checkpoints/last.pt: is it a finished run directory?")
+        if (p / 'checkpoints' / name).is_file():
+            return p / 'checkpoints' / name
+    if p.is_dir():
+        raise CheckpointError(
+            f"{p} holds no checkpoints/best.pt or checkpoints/last.pt: is it a finished run directory?"
+        )
     raise CheckpointError(f"{p} is neither a checkpoint file nor a run directory")
+
 
 def load_run(path: str | Path) -> Run:
     "The run at `path` (a run directory or a checkpoint file), with its typed config read from the checkpoint."
@@ -282,72 +425,110 @@ def load_run(path: str | Path) -> Run:
 # %% ../nbs/40a_runs.ipynb #c332233f
 class Tracker:
     "Metrics of a run: `metrics.csv` always, plus TensorBoard or MLflow (`kind`); a no-op off rank 0."
+
     FIELDS = ('time', 'epoch', 'step', 'split', 'name', 'value')
 
-    def __init__(self, run_dir: str | Path | None, # the run directory (None: track nothing)
-                 kind: Literal['files', 'tensorboard', 'mlflow'] = 'files', # extra backend besides metrics.csv
-                 config: Mapping | None = None, # the run's config, logged as parameters / text
-                 active: bool = True, # False off rank 0
-                ):
+    def __init__(
+        self,
+        run_dir: str | Path | None,  # the run directory (None: track nothing)
+        kind: Literal['files', 'tensorboard', 'mlflow'] = 'files',  # extra backend besides metrics.csv
+        config: Mapping | None = None,  # the run's config, logged as parameters / text
+        active: bool = True,  # False off rank 0
+    ):
         self.run_dir = Path(run_dir) if run_dir else None
         self.active, self.kind, self._tb, self._mlflow = active and run_dir is not None, kind, None, None
-        if not self.active or kind == 'files': return
+        if not self.active or kind == 'files':
+            return
         flat = _flatten(config or {})
         if kind == 'tensorboard':
             from torch.utils.tensorboard import SummaryWriter  # deferred: tensorboard is only needed here
+
             self._tb = SummaryWriter(str(self.run_dir / 'tensorboard'))
             self._tb.add_text('config', '\n'.join(f"    {k}: {v}" for k, v in flat.items()))
         elif kind == 'mlflow':
-            try: import mlflow  # deferred: an optional dependency
-            except ImportError: raise ConfigError("tracking: mlflow needs the mlflow package: pip install 'seaice_nb[mlflow]'") from None
-            uri = os.environ.get('MLFLOW_TRACKING_URI') or f"sqlite:///{(self.run_dir / 'mlflow.db').resolve()}"
+            try:
+                import mlflow  # deferred: an optional dependency
+            except ImportError:
+                raise ConfigError(
+                    "tracking: mlflow needs the mlflow package: pip install 'seaice_nb[mlflow]'"
+                ) from None
+            uri = (
+                os.environ.get('MLFLOW_TRACKING_URI') or f"sqlite:///{(self.run_dir / 'mlflow.db').resolve()}"
+            )
             mlflow.set_tracking_uri(uri)
             exp = mlflow.get_experiment_by_name('seaice_nb')
-            exp_id = exp.experiment_id if exp else mlflow.create_experiment(
-                'seaice_nb', artifact_location=(self.run_dir / 'mlartifacts').resolve().as_uri())
+            exp_id = (
+                exp.experiment_id
+                if exp
+                else mlflow.create_experiment(
+                    'seaice_nb', artifact_location=(self.run_dir / 'mlartifacts').resolve().as_uri()
+                )
+            )
             mlflow.start_run(run_name=self.run_dir.name, experiment_id=exp_id)
             mlflow.log_params({k: str(v)[:250] for k, v in flat.items()})
             self._mlflow = mlflow
-        else: raise ConfigError(f"tracking: {kind!r} is not one of files, tensorboard, mlflow")
+        else:
+            raise ConfigError(f"tracking: {kind!r} is not one of files, tensorboard, mlflow")
 
     def log(self, metrics: Mapping[str, float], step: int, epoch: int, split: str):
         "Record `metrics` of `split` ('train', 'val') at optimiser step `step`."
-        if not self.active: return
+        if not self.active:
+            return
         path = self.run_dir / 'metrics.csv'
         new = not path.exists()
         with open(path, 'a', newline='') as f:
             w = csv.writer(f)
-            if new: w.writerow(self.FIELDS)
-            for k, v in metrics.items(): w.writerow([f"{time.time():.3f}", epoch, step, split, k, f"{float(v):.6g}"])
+            if new:
+                w.writerow(self.FIELDS)
+            for k, v in metrics.items():
+                w.writerow([f"{time.time():.3f}", epoch, step, split, k, f"{float(v):.6g}"])
         if self._tb is not None:
-            for k, v in metrics.items(): self._tb.add_scalar(f"{split}/{k}", float(v), step)
+            for k, v in metrics.items():
+                self._tb.add_scalar(f"{split}/{k}", float(v), step)
             self._tb.flush()
         if self._mlflow is not None:
             self._mlflow.log_metrics({f"{split}/{k}": float(v) for k, v in metrics.items()}, step=step)
 
     def artifact(self, path: str | Path):
         "Attach a file (a figure) to the run in MLflow / TensorBoard (PNG images)."
-        if not self.active: return
-        if self._mlflow is not None: self._mlflow.log_artifact(str(path))
+        if not self.active:
+            return
+        if self._mlflow is not None:
+            self._mlflow.log_artifact(str(path))
         if self._tb is not None and str(path).endswith('.png'):
             from PIL import Image
-            self._tb.add_image(Path(path).stem, np.asarray(Image.open(path).convert('RGB')), dataformats='HWC')
+
+            self._tb.add_image(
+                Path(path).stem, np.asarray(Image.open(path).convert('RGB')), dataformats='HWC'
+            )
 
     def close(self):
         "Flush and close the backends."
-        if self._tb is not None: self._tb.close(); self._tb = None
-        if self._mlflow is not None: self._mlflow.end_run(); self._mlflow = None
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+        if self._mlflow is not None:
+            self._mlflow.end_run()
+            self._mlflow = None
+
 
 def _flatten(d: Mapping, prefix: str = '') -> dict:
     out = {}
     for k, v in d.items():
-        if isinstance(v, Mapping): out.update(_flatten(v, f"{prefix}{k}."))
-        else: out[f"{prefix}{k}"] = v
+        if isinstance(v, Mapping):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
     return out
+
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
     "The rows of a run's `metrics.csv` (`value`, `epoch` and `step` as numbers)."
     path = Path(run_dir) / 'metrics.csv'
-    if not path.is_file(): raise CheckpointError(f"{path} does not exist: has the run trained an epoch yet?")
+    if not path.is_file():
+        raise CheckpointError(f"{path} does not exist: has the run trained an epoch yet?")
     with open(path, newline='') as f:
-        return [dict(r, value=float(r['value']), epoch=int(r['epoch']), step=int(r['step'])) for r in csv.DictReader(f)]
+        return [
+            dict(r, value=float(r['value']), epoch=int(r['epoch']), step=int(r['step']))
+            for r in csv.DictReader(f)
+        ]

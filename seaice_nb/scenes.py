@@ -26,7 +26,9 @@ __all__ = ['SAR_VARS', 'GEO_VARS', 'AMSR2_VARS', 'ERA5_VARS', 'ALL_VARS', 'SAR_D
 # %% ../nbs/10_scenes.ipynb #169e395a
 SAR_VARS = ('nersc_sar_primary', 'nersc_sar_secondary', 'sar_incidenceangle', 'distance_map')
 GEO_VARS = ('sar_grid2d_latitude', 'sar_grid2d_longitude')
-AMSR2_VARS = tuple(f'btemp_{f}{p}' for f in ('6_9', '7_3', '10_7', '18_7', '23_8', '36_5', '89_0') for p in 'hv')
+AMSR2_VARS = tuple(
+    f'btemp_{f}{p}' for f in ('6_9', '7_3', '10_7', '18_7', '23_8', '36_5', '89_0') for p in 'hv'
+)
 ERA5_VARS = ('u10m_rotated', 'v10m_rotated', 't2m', 'skt', 'tcwv', 'tclw')
 ALL_VARS = CHART_VARS + SAR_VARS + GEO_VARS + AMSR2_VARS + ERA5_VARS
 
@@ -34,73 +36,121 @@ SAR_DIMS = ('sar_lines', 'sar_samples')
 TIE_DIMS = ('sar_sample_2dgrid_points', 'sar_line_2dgrid_points')  # samples first, as the spec lists it
 COARSE_DIMS = ('2km_grid_lines', '2km_grid_samples')
 
-SAR_FILL = 0.0        # standardised SAR no-data ("train fill value"): HH == 0 means no data
-GRID_FACTOR = 25      # one 2 km cell = 25 x 25 RTT pixels (2000 m / 80 m)
+SAR_FILL = 0.0  # standardised SAR no-data ("train fill value"): HH == 0 means no data
+GRID_FACTOR = 25  # one 2 km cell = 25 x 25 RTT pixels (2000 m / 80 m)
 PIXEL_SPACING = 80.0  # metres
-N_TIE = 21            # tie points per axis of the geolocation grid
-DISTANCE_ZONES_KM = (0, 0.5, 1, 2, 4, 8, 16, 32, 64, 128)  # zone k (1..10) starts at the (k-1)th edge; zone 0 = land
+N_TIE = 21  # tie points per axis of the geolocation grid
+DISTANCE_ZONES_KM = (
+    0,
+    0.5,
+    1,
+    2,
+    4,
+    8,
+    16,
+    32,
+    64,
+    128,
+)  # zone k (1..10) starts at the (k-1)th edge; zone 0 = land
 
 # %% ../nbs/10_scenes.ipynb #d0fa3ebd
 STATS = {
-    'nersc_sar_primary': (-14.508255, 5.659746), 'nersc_sar_secondary': (-24.701205, 4.746759),
-    'sar_incidenceangle': (33.998018, 8.322267), 'distance_map': (23.627670, 14.990186),
-    'btemp_6_9h': (148.846980, 61.648469), 'btemp_6_9v': (203.519445, 38.666432),
-    'btemp_7_3h': (149.898965, 61.675445), 'btemp_7_3v': (204.205340, 38.666220),
-    'btemp_10_7h': (153.891692, 60.875250), 'btemp_10_7v': (208.904087, 36.244959),
-    'btemp_18_7h': (165.680262, 52.617873), 'btemp_18_7v': (218.586834, 28.060390),
-    'btemp_23_8h': (182.208937, 42.887162), 'btemp_23_8v': (226.396467, 22.117582),
-    'btemp_36_5h': (185.194724, 38.644438), 'btemp_36_5v': (228.205902, 17.652645),
-    'btemp_89_0h': (212.537458, 22.584971), 'btemp_89_0v': (241.257479, 16.310962),
-    'u10m_rotated': (0.674799, 4.749647), 'v10m_rotated': (0.607557, 5.196105),
-    't2m': (268.626549, 9.469171), 'skt': (268.910152, 10.305256),
-    'tcwv': (7.747742, 5.268575), 'tclw': (0.041246, 0.071128),
+    'nersc_sar_primary': (-14.508255, 5.659746),
+    'nersc_sar_secondary': (-24.701205, 4.746759),
+    'sar_incidenceangle': (33.998018, 8.322267),
+    'distance_map': (23.627670, 14.990186),
+    'btemp_6_9h': (148.846980, 61.648469),
+    'btemp_6_9v': (203.519445, 38.666432),
+    'btemp_7_3h': (149.898965, 61.675445),
+    'btemp_7_3v': (204.205340, 38.666220),
+    'btemp_10_7h': (153.891692, 60.875250),
+    'btemp_10_7v': (208.904087, 36.244959),
+    'btemp_18_7h': (165.680262, 52.617873),
+    'btemp_18_7v': (218.586834, 28.060390),
+    'btemp_23_8h': (182.208937, 42.887162),
+    'btemp_23_8v': (226.396467, 22.117582),
+    'btemp_36_5h': (185.194724, 38.644438),
+    'btemp_36_5v': (228.205902, 17.652645),
+    'btemp_89_0h': (212.537458, 22.584971),
+    'btemp_89_0v': (241.257479, 16.310962),
+    'u10m_rotated': (0.674799, 4.749647),
+    'v10m_rotated': (0.607557, 5.196105),
+    't2m': (268.626549, 9.469171),
+    'skt': (268.910152, 10.305256),
+    'tcwv': (7.747742, 5.268575),
+    'tclw': (0.041246, 0.071128),
 }
+
 
 def standardise(values, var: str):  # physical values (dB, deg, K, m/s, ...) and their variable name
     "z-score `values` with the official statistics of `var`."
-    m, s = STATS[var]; return (values - m) / s
+    m, s = STATS[var]
+    return (values - m) / s
+
 
 def destandardise(values, var: str):  # standardised values as stored in RTT files
     "Undo `standardise`: back to physical units (dB, degrees, kelvin, ...)."
-    m, s = STATS[var]; return values * s + m
+    m, s = STATS[var]
+    return values * s + m
 
 # %% ../nbs/10_scenes.ipynb #db90a4a8
 @dataclasses.dataclass(frozen=True)
 class VarSpec:
     "What one RTT variable must look like."
+
     name: str
-    group: str   # charts | sar | geo | amsr2 | era5
+    group: str  # charts | sar | geo | amsr2 | era5
     dims: tuple
     dtype: str
     units: str = ''
     long_name: str = ''
 
+
 def _specs():
     out = {}
-    for v, ln in zip(CHART_VARS, ('sea ice concentration class', 'stage of development class', 'floe size class')):
+    for v, ln in zip(
+        CHART_VARS, ('sea ice concentration class', 'stage of development class', 'floe size class')
+    ):
         out[v] = VarSpec(v, 'charts', SAR_DIMS, 'uint8', '1', ln)
-    for v, u, ln in zip(SAR_VARS, ('dB', 'dB', 'degree', '1'), ('HH backscatter (NERSC denoised)', 'HV backscatter (NERSC denoised)',
-                                                          'incidence angle', 'distance-to-land zone')):
+    for v, u, ln in zip(
+        SAR_VARS,
+        ('dB', 'dB', 'degree', '1'),
+        (
+            'HH backscatter (NERSC denoised)',
+            'HV backscatter (NERSC denoised)',
+            'incidence angle',
+            'distance-to-land zone',
+        ),
+    ):
         out[v] = VarSpec(v, 'sar', SAR_DIMS, 'float32', u, ln)
-    for v, u in zip(GEO_VARS, ('degrees_north', 'degrees_east')): out[v] = VarSpec(v, 'geo', TIE_DIMS, 'float64', u, v)
-    for v in AMSR2_VARS: out[v] = VarSpec(v, 'amsr2', COARSE_DIMS, 'float32', 'K', f'AMSR2 brightness temperature {v[6:]}')
-    for v, u in zip(ERA5_VARS, ('m s-1', 'm s-1', 'K', 'K', 'kg m-2', 'kg m-2')): out[v] = VarSpec(v, 'era5', COARSE_DIMS, 'float32', u, v)
+    for v, u in zip(GEO_VARS, ('degrees_north', 'degrees_east')):
+        out[v] = VarSpec(v, 'geo', TIE_DIMS, 'float64', u, v)
+    for v in AMSR2_VARS:
+        out[v] = VarSpec(v, 'amsr2', COARSE_DIMS, 'float32', 'K', f'AMSR2 brightness temperature {v[6:]}')
+    for v, u in zip(ERA5_VARS, ('m s-1', 'm s-1', 'K', 'K', 'kg m-2', 'kg m-2')):
+        out[v] = VarSpec(v, 'era5', COARSE_DIMS, 'float32', u, v)
     return out
+
 
 SCHEMA: dict[str, VarSpec] = _specs()
 GLOBAL_ATTRS = ('scene_id', 'original_id', 'ice_service', 'flip', 'pixel_spacing')
+
 
 def coarse_shape(lines: int, samples: int) -> tuple[int, int]:  # SAR grid size in pixels
     "Size of the 2 km grid for a SAR grid of `lines` x `samples` (every 25th pixel: 4999 x 5213 -> 199 x 208)."
     return lines // GRID_FACTOR, samples // GRID_FACTOR
 
 # %% ../nbs/10_scenes.ipynb #edf9f68c
-_RAW = re.compile(r'^(?P<mission>S1[AB])_EW_GRDM_1SD[HV]_(?P<start>\d{8}T\d{6})_(?P<stop>\d{8}T\d{6})_\w+?_icechart_'
-                  r'(?P<service>dmi|cis)_(?P<chart>.+?)(?:\.nc)?$')
+_RAW = re.compile(
+    r'^(?P<mission>S1[AB])_EW_GRDM_1SD[HV]_(?P<start>\d{8}T\d{6})_(?P<stop>\d{8}T\d{6})_\w+?_icechart_'
+    r'(?P<service>dmi|cis)_(?P<chart>.+?)(?:\.nc)?$'
+)
+
 
 @dataclasses.dataclass(frozen=True)
 class SceneName:
     "What a raw AI4Arctic name tells: RTT name, start time, ice service, region or chart id, mission."
+
     raw: str
     rtt: str
     start: dt.datetime
@@ -108,89 +158,155 @@ class SceneName:
     region: str
     mission: str
 
+
 def parse_raw_name(raw: str) -> SceneName:  # raw Sentinel-1 + ice-chart file name (with or without .nc)
     "Parse a raw AI4Arctic scene name (as in `dataset.json` / `testset.json`)."
     m = _RAW.match(Path(raw).name)
-    if not m: raise DataError(f"{raw!r} is not a raw AI4Arctic name like 'S1A_EW_GRDM_1SDH_<start>_<stop>_..._icechart_dmi_<time>_<Region>.nc'")
+    if not m:
+        raise DataError(
+            f"{raw!r} is not a raw AI4Arctic name like 'S1A_EW_GRDM_1SDH_<start>_<stop>_..._icechart_dmi_<time>_<Region>.nc'"
+        )
     start, service, chart = m['start'], m['service'], m['chart']
-    if service == 'dmi': region = re.sub(r'^\d{12}_', '', chart)        # '201801241950_SouthEast_RIC' -> 'SouthEast_RIC'
-    else: region = chart.split('_')[0]                                    # 'SGRDIEA_20190430T1020Z_pl_a' -> 'SGRDIEA'
-    return SceneName(Path(raw).name, f'{start}_{service}_prep.nc', dt.datetime.strptime(start, '%Y%m%dT%H%M%S'),
-                     service, region, m['mission'])
+    if service == 'dmi':
+        region = re.sub(r'^\d{12}_', '', chart)  # '201801241950_SouthEast_RIC' -> 'SouthEast_RIC'
+    else:
+        region = chart.split('_')[0]  # 'SGRDIEA_20190430T1020Z_pl_a' -> 'SGRDIEA'
+    return SceneName(
+        Path(raw).name,
+        f'{start}_{service}_prep.nc',
+        dt.datetime.strptime(start, '%Y%m%dT%H%M%S'),
+        service,
+        region,
+        m['mission'],
+    )
+
 
 def rtt_name(raw: str) -> str:  # raw name
     "The RTT file name of a raw scene name, e.g. `20180124T194759_dmi_prep.nc`."
     return parse_raw_name(raw).rtt
 
+
 _RTT = re.compile(r'^(?P<start>\d{8}T\d{6})_(?P<service>dmi|cis)_prep(?P<ref>_reference)?\.nc$')
+
 
 def parse_rtt_name(name: str) -> tuple[dt.datetime, str, bool]:  # RTT file name or path
     "`(start, ice_service, is_reference)` of an RTT file name."
     m = _RTT.match(Path(name).name)
-    if not m: raise DataError(f"{name!r} is not an RTT name like '20180124T194759_dmi_prep.nc'")
+    if not m:
+        raise DataError(f"{name!r} is not an RTT name like '20180124T194759_dmi_prep.nc'")
     return dt.datetime.strptime(m['start'], '%Y%m%dT%H%M%S'), m['service'], bool(m['ref'])
+
 
 def reference_path(path) -> Path:  # path of a `_prep.nc` file
     "Where the test-set labels of `path` live: `<stem>_reference.nc` beside it."
-    p = Path(path); return p.with_name(p.stem + '_reference.nc')
+    p = Path(path)
+    return p.with_name(p.stem + '_reference.nc')
 
 # %% ../nbs/10_scenes.ipynb #9799183e
-def empty_scene(lines: int, samples: int,  # SAR grid size
-                scene_id: str = '20180101T000000_dmi_prep.nc',  # RTT file name
-                original_id: str = '', ice_service: str = 'dmi') -> xr.Dataset:
+def empty_scene(
+    lines: int,
+    samples: int,  # SAR grid size
+    scene_id: str = '20180101T000000_dmi_prep.nc',  # RTT file name
+    original_id: str = '',
+    ice_service: str = 'dmi',
+) -> xr.Dataset:
     "A dataset with every RTT variable at its fill value (charts 255, SAR 0, AMSR2/ERA5 NaN)."
     cl, cs = coarse_shape(lines, samples)
-    sizes = dict(zip(SAR_DIMS, (lines, samples))) | dict(zip(TIE_DIMS, (N_TIE, N_TIE))) | dict(zip(COARSE_DIMS, (cl, cs)))
+    sizes = (
+        dict(zip(SAR_DIMS, (lines, samples)))
+        | dict(zip(TIE_DIMS, (N_TIE, N_TIE)))
+        | dict(zip(COARSE_DIMS, (cl, cs)))
+    )
     data = {}
     for v, s in SCHEMA.items():
         shape = tuple(sizes[d] for d in s.dims)
         fill = CHART_FILL if s.group == 'charts' else SAR_FILL if s.group == 'sar' else np.nan
         attrs = {'long_name': s.long_name}
-        if s.group == 'charts': attrs['chart_fill_value'] = np.uint8(CHART_FILL)
-        elif s.group == 'sar': attrs['variable_fill_value'] = np.float32(SAR_FILL)
-        if s.units and s.units != '1': attrs['units'] = s.units
+        if s.group == 'charts':
+            attrs['chart_fill_value'] = np.uint8(CHART_FILL)
+        elif s.group == 'sar':
+            attrs['variable_fill_value'] = np.float32(SAR_FILL)
+        if s.units and s.units != '1':
+            attrs['units'] = s.units
         data[v] = xr.Variable(s.dims, np.full(shape, fill, dtype=s.dtype), attrs)
-    return xr.Dataset(data, attrs={'scene_id': scene_id, 'original_id': original_id, 'ice_service': ice_service,
-                                   'flip': np.int32(0), 'pixel_spacing': np.int32(int(PIXEL_SPACING))})
+    return xr.Dataset(
+        data,
+        attrs={
+            'scene_id': scene_id,
+            'original_id': original_id,
+            'ice_service': ice_service,
+            'flip': np.int32(0),
+            'pixel_spacing': np.int32(int(PIXEL_SPACING)),
+        },
+    )
 
-def write_scene(ds: xr.Dataset, path,  # dataset and target file
-                complevel: int = 1, variables: Sequence[str] | None = None) -> Path:  # zlib level; subset (e.g. charts only)
+
+def write_scene(
+    ds: xr.Dataset,
+    path,  # dataset and target file
+    complevel: int = 1,
+    variables: Sequence[str] | None = None,
+) -> Path:  # zlib level; subset (e.g. charts only)
     "Write `ds` as NetCDF-4 (zlib) deterministically and atomically; returns the path."
     import netCDF4, os
-    path = Path(path); names = list(variables or ds.data_vars)
+
+    path = Path(path)
+    names = list(variables or ds.data_vars)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f'.tmp-{path.name}')
-    try: _write_nc(netCDF4, ds, names, tmp, complevel); os.replace(tmp, path)
-    finally: tmp.unlink(missing_ok=True)
+    try:
+        _write_nc(netCDF4, ds, names, tmp, complevel)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
+
 
 def _write_nc(netCDF4, ds, names, tmp, complevel):
     with netCDF4.Dataset(tmp, 'w', format='NETCDF4') as nc:
-        for d in dict.fromkeys(d for v in names for d in ds[v].dims): nc.createDimension(d, ds.sizes[d])
-        for k, val in ds.attrs.items(): nc.setncattr(k, val)
+        for d in dict.fromkeys(d for v in names for d in ds[v].dims):
+            nc.createDimension(d, ds.sizes[d])
+        for k, val in ds.attrs.items():
+            nc.setncattr(k, val)
         for v in names:
-            var = ds[v]; arr = np.asarray(var.values)
+            var = ds[v]
+            arr = np.asarray(var.values)
             chunks = tuple(min(n, 1024) for n in arr.shape)
-            out = nc.createVariable(v, arr.dtype, var.dims, zlib=True, complevel=complevel, shuffle=True, chunksizes=chunks)
+            out = nc.createVariable(
+                v, arr.dtype, var.dims, zlib=True, complevel=complevel, shuffle=True, chunksizes=chunks
+            )
             out.set_auto_maskandscale(False)
-            for k, val in var.attrs.items(): out.setncattr(k, val)
+            for k, val in var.attrs.items():
+                out.setncattr(k, val)
             out[...] = arr
 
 # %% ../nbs/10_scenes.ipynb #4eed5fc2
-def open_scene(path,  # an RTT `*_prep.nc` (or `_prep_reference.nc`) file
-               reference: bool | Literal['auto'] = 'auto',  # merge charts from `<stem>_reference.nc` ('auto': when present and needed)
-               chunks: dict | None = None) -> xr.Dataset:  # dask chunks; None = xarray's lazy backend arrays
+def open_scene(
+    path,  # an RTT `*_prep.nc` (or `_prep_reference.nc`) file
+    reference: bool
+    | Literal['auto'] = 'auto',  # merge charts from `<stem>_reference.nc` ('auto': when present and needed)
+    chunks: dict | None = None,
+) -> xr.Dataset:  # dask chunks; None = xarray's lazy backend arrays
     "Open an RTT scene lazily as an `xarray.Dataset`; raises `MissingFileError`/`DataError` naming the file."
     path = Path(path)
-    if not path.exists(): raise MissingFileError(f"scene file {path} does not exist")
-    try: ds = xr.open_dataset(path, engine='netcdf4', mask_and_scale=False, decode_times=False, chunks=chunks)
+    if not path.exists():
+        raise MissingFileError(f"scene file {path} does not exist")
+    try:
+        ds = xr.open_dataset(path, engine='netcdf4', mask_and_scale=False, decode_times=False, chunks=chunks)
     except (OSError, ValueError, RuntimeError) as e:
-        raise DataError(f"cannot open {path} as NetCDF ({e}); the file is truncated or corrupt: download it again") from e
+        raise DataError(
+            f"cannot open {path} as NetCDF ({e}); the file is truncated or corrupt: download it again"
+        ) from e
     ref = reference_path(path)
     if reference is True or (reference == 'auto' and not any(c in ds for c in CHART_VARS) and ref.exists()):
-        if not ref.exists(): raise MissingFileError(f"reference charts {ref} for {path.name} do not exist")
-        try: r = xr.open_dataset(ref, engine='netcdf4', mask_and_scale=False, decode_times=False, chunks=chunks)
-        except (OSError, ValueError, RuntimeError) as e: raise DataError(f"cannot open {ref} as NetCDF ({e})") from e
+        if not ref.exists():
+            raise MissingFileError(f"reference charts {ref} for {path.name} do not exist")
+        try:
+            r = xr.open_dataset(
+                ref, engine='netcdf4', mask_and_scale=False, decode_times=False, chunks=chunks
+            )
+        except (OSError, ValueError, RuntimeError) as e:
+            raise DataError(f"cannot open {ref} as NetCDF ({e})") from e
         ds = ds.drop_vars([c for c in CHART_VARS if c in ds]).merge(r[[c for c in CHART_VARS if c in r]])
     return ds
 
@@ -198,137 +314,234 @@ def open_scene(path,  # an RTT `*_prep.nc` (or `_prep_reference.nc`) file
 @dataclasses.dataclass(frozen=True)
 class Problem:
     "One thing wrong with a scene file."
+
     severity: Literal['error', 'warning']
     variable: str | None  # the variable concerned (None: the whole file)
     message: str
-    def __str__(self): return f"{self.severity.upper()} {self.variable or '<file>'}: {self.message}"
+
+    def __str__(self):
+        return f"{self.severity.upper()} {self.variable or '<file>'}: {self.message}"
+
 
 def _sar_is_standardised(values: np.ndarray) -> bool | None:
     "True when HH values look z-scored (centred near 0), False when they look like dB (near -15); None if empty."
     v = values[np.isfinite(values) & (values != SAR_FILL)]
-    if v.size == 0: return None
+    if v.size == 0:
+        return None
     return bool(abs(_median(v)) < 4)
+
 
 def _median(v: np.ndarray) -> float:
     "Median of at most ~10^5 evenly strided values: a location estimate for a full-size scene in milliseconds."
-    return float(np.median(v.ravel()[::max(1, v.size // 100_000)]))
+    return float(np.median(v.ravel()[:: max(1, v.size // 100_000)]))
+
 
 def _check_values(ds, v, arr, problems):
-    s = SCHEMA[v]; P = lambda sev, msg: problems.append(Problem(sev, v, msg))
-    finite = np.isfinite(arr) if arr.dtype.kind == 'f' else None  # one pass over the array; NaN/inf split only when present
+    s = SCHEMA[v]
+    P = lambda sev, msg: problems.append(Problem(sev, v, msg))
+    finite = (
+        np.isfinite(arr) if arr.dtype.kind == 'f' else None
+    )  # one pass over the array; NaN/inf split only when present
     n_bad = int(arr.size - np.count_nonzero(finite)) if finite is not None else 0
     n_nan = int(np.isnan(arr).sum()) if n_bad else 0
     n_inf = n_bad - n_nan
-    if n_inf: P('error', f"{n_inf} infinite values (+-inf): the file is corrupt; download or regenerate it")
+    if n_inf:
+        P('error', f"{n_inf} infinite values (+-inf): the file is corrupt; download or regenerate it")
     if s.group == 'charts':
-        if n_nan: P('error', f"{n_nan} NaN values in a chart (charts are uint8 with {CHART_FILL} = masked)")
+        if n_nan:
+            P('error', f"{n_nan} NaN values in a chart (charts are uint8 with {CHART_FILL} = masked)")
         a = np.where(~np.isfinite(arr), CHART_FILL, arr) if n_nan or n_inf else arr
         bad = (a != CHART_FILL) & ((a < 0) | (a >= N_CLASSES[v]))
-        if bad.any(): P('error', f"{int(bad.sum())} pixels outside 0..{N_CLASSES[v] - 1} (or {CHART_FILL}), e.g. {a[bad].flat[0]!r}")
-        if not (a != CHART_FILL).any(): P('warning', 'the chart is masked everywhere')
+        if bad.any():
+            P(
+                'error',
+                f"{int(bad.sum())} pixels outside 0..{N_CLASSES[v] - 1} (or {CHART_FILL}), e.g. {a[bad].flat[0]!r}",
+            )
+        if not (a != CHART_FILL).any():
+            P('warning', 'the chart is masked everywhere')
         if 'chart_fill_value' in ds[v].attrs and int(ds[v].attrs['chart_fill_value']) != CHART_FILL:
             P('error', f"chart_fill_value is {ds[v].attrs['chart_fill_value']}, expected {CHART_FILL}")
     elif s.group == 'sar':
-        if n_nan: P('error', f"{n_nan} NaN values (no data must be stored as {SAR_FILL})")
+        if n_nan:
+            P('error', f"{n_nan} NaN values (no data must be stored as {SAR_FILL})")
         ok = finite & (arr != SAR_FILL)
-        if not ok.any(): P('error', 'no valid pixels (all no-data)'); return
-        k = max(1, arr.size // 200_000)  # location and plausibility from an even sample: a full-size scene in milliseconds
+        if not ok.any():
+            P('error', 'no valid pixels (all no-data)')
+            return
+        k = max(
+            1, arr.size // 200_000
+        )  # location and plausibility from an even sample: a full-size scene in milliseconds
         fin = arr.ravel()[::k][ok.ravel()[::k]]
-        if fin.size == 0: fin = arr[ok]
+        if fin.size == 0:
+            fin = arr[ok]
         med = _median(fin)
         if v == 'nersc_sar_primary' and abs(med) >= 4:
-            P('warning', f"values look like dB (median {med:.1f}), not standardised: the reader must standardise it")
+            P(
+                'warning',
+                f"values look like dB (median {med:.1f}), not standardised: the reader must standardise it",
+            )
         phys = destandardise(fin, v) if abs(med) < 4 or v == 'distance_map' else fin
-        lo, hi = {'nersc_sar_primary': (-60, 30), 'nersc_sar_secondary': (-60, 30), 'sar_incidenceangle': (10, 55),
-                  'distance_map': (-0.5, 60)}[v]
+        lo, hi = {
+            'nersc_sar_primary': (-60, 30),
+            'nersc_sar_secondary': (-60, 30),
+            'sar_incidenceangle': (10, 55),
+            'distance_map': (-0.5, 60),
+        }[v]
         out = float(((phys < lo) | (phys > hi)).mean())
-        if out > 0.001: P('warning', f"about {out:.1%} of the values are outside the plausible physical range {lo}..{hi}")
+        if out > 0.001:
+            P('warning', f"about {out:.1%} of the values are outside the plausible physical range {lo}..{hi}")
     elif s.group == 'geo':
-        if n_nan: P('error', f"{n_nan} NaN tie points")
+        if n_nan:
+            P('error', f"{n_nan} NaN tie points")
         lim = 90 if v.endswith('latitude') else 360
-        if (np.abs(arr[np.isfinite(arr)]) > lim).any(): P('error', f"values beyond +-{lim} degrees")
+        if (np.abs(arr[np.isfinite(arr)]) > lim).any():
+            P('error', f"values beyond +-{lim} degrees")
     else:
-        if n_nan == arr.size: P('warning', 'all values are NaN')
-        elif n_nan: P('warning', f"{n_nan} NaN values")
+        if n_nan == arr.size:
+            P('warning', 'all values are NaN')
+        elif n_nan:
+            P('warning', f"{n_nan} NaN values")
+
 
 def _check_charts(ds, charts, problems):
     sic = charts.get('SIC')
-    if sic is None: return
+    if sic is None:
+        return
     water, ice = sic == 0, (sic != CHART_FILL) & (sic > 0)
     for c in ('SOD', 'FLOE'):
         a = charts.get(c)
-        if a is None or a.shape != sic.shape: continue
+        if a is None or a.shape != sic.shape:
+            continue
         n = int((water & (a != 0)).sum())
-        if n: problems.append(Problem('error', c, f"{n} pixels where SIC is 0 (open water) but {c} is not 0"))
+        if n:
+            problems.append(Problem('error', c, f"{n} pixels where SIC is 0 (open water) but {c} is not 0"))
         n = int((ice & (a == 0)).sum())
-        if n: problems.append(Problem('error', c, f"{n} pixels where SIC > 0 (ice) but {c} is 0 (open water)"))
+        if n:
+            problems.append(Problem('error', c, f"{n} pixels where SIC > 0 (ice) but {c} is 0 (open water)"))
         n = int(((sic == CHART_FILL) & (a != CHART_FILL)).sum())
-        if n: problems.append(Problem('warning', c, f"{n} pixels classified where SIC is masked"))
+        if n:
+            problems.append(Problem('warning', c, f"{n} pixels classified where SIC is masked"))
 
-def validate_dataset(ds: xr.Dataset,  # an opened scene
-                     charts_required: bool = True) -> list[Problem]:  # False for a test-set `_prep.nc` without labels
+
+def validate_dataset(
+    ds: xr.Dataset,  # an opened scene
+    charts_required: bool = True,
+) -> list[Problem]:  # False for a test-set `_prep.nc` without labels
     "Check an opened scene against the schema; returns the problems found (empty: valid)."
     problems: list[Problem] = []
     P = lambda sev, var, msg: problems.append(Problem(sev, var, msg))
     for a in GLOBAL_ATTRS:
-        if a not in ds.attrs: P('warning', None, f"global attribute {a!r} is missing")
-    if ds.attrs.get('ice_service', 'dmi') not in ('dmi', 'cis'): P('warning', None, f"ice_service is {ds.attrs['ice_service']!r}, expected 'dmi' or 'cis'")
+        if a not in ds.attrs:
+            P('warning', None, f"global attribute {a!r} is missing")
+    if ds.attrs.get('ice_service', 'dmi') not in ('dmi', 'cis'):
+        P('warning', None, f"ice_service is {ds.attrs['ice_service']!r}, expected 'dmi' or 'cis'")
     has_charts = [c in ds for c in CHART_VARS]
     for v, s in SCHEMA.items():
         if v not in ds:
-            if s.group == 'charts' and not any(has_charts) and not charts_required: continue
-            P('error', v, 'variable is missing' + (' (a test-set scene needs its _prep_reference.nc beside it)' if s.group == 'charts' and not any(has_charts) else ''))
+            if s.group == 'charts' and not any(has_charts) and not charts_required:
+                continue
+            P(
+                'error',
+                v,
+                'variable is missing'
+                + (
+                    ' (a test-set scene needs its _prep_reference.nc beside it)'
+                    if s.group == 'charts' and not any(has_charts)
+                    else ''
+                ),
+            )
     for v in ds.data_vars:
-        if v not in SCHEMA: P('warning', v, 'unexpected variable (not in the AI4Arctic RTT schema)')
+        if v not in SCHEMA:
+            P('warning', v, 'unexpected variable (not in the AI4Arctic RTT schema)')
     sizes, charts = {}, {}
     for v, s in SCHEMA.items():
-        if v not in ds: continue
+        if v not in ds:
+            continue
         var = ds[v]
         if var.dims != s.dims:
-            if s.group == 'geo' and var.dims == s.dims[::-1]: pass   # transposed tie-point grid: accepted (order unverified)
-            else: P('error', v, f"dims are {var.dims}, expected {s.dims}"); continue
-        if var.dtype != np.dtype(s.dtype): P('error', v, f"dtype is {var.dtype}, expected {s.dtype}")
+            if s.group == 'geo' and var.dims == s.dims[::-1]:
+                pass  # transposed tie-point grid: accepted (order unverified)
+            else:
+                P('error', v, f"dims are {var.dims}, expected {s.dims}")
+                continue
+        if var.dtype != np.dtype(s.dtype):
+            P('error', v, f"dtype is {var.dtype}, expected {s.dtype}")
         for d, n in zip(var.dims, var.shape):
-            if sizes.setdefault(d, n) != n: P('error', v, f"dimension {d} has size {n} here but {sizes[d]} elsewhere")
-        try: arr = np.asarray(var.values)
+            if sizes.setdefault(d, n) != n:
+                P('error', v, f"dimension {d} has size {n} here but {sizes[d]} elsewhere")
+        try:
+            arr = np.asarray(var.values)
         except (OSError, RuntimeError, ValueError, KeyError) as e:
-            P('error', v, f"cannot read the data ({type(e).__name__}: {e}): the file is truncated or corrupt"); continue
+            P('error', v, f"cannot read the data ({type(e).__name__}: {e}): the file is truncated or corrupt")
+            continue
         _check_values(ds, v, arr, problems)
-        if s.group == 'charts': charts[v] = arr
+        if s.group == 'charts':
+            charts[v] = arr
     _check_charts(ds, charts, problems)
     if all(d in sizes for d in SAR_DIMS + COARSE_DIMS):
         exp = coarse_shape(sizes['sar_lines'], sizes['sar_samples'])
         got = (sizes['2km_grid_lines'], sizes['2km_grid_samples'])
         if any(abs(e - g) > 1 for e, g in zip(exp, got)):
-            P('error', None, f"2 km grid is {got[0]} x {got[1]} but a {sizes['sar_lines']} x {sizes['sar_samples']} SAR grid needs about {exp[0]} x {exp[1]} (1/{GRID_FACTOR})")
+            P(
+                'error',
+                None,
+                f"2 km grid is {got[0]} x {got[1]} but a {sizes['sar_lines']} x {sizes['sar_samples']} SAR grid needs about {exp[0]} x {exp[1]} (1/{GRID_FACTOR})",
+            )
     for d in TIE_DIMS:
-        if d in sizes and sizes[d] != N_TIE: P('warning', None, f"{d} has {sizes[d]} points, expected {N_TIE}")
+        if d in sizes and sizes[d] != N_TIE:
+            P('warning', None, f"{d} has {sizes[d]} points, expected {N_TIE}")
     return problems
 
-def validate_scene(path,  # an RTT `*_prep.nc` file
-                   reference: bool | Literal['auto'] = 'auto') -> list[Problem]:  # as in `open_scene`
+
+def validate_scene(
+    path,  # an RTT `*_prep.nc` file
+    reference: bool | Literal['auto'] = 'auto',
+) -> list[Problem]:  # as in `open_scene`
     "Validate one RTT file; never raises for a bad file, returns the list of problems instead."
     path = Path(path)
-    if not path.exists(): return [Problem('error', None, f"{path} does not exist")]
-    try: ds = open_scene(path, reference=reference)
-    except SeaIceError as e: return [Problem('error', None, str(e))]
+    if not path.exists():
+        return [Problem('error', None, f"{path} does not exist")]
+    try:
+        ds = open_scene(path, reference=reference)
+    except SeaIceError as e:
+        return [Problem('error', None, str(e))]
     with ds:
         is_test = not any(c in ds for c in CHART_VARS) and reference != True
         problems = validate_dataset(ds, charts_required=not is_test)
-        if is_test: problems.insert(0, Problem('warning', None, f"no charts: a test-set scene without {reference_path(path).name}"))
-    try: parse_rtt_name(path)
-    except DataError: problems.append(Problem('warning', None, f"file name {path.name!r} does not follow the RTT naming '<start>_<dmi|cis>_prep.nc'"))
+        if is_test:
+            problems.insert(
+                0,
+                Problem('warning', None, f"no charts: a test-set scene without {reference_path(path).name}"),
+            )
+    try:
+        parse_rtt_name(path)
+    except DataError:
+        problems.append(
+            Problem(
+                'warning',
+                None,
+                f"file name {path.name!r} does not follow the RTT naming '<start>_<dmi|cis>_prep.nc'",
+            )
+        )
     if ds.attrs.get('scene_id') not in (None, path.name, path.name.replace('_reference', '')):
-        problems.append(Problem('warning', None, f"scene_id attribute {ds.attrs['scene_id']!r} differs from the file name"))
+        problems.append(
+            Problem(
+                'warning', None, f"scene_id attribute {ds.attrs['scene_id']!r} differs from the file name"
+            )
+        )
     return problems
 
 # %% ../nbs/10_scenes.ipynb #0e74eafa
 def validate_main(argv: list[str]) -> int:
     "`seaice validate PATH...`: validate RTT scene files (folders are searched for `*_prep.nc`)."
-    ap = argparse.ArgumentParser(prog='seaice validate', description='Validate AI4Arctic ready-to-train scene files.')
+    ap = argparse.ArgumentParser(
+        prog='seaice validate', description='Validate AI4Arctic ready-to-train scene files.'
+    )
     ap.add_argument('paths', nargs='+', help='scene files or folders holding *_prep.nc files')
     ap.add_argument('--strict', action='store_true', help='treat warnings as errors')
-    ap.add_argument('-q', '--quiet', action='store_true', help='print only scenes with problems and the summary')
+    ap.add_argument(
+        '-q', '--quiet', action='store_true', help='print only scenes with problems and the summary'
+    )
     a = ap.parse_args(argv)
     files = []
     for p in map(Path, a.paths):
@@ -338,8 +551,10 @@ def validate_main(argv: list[str]) -> int:
         probs = validate_scene(f)
         bad = any(p.severity == 'error' or a.strict for p in probs)
         n_bad += bad
-        if probs or not a.quiet: print(f"{f}: {'FAILED' if bad else 'ok'}")
-        for p in probs: print(f"  {p}")
+        if probs or not a.quiet:
+            print(f"{f}: {'FAILED' if bad else 'ok'}")
+        for p in probs:
+            print(f"  {p}")
     print(f"{len(files) - n_bad} of {len(files)} scenes valid")
     return 1 if n_bad or not files else 0
 
@@ -350,27 +565,41 @@ def _ground_m(lat1, lon1, lat2, lon2):
     a = np.sin((p2 - p1) / 2) ** 2 + np.cos(p1) * np.cos(p2) * np.sin(dl / 2) ** 2
     return 2 * 6371008.8 * np.arcsin(np.sqrt(np.clip(a, 0, 1)))
 
-def tie_points(ds: xr.Dataset,  # opened scene
-               order: Literal['auto', 'sample_line', 'line_sample'] = 'auto') -> tuple[np.ndarray, np.ndarray]:
+
+def tie_points(
+    ds: xr.Dataset,  # opened scene
+    order: Literal['auto', 'sample_line', 'line_sample'] = 'auto',
+) -> tuple[np.ndarray, np.ndarray]:
     "The tie-point latitude and longitude as `(line, sample)` arrays, resolving the unverified axis order."
     lat, lon = (np.asarray(ds[v].values, dtype='float64') for v in GEO_VARS)
     named_sample_first = ds[GEO_VARS[0]].dims[0] == TIE_DIMS[0]
     if order == 'auto':
         H, W = ds.sizes['sar_lines'], ds.sizes['sar_samples']
-        len0 = _ground_m(lat[0], lon[0], lat[-1], lon[-1]).mean()          # along axis 0
+        len0 = _ground_m(lat[0], lon[0], lat[-1], lon[-1]).mean()  # along axis 0
         len1 = _ground_m(lat[:, 0], lon[:, 0], lat[:, -1], lon[:, -1]).mean()
         eh, ew = (H - 1) * PIXEL_SPACING, (W - 1) * PIXEL_SPACING
-        as_named = (abs(len0 - ew) + abs(len1 - eh)) if named_sample_first else (abs(len0 - eh) + abs(len1 - ew))
-        swapped = (abs(len0 - eh) + abs(len1 - ew)) if named_sample_first else (abs(len0 - ew) + abs(len1 - eh))
-        sample_first = named_sample_first if as_named <= swapped + 0.02 * max(eh, ew) else not named_sample_first
-    else: sample_first = order == 'sample_line'
+        as_named = (
+            (abs(len0 - ew) + abs(len1 - eh)) if named_sample_first else (abs(len0 - eh) + abs(len1 - ew))
+        )
+        swapped = (
+            (abs(len0 - eh) + abs(len1 - ew)) if named_sample_first else (abs(len0 - ew) + abs(len1 - eh))
+        )
+        sample_first = (
+            named_sample_first if as_named <= swapped + 0.02 * max(eh, ew) else not named_sample_first
+        )
+    else:
+        sample_first = order == 'sample_line'
     return (lat.T, lon.T) if sample_first else (lat, lon)
 
-def scene_latlon(ds: xr.Dataset,  # opened scene
-                 shape: tuple[int, int] | None = None,  # output (lines, samples); None = full SAR resolution
-                 order: Literal['auto', 'sample_line', 'line_sample'] = 'auto') -> tuple[np.ndarray, np.ndarray]:
+
+def scene_latlon(
+    ds: xr.Dataset,  # opened scene
+    shape: tuple[int, int] | None = None,  # output (lines, samples); None = full SAR resolution
+    order: Literal['auto', 'sample_line', 'line_sample'] = 'auto',
+) -> tuple[np.ndarray, np.ndarray]:
     "Latitude and longitude (degrees, float64) at the pixel centres of a `shape` grid covering the scene."
     from scipy.ndimage import map_coordinates
+
     lat, lon = tie_points(ds, order)
     H, W = ds.sizes['sar_lines'], ds.sizes['sar_samples']
     h, w = shape or (H, W)
@@ -383,101 +612,153 @@ def scene_latlon(ds: xr.Dataset,  # opened scene
     out /= np.linalg.norm(out, axis=0)
     return np.degrees(np.arcsin(out[2])), np.degrees(np.arctan2(out[1], out[0]))
 
+
 @lru_cache(maxsize=4)
 def _transformer(inverse: bool = False):
     from pyproj import Transformer
+
     a, b = ('EPSG:4326', 'EPSG:3413')
-    return Transformer.from_crs(b, a, always_xy=True) if inverse else Transformer.from_crs(a, b, always_xy=True)
+    return (
+        Transformer.from_crs(b, a, always_xy=True) if inverse else Transformer.from_crs(a, b, always_xy=True)
+    )
+
 
 def to_polar_stereo(lat, lon):  # degrees
     "Project to polar stereographic north (EPSG:3413, metres): returns `(x, y)`."
     x, y = _transformer(False).transform(np.asarray(lon, dtype='float64'), np.asarray(lat, dtype='float64'))
     return x, y
 
+
 def from_polar_stereo(x, y):  # EPSG:3413 metres
     "Inverse of `to_polar_stereo`: returns `(lat, lon)` in degrees."
     lon, lat = _transformer(True).transform(np.asarray(x, dtype='float64'), np.asarray(y, dtype='float64'))
     return lat, lon
 
-def scene_footprint(ds: xr.Dataset, order: Literal['auto', 'sample_line', 'line_sample'] = 'auto') -> np.ndarray:
+
+def scene_footprint(
+    ds: xr.Dataset, order: Literal['auto', 'sample_line', 'line_sample'] = 'auto'
+) -> np.ndarray:
     "The scene outline in EPSG:3413 as an `(N, 2)` array of `(x, y)` metres (closed ring along the tie-point border)."
     lat, lon = tie_points(ds, order)
-    ring = [(lat[0, :], lon[0, :]), (lat[:, -1], lon[:, -1]), (lat[-1, ::-1], lon[-1, ::-1]), (lat[::-1, 0], lon[::-1, 0])]
-    la = np.concatenate([r[0] for r in ring]); lo = np.concatenate([r[1] for r in ring])
+    ring = [
+        (lat[0, :], lon[0, :]),
+        (lat[:, -1], lon[:, -1]),
+        (lat[-1, ::-1], lon[-1, ::-1]),
+        (lat[::-1, 0], lon[::-1, 0]),
+    ]
+    la = np.concatenate([r[0] for r in ring])
+    lo = np.concatenate([r[1] for r in ring])
     return np.stack(to_polar_stereo(la, lo), axis=1)
 
 # %% ../nbs/10_scenes.ipynb #9a5569f2
 def _ne_dir() -> Path:
     import seaice_nb
+
     return Path(seaice_nb.__file__).parent / 'assets' / 'naturalearth'
+
 
 def use_offline_natural_earth() -> Path | None:
     "Point cartopy at the Natural Earth files shipped with seaice_nb; returns their folder (None if absent)."
     import cartopy
+
     d = _ne_dir()
-    if not (d / 'shapefiles/natural_earth/cultural/ne_110m_admin_0_countries.shp').exists(): return None
+    if not (d / 'shapefiles/natural_earth/cultural/ne_110m_admin_0_countries.shp').exists():
+        return None
     cartopy.config['pre_existing_data_dir'] = d
     return d
+
 
 def add_land(ax, **kw):  # a cartopy GeoAxes; keyword arguments for `add_feature`
     "Draw land with its coastline on `ax` from the shipped Natural Earth data; False when none is shipped."
     import cartopy.feature as cfeature
-    if use_offline_natural_earth() is None: return False
+
+    if use_offline_natural_earth() is None:
+        return False
     feat = cfeature.NaturalEarthFeature('cultural', 'admin_0_countries', '110m')
     ax.add_feature(feat, **({'facecolor': '#e8e4da', 'edgecolor': 'k', 'linewidth': 0.6} | kw))
     return True
 
+
 def polar_stereo_crs():
     "Cartopy's CRS for EPSG:3413 (NSIDC polar stereographic north)."
     import cartopy.crs as ccrs
-    return ccrs.Stereographic(central_latitude=90, central_longitude=-45, true_scale_latitude=70,
-                              globe=ccrs.Globe(ellipse='WGS84'))
 
-def plot_footprints(scenes: Sequence, ax=None, extent=None, labels: bool = False):  # opened scenes or paths; GeoAxes; (x0, x1, y0, y1) m
+    return ccrs.Stereographic(
+        central_latitude=90, central_longitude=-45, true_scale_latitude=70, globe=ccrs.Globe(ellipse='WGS84')
+    )
+
+
+def plot_footprints(
+    scenes: Sequence, ax=None, extent=None, labels: bool = False
+):  # opened scenes or paths; GeoAxes; (x0, x1, y0, y1) m
     "Draw scene footprints on a polar stereographic map with offline coastlines; returns the axes."
     import matplotlib.pyplot as plt
+
     crs = polar_stereo_crs()
-    if ax is None: _, ax = plt.subplots(figsize=(6, 6), subplot_kw={'projection': crs})
+    if ax is None:
+        _, ax = plt.subplots(figsize=(6, 6), subplot_kw={'projection': crs})
     rings = []
     for s in scenes:
         ds = open_scene(s) if isinstance(s, (str, Path)) else s
         rings.append((ds.attrs.get('scene_id', ''), scene_footprint(ds)))
     for i, (name, r) in enumerate(rings):
         ax.plot(r[:, 0], r[:, 1], transform=crs, lw=1, color=f'C{i % 10}')
-        if labels: ax.text(r[:, 0].mean(), r[:, 1].mean(), name[:8], transform=crs, fontsize=6)
+        if labels:
+            ax.text(r[:, 0].mean(), r[:, 1].mean(), name[:8], transform=crs, fontsize=6)
     if extent is None and rings:
-        xy = np.concatenate([r for _, r in rings]); pad = max(np.ptp(xy[:, 0]), np.ptp(xy[:, 1]), 4e5)
+        xy = np.concatenate([r for _, r in rings])
+        pad = max(np.ptp(xy[:, 0]), np.ptp(xy[:, 1]), 4e5)
         extent = (xy[:, 0].min() - pad, xy[:, 0].max() + pad, xy[:, 1].min() - pad, xy[:, 1].max() + pad)
-    if extent is not None: ax.set_extent(extent, crs=crs)
+    if extent is not None:
+        ax.set_extent(extent, crs=crs)
     add_land(ax)
     ax.gridlines(linewidth=0.3, color='grey')
     return ax
 
 # %% ../nbs/10_scenes.ipynb #3b290055
-def plot_scene(ds: xr.Dataset,  # opened scene
-               amsr2: str = 'btemp_36_5h',  # AMSR2 channel to show
-               step: int | None = None):  # decimation; None = about 500 px across
+def plot_scene(
+    ds: xr.Dataset,  # opened scene
+    amsr2: str = 'btemp_36_5h',  # AMSR2 channel to show
+    step: int | None = None,
+):  # decimation; None = about 500 px across
     "HH, HV, an AMSR2 channel and the three charts of one scene in one figure; returns the figure."
     import matplotlib.pyplot as plt
+
     step = step or max(1, max(ds.sizes['sar_lines'], ds.sizes['sar_samples']) // 500)
     sub = {'sar_lines': slice(None, None, step), 'sar_samples': slice(None, None, step)}
     charts = [c for c in CHART_VARS if c in ds]
-    fig, axes = plt.subplots(1, 3 + len(charts), figsize=(3.2 * (3 + len(charts)), 3.6), constrained_layout=True)
+    fig, axes = plt.subplots(
+        1, 3 + len(charts), figsize=(3.2 * (3 + len(charts)), 3.6), constrained_layout=True
+    )
     for ax, v, lab in zip(axes, SAR_VARS[:2], ('HH (dB)', 'HV (dB)')):
         a = np.asarray(ds[v].isel(sub).values, dtype='float32')
         db = np.where(a == SAR_FILL, np.nan, destandardise(a, v) if _sar_is_standardised(a) else a)
-        im = ax.imshow(db, cmap='gray', vmin=np.nanpercentile(db, 2), vmax=np.nanpercentile(db, 98)); ax.set_title(lab)
+        im = ax.imshow(db, cmap='gray', vmin=np.nanpercentile(db, 2), vmax=np.nanpercentile(db, 98))
+        ax.set_title(lab)
         fig.colorbar(im, ax=ax, shrink=0.7)
     a = np.asarray(ds[amsr2].values, dtype='float32')
     tb = destandardise(a, amsr2) if np.nanmax(np.abs(a)) < 20 else a
-    im = axes[2].imshow(tb, cmap='viridis'); axes[2].set_title(f'{amsr2} (K)'); fig.colorbar(im, ax=axes[2], shrink=0.7)
+    im = axes[2].imshow(tb, cmap='viridis')
+    axes[2].set_title(f'{amsr2} (K)')
+    fig.colorbar(im, ax=axes[2], shrink=0.7)
     for ax, c in zip(axes[3:], charts):
         cmap, norm = chart_cmap(c)
-        a = np.asarray(ds[c].isel(sub).values).astype('float32'); a[a == CHART_FILL] = np.nan
-        ax.imshow(np.ma.masked_invalid(a), cmap=cmap, norm=norm, interpolation='nearest'); ax.set_title(c)
+        a = np.asarray(ds[c].isel(sub).values).astype('float32')
+        a[a == CHART_FILL] = np.nan
+        ax.imshow(np.ma.masked_invalid(a), cmap=cmap, norm=norm, interpolation='nearest')
+        ax.set_title(c)
         present = sorted(int(k) for k in np.unique(a[np.isfinite(a)]))
-        ax.legend(handles=[plt.Rectangle((0, 0), 1, 1, color=CLASS_TABLES[c][k].colour, label=CLASS_TABLES[c][k].name) for k in present],
-                  fontsize=6, loc='lower left', framealpha=0.8)
-    for ax in axes: ax.set_xticks([]); ax.set_yticks([])
+        ax.legend(
+            handles=[
+                plt.Rectangle((0, 0), 1, 1, color=CLASS_TABLES[c][k].colour, label=CLASS_TABLES[c][k].name)
+                for k in present
+            ],
+            fontsize=6,
+            loc='lower left',
+            framealpha=0.8,
+        )
+    for ax in axes:
+        ax.set_xticks([])
+        ax.set_yticks([])
     fig.suptitle(ds.attrs.get('scene_id', ''))
     return fig

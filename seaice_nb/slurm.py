@@ -21,261 +21,411 @@ __all__ = ['KINDS', 'CHAIN', 'BYTES_PER_PX', 'PEAK_FACTOR', 'SECONDS_PER_MPX', '
 @dataclass
 class Resources:
     "SLURM resources of one job; `None` omits the option (the cluster's default applies)."
-    partition: str | None = None # `--partition`
-    account: str | None = None # `--account` (the project to charge)
-    time: str | None = None # `--time` wall-clock limit, e.g. '02:00:00' or '1-00:00:00'
-    nodes: int | None = None # `--nodes`
-    ntasks_per_node: int | None = None # `--ntasks-per-node`; train defaults it to the GPUs per node (one rank per GPU)
-    cpus_per_task: int | None = None # `--cpus-per-task` (data-loader workers + 1)
-    gpus_per_node: int | None = None # `--gpus-per-node`
-    mem: str | None = None # `--mem` per node, e.g. '32G'
-    array: str | None = None # `--array` (preprocess), e.g. '0-7' or '0-99%10'
-    job_name: str | None = None # `--job-name`; default 'seaice-<kind>'
-    extra: list[str] = field(default_factory=list) # further sbatch options, verbatim, e.g. ['--qos=short']
+
+    partition: str | None = None  # `--partition`
+    account: str | None = None  # `--account` (the project to charge)
+    time: str | None = None  # `--time` wall-clock limit, e.g. '02:00:00' or '1-00:00:00'
+    nodes: int | None = None  # `--nodes`
+    ntasks_per_node: int | None = (
+        None  # `--ntasks-per-node`; train defaults it to the GPUs per node (one rank per GPU)
+    )
+    cpus_per_task: int | None = None  # `--cpus-per-task` (data-loader workers + 1)
+    gpus_per_node: int | None = None  # `--gpus-per-node`
+    mem: str | None = None  # `--mem` per node, e.g. '32G'
+    array: str | None = None  # `--array` (preprocess), e.g. '0-7' or '0-99%10'
+    job_name: str | None = None  # `--job-name`; default 'seaice-<kind>'
+    extra: list[str] = field(default_factory=list)  # further sbatch options, verbatim, e.g. ['--qos=short']
 
 # %% ../nbs/60_slurm.ipynb #2d6c913c
 KINDS = ('preprocess', 'train', 'evaluate', 'autolabel', 'figures')
 CHAIN = ('preprocess', 'train', 'evaluate', 'figures')
 _NAME = re.compile(r'^[A-Za-z0-9_.-]+$')
 
+
 def template_dir() -> Path:
     "Folder of the sbatch templates: `$SEAICE_SLURM_DIR`, else `slurm/` next to the package."
     return Path(os.environ.get('SEAICE_SLURM_DIR') or source_root() / 'slurm')
+
 
 def default_notebook(kind: str) -> Path:
     "The workflow notebook a kind of job executes: `nbs/workflows/<kind>.ipynb`."
     return source_root() / 'nbs' / 'workflows' / f'{kind}.ipynb'
 
+
 def papermill_args(params: dict | None) -> list[str]:
     "Papermill command-line arguments for `params`, each value with the flag that preserves its type."
     out = []
     for k, v in (params or {}).items():
-        if not isinstance(k, str) or not k.isidentifier(): raise ConfigError(f"papermill parameter name {k!r} is not a Python identifier")
-        if isinstance(v, Path): v = str(v)
-        if v is None or isinstance(v, (bool, int, float)): out += ['-p', k, repr(v)]
-        elif isinstance(v, str): out += ['-r', k, v]
-        elif isinstance(v, (list, tuple, dict)): out += ['-y', yaml.safe_dump({k: _plain(v)}, default_flow_style=True).strip()]
-        else: raise ConfigError(f"papermill parameter {k}={v!r}: use a number, string, bool, None, list or mapping")
+        if not isinstance(k, str) or not k.isidentifier():
+            raise ConfigError(f"papermill parameter name {k!r} is not a Python identifier")
+        if isinstance(v, Path):
+            v = str(v)
+        if v is None or isinstance(v, (bool, int, float)):
+            out += ['-p', k, repr(v)]
+        elif isinstance(v, str):
+            out += ['-r', k, v]
+        elif isinstance(v, (list, tuple, dict)):
+            out += ['-y', yaml.safe_dump({k: _plain(v)}, default_flow_style=True).strip()]
+        else:
+            raise ConfigError(
+                f"papermill parameter {k}={v!r}: use a number, string, bool, None, list or mapping"
+            )
     return out
 
+
 def _plain(v):
-    if isinstance(v, dict): return {str(k): _plain(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)): return [_plain(x) for x in v]
+    if isinstance(v, dict):
+        return {str(k): _plain(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
     return str(v) if isinstance(v, Path) else v
 
 # %% ../nbs/60_slurm.ipynb #bad53337
-def sbatch_directives(kind: str, # job kind, names the job and its log file
-                      resources: Resources, # what to ask for
-                      run_dir: str | Path, # the job's working directory; logs go to <run_dir>/slurm/
-                     ) -> list[str]:
+def sbatch_directives(
+    kind: str,  # job kind, names the job and its log file
+    resources: Resources,  # what to ask for
+    run_dir: str | Path,  # the job's working directory; logs go to <run_dir>/slurm/
+) -> list[str]:
     "The `#SBATCH` lines for `resources`; unset resources are left out."
     r = resources
     log = '%x-%A_%a.out' if r.array is not None else '%x-%j.out'
-    lines = [f"--job-name={r.job_name or 'seaice-' + kind}", f"--chdir={run_dir}", f"--output={Path(run_dir) / 'slurm' / log}"]
-    for opt, val in [('partition', r.partition), ('account', r.account), ('time', r.time), ('nodes', r.nodes),
-                     ('ntasks-per-node', r.ntasks_per_node), ('cpus-per-task', r.cpus_per_task),
-                     ('gpus-per-node', r.gpus_per_node), ('mem', r.mem), ('array', r.array)]:
-        if val is not None and val != '': lines.append(f"--{opt}={val}")
+    lines = [
+        f"--job-name={r.job_name or 'seaice-' + kind}",
+        f"--chdir={run_dir}",
+        f"--output={Path(run_dir) / 'slurm' / log}",
+    ]
+    for opt, val in [
+        ('partition', r.partition),
+        ('account', r.account),
+        ('time', r.time),
+        ('nodes', r.nodes),
+        ('ntasks-per-node', r.ntasks_per_node),
+        ('cpus-per-task', r.cpus_per_task),
+        ('gpus-per-node', r.gpus_per_node),
+        ('mem', r.mem),
+        ('array', r.array),
+    ]:
+        if val is not None and val != '':
+            lines.append(f"--{opt}={val}")
     lines += list(r.extra)
     bad = [l for l in lines if '\n' in l or not l.startswith('--')]
-    if bad: raise ConfigError(f"sbatch option {bad[0]!r} must be one line starting with '--'")
+    if bad:
+        raise ConfigError(f"sbatch option {bad[0]!r} must be one line starting with '--'")
     return [f"#SBATCH {l}" for l in lines]
 
 # %% ../nbs/60_slurm.ipynb #e57e285e
-BYTES_PER_PX = 19 # decoded bytes per 80 m pixel a worker holds (4 x float32 SAR-grid variables + 3 x uint8 charts)
-PEAK_FACTOR = 4 # a worker's peak memory / its decoded scene (float64 temporaries of downsampling)
-SECONDS_PER_MPX = 0.5 # CPU-seconds per million 80 m pixels (read, validate, downsample, stack, write; measured ~0.24 at 5000 x 5200)
+BYTES_PER_PX = (
+    19  # decoded bytes per 80 m pixel a worker holds (4 x float32 SAR-grid variables + 3 x uint8 charts)
+)
+PEAK_FACTOR = 4  # a worker's peak memory / its decoded scene (float64 temporaries of downsampling)
+SECONDS_PER_MPX = 0.5  # CPU-seconds per million 80 m pixels (read, validate, downsample, stack, write; measured ~0.24 at 5000 x 5200)
+
 
 def _scene_size(scenes_dir: Path) -> tuple[int, int, int]:
     "(scene count, lines, samples) of the RTT files in a folder (size: the largest of the first three headers)."
     import netCDF4
+
     files = sorted(Path(scenes_dir).glob('*_prep.nc'))
     sizes = []
     for f in files[:3]:
         try:
-            with netCDF4.Dataset(f) as nc: sizes.append((nc.dimensions['sar_lines'].size, nc.dimensions['sar_samples'].size))
-        except (OSError, KeyError): continue
+            with netCDF4.Dataset(f) as nc:
+                sizes.append((nc.dimensions['sar_lines'].size, nc.dimensions['sar_samples'].size))
+        except (OSError, KeyError):
+            continue
     h, w = max(sizes) if sizes else (5000, 5200)
     return len(files), h, w
 
-def preprocess_resources(n_scenes: int, # scenes in the whole job
-                         size: tuple[int, int] = (5000, 5200), # (lines, samples) per scene
-                         tasks: int = 1, # array tasks sharing the scenes
-                         cpus: int | None = None, # CPUs per task (None: 4, fewer for few scenes)
-                         safety: float = 3.0, # time safety factor
-                        ) -> Resources:
+
+def preprocess_resources(
+    n_scenes: int,  # scenes in the whole job
+    size: tuple[int, int] = (5000, 5200),  # (lines, samples) per scene
+    tasks: int = 1,  # array tasks sharing the scenes
+    cpus: int | None = None,  # CPUs per task (None: 4, fewer for few scenes)
+    safety: float = 3.0,  # time safety factor
+) -> Resources:
     "Default `--cpus-per-task`, `--mem` and `--time` of a preprocess task for `n_scenes` scenes of `size`."
     per_task = max(1, -(-n_scenes // max(1, tasks)))
     cpus = cpus or max(1, min(4, per_task))
     px = size[0] * size[1]
-    mem_mb = int(cpus * (PEAK_FACTOR * BYTES_PER_PX * px / 2**20 + 250) + 512)  # + interpreter per worker, + the task's own
+    mem_mb = int(
+        cpus * (PEAK_FACTOR * BYTES_PER_PX * px / 2**20 + 250) + 512
+    )  # + interpreter per worker, + the task's own
     secs = int(safety * -(-per_task // cpus) * SECONDS_PER_MPX * px / 1e6 + 600)
-    return Resources(cpus_per_task=cpus, mem=f'{-(-mem_mb // 1024)}G', time=f'{secs // 3600:02d}:{secs % 3600 // 60:02d}:00')
+    return Resources(
+        cpus_per_task=cpus,
+        mem=f'{-(-mem_mb // 1024)}G',
+        time=f'{secs // 3600:02d}:{secs % 3600 // 60:02d}:00',
+    )
+
 
 def _array_tasks(array: str | None) -> int:
     "Task count of an sbatch --array spec ('0-7', '0-99%10', '1,3,5')."
-    if not array: return 1
+    if not array:
+        return 1
     n = 0
     for part in array.split('%')[0].split(','):
         a, _, b = part.partition('-')
         n += int(b.split(':')[0]) - int(a) + 1 if b else 1
     return n
 
+
 def with_defaults(kind: str, res: Resources, params: dict | None) -> Resources:
     "`res` with the preprocess defaults filled in where the user left a field unset (other kinds: unchanged)."
-    if kind != 'preprocess': return res
+    if kind != 'preprocess':
+        return res
     params = params or {}
-    if params.get('scenes_dir') and Path(params['scenes_dir']).is_dir(): n, h, w = _scene_size(Path(params['scenes_dir']))
-    elif 'n_scenes' in params: n, (h, w) = int(params['n_scenes']), tuple(params.get('scene_size', (250, 300)))
-    else: return res  # nothing known about the scenes: the cluster's defaults apply
+    if params.get('scenes_dir') and Path(params['scenes_dir']).is_dir():
+        n, h, w = _scene_size(Path(params['scenes_dir']))
+    elif 'n_scenes' in params:
+        n, (h, w) = int(params['n_scenes']), tuple(params.get('scene_size', (250, 300)))
+    else:
+        return res  # nothing known about the scenes: the cluster's defaults apply
     d = preprocess_resources(max(n, 1), (h, w), _array_tasks(res.array), res.cpus_per_task)
-    return dataclasses.replace(res, **{k: getattr(d, k) for k in ('cpus_per_task', 'mem', 'time') if getattr(res, k) is None})
+    return dataclasses.replace(
+        res, **{k: getattr(d, k) for k in ('cpus_per_task', 'mem', 'time') if getattr(res, k) is None}
+    )
 
 # %% ../nbs/60_slurm.ipynb #e0501bba
 def _resources(r) -> Resources:
-    if r is None: return Resources()
-    if isinstance(r, Resources): return r
+    if r is None:
+        return Resources()
+    if isinstance(r, Resources):
+        return r
     if isinstance(r, dict):
         known = {f.name for f in dataclasses.fields(Resources)}
         unknown = sorted(set(r) - known)
-        if unknown: raise ConfigError(f"unknown SLURM resource {unknown[0]!r}; known: {', '.join(sorted(known))}")
+        if unknown:
+            raise ConfigError(f"unknown SLURM resource {unknown[0]!r}; known: {', '.join(sorted(known))}")
         return Resources(**r)
     raise ConfigError(f"resources must be a Resources or a dict, got {type(r).__name__}")
 
-def render(kind: str, # one of KINDS (or any template name in template_dir())
-           params: dict | None = None, # papermill parameters for the notebook's `parameters` cell
-           resources: Resources | dict | None = None, # SLURM resources; None/empty fields are omitted
-           run_dir: str | Path = '.', # run directory: executed notebook, logs and outputs (made absolute)
-           seed: int = 0, # passed to the notebook as `seed`
-           notebook: str | Path | None = None, # notebook to execute; default nbs/workflows/<kind>.ipynb
-           python: str | Path | None = None, # interpreter that runs papermill; default sys.executable
-           name: str | None = None, # executed notebook's stem in run_dir; default the kind
-          ) -> str:
+
+def render(
+    kind: str,  # one of KINDS (or any template name in template_dir())
+    params: dict | None = None,  # papermill parameters for the notebook's `parameters` cell
+    resources: Resources | dict | None = None,  # SLURM resources; None/empty fields are omitted
+    run_dir: str | Path = '.',  # run directory: executed notebook, logs and outputs (made absolute)
+    seed: int = 0,  # passed to the notebook as `seed`
+    notebook: str | Path | None = None,  # notebook to execute; default nbs/workflows/<kind>.ipynb
+    python: str | Path | None = None,  # interpreter that runs papermill; default sys.executable
+    name: str | None = None,  # executed notebook's stem in run_dir; default the kind
+) -> str:
     "The sbatch script that runs `notebook` under papermill for a `kind` of job."
     tpl_path = template_dir() / f'{kind}.sbatch'
     if not _NAME.match(kind) or not tpl_path.exists():
-        raise ConfigError(f"unknown job kind {kind!r}: no template {tpl_path}; known: "
-                          f"{', '.join(sorted(p.stem for p in template_dir().glob('*.sbatch')))}")
+        raise ConfigError(
+            f"unknown job kind {kind!r}: no template {tpl_path}; known: "
+            f"{', '.join(sorted(p.stem for p in template_dir().glob('*.sbatch')))}"
+        )
     name = name or kind
-    if not _NAME.match(name): raise ConfigError(f"name {name!r} must be letters, digits, '.', '_' or '-'")
+    if not _NAME.match(name):
+        raise ConfigError(f"name {name!r} must be letters, digits, '.', '_' or '-'")
     res = _resources(resources)
-    if kind == 'train' and res.ntasks_per_node is None: res = dataclasses.replace(res, ntasks_per_node=res.gpus_per_node or 1)
+    if kind == 'train' and res.ntasks_per_node is None:
+        res = dataclasses.replace(res, ntasks_per_node=res.gpus_per_node or 1)
     res = with_defaults(kind, res, params)
     reserved = {'run_dir', 'seed', 'slurm_job_id', 'array_task_id', 'array_task_count'} & set(params or {})
-    if reserved: raise ConfigError(f"parameter {sorted(reserved)[0]!r} is set by the job itself; pass it as an argument of render/submit instead")
+    if reserved:
+        raise ConfigError(
+            f"parameter {sorted(reserved)[0]!r} is set by the job itself; pass it as an argument of render/submit instead"
+        )
     run_dir = Path(run_dir).absolute()
-    fields = dict(directives='\n'.join(sbatch_directives(kind, res, run_dir)),
-                  python=shlex.quote(str(python or sys.executable)),
-                  notebook=shlex.quote(str(Path(notebook or default_notebook(kind)).absolute())),
-                  run_dir=shlex.quote(str(run_dir)), name=name, seed=str(int(seed)),
-                  params=' '.join(shlex.quote(a) for a in papermill_args(params)))
+    fields = dict(
+        directives='\n'.join(sbatch_directives(kind, res, run_dir)),
+        python=shlex.quote(str(python or sys.executable)),
+        notebook=shlex.quote(str(Path(notebook or default_notebook(kind)).absolute())),
+        run_dir=shlex.quote(str(run_dir)),
+        name=name,
+        seed=str(int(seed)),
+        params=' '.join(shlex.quote(a) for a in papermill_args(params)),
+    )
+
     def sub(m):
-        if m[1] not in fields: raise ConfigError(f"{tpl_path}: unknown placeholder {{{{{m[1]}}}}}; known: {', '.join(fields)}")
+        if m[1] not in fields:
+            raise ConfigError(f"{tpl_path}: unknown placeholder {{{{{m[1]}}}}}; known: {', '.join(fields)}")
         return fields[m[1]]
+
     return re.sub(r'\{\{\s*(\w+)\s*\}\}', sub, tpl_path.read_text())
 
 # %% ../nbs/60_slurm.ipynb #2b578ffa
 class SlurmError(SeaIceError, RuntimeError):
     "sbatch/scontrol failed, SLURM is not available, or a job did not finish in time."
 
+
 class JobFailedError(SeaIceError, RuntimeError):
     "A job (or a job it depends on) failed; the message names the job and its executed notebook."
 
-TERMINAL = {'COMPLETED', 'FAILED', 'CANCELLED', 'TIMEOUT', 'NODE_FAIL', 'OUT_OF_MEMORY', 'PREEMPTED',
-            'BOOT_FAIL', 'DEADLINE', 'SPECIAL_EXIT', 'REVOKED'}
+
+TERMINAL = {
+    'COMPLETED',
+    'FAILED',
+    'CANCELLED',
+    'TIMEOUT',
+    'NODE_FAIL',
+    'OUT_OF_MEMORY',
+    'PREEMPTED',
+    'BOOT_FAIL',
+    'DEADLINE',
+    'SPECIAL_EXIT',
+    'REVOKED',
+}
 NEVER = 'DependencyNeverSatisfied'
+
 
 def _slurm(cmd: list[str], input: str | None = None, env: dict | None = None) -> str:
     if shutil.which(cmd[0], path=(env or os.environ).get('PATH')) is None:
         raise SlurmError(f"{cmd[0]} not found: run this on a SLURM login node (or install slurm-wlm)")
     r = subprocess.run(cmd, input=input, capture_output=True, text=True, env=env)
-    if r.returncode != 0: raise SlurmError(f"{' '.join(cmd[:3])}... exited {r.returncode}: {(r.stderr or r.stdout).strip()}")
+    if r.returncode != 0:
+        raise SlurmError(f"{' '.join(cmd[:3])}... exited {r.returncode}: {(r.stderr or r.stdout).strip()}")
     return r.stdout
 
-def submit(script: str, # the sbatch script text (see `render`)
-           dependency: str | None = None, # e.g. 'afterok:123' or 'afterok:123:124'
-           env: dict | None = None, # environment for sbatch (e.g. with SLURM_CONF); default os.environ
-          ) -> str:
+
+def submit(
+    script: str,  # the sbatch script text (see `render`)
+    dependency: str | None = None,  # e.g. 'afterok:123' or 'afterok:123:124'
+    env: dict | None = None,  # environment for sbatch (e.g. with SLURM_CONF); default os.environ
+) -> str:
     "Submit `script` with `sbatch --parsable` and return the job id."
     cmd = ['sbatch', '--parsable'] + ([f'--dependency={dependency}'] if dependency else [])
     out = _slurm(cmd, input=script, env=env).strip()
     job_id = out.split(';')[0]  # --parsable prints 'id' or 'id;cluster'
-    if not job_id.isdigit(): raise SlurmError(f"sbatch printed {out!r}, expected a job id")
+    if not job_id.isdigit():
+        raise SlurmError(f"sbatch printed {out!r}, expected a job id")
     return job_id
 
 # %% ../nbs/60_slurm.ipynb #7939f0d9
 @dataclass
 class JobInfo:
     "The state of one job as `scontrol show job` reports it (arrays folded into one state)."
+
     job_id: str
-    state: str # PENDING, RUNNING, COMPLETED, FAILED, CANCELLED, TIMEOUT, ...
-    reason: str = 'None' # why it is pending or ended (e.g. DependencyNeverSatisfied, NonZeroExitCode)
-    exit_code: int = 0 # exit status of the batch script (max over array tasks)
-    signal: int = 0 # signal that ended it, 0 if none
-    stdout: str | None = None # the job's log file
-    tasks: dict = field(default_factory=dict) # array task id -> state
-    dependency: str = '' # as scontrol shows it, e.g. 'afterok:41(unfulfilled)'
+    state: str  # PENDING, RUNNING, COMPLETED, FAILED, CANCELLED, TIMEOUT, ...
+    reason: str = 'None'  # why it is pending or ended (e.g. DependencyNeverSatisfied, NonZeroExitCode)
+    exit_code: int = 0  # exit status of the batch script (max over array tasks)
+    signal: int = 0  # signal that ended it, 0 if none
+    stdout: str | None = None  # the job's log file
+    tasks: dict = field(default_factory=dict)  # array task id -> state
+    dependency: str = ''  # as scontrol shows it, e.g. 'afterok:41(unfulfilled)'
 
     @property
     def done(self) -> bool:
         "True once the job can no longer change: a terminal state, or a dependency that can never be met."
         return self.state in TERMINAL or self.reason == NEVER
+
     @property
-    def ok(self) -> bool: return self.state == 'COMPLETED'
+    def ok(self) -> bool:
+        return self.state == 'COMPLETED'
+
 
 _KV = re.compile(r'([A-Za-z][\w:/]*)=(.*?)(?= [A-Za-z][\w:/]*=|$)')
+
 
 def parse_scontrol(text: str) -> list[dict]:
     "Records of `scontrol show job -o` (one line per job or array task) as dicts."
     return [dict(_KV.findall(line.strip())) for line in text.splitlines() if line.strip()]
 
+
 def _fold(job_id: str, recs: list[dict]) -> JobInfo:
     states = [r.get('JobState', 'UNKNOWN') for r in recs]
     codes = [tuple(int(x) for x in r.get('ExitCode', '0:0').split(':')) for r in recs]
     tasks = {r['ArrayTaskId']: r.get('JobState') for r in recs if 'ArrayTaskId' in r}
-    order = ['FAILED', 'OUT_OF_MEMORY', 'TIMEOUT', 'NODE_FAIL', 'BOOT_FAIL', 'DEADLINE', 'CANCELLED', 'PREEMPTED',
-             'RUNNING', 'COMPLETING', 'CONFIGURING', 'SUSPENDED', 'PENDING', 'REQUEUED', 'COMPLETED']
+    order = [
+        'FAILED',
+        'OUT_OF_MEMORY',
+        'TIMEOUT',
+        'NODE_FAIL',
+        'BOOT_FAIL',
+        'DEADLINE',
+        'CANCELLED',
+        'PREEMPTED',
+        'RUNNING',
+        'COMPLETING',
+        'CONFIGURING',
+        'SUSPENDED',
+        'PENDING',
+        'REQUEUED',
+        'COMPLETED',
+    ]
     pending = [s for s in states if s not in TERMINAL]
-    state = next((s for s in order if s in (pending or states)), states[0])  # an array is done only when all tasks are
+    state = next(
+        (s for s in order if s in (pending or states)), states[0]
+    )  # an array is done only when all tasks are
     rec = next(r for r, s in zip(recs, states) if s == state)
     dep = rec.get('Dependency', '')
-    return JobInfo(job_id, state, rec.get('Reason', 'None'), max(c[0] for c in codes), max(c[1] for c in codes),
-                   rec.get('StdOut'), tasks, '' if dep == '(null)' else dep)
+    return JobInfo(
+        job_id,
+        state,
+        rec.get('Reason', 'None'),
+        max(c[0] for c in codes),
+        max(c[1] for c in codes),
+        rec.get('StdOut'),
+        tasks,
+        '' if dep == '(null)' else dep,
+    )
 
 # %% ../nbs/60_slurm.ipynb #dc2c123c
-def job_state(job_id: str | int, # a job id (an array's id covers all its tasks)
-              env: dict | None = None, # environment for scontrol/sacct
-             ) -> JobInfo:
+def job_state(
+    job_id: str | int,  # a job id (an array's id covers all its tasks)
+    env: dict | None = None,  # environment for scontrol/sacct
+) -> JobInfo:
     "The current state of a job, from `scontrol show job -o` (or `sacct` once the controller forgot it)."
     job_id = str(job_id)
     r = subprocess.run(['scontrol', 'show', 'job', '-o', job_id], capture_output=True, text=True, env=env)
-    if r.returncode == 0 and r.stdout.strip(): return _fold(job_id, parse_scontrol(r.stdout))
+    if r.returncode == 0 and r.stdout.strip():
+        return _fold(job_id, parse_scontrol(r.stdout))
     if shutil.which('sacct', path=(env or os.environ).get('PATH')):
-        s = subprocess.run(['sacct', '-n', '-P', '-X', '-j', job_id, '-o', 'JobID,State,ExitCode,Reason'], capture_output=True, text=True, env=env)
+        s = subprocess.run(
+            ['sacct', '-n', '-P', '-X', '-j', job_id, '-o', 'JobID,State,ExitCode,Reason'],
+            capture_output=True,
+            text=True,
+            env=env,
+        )
         rows = [l.split('|') for l in s.stdout.splitlines() if l.count('|') == 3]
         if s.returncode == 0 and rows:
-            recs = [{'JobState': st.split()[0], 'ExitCode': ec, 'Reason': rs,
-                     **({'ArrayTaskId': jid.split('_', 1)[1]} if '_' in jid else {})} for jid, st, ec, rs in rows]
+            recs = [
+                {
+                    'JobState': st.split()[0],
+                    'ExitCode': ec,
+                    'Reason': rs,
+                    **({'ArrayTaskId': jid.split('_', 1)[1]} if '_' in jid else {}),
+                }
+                for jid, st, ec, rs in rows
+            ]
             return _fold(job_id, recs)
-    raise SlurmError(f"job {job_id}: scontrol knows no such job ({(r.stderr or r.stdout).strip()}) and sacct has no record of it")
+    raise SlurmError(
+        f"job {job_id}: scontrol knows no such job ({(r.stderr or r.stdout).strip()}) and sacct has no record of it"
+    )
+
 
 def cancel(job_ids: list[str], env: dict | None = None):
     "Cancel jobs with `scancel`."
-    if job_ids: _slurm(['scancel', *map(str, job_ids)], env=env)
+    if job_ids:
+        _slurm(['scancel', *map(str, job_ids)], env=env)
 
-def wait(job_ids: list[str] | str, # job ids to follow
-         timeout: float = 3600, # seconds before SlurmError
-         poll: float = 1.0, # seconds between scontrol queries
-         cancel_never_satisfied: bool = True, # cancel jobs whose dependency failed (SLURM leaves them pending)
-         env: dict | None = None, # environment for the SLURM commands
-        ) -> dict[str, JobInfo]:
+
+def wait(
+    job_ids: list[str] | str,  # job ids to follow
+    timeout: float = 3600,  # seconds before SlurmError
+    poll: float = 1.0,  # seconds between scontrol queries
+    cancel_never_satisfied: bool = True,  # cancel jobs whose dependency failed (SLURM leaves them pending)
+    env: dict | None = None,  # environment for the SLURM commands
+) -> dict[str, JobInfo]:
     "Wait until every job is finished (or can never start) and return their states by id."
     ids = [str(job_ids)] if isinstance(job_ids, (str, int)) else [str(j) for j in job_ids]
     t0, infos = time.monotonic(), {}
-    def blocked(i: JobInfo) -> bool:  # waits on jobs that failed or will never run (SLURM shows only the first hop)
+
+    def blocked(
+        i: JobInfo,
+    ) -> bool:  # waits on jobs that failed or will never run (SLURM shows only the first hop)
         deps = re.findall(r':(\d+)', i.dependency)
-        return (i.state == 'PENDING' and bool(deps) and
-                all(d in infos and infos[d].done and not infos[d].ok for d in deps))
+        return (
+            i.state == 'PENDING'
+            and bool(deps)
+            and all(d in infos and infos[d].done and not infos[d].ok for d in deps)
+        )
+
     errors = 0
     while True:
         try:
@@ -283,13 +433,19 @@ def wait(job_ids: list[str] | str, # job ids to follow
             errors = 0
         except SlurmError:  # a busy controller times out now and then: retry a few polls before giving up
             errors += 1
-            if errors > 5: raise
-            time.sleep(poll); continue
+            if errors > 5:
+                raise
+            time.sleep(poll)
+            continue
         for j, i in list(infos.items()):
             if i.state == 'PENDING' and (i.reason == NEVER or blocked(i)):
-                if cancel_never_satisfied: cancel([j], env)  # their dependents then become never-satisfied too
-                infos[j] = dataclasses.replace(i, state='CANCELLED' if cancel_never_satisfied else i.state, reason=NEVER)
-        if all(i.done for i in infos.values()): return infos
+                if cancel_never_satisfied:
+                    cancel([j], env)  # their dependents then become never-satisfied too
+                infos[j] = dataclasses.replace(
+                    i, state='CANCELLED' if cancel_never_satisfied else i.state, reason=NEVER
+                )
+        if all(i.done for i in infos.values()):
+            return infos
         if time.monotonic() - t0 > timeout:
             left = ', '.join(f"{j} {i.state} ({i.reason})" for j, i in infos.items() if not i.done)
             raise SlurmError(f"timed out after {timeout:.0f} s waiting for jobs: {left}")
@@ -299,34 +455,42 @@ def wait(job_ids: list[str] | str, # job ids to follow
 @dataclass
 class Job:
     "A submitted workflow job: what ran, where its executed notebook and log go."
+
     kind: str
     job_id: str
     run_dir: Path
-    script: Path | None = None # the rendered sbatch script, if saved
-    name: str | None = None # executed notebook stem (default: kind)
-    array: bool = False # a job array: one notebook per task
+    script: Path | None = None  # the rendered sbatch script, if saved
+    name: str | None = None  # executed notebook stem (default: kind)
+    array: bool = False  # a job array: one notebook per task
 
     def notebooks(self, info: JobInfo | None = None) -> list[Path]:
         "Executed notebook(s): `<run_dir>/<name>.ipynb`, or one per (failed, if `info` says so) array task."
         stem = self.name or self.kind
-        if not self.array:  # the preprocess template always names its notebook by task (task 0 when not an array)
+        if (
+            not self.array
+        ):  # the preprocess template always names its notebook by task (task 0 when not an array)
             return [self.run_dir / (f'{stem}_0.ipynb' if self.kind == 'preprocess' else f'{stem}.ipynb')]
         tasks = sorted(info.tasks, key=lambda t: int(t) if t.isdigit() else 0) if info and info.tasks else []
         bad = [t for t in tasks if info.tasks[t] not in ('COMPLETED', 'PENDING', 'RUNNING')]
-        return [self.run_dir / f'{stem}_{t}.ipynb' for t in (bad or tasks)] or sorted(self.run_dir.glob(f'{stem}_*.ipynb'))
+        return [self.run_dir / f'{stem}_{t}.ipynb' for t in (bad or tasks)] or sorted(
+            self.run_dir.glob(f'{stem}_*.ipynb')
+        )
 
-def submit_job(kind: str, # job kind (template name)
-               run_dir: str | Path, # run directory, created with a slurm/ subfolder for scripts and logs
-               params: dict | None = None, # papermill parameters
-               resources: Resources | dict | None = None, # SLURM resources
-               dependency: str | None = None, # sbatch --dependency
-               env: dict | None = None, # environment for sbatch
-               **kw, # more `render` arguments: seed, notebook, python, name
-              ) -> Job:
+
+def submit_job(
+    kind: str,  # job kind (template name)
+    run_dir: str | Path,  # run directory, created with a slurm/ subfolder for scripts and logs
+    params: dict | None = None,  # papermill parameters
+    resources: Resources | dict | None = None,  # SLURM resources
+    dependency: str | None = None,  # sbatch --dependency
+    env: dict | None = None,  # environment for sbatch
+    **kw,  # more `render` arguments: seed, notebook, python, name
+) -> Job:
     "Render a job's script, save it under `<run_dir>/slurm/`, submit it and return the `Job`."
     run_dir = Path(run_dir).absolute()
     nb = Path(kw.get('notebook') or default_notebook(kind))
-    if not nb.exists(): raise MissingFileError(f"notebook {nb} for the {kind!r} job does not exist; pass notebook=...")
+    if not nb.exists():
+        raise MissingFileError(f"notebook {nb} for the {kind!r} job does not exist; pass notebook=...")
     (run_dir / 'slurm').mkdir(parents=True, exist_ok=True)  # SLURM does not create the log folder
     res = _resources(resources)
     text = render(kind, params, res, run_dir, **kw)
@@ -334,28 +498,44 @@ def submit_job(kind: str, # job kind (template name)
     script.write_text(text)
     return Job(kind, submit(text, dependency, env), run_dir, script, kw.get('name'), res.array is not None)
 
-def submit_chain(run_dir: str | Path, # one run directory shared by all stages
-                 stages: tuple[str, ...] = CHAIN, # kinds, in order
-                 params: dict | None = None, # papermill parameters: `{name: value}` for every stage and/or `{kind: {name: value}}` per stage
-                 resources: dict | None = None, # `{kind: Resources or dict}`
-                 notebooks: dict | None = None, # `{kind: path}`, overriding nbs/workflows/<kind>.ipynb
-                 seed: int = 0, # passed to every stage
-                 python: str | Path | None = None, # interpreter; default sys.executable
-                 env: dict | None = None, # environment for sbatch
-                ) -> list[Job]:
+
+def submit_chain(
+    run_dir: str | Path,  # one run directory shared by all stages
+    stages: tuple[str, ...] = CHAIN,  # kinds, in order
+    params: dict
+    | None = None,  # papermill parameters: `{name: value}` for every stage and/or `{kind: {name: value}}` per stage
+    resources: dict | None = None,  # `{kind: Resources or dict}`
+    notebooks: dict | None = None,  # `{kind: path}`, overriding nbs/workflows/<kind>.ipynb
+    seed: int = 0,  # passed to every stage
+    python: str | Path | None = None,  # interpreter; default sys.executable
+    env: dict | None = None,  # environment for sbatch
+) -> list[Job]:
     "Submit `stages` as a chain where each starts only after the previous one completed (`afterok`)."
     params, resources, notebooks = params or {}, resources or {}, notebooks or {}
     common = {k: v for k, v in params.items() if k not in stages}
     for s in stages:  # check everything before submitting anything: no half-submitted chains
         nb = Path(notebooks.get(s) or default_notebook(s))
-        if not nb.exists(): raise MissingFileError(f"notebook {nb} for the {s!r} stage does not exist")
-        if s in params and not isinstance(params[s], dict): raise ConfigError(f"params[{s!r}] must be a mapping of that stage's parameters")
+        if not nb.exists():
+            raise MissingFileError(f"notebook {nb} for the {s!r} stage does not exist")
+        if s in params and not isinstance(params[s], dict):
+            raise ConfigError(f"params[{s!r}] must be a mapping of that stage's parameters")
         _resources(resources.get(s))
     jobs = []
     for s in stages:
         dep = f'afterok:{jobs[-1].job_id}' if jobs else None
-        jobs.append(submit_job(s, run_dir, {**common, **params.get(s, {})}, resources.get(s), dep, env,
-                               seed=seed, notebook=notebooks.get(s), python=python))
+        jobs.append(
+            submit_job(
+                s,
+                run_dir,
+                {**common, **params.get(s, {})},
+                resources.get(s),
+                dep,
+                env,
+                seed=seed,
+                notebook=notebooks.get(s),
+                python=python,
+            )
+        )
     return jobs
 
 # %% ../nbs/60_slurm.ipynb #071b0b64
@@ -364,69 +544,91 @@ def report(jobs: list[Job], infos: dict[str, JobInfo]) -> str:
     lines, failed = [], {}
     for j in jobs:
         i = infos.get(j.job_id)
-        if i is None: lines.append(f"{j.kind:<10} {j.job_id:>8}  (no state)"); continue
+        if i is None:
+            lines.append(f"{j.kind:<10} {j.job_id:>8}  (no state)")
+            continue
         line = f"{j.kind:<10} {j.job_id:>8}  {i.state}"
         if i.reason == NEVER:
-            line += f" (never started: dependency failed{': ' + ', '.join(failed.values()) if failed else ''})"
+            line += (
+                f" (never started: dependency failed{': ' + ', '.join(failed.values()) if failed else ''})"
+            )
         elif not i.ok and i.done:
             failed[j.job_id] = f"{j.kind} {j.job_id}"
             line += f"  exit {i.exit_code}:{i.signal}  notebook {', '.join(map(str, j.notebooks(i)))}  log {i.stdout}"
-        elif i.ok: line += f"  {', '.join(map(str, j.notebooks(i)))}"
+        elif i.ok:
+            line += f"  {', '.join(map(str, j.notebooks(i)))}"
         lines.append(line)
     return '\n'.join(lines)
+
 
 def check(jobs: list[Job], infos: dict[str, JobInfo]):
     "Raise `JobFailedError` naming the first failed job and its executed notebook; pass when all completed."
     for j in jobs:
         i = infos[j.job_id]
         if not i.ok and i.reason != NEVER:
-            raise JobFailedError(f"{j.kind} job {j.job_id} {i.state} (exit {i.exit_code}:{i.signal}); the executed notebook "
-                                 f"{', '.join(map(str, j.notebooks(i)))} shows the error, the log is {i.stdout}\n" + report(jobs, infos))
+            raise JobFailedError(
+                f"{j.kind} job {j.job_id} {i.state} (exit {i.exit_code}:{i.signal}); the executed notebook "
+                f"{', '.join(map(str, j.notebooks(i)))} shows the error, the log is {i.stdout}\n"
+                + report(jobs, infos)
+            )
     if any(not infos[j.job_id].ok for j in jobs):
         raise JobFailedError("some jobs did not complete:\n" + report(jobs, infos))
 
 # %% ../nbs/60_slurm.ipynb #274670b6
-def dask_cluster_kwargs(cores: int = 1, # cores per worker job
-                        memory: str = '2GB', # memory per worker job
-                        walltime: str | None = None, # worker job time limit; None: the partition's default
-                        host: str | None = None, # scheduler address; '127.0.0.1' only when every worker runs on this node
-                        **kw, # further SLURMCluster arguments, passed through
-                       ) -> dict:
+def dask_cluster_kwargs(
+    cores: int = 1,  # cores per worker job
+    memory: str = '2GB',  # memory per worker job
+    walltime: str | None = None,  # worker job time limit; None: the partition's default
+    host: str | None = None,  # scheduler address; '127.0.0.1' only when every worker runs on this node
+    **kw,  # further SLURMCluster arguments, passed through
+) -> dict:
     "Keyword arguments for `dask_jobqueue.SLURMCluster` putting workers on this job's partition and account."
     out = dict(cores=cores, memory=memory, processes=1, python=sys.executable)
-    if os.environ.get('SEAICE_SLURM_PARTITION'): out['queue'] = os.environ['SEAICE_SLURM_PARTITION']
-    if os.environ.get('SEAICE_SLURM_ACCOUNT'): out['account'] = os.environ['SEAICE_SLURM_ACCOUNT']
-    if walltime: out['walltime'] = walltime
-    if host: out['scheduler_options'] = {'host': host, 'dashboard_address': f'{host}:0'}  # the dashboard too, never all interfaces
+    if os.environ.get('SEAICE_SLURM_PARTITION'):
+        out['queue'] = os.environ['SEAICE_SLURM_PARTITION']
+    if os.environ.get('SEAICE_SLURM_ACCOUNT'):
+        out['account'] = os.environ['SEAICE_SLURM_ACCOUNT']
+    if walltime:
+        out['walltime'] = walltime
+    if host:
+        out['scheduler_options'] = {
+            'host': host,
+            'dashboard_address': f'{host}:0',
+        }  # the dashboard too, never all interfaces
     return {**out, **kw}
 
 # %% ../nbs/60_slurm.ipynb #443f0644
-def dask_slurm_client(n_jobs: int = 1, # worker jobs to submit
-                      cores: int = 1, # cores per worker job
-                      memory: str = '2GB', # memory per worker job
-                      walltime: str | None = None, # worker job time limit
-                      host: str | None = None, # scheduler address the workers reach ('127.0.0.1' on one node)
-                      timeout: float = 600, # seconds to wait for the first worker
-                      **kw, # further SLURMCluster arguments
-                     ):
+def dask_slurm_client(
+    n_jobs: int = 1,  # worker jobs to submit
+    cores: int = 1,  # cores per worker job
+    memory: str = '2GB',  # memory per worker job
+    walltime: str | None = None,  # worker job time limit
+    host: str | None = None,  # scheduler address the workers reach ('127.0.0.1' on one node)
+    timeout: float = 600,  # seconds to wait for the first worker
+    **kw,  # further SLURMCluster arguments
+):
     "Start `dask_jobqueue.SLURMCluster` with `n_jobs` worker jobs and a Client on it; returns (cluster, client)."
     from dask_jobqueue import SLURMCluster  # optional dependency (the `dask` extra): imported only when used
     from distributed import Client
+
     cluster = SLURMCluster(**dask_cluster_kwargs(cores, memory, walltime, host, **kw))
     try:
         cluster.scale(jobs=n_jobs)
         client = Client(cluster)
         client.wait_for_workers(1, timeout=timeout)
     except BaseException:
-        cluster.close(); raise
+        cluster.close()
+        raise
     return cluster, client
 
 # %% ../nbs/60_slurm.ipynb #155b485d
 def _cli_value(v: str):
     "A command-line value read as YAML, with '1e-3' a number as in Python (YAML 1.1 wants '1.0e-3')."
     x = yaml.safe_load(v) if v != '' else ''
-    if isinstance(x, str) and re.fullmatch(r'[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+', v): x = float(v)
+    if isinstance(x, str) and re.fullmatch(r'[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+', v):
+        x = float(v)
     return x
+
 
 def _cli_params(pairs: list[list[str]], stages: tuple[str, ...]) -> dict:
     out = {}
@@ -434,58 +636,107 @@ def _cli_params(pairs: list[list[str]], stages: tuple[str, ...]) -> dict:
         val = _cli_value(v)
         stage, _, name = k.rpartition('.')
         if stage:
-            if stage not in stages: raise ConfigError(f"-p {k}: {stage!r} is not a submitted stage ({', '.join(stages)})")
+            if stage not in stages:
+                raise ConfigError(f"-p {k}: {stage!r} is not a submitted stage ({', '.join(stages)})")
             out.setdefault(stage, {})[name] = val
-        else: out[k] = val
+        else:
+            out[k] = val
     return out
+
 
 def main(argv: list[str]) -> int:
     "`seaice submit KIND [-p NAME VALUE ...] [--partition P] ... [--dry-run] [--chain] [--wait]`."
-    ap = argparse.ArgumentParser(prog='seaice submit', description='Render and submit SLURM jobs that run the workflow notebooks with papermill.')
+    ap = argparse.ArgumentParser(
+        prog='seaice submit',
+        description='Render and submit SLURM jobs that run the workflow notebooks with papermill.',
+    )
     ap.add_argument('kind', choices=KINDS, help='job kind')
-    ap.add_argument('-p', '--param', nargs=2, action='append', default=[], metavar=('NAME', 'VALUE'), help='papermill parameter (YAML value); STAGE.NAME for one stage of a chain')
+    ap.add_argument(
+        '-p',
+        '--param',
+        nargs=2,
+        action='append',
+        default=[],
+        metavar=('NAME', 'VALUE'),
+        help='papermill parameter (YAML value); STAGE.NAME for one stage of a chain',
+    )
     ap.add_argument('--run-dir', help='run directory (default: runs/<date>_<kind>, a new one each time)')
     ap.add_argument('--seed', type=int, default=0, help='seed passed to the notebooks')
-    ap.add_argument('--notebook', help='notebook to execute (default nbs/workflows/KIND.ipynb; not with --chain)')
-    for opt, what in (('partition', "SLURM partition (default: the cluster's)"), ('account', 'SLURM account to charge'),
-                      ('time', 'wall-time limit, e.g. 04:00:00 (preprocess: derived from the scenes)'),
-                      ('mem', 'memory per node, e.g. 32G (preprocess: derived from the scenes)'),
-                      ('array', 'array indices, e.g. 0-7%4 (preprocess)')):
+    ap.add_argument(
+        '--notebook', help='notebook to execute (default nbs/workflows/KIND.ipynb; not with --chain)'
+    )
+    for opt, what in (
+        ('partition', "SLURM partition (default: the cluster's)"),
+        ('account', 'SLURM account to charge'),
+        ('time', 'wall-time limit, e.g. 04:00:00 (preprocess: derived from the scenes)'),
+        ('mem', 'memory per node, e.g. 32G (preprocess: derived from the scenes)'),
+        ('array', 'array indices, e.g. 0-7%4 (preprocess)'),
+    ):
         ap.add_argument(f'--{opt}', help=what)
     ap.add_argument('--gpus', type=int, dest='gpus_per_node', help='GPUs per node (train: one rank each)')
     ap.add_argument('--nodes', type=int, help='nodes (train: multi-node DDP)')
     ap.add_argument('--cpus', type=int, dest='cpus_per_task', help='CPUs per task')
     ap.add_argument('--ntasks-per-node', type=int, help='tasks per node (default: one per GPU)')
-    ap.add_argument('--sbatch', action='append', default=[], dest='extra', metavar='OPTION', help='extra sbatch option, e.g. --sbatch=--qos=short')
-    ap.add_argument('--chain', action='store_true', help='also submit the stages after KIND (afterok dependencies)')
+    ap.add_argument(
+        '--sbatch',
+        action='append',
+        default=[],
+        dest='extra',
+        metavar='OPTION',
+        help='extra sbatch option, e.g. --sbatch=--qos=short',
+    )
+    ap.add_argument(
+        '--chain', action='store_true', help='also submit the stages after KIND (afterok dependencies)'
+    )
     ap.add_argument('--dry-run', action='store_true', help='print the sbatch script(s), submit nothing')
     ap.add_argument('--wait', action='store_true', help='wait for the jobs and exit 1 if any failed')
     ap.add_argument('--timeout', type=float, default=24 * 3600, help='seconds to --wait (default one day)')
     a = ap.parse_args(argv)
-    if a.chain and a.kind not in CHAIN: raise ConfigError(f"--chain starts at one of {', '.join(CHAIN)}, not {a.kind!r}")
-    if a.chain and a.notebook: raise ConfigError("--notebook selects one notebook; it cannot be used with --chain")
-    stages = CHAIN[CHAIN.index(a.kind):] if a.chain else (a.kind,)
+    if a.chain and a.kind not in CHAIN:
+        raise ConfigError(f"--chain starts at one of {', '.join(CHAIN)}, not {a.kind!r}")
+    if a.chain and a.notebook:
+        raise ConfigError("--notebook selects one notebook; it cannot be used with --chain")
+    stages = CHAIN[CHAIN.index(a.kind) :] if a.chain else (a.kind,)
     params = _cli_params(a.param, stages)
-    res = Resources(**{f.name: getattr(a, f.name) for f in dataclasses.fields(Resources) if hasattr(a, f.name)})
-    if a.array and a.kind != 'preprocess': raise ConfigError("--array applies to preprocess jobs only")
+    res = Resources(
+        **{f.name: getattr(a, f.name) for f in dataclasses.fields(Resources) if hasattr(a, f.name)}
+    )
+    if a.array and a.kind != 'preprocess':
+        raise ConfigError("--array applies to preprocess jobs only")
     # partition and account are site choices for every stage; sizes and times belong to KIND alone
-    resources = {s: res if s == a.kind else Resources(partition=a.partition, account=a.account, extra=list(a.extra)) for s in stages}
+    resources = {
+        s: res if s == a.kind else Resources(partition=a.partition, account=a.account, extra=list(a.extra))
+        for s in stages
+    }
     run_dir = Path(a.run_dir) if a.run_dir else None
     if a.dry_run:
         rd = run_dir or Path('runs') / f"{dt.datetime.now(dt.timezone.utc).date()}_{a.kind}"
         for s in stages:
             common = {k: v for k, v in params.items() if k not in stages}
-            print(render(s, {**common, **params.get(s, {})}, resources.get(s), rd, a.seed, a.notebook if not a.chain else None))
+            print(
+                render(
+                    s,
+                    {**common, **params.get(s, {})},
+                    resources.get(s),
+                    rd,
+                    a.seed,
+                    a.notebook if not a.chain else None,
+                )
+            )
         return 0
     if run_dir is None:
         from seaice_nb.core import make_run_dir
+
         run_dir = make_run_dir(a.kind)
-    if a.chain: jobs = submit_chain(run_dir, stages, params, resources, seed=a.seed)
-    else: jobs = [submit_job(a.kind, run_dir, params, res, seed=a.seed, notebook=a.notebook)]
+    if a.chain:
+        jobs = submit_chain(run_dir, stages, params, resources, seed=a.seed)
+    else:
+        jobs = [submit_job(a.kind, run_dir, params, res, seed=a.seed, notebook=a.notebook)]
     infos = {j.job_id: job_state(j.job_id) for j in jobs}
     print(f"run directory {Path(run_dir).absolute()}")
     print(report(jobs, infos), flush=True)
-    if not a.wait: return 0
+    if not a.wait:
+        return 0
     infos = wait([j.job_id for j in jobs], a.timeout)
     print(report(jobs, infos))
     return 0 if all(i.ok for i in infos.values()) else 1

@@ -10,61 +10,100 @@ from pathlib import Path
 
 import numpy as np
 
-from .core import ConfigError, DataError, MissingFileError, atomic_write, code_version, file_digest, to_dict
+from seaice_nb.core import (
+    ConfigError,
+    DataError,
+    MissingFileError,
+    atomic_write,
+    code_version,
+    file_digest,
+    to_dict,
+)
 
 # %% auto #0
 __all__ = ['scene_records', 'load_scene_list', 'store_records', 'drift_groups', 'SplitConfig', 'make_split', 'official_split',
            'check_split', 'save_manifest', 'load_manifest', 'scenes_of']
 
 # %% ../nbs/22_splits.ipynb #d53125cf
-def scene_records(names: list[str], # raw Sentinel-1 file names (the AI4Arctic scene lists)
-                 ) -> list[dict]:
+def scene_records(
+    names: list[str],  # raw Sentinel-1 file names (the AI4Arctic scene lists)
+) -> list[dict]:
     "One record per scene: `scene` (RTT stem), `raw`, `time`, `date`, `ice_service`, `region`."
     from seaice_nb import scenes
+
     out = []
     for n in names:
         info = scenes.parse_raw_name(n)
-        out.append({'scene': info.rtt.replace('_prep.nc', ''), 'raw': n, 'time': info.start,
-                    'date': info.start.date().isoformat(), 'ice_service': info.ice_service, 'region': info.region})
+        out.append(
+            {
+                'scene': info.rtt.replace('_prep.nc', ''),
+                'raw': n,
+                'time': info.start,
+                'date': info.start.date().isoformat(),
+                'ice_service': info.ice_service,
+                'region': info.region,
+            }
+        )
     return out
+
 
 def load_scene_list(path: str | Path) -> tuple[list[str], dict]:
     "Raw names from a JSON scene list and a provenance record (file name, md5, count)."
     path = Path(path)
-    if not path.is_file(): raise MissingFileError(f"scene list {path} does not exist")
+    if not path.is_file():
+        raise MissingFileError(f"scene list {path} does not exist")
     names = json.loads(path.read_text())
     if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
         raise DataError(f"{path}: expected a JSON list of file names")
     return names, {'file': path.name, 'md5': file_digest(path), 'n': len(names)}
 
 # %% ../nbs/22_splits.ipynb #e429ad22
-def store_records(root: str | Path, # preprocessed zarr store (seaice_nb.preprocess)
-                 ) -> tuple[list[dict], dict]:
+def store_records(
+    root: str | Path,  # preprocessed zarr store (seaice_nb.preprocess)
+) -> tuple[list[dict], dict]:
     "Scene records and EPSG:3413 footprints of the complete scenes in a preprocessed store."
     import zarr
     from seaice_nb.preprocess import done_scenes, open_store
     from seaice_nb.stack import footprint
+
     root = open_store(root)
     recs, fps = [], {}
     for n in done_scenes(root):
-        g = zarr.open_group(root / n, mode='r'); a = dict(g.attrs)
+        g = zarr.open_group(root / n, mode='r')
+        a = dict(g.attrs)
         t = dt.datetime.fromisoformat(a['seaice:date'])
-        recs.append({'scene': n, 'raw': '', 'time': t, 'date': t.date().isoformat(),
-                     'ice_service': a['seaice:ice_service'], 'region': a['seaice:region'] or a['seaice:ice_service']})
+        recs.append(
+            {
+                'scene': n,
+                'raw': '',
+                'time': t,
+                'date': t.date().isoformat(),
+                'ice_service': a['seaice:ice_service'],
+                'region': a['seaice:region'] or a['seaice:ice_service'],
+            }
+        )
         fps[n] = footprint(g['lat'][...], g['lon'][...])
     return recs, fps
 
 # %% ../nbs/22_splits.ipynb #59bf7698
-def drift_groups(records: list[dict], # scene_records() output
-                 adjacency_days: float = 3.0, # scenes of a region closer in time than this share a group
-                ) -> list[int]:
+def drift_groups(
+    records: list[dict],  # scene_records() output
+    adjacency_days: float = 3.0,  # scenes of a region closer in time than this share a group
+) -> list[int]:
     "Group id per record: same region, acquisitions chained within `adjacency_days`."
-    order = sorted(range(len(records)), key=lambda i: (records[i]['ice_service'], records[i]['region'], records[i]['time']))
+    order = sorted(
+        range(len(records)),
+        key=lambda i: (records[i]['ice_service'], records[i]['region'], records[i]['time']),
+    )
     gid, groups, prev = -1, [0] * len(records), None
     for i in order:
         r = records[i]
-        if prev is None or (r['ice_service'], r['region']) != (prev['ice_service'], prev['region']) \
-           or (r['time'] - prev['time']).total_seconds() > adjacency_days * 86400: gid += 1
+        if (
+            prev is None
+            or (r['ice_service'], r['region']) != (prev['ice_service'], prev['region'])
+            or (r['time'] - prev['time']).total_seconds() > adjacency_days * 86400
+        ):
+            gid += 1
         groups[i], prev = gid, r
     return groups
 
@@ -72,9 +111,14 @@ def drift_groups(records: list[dict], # scene_records() output
 @dataclass
 class SplitConfig:
     "Parameters of a spatio-temporal split (all recorded in the manifest)."
-    test_start: str | None = '2021-01-01'  # first date (ISO) of the held-out period, None for no date hold-out
+
+    test_start: str | None = (
+        '2021-01-01'  # first date (ISO) of the held-out period, None for no date hold-out
+    )
     test_end: str | None = '2021-03-31'  # last date (ISO) of the held-out period
-    test_regions: list[str] = field(default_factory=lambda: ['SouthEast_RIC', 'SGRDIMID'])  # regions held out entirely
+    test_regions: list[str] = field(
+        default_factory=lambda: ['SouthEast_RIC', 'SGRDIMID']
+    )  # regions held out entirely
     val_fraction: float = 0.1  # fraction of the remaining scenes for validation (whole drift groups)
     adjacency_days: float = 3.0  # drift-group chaining distance
     buffer_days: float = 10.0  # temporal buffer around test scenes
@@ -82,38 +126,49 @@ class SplitConfig:
     seed: int = 0  # validation group draw
 
     def __post_init__(self):
-        if not 0 <= self.val_fraction < 1: raise ConfigError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        if not 0 <= self.val_fraction < 1:
+            raise ConfigError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
         for k in ('test_start', 'test_end'):
             v = getattr(self, k)
             if v is not None:
-                try: dt.date.fromisoformat(v)
-                except ValueError: raise ConfigError(f"{k}: {v!r} is not an ISO date (YYYY-MM-DD)") from None
+                try:
+                    dt.date.fromisoformat(v)
+                except ValueError:
+                    raise ConfigError(f"{k}: {v!r} is not an ISO date (YYYY-MM-DD)") from None
 
 # %% ../nbs/22_splits.ipynb #6e5ef550
 def _near(a: dict, b: dict, cfg: SplitConfig, footprints: dict | None) -> bool:
-    if abs((a['time'] - b['time']).total_seconds()) > cfg.buffer_days * 86400: return False
+    if abs((a['time'] - b['time']).total_seconds()) > cfg.buffer_days * 86400:
+        return False
     if footprints and a['scene'] in footprints and b['scene'] in footprints:
         return footprints[a['scene']].distance(footprints[b['scene']]) <= cfg.buffer_km * 1000
     return (a['ice_service'], a['region']) == (b['ice_service'], b['region'])
 
-def make_split(records: list[dict], # scene_records() output
-               cfg: SplitConfig = SplitConfig(), # split parameters
-               footprints: dict | None = None, # {scene: shapely polygon in EPSG:3413} for the spatial buffer
-               name: str = 'spatiotemporal', # manifest name
-               scene_list: dict | None = None, # provenance of the scene list (load_scene_list)
-              ) -> dict:
+
+def make_split(
+    records: list[dict],  # scene_records() output
+    cfg: SplitConfig = SplitConfig(),  # split parameters
+    footprints: dict | None = None,  # {scene: shapely polygon in EPSG:3413} for the spatial buffer
+    name: str = 'spatiotemporal',  # manifest name
+    scene_list: dict | None = None,  # provenance of the scene list (load_scene_list)
+) -> dict:
     "Scene-level split manifest: test by date/region, drift groups kept together, buffered, seeded validation."
     known = sorted({r['region'] for r in records})
     for reg in cfg.test_regions:
-        if reg not in known: raise ConfigError(f"test_regions: {reg!r} is not a region of these scenes; known: {', '.join(known)}")
+        if reg not in known:
+            raise ConfigError(
+                f"test_regions: {reg!r} is not a region of these scenes; known: {', '.join(known)}"
+            )
     groups = drift_groups(records, cfg.adjacency_days)
     lo = dt.date.fromisoformat(cfg.test_start) if cfg.test_start else None
     hi = dt.date.fromisoformat(cfg.test_end) if cfg.test_end else None
     split, reason = [None] * len(records), [''] * len(records)
     for i, r in enumerate(records):
         d = r['time'].date()
-        if r['region'] in cfg.test_regions: split[i], reason[i] = 'test', f"held-out region {r['region']}"
-        elif lo and hi and lo <= d <= hi: split[i], reason[i] = 'test', f"held-out period {cfg.test_start}..{cfg.test_end}"
+        if r['region'] in cfg.test_regions:
+            split[i], reason[i] = 'test', f"held-out region {r['region']}"
+        elif lo and hi and lo <= d <= hi:
+            split[i], reason[i] = 'test', f"held-out period {cfg.test_start}..{cfg.test_end}"
     test_groups = {groups[i] for i in range(len(records)) if split[i] == 'test'}
     for i in range(len(records)):
         if split[i] is None and groups[i] in test_groups:
@@ -122,85 +177,139 @@ def make_split(records: list[dict], # scene_records() output
     for i, r in enumerate(records):
         if split[i] is None:
             hit = next((t for t in tests if _near(r, t, cfg, footprints)), None)
-            if hit: split[i], reason[i] = 'excluded', f"buffer: within {cfg.buffer_days:g} d of test scene {hit['scene']}"
+            if hit:
+                split[i], reason[i] = (
+                    'excluded',
+                    f"buffer: within {cfg.buffer_days:g} d of test scene {hit['scene']}",
+                )
     left = sorted({groups[i] for i in range(len(records)) if split[i] is None})
     rng = np.random.default_rng(cfg.seed)
     target, n_val = cfg.val_fraction * sum(split[i] is None for i in range(len(records))), 0
     size = {g: groups.count(g) for g in left}
     for g in rng.permutation(left) if left else []:
-        if n_val >= target: break
+        if n_val >= target:
+            break
         for i in range(len(records)):
-            if groups[i] == g: split[i], reason[i] = 'val', f"drift group {g} drawn for validation (seed {cfg.seed})"
+            if groups[i] == g:
+                split[i], reason[i] = 'val', f"drift group {g} drawn for validation (seed {cfg.seed})"
         n_val += size[int(g)]
     for i in range(len(records)):
-        if split[i] is None: split[i], reason[i] = 'train', 'remaining'
+        if split[i] is None:
+            split[i], reason[i] = 'train', 'remaining'
     return _manifest(name, 'spatiotemporal', records, split, reason, groups, to_dict(cfg), scene_list)
 
 # %% ../nbs/22_splits.ipynb #445152cc
-def official_split(records: list[dict], # scene_records() output
-                   n_val: int = 10, # validation scenes (the official baseline used 10)
-                   seed: int = 0, # draw
-                   scene_list: dict | None = None,
-                  ) -> dict:
+def official_split(
+    records: list[dict],  # scene_records() output
+    n_val: int = 10,  # validation scenes (the official baseline used 10)
+    seed: int = 0,  # draw
+    scene_list: dict | None = None,
+) -> dict:
     "The challenge's style for comparability: `n_val` random validation scenes, the rest training."
-    if not 0 < n_val < len(records): raise ConfigError(f"n_val must be between 1 and {len(records) - 1}, got {n_val}")
+    if not 0 < n_val < len(records):
+        raise ConfigError(f"n_val must be between 1 and {len(records) - 1}, got {n_val}")
     val = set(np.random.default_rng(seed).choice(len(records), n_val, replace=False).tolist())
     split = ['val' if i in val else 'train' for i in range(len(records))]
     reason = [f"random draw (seed {seed})" if i in val else 'remaining' for i in range(len(records))]
-    return _manifest(f'official_n{n_val}_seed{seed}', 'official', records, split, reason,
-                     drift_groups(records), {'n_val': n_val, 'seed': seed}, scene_list)
+    return _manifest(
+        f'official_n{n_val}_seed{seed}',
+        'official',
+        records,
+        split,
+        reason,
+        drift_groups(records),
+        {'n_val': n_val, 'seed': seed},
+        scene_list,
+    )
+
 
 def _manifest(name, kind, records, split, reason, groups, params, scene_list) -> dict:
-    items = [{'scene': r['scene'], 'raw': r.get('raw', ''), 'split': s, 'reason': why, 'region': r['region'],
-              'ice_service': r['ice_service'], 'date': r['time'].isoformat(timespec='seconds'), 'group': int(g)}
-             for r, s, why, g in sorted(zip(records, split, reason, groups), key=lambda t: t[0]['scene'])]
+    items = [
+        {
+            'scene': r['scene'],
+            'raw': r.get('raw', ''),
+            'split': s,
+            'reason': why,
+            'region': r['region'],
+            'ice_service': r['ice_service'],
+            'date': r['time'].isoformat(timespec='seconds'),
+            'group': int(g),
+        }
+        for r, s, why, g in sorted(zip(records, split, reason, groups), key=lambda t: t[0]['scene'])
+    ]
     body = {'params': params, 'items': items}
     version = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:12]
     counts = {k: sum(it['split'] == k for it in items) for k in ('train', 'val', 'test', 'excluded')}
-    return {'format': 'seaice_nb.split/1', 'name': name, 'kind': kind, 'version': version,
-            'created': dt.datetime.now(dt.timezone.utc).isoformat(timespec='seconds'), 'code_version': code_version(),
-            'scene_list': scene_list, 'counts': counts, **body}
+    return {
+        'format': 'seaice_nb.split/1',
+        'name': name,
+        'kind': kind,
+        'version': version,
+        'created': dt.datetime.now(dt.timezone.utc).isoformat(timespec='seconds'),
+        'code_version': code_version(),
+        'scene_list': scene_list,
+        'counts': counts,
+        **body,
+    }
 
 # %% ../nbs/22_splits.ipynb #05008e3b
 def check_split(m: dict) -> dict:
     "Raise DataError on leakage in manifest `m`; return its counts."
-    if m.get('format') != 'seaice_nb.split/1': raise DataError(f"not a seaice_nb split manifest (format {m.get('format')!r})")
+    if m.get('format') != 'seaice_nb.split/1':
+        raise DataError(f"not a seaice_nb split manifest (format {m.get('format')!r})")
     seen = {}
     for it in m['items']:
-        if it['scene'] in seen: raise DataError(f"scene {it['scene']} is listed twice ({seen[it['scene']]} and {it['split']})")
+        if it['scene'] in seen:
+            raise DataError(f"scene {it['scene']} is listed twice ({seen[it['scene']]} and {it['split']})")
         seen[it['scene']] = it['split']
     if m['kind'] == 'spatiotemporal':
         sides = {}
         for it in m['items']:
-            if it['split'] == 'excluded': continue
+            if it['split'] == 'excluded':
+                continue
             sides.setdefault(it['group'], set()).add(it['split'])
         bad = {g: s for g, s in sides.items() if len(s) > 1}
         if bad:
             g = next(iter(bad))
-            raise DataError(f"drift group {g} is on both sides ({', '.join(sorted(bad[g]))}): "
-                            f"{', '.join(it['scene'] for it in m['items'] if it['group'] == g)}")
+            raise DataError(
+                f"drift group {g} is on both sides ({', '.join(sorted(bad[g]))}): "
+                f"{', '.join(it['scene'] for it in m['items'] if it['group'] == g)}"
+            )
         days = m['params']['buffer_days'] * 86400
         tests = [it for it in m['items'] if it['split'] == 'test']
         for it in m['items']:
-            if it['split'] not in ('train', 'val'): continue
+            if it['split'] not in ('train', 'val'):
+                continue
             for t in tests:
-                if (t['ice_service'], t['region']) == (it['ice_service'], it['region']) and \
-                   abs((dt.datetime.fromisoformat(t['date']) - dt.datetime.fromisoformat(it['date'])).total_seconds()) <= days:
-                    raise DataError(f"{it['split']} scene {it['scene']} is within the {m['params']['buffer_days']:g}-day "
-                                    f"buffer of test scene {t['scene']} (region {t['region']})")
+                if (t['ice_service'], t['region']) == (it['ice_service'], it['region']) and abs(
+                    (
+                        dt.datetime.fromisoformat(t['date']) - dt.datetime.fromisoformat(it['date'])
+                    ).total_seconds()
+                ) <= days:
+                    raise DataError(
+                        f"{it['split']} scene {it['scene']} is within the {m['params']['buffer_days']:g}-day "
+                        f"buffer of test scene {t['scene']} (region {t['region']})"
+                    )
     return m['counts']
+
 
 def save_manifest(m: dict, path: str | Path) -> Path:
     "Check and write a manifest as JSON (atomically)."
     check_split(m)
-    with atomic_write(path, 'w') as f: json.dump(m, f, indent=1)
+    with atomic_write(path, 'w') as f:
+        json.dump(m, f, indent=1)
     return Path(path)
+
 
 def load_manifest(path: str | Path) -> dict:
     "Read and check a manifest."
     path = Path(path)
-    if not path.is_file(): raise MissingFileError(f"split manifest {path} does not exist")
-    m = json.loads(path.read_text()); check_split(m); return m
+    if not path.is_file():
+        raise MissingFileError(f"split manifest {path} does not exist")
+    m = json.loads(path.read_text())
+    check_split(m)
+    return m
+
 
 def scenes_of(m: dict, split: str) -> list[str]:
     "Scene stems assigned to `split` ('train', 'val', 'test', 'excluded')."

@@ -21,7 +21,9 @@ __all__ = ['to_3413', 'footprint', 'overlap_fraction', 'polar_grid_latlon', 'Sce
 def to_3413(lat: np.ndarray, lon: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     "Project degrees to EPSG:3413 metres (x, y) — `seaice_nb.scenes.to_polar_stereo`."
     from seaice_nb.scenes import to_polar_stereo
+
     return to_polar_stereo(lat, lon)
+
 
 def footprint(lat: np.ndarray, lon: np.ndarray) -> Polygon:
     "The scene outline in EPSG:3413 from the border pixels of its `[H, W]` lat/lon grid."
@@ -30,6 +32,7 @@ def footprint(lat: np.ndarray, lon: np.ndarray) -> Polygon:
     x, y = to_3413(la, lo)
     p = Polygon(np.stack([x, y], 1))
     return p if p.is_valid else p.buffer(0)
+
 
 def overlap_fraction(target: Polygon, other: Polygon) -> float:
     "Fraction of the target footprint's area covered by `other`."
@@ -40,42 +43,54 @@ def polar_grid_latlon(x0: float, y0: float, shape: tuple[int, int], pixel: float
     "Lat/lon of a `shape` grid of `pixel`-metre cells in EPSG:3413 starting at (x0, y0), rotated by `angle` degrees."
     r, c = np.meshgrid(np.arange(shape[0]), np.arange(shape[1]), indexing='ij')
     a = np.deg2rad(angle)
-    x = x0 + pixel * (c * np.cos(a) - r * np.sin(a)); y = y0 - pixel * (c * np.sin(a) + r * np.cos(a))
+    x = x0 + pixel * (c * np.cos(a) - r * np.sin(a))
+    y = y0 - pixel * (c * np.sin(a) + r * np.cos(a))
     from seaice_nb.scenes import from_polar_stereo
+
     return from_polar_stereo(x, y)
 
 # %% ../nbs/21_stack.ipynb #9d6086df
 @dataclass
 class SceneInfo:
     "What frame selection needs to know about a scene."
+
     scene: str  # RTT stem, e.g. 20180124T194759_dmi
     time: dt.datetime  # acquisition start
     footprint: Polygon  # EPSG:3413 outline
     path: str = ''  # file it came from
 
-def select_frames(target: SceneInfo, # the scene whose grid and labels we use
-                  candidates: list[SceneInfo], # all scenes (the target is skipped)
-                  max_frames: int = 3, # frames including the target
-                  min_days: float = 0.0, max_days: float = 10.0, # allowed days before the target
-                  min_overlap: float = 0.2, # fraction of the target covered
-                 ) -> list[tuple[SceneInfo, float]]:
+
+def select_frames(
+    target: SceneInfo,  # the scene whose grid and labels we use
+    candidates: list[SceneInfo],  # all scenes (the target is skipped)
+    max_frames: int = 3,  # frames including the target
+    min_days: float = 0.0,
+    max_days: float = 10.0,  # allowed days before the target
+    min_overlap: float = 0.2,  # fraction of the target covered
+) -> list[tuple[SceneInfo, float]]:
     "Earlier overlapping scenes for `target` as (info, days_before), oldest first (target not included)."
     found = []
     for c in candidates:
-        if c.scene == target.scene: continue
+        if c.scene == target.scene:
+            continue
         days = (target.time - c.time).total_seconds() / 86400
-        if not (days > 0 and min_days <= days <= max_days): continue
-        if overlap_fraction(target.footprint, c.footprint) >= min_overlap: found.append((c, days))
+        if not (days > 0 and min_days <= days <= max_days):
+            continue
+        if overlap_fraction(target.footprint, c.footprint) >= min_overlap:
+            found.append((c, days))
     found.sort(key=lambda t: t[1])
-    return sorted(found[:max_frames - 1], key=lambda t: -t[1])
+    return sorted(found[: max_frames - 1], key=lambda t: -t[1])
 
 # %% ../nbs/21_stack.ipynb #40828d53
-def source_coords(src_lat: np.ndarray, src_lon: np.ndarray, # [h, w] source grid
-                  dst_lat: np.ndarray, dst_lon: np.ndarray, # [H, W] target grid
-                  step: int = 4, # control point spacing (source pixels) of the affine first guess
-                  newton: int = 12, # at most this many refinement steps on the forward map
-                  tol: float = 1e-6, # stop when no pixel moves more than this (pixels)
-                 ) -> tuple[np.ndarray, np.ndarray]:
+def source_coords(
+    src_lat: np.ndarray,
+    src_lon: np.ndarray,  # [h, w] source grid
+    dst_lat: np.ndarray,
+    dst_lon: np.ndarray,  # [H, W] target grid
+    step: int = 4,  # control point spacing (source pixels) of the affine first guess
+    newton: int = 12,  # at most this many refinement steps on the forward map
+    tol: float = 1e-6,  # stop when no pixel moves more than this (pixels)
+) -> tuple[np.ndarray, np.ndarray]:
     "Fractional source (row, col) of every target pixel centre; NaN outside the source footprint."
     h, w = src_lat.shape
     X, Y = to_3413(src_lat, src_lon)
@@ -85,7 +100,8 @@ def source_coords(src_lat: np.ndarray, src_lon: np.ndarray, # [h, w] source grid
     A = np.stack([rr.ravel(), cc.ravel(), np.ones(rr.size)], 1).astype(np.float64)
     coef = np.linalg.lstsq(A, np.stack([X[rr, cc].ravel(), Y[rr, cc].ravel()], 1), rcond=None)[0]  # [3, 2]
     M = coef[:2].T  # d(x, y) / d(row, col)
-    if abs(np.linalg.det(M)) < 1e-9: raise DataError("reproject: the source grid's geolocation is degenerate (all pixels at one place)")
+    if abs(np.linalg.det(M)) < 1e-9:
+        raise DataError("reproject: the source grid's geolocation is degenerate (all pixels at one place)")
     guess = np.linalg.solve(M, np.stack([dx.ravel() - coef[2, 0], dy.ravel() - coef[2, 1]]))
     r, c = guess[0].reshape(dx.shape), guess[1].reshape(dx.shape)
     gX, gY = np.gradient(X), np.gradient(Y)  # d/drow, d/dcol
@@ -100,40 +116,66 @@ def source_coords(src_lat: np.ndarray, src_lon: np.ndarray, # [h, w] source grid
         det = np.where(np.abs(det) > 0, det, 1)
         ur, uc = (d * ex - b * ey) / det, (-cx * ex + a * ey) / det
         r, c = r + ur, c + uc
-        if max(np.abs(ur).max(initial=0), np.abs(uc).max(initial=0)) < tol: break
+        if max(np.abs(ur).max(initial=0), np.abs(uc).max(initial=0)) < tol:
+            break
     out = (r < -0.5) | (r > h - 0.5) | (c < -0.5) | (c > w - 0.5) | ~np.isfinite(r) | ~np.isfinite(c)
     return np.where(out, np.nan, r), np.where(out, np.nan, c)
 
-def reproject(image: np.ndarray, # [C, h, w] source channels
-              valid: np.ndarray, # [h, w] bool source validity
-              src_lat: np.ndarray, src_lon: np.ndarray, # [h, w] source grid
-              dst_lat: np.ndarray, dst_lon: np.ndarray, # [H, W] target grid
-              step: int = 4, # control point spacing
-             ) -> tuple[np.ndarray, np.ndarray]:
+
+def reproject(
+    image: np.ndarray,  # [C, h, w] source channels
+    valid: np.ndarray,  # [h, w] bool source validity
+    src_lat: np.ndarray,
+    src_lon: np.ndarray,  # [h, w] source grid
+    dst_lat: np.ndarray,
+    dst_lon: np.ndarray,  # [H, W] target grid
+    step: int = 4,  # control point spacing
+) -> tuple[np.ndarray, np.ndarray]:
     "Resample a source frame onto the target grid: ([C, H, W] float32 with 0 where invalid, [H, W] bool valid)."
     if image.shape[-2:] != valid.shape or valid.shape != src_lat.shape:
-        raise DataError(f"reproject: image {image.shape}, valid {valid.shape} and lat {src_lat.shape} disagree")
+        raise DataError(
+            f"reproject: image {image.shape}, valid {valid.shape} and lat {src_lat.shape} disagree"
+        )
     r, c = source_coords(src_lat, src_lon, dst_lat, dst_lon, step)
     inside = np.isfinite(r) & np.isfinite(c)
     h, w = valid.shape  # rounding can put border pixels a hair outside [0, h-1]
     r, c = np.where(inside, np.clip(r, 0, h - 1), -10), np.where(inside, np.clip(c, 0, w - 1), -10)
-    ok = ndimage.map_coordinates(valid.astype(np.float32), [r, c], order=1, mode='constant', cval=0) > 1 - 1e-4
+    ok = (
+        ndimage.map_coordinates(valid.astype(np.float32), [r, c], order=1, mode='constant', cval=0) > 1 - 1e-4
+    )
     ok &= inside
-    out = np.stack([ndimage.map_coordinates(x.astype(np.float32), [r, c], order=1, mode='constant', cval=0) for x in image])
+    out = np.stack(
+        [
+            ndimage.map_coordinates(x.astype(np.float32), [r, c], order=1, mode='constant', cval=0)
+            for x in image
+        ]
+    )
     return np.where(ok[None], out, 0).astype(np.float32), ok
 
 # %% ../nbs/21_stack.ipynb #933c72b7
-def stack_frames(target: dict, # scene_frame() output of the target scene (image, valid, lat, lon, meta)
-                 earlier: list[tuple[dict, float]], # (scene_frame() output, days_before), oldest first
-                 step: int = 4, # control point spacing for reprojection
-                ) -> dict:
+def stack_frames(
+    target: dict,  # scene_frame() output of the target scene (image, valid, lat, lon, meta)
+    earlier: list[tuple[dict, float]],  # (scene_frame() output, days_before), oldest first
+    step: int = 4,  # control point spacing for reprojection
+) -> dict:
     "Frame stack on the target grid: image [T, C, H, W], valid [T, H, W], doy [T], days_before [T], sources [T]."
     imgs, vals, doys, days, srcs = [], [], [], [], []
     for fr, d in earlier:
         im, ok = reproject(fr['image'], fr['valid'], fr['lat'], fr['lon'], target['lat'], target['lon'], step)
-        imgs.append(im); vals.append(ok); doys.append(fr['meta']['datetime'].timetuple().tm_yday)
-        days.append(max(1, int(np.ceil(d - 1e-6)))); srcs.append(fr['meta']['scene'])  # whole days, rounded up: only the target is 0
-    imgs.append(target['image']); vals.append(target['valid'])
-    doys.append(target['meta']['datetime'].timetuple().tm_yday); days.append(0); srcs.append(target['meta']['scene'])
-    return dict(image=np.stack(imgs).astype(np.float32), valid=np.stack(vals), doy=np.array(doys, np.int16),
-                days_before=np.array(days, np.int16), sources=srcs)
+        imgs.append(im)
+        vals.append(ok)
+        doys.append(fr['meta']['datetime'].timetuple().tm_yday)
+        days.append(max(1, int(np.ceil(d - 1e-6))))
+        srcs.append(fr['meta']['scene'])  # whole days, rounded up: only the target is 0
+    imgs.append(target['image'])
+    vals.append(target['valid'])
+    doys.append(target['meta']['datetime'].timetuple().tm_yday)
+    days.append(0)
+    srcs.append(target['meta']['scene'])
+    return dict(
+        image=np.stack(imgs).astype(np.float32),
+        valid=np.stack(vals),
+        doy=np.array(doys, np.int16),
+        days_before=np.array(days, np.int16),
+        sources=srcs,
+    )

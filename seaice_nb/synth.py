@@ -12,9 +12,24 @@ import numpy as np
 import xarray as xr
 from scipy import ndimage
 from .core import ConfigError, file_digest
-from .scenes import (AMSR2_VARS, CHART_FILL, CHART_VARS, COARSE_DIMS, DISTANCE_ZONES_KM, ERA5_VARS, GEO_VARS,
-                              GRID_FACTOR, N_TIE, PIXEL_SPACING, SAR_VARS, coarse_shape, empty_scene, from_polar_stereo,
-                              standardise, write_scene)
+from seaice_nb.scenes import (
+    AMSR2_VARS,
+    CHART_FILL,
+    CHART_VARS,
+    COARSE_DIMS,
+    DISTANCE_ZONES_KM,
+    ERA5_VARS,
+    GEO_VARS,
+    GRID_FACTOR,
+    N_TIE,
+    PIXEL_SPACING,
+    SAR_VARS,
+    coarse_shape,
+    empty_scene,
+    from_polar_stereo,
+    standardise,
+    write_scene,
+)
 
 # %% auto #0
 __all__ = ['GREENLAND_EAST', 'ICELAND', 'DOMAIN_KM', 'RES_KM', 'EW_INC', 'SWATH_KM', 'LOOKALIKE_KIND', 'SYNTH_VERSION',
@@ -25,137 +40,235 @@ __all__ = ['GREENLAND_EAST', 'ICELAND', 'DOMAIN_KM', 'RES_KM', 'EW_INC', 'SWATH_
 def _hash01(ix, iy, seed: int):
     "Uniform [0, 1) from integer lattice coordinates and a seed (a 32-bit integer finaliser)."
     with np.errstate(over='ignore'):
-        ix = np.asarray(ix).astype(np.int64).astype(np.uint32); iy = np.asarray(iy).astype(np.int64).astype(np.uint32)
-        h = (ix * np.uint32(0x27D4EB2D)) ^ (iy * np.uint32(0x165667B1)) \
+        ix = np.asarray(ix).astype(np.int64).astype(np.uint32)
+        iy = np.asarray(iy).astype(np.int64).astype(np.uint32)
+        h = (
+            (ix * np.uint32(0x27D4EB2D))
+            ^ (iy * np.uint32(0x165667B1))
             ^ np.uint32((seed * 0x9E3779B1) & 0xFFFFFFFF)
-        h ^= h >> np.uint32(15); h *= np.uint32(0x2C1B3C6D)
-        h ^= h >> np.uint32(12); h *= np.uint32(0x297A2D39); h ^= h >> np.uint32(15)
-    return h.astype(np.float32) * np.float32(2.0 ** -32)
+        )
+        h ^= h >> np.uint32(15)
+        h *= np.uint32(0x2C1B3C6D)
+        h ^= h >> np.uint32(12)
+        h *= np.uint32(0x297A2D39)
+        h ^= h >> np.uint32(15)
+    return h.astype(np.float32) * np.float32(2.0**-32)
+
 
 def _noise(x, y, scale: float, seed: int):
     "Smooth value noise in [-1, 1] with feature size `scale` (same unit as x, y); float32."
-    u, v = (np.asarray(x, np.float64) / scale).astype(np.float32), (np.asarray(y, np.float64) / scale).astype(np.float32)
-    i, j = np.floor(u), np.floor(v); fu, fv = u - i, v - j
+    u, v = (
+        (np.asarray(x, np.float64) / scale).astype(np.float32),
+        (np.asarray(y, np.float64) / scale).astype(np.float32),
+    )
+    i, j = np.floor(u), np.floor(v)
+    fu, fv = u - i, v - j
     fu, fv = fu * fu * (3 - 2 * fu), fv * fv * (3 - 2 * fv)
     i, j = i.astype(np.int64), j.astype(np.int64)
     a, b = _hash01(i, j, seed), _hash01(i + 1, j, seed)
     c, d = _hash01(i, j + 1, seed), _hash01(i + 1, j + 1, seed)
     return 2 * ((a + (b - a) * fu) * (1 - fv) + (c + (d - c) * fu) * fv) - 1
 
+
 @lru_cache(maxsize=16)
 def _fbm_std(octaves: int) -> float:
     g = np.mgrid[0:200, 0:200].reshape(2, -1) * 0.37
     return float(_fbm_raw(g[0], g[1], 1.0, octaves, 12345).std())
 
+
 def _fbm_raw(x, y, scale, octaves, seed):
-    out = np.zeros(np.shape(x), np.float32); w = np.float32(1.0)
+    out = np.zeros(np.shape(x), np.float32)
+    w = np.float32(1.0)
     for k in range(octaves):
-        out += w * _noise(x, y, scale / 2 ** k, seed + 7919 * k); w *= 0.5
+        out += w * _noise(x, y, scale / 2**k, seed + 7919 * k)
+        w *= 0.5
     return out
+
 
 def _fbm(x, y, scale: float, octaves: int, seed: int):
     "Fractal noise with unit standard deviation (features from `scale` down to `scale / 2**(octaves-1)`)."
     return _fbm_raw(x, y, scale, octaves, seed) / _fbm_std(octaves)
 
+
 def _where(mask, fn, x, y, fill=0.0):
     "`fn(x, y)` evaluated only where `mask` (fill elsewhere): skips work over open water or solid pack."
     out = np.full(np.shape(x), fill, np.float32)
-    if mask.any(): out[mask] = fn(x[mask], y[mask])
+    if mask.any():
+        out[mask] = fn(x[mask], y[mask])
     return out
+
 
 def _smooth(fn, x, y, grid: bool, stride: int = 8):
     "Evaluate a smooth field `fn(x, y)`; on a 2-D pixel grid (affine in the indices) only every `stride`-th pixel, then bilinearly."
-    if not grid or np.ndim(x) != 2 or min(np.shape(x)) < 4 * stride: return fn(x, y)
+    if not grid or np.ndim(x) != 2 or min(np.shape(x)) < 4 * stride:
+        return fn(x, y)
     H, W = x.shape
-    li = np.unique(np.r_[0:H:stride, H - 1]); si = np.unique(np.r_[0:W:stride, W - 1])
+    li = np.unique(np.r_[0:H:stride, H - 1])
+    si = np.unique(np.r_[0:W:stride, W - 1])
     v = fn(x[np.ix_(li, si)], y[np.ix_(li, si)])
-    rr = np.interp(np.arange(H), li, np.arange(len(li))); cc = np.interp(np.arange(W), si, np.arange(len(si)))
+    rr = np.interp(np.arange(H), li, np.arange(len(li)))
+    cc = np.interp(np.arange(W), si, np.arange(len(si)))
     return ndimage.map_coordinates(v.astype(np.float64), np.meshgrid(rr, cc, indexing='ij'), order=1)
+
 
 def _fbm_t(x, y, t: float, scale, octaves, seed, period):
     "Fractal noise that changes smoothly in time `t` (days, a scalar) with `period` (days)."
-    k = math.floor(t / period); w = t / period - k; w = w * w * (3 - 2 * w)
+    k = math.floor(t / period)
+    w = t / period - k
+    w = w * w * (3 - 2 * w)
     a = _fbm(x, y, scale, octaves, seed + 104729 * k)
     b = _fbm(x, y, scale, octaves, seed + 104729 * (k + 1))
-    return (a * (1 - w) + b * w) / np.sqrt((1 - w) ** 2 + w ** 2)
+    return (a * (1 - w) + b * w) / np.sqrt((1 - w) ** 2 + w**2)
 
 # %% ../nbs/11_synth.ipynb #b525feed
-GREENLAND_EAST = [(59.8, -44.0), (60.6, -42.8), (61.5, -42.2), (62.5, -41.8), (63.5, -40.8), (64.5, -40.0),
-    (65.3, -38.8), (65.6, -37.3), (66.0, -35.8), (66.6, -34.2), (67.3, -33.0), (68.0, -31.5), (68.4, -29.0),
-    (68.8, -26.5), (69.3, -24.3), (70.0, -22.7), (70.4, -22.0), (71.0, -21.8), (71.6, -21.9), (72.3, -21.8),
-    (73.0, -21.0), (73.6, -20.3), (74.3, -19.5), (75.0, -18.8), (75.7, -18.5), (76.5, -18.6), (77.2, -18.0),
-    (77.8, -18.3), (78.6, -18.8), (79.4, -17.8), (80.2, -16.5), (80.9, -14.0), (81.5, -12.0), (82.5, -20.0),
-    (82.5, -45.0), (59.0, -46.0)]
-ICELAND = [(63.4, -19.0), (63.8, -22.7), (64.8, -24.0), (65.5, -24.5), (66.4, -23.0), (66.5, -18.0), (66.5, -14.5),
-           (65.5, -13.5), (64.4, -14.8), (63.8, -16.8)]
-DOMAIN_KM = (300.0, 1400.0, -2800.0, -800.0)   # x0, x1, y0, y1 in EPSG:3413 km
+GREENLAND_EAST = [
+    (59.8, -44.0),
+    (60.6, -42.8),
+    (61.5, -42.2),
+    (62.5, -41.8),
+    (63.5, -40.8),
+    (64.5, -40.0),
+    (65.3, -38.8),
+    (65.6, -37.3),
+    (66.0, -35.8),
+    (66.6, -34.2),
+    (67.3, -33.0),
+    (68.0, -31.5),
+    (68.4, -29.0),
+    (68.8, -26.5),
+    (69.3, -24.3),
+    (70.0, -22.7),
+    (70.4, -22.0),
+    (71.0, -21.8),
+    (71.6, -21.9),
+    (72.3, -21.8),
+    (73.0, -21.0),
+    (73.6, -20.3),
+    (74.3, -19.5),
+    (75.0, -18.8),
+    (75.7, -18.5),
+    (76.5, -18.6),
+    (77.2, -18.0),
+    (77.8, -18.3),
+    (78.6, -18.8),
+    (79.4, -17.8),
+    (80.2, -16.5),
+    (80.9, -14.0),
+    (81.5, -12.0),
+    (82.5, -20.0),
+    (82.5, -45.0),
+    (59.0, -46.0),
+]
+ICELAND = [
+    (63.4, -19.0),
+    (63.8, -22.7),
+    (64.8, -24.0),
+    (65.5, -24.5),
+    (66.4, -23.0),
+    (66.5, -18.0),
+    (66.5, -14.5),
+    (65.5, -13.5),
+    (64.4, -14.8),
+    (63.8, -16.8),
+]
+DOMAIN_KM = (300.0, 1400.0, -2800.0, -800.0)  # x0, x1, y0, y1 in EPSG:3413 km
 RES_KM = 2.0
+
 
 @dataclasses.dataclass(frozen=True)
 class WorldConfig:
     "Knobs of the synthetic Arctic."
-    seed: int = 0                 # everything random derives from it
-    year: int = 2021              # t = 0 is 1 January of this year
-    edge_scale: float = 1.0       # multiplies the ice-edge distance from the coast (more or less ice)
-    rare_boost: float = 1.0       # > 1 widens leads and freeze-up bands: more new and young ice
-    drift_kmd: float = 15.0       # East Greenland Current drift, km/day (southward)
-    polygon_km: float = 15.0      # typical size of the analysts' chart polygons
-    coast_rough_km: float = 6.0   # amplitude of the fractal coastline perturbation
-    temporal: float = 0.0         # share of each pass's sea area under one-pass look-alike patches (0 = none), see `lookalike`
-    multimodal: float = 0.0       # 0..1: old ice's SAR signature blends into thick first-year ice's (AMSR2 still differs)
-    berg_fields: float = 0.9      # iceberg fields where a 60 km noise field exceeds this (lower = more bergs)
-    old_ice_lat: float = 71.0     # old ice is exported south of this latitude only in thin tongues (lower = more old ice)
+
+    seed: int = 0  # everything random derives from it
+    year: int = 2021  # t = 0 is 1 January of this year
+    edge_scale: float = 1.0  # multiplies the ice-edge distance from the coast (more or less ice)
+    rare_boost: float = 1.0  # > 1 widens leads and freeze-up bands: more new and young ice
+    drift_kmd: float = 15.0  # East Greenland Current drift, km/day (southward)
+    polygon_km: float = 15.0  # typical size of the analysts' chart polygons
+    coast_rough_km: float = 6.0  # amplitude of the fractal coastline perturbation
+    temporal: float = (
+        0.0  # share of each pass's sea area under one-pass look-alike patches (0 = none), see `lookalike`
+    )
+    multimodal: float = (
+        0.0  # 0..1: old ice's SAR signature blends into thick first-year ice's (AMSR2 still differs)
+    )
+    berg_fields: float = 0.9  # iceberg fields where a 60 km noise field exceeds this (lower = more bergs)
+    old_ice_lat: float = (
+        71.0  # old ice is exported south of this latitude only in thin tongues (lower = more old ice)
+    )
     old_ice_depth_km: float = 80.0  # ... and only this far inside the ice edge (lower = more old ice)
-    edge_period_days: float = 6.0  # time scale of the ice edge's meanders (longer = the edge changes less between passes)
-    berg_share: float = 0.65      # share of a polygon's ice that icebergs need to make its FLOE class "bergs"
-    floe_regimes: bool = False    # pack-ice floe size from a drifting 25 km regime field (small .. vast), not mostly big
+    edge_period_days: float = (
+        6.0  # time scale of the ice edge's meanders (longer = the edge changes less between passes)
+    )
+    berg_share: float = 0.65  # share of a polygon's ice that icebergs need to make its FLOE class "bergs"
+    floe_regimes: bool = (
+        False  # pack-ice floe size from a drifting 25 km regime field (small .. vast), not mostly big
+    )
 
     def __post_init__(self):
-        if not 0 <= self.temporal < 1: raise ConfigError(f"WorldConfig.temporal is {self.temporal}; it must lie in [0, 1)")
-        if not 0 <= self.multimodal <= 1: raise ConfigError(f"WorldConfig.multimodal is {self.multimodal}; it must lie in [0, 1]")
+        if not 0 <= self.temporal < 1:
+            raise ConfigError(f"WorldConfig.temporal is {self.temporal}; it must lie in [0, 1)")
+        if not 0 <= self.multimodal <= 1:
+            raise ConfigError(f"WorldConfig.multimodal is {self.multimodal}; it must lie in [0, 1]")
+
 
 def _to_xy_km(pts):
     from seaice_nb.scenes import to_polar_stereo
+
     lat, lon = np.array(pts).T
-    x, y = to_polar_stereo(lat, lon); return np.stack([x / 1e3, y / 1e3], 1)
+    x, y = to_polar_stereo(lat, lon)
+    return np.stack([x / 1e3, y / 1e3], 1)
+
 
 @lru_cache(maxsize=4)
 def _land_raster(seed: int, rough: float):
     "Signed distance to the coast (km, > 0 at sea) on the 1 km world raster, and the raster's origin."
     from matplotlib.path import Path as MPath
+
     x0, x1, y0, y1 = DOMAIN_KM
-    xs = np.arange(x0, x1, RES_KM) + RES_KM / 2; ys = np.arange(y0, y1, RES_KM) + RES_KM / 2
-    X, Y = np.meshgrid(xs, ys)                       # rows = y, cols = x
+    xs = np.arange(x0, x1, RES_KM) + RES_KM / 2
+    ys = np.arange(y0, y1, RES_KM) + RES_KM / 2
+    X, Y = np.meshgrid(xs, ys)  # rows = y, cols = x
     pts = np.stack([X.ravel(), Y.ravel()], 1)
     land = np.zeros(X.size, bool)
-    for poly in (GREENLAND_EAST, ICELAND): land |= MPath(_to_xy_km(poly)).contains_points(pts)
+    for poly in (GREENLAND_EAST, ICELAND):
+        land |= MPath(_to_xy_km(poly)).contains_points(pts)
     land = land.reshape(X.shape)
     sd = ndimage.distance_transform_edt(~land) - ndimage.distance_transform_edt(land)
-    sd = sd + rough * _fbm(X, Y, 40.0, 4, seed + 11)          # fjords, peninsulas, islands
+    sd = sd + rough * _fbm(X, Y, 40.0, 4, seed + 11)  # fjords, peninsulas, islands
     land = sd < 0
     sd = (ndimage.distance_transform_edt(~land) - ndimage.distance_transform_edt(land)) * RES_KM
-    sd = np.where(land, sd + 0.5, sd - 0.5)                   # zero-crossing halfway between cells
+    sd = np.where(land, sd + 0.5, sd - 0.5)  # zero-crossing halfway between cells
     return sd.astype(np.float32)
+
 
 def _lat_km(x, y):
     "Latitude (deg) from EPSG:3413 km with the spherical stereographic formula (within ~0.1 deg; cheap)."
-    r = np.hypot(x, y); return 90 - 2 * np.degrees(np.arctan(r / (2 * 6371.0 * 0.96985)))
+    r = np.hypot(x, y)
+    return 90 - 2 * np.degrees(np.arctan(r / (2 * 6371.0 * 0.96985)))
 
 # %% ../nbs/11_synth.ipynb #9b40a360
 class World:
     "A synthetic east-Greenland Arctic: `state(x, y, t)` at any points (km in EPSG:3413, days)."
+
     def __init__(self, cfg: WorldConfig = WorldConfig()):
         self.cfg = cfg
         self.sd_raster = _land_raster(cfg.seed, cfg.coast_rough_km)
 
-    def t0(self) -> dt.datetime: return dt.datetime(self.cfg.year, 1, 1)
-    def days(self, when: dt.datetime) -> float: return (when - self.t0()).total_seconds() / 86400
+    def t0(self) -> dt.datetime:
+        return dt.datetime(self.cfg.year, 1, 1)
+
+    def days(self, when: dt.datetime) -> float:
+        return (when - self.t0()).total_seconds() / 86400
 
     def coast_km(self, x, y):
         "Signed distance to the coast in km (> 0 at sea, < 0 on land)."
         x0, _, y0, _ = DOMAIN_KM
-        c = (np.asarray(x) - x0) / RES_KM - 0.5; r = (np.asarray(y) - y0) / RES_KM - 0.5
-        return ndimage.map_coordinates(self.sd_raster, [r.ravel(), c.ravel()], order=1, mode='nearest').reshape(np.shape(x))
+        c = (np.asarray(x) - x0) / RES_KM - 0.5
+        r = (np.asarray(y) - y0) / RES_KM - 0.5
+        return ndimage.map_coordinates(
+            self.sd_raster, [r.ravel(), c.ravel()], order=1, mode='nearest'
+        ).reshape(np.shape(x))
 
     def season(self, t):
         "1 at the March ice maximum, 0 at the September minimum."
@@ -163,47 +276,83 @@ class World:
 
     def freezing(self, t):
         "True outside the melt season (about June to mid-September)."
-        d = np.mod(t, 365.25); return (d < 150) | (d > 262)
+        d = np.mod(t, 365.25)
+        return (d < 150) | (d > 262)
 
     def edge_km(self, x, y, t):
         "Distance of the ice edge from the coast (km): seasonal, wider in the north, meandering."
-        lat = _lat_km(x, y); s = self.season(t)
-        base = (35 + 240 * s) * np.clip((lat - 62.5) / 11, 0.12, 1.0) * (0.55 + 0.45 * np.clip((lat - 66) / 6, 0, 1) + 0.25 * s)
-        return self.cfg.edge_scale * base + 35 * _fbm_t(x, y, t, 250.0, 2, self.cfg.seed + 21, self.cfg.edge_period_days)
+        lat = _lat_km(x, y)
+        s = self.season(t)
+        base = (
+            (35 + 240 * s)
+            * np.clip((lat - 62.5) / 11, 0.12, 1.0)
+            * (0.55 + 0.45 * np.clip((lat - 66) / 6, 0, 1) + 0.25 * s)
+        )
+        return self.cfg.edge_scale * base + 35 * _fbm_t(
+            x, y, t, 250.0, 2, self.cfg.seed + 21, self.cfg.edge_period_days
+        )
 
-    def state(self, x, y, t, fine: bool = True, grid: bool = False) -> dict:  # points (km), time (days); fine detail? x, y a pixel grid?
+    def state(
+        self, x, y, t, fine: bool = True, grid: bool = False
+    ) -> dict:  # points (km), time (days); fine detail? x, y a pixel grid?
         "Surface at points: land, coast distance, smooth concentration `c0`, pixel ice, stage, floe (-1 = no class)."
-        cfg = self.cfg; x = np.asarray(x, float); y = np.asarray(y, float); t = float(t)
+        cfg = self.cfg
+        x = np.asarray(x, float)
+        y = np.asarray(y, float)
+        t = float(t)
         S = lambda fn: _smooth(fn, x, y, grid)
         sd = self.coast_km(x, y)
-        if fine: sd = sd + 0.4 * _fbm(x, y, 2.0, 2, cfg.seed + 13)      # coastline detail below the raster's 2 km
-        land = sd < 0; lat = _lat_km(x, y)
+        if fine:
+            sd = sd + 0.4 * _fbm(x, y, 2.0, 2, cfg.seed + 13)  # coastline detail below the raster's 2 km
+        land = sd < 0
+        lat = _lat_km(x, y)
         seas, freeze = float(self.season(t)), bool(self.freezing(t))
-        E = S(lambda a, b: self.edge_km(a, b, t)); w = 20 + 25 * (1 - seas)
+        E = S(lambda a, b: self.edge_km(a, b, t))
+        w = 20 + 25 * (1 - seas)
         c0 = np.clip(0.5 + (E - sd) / w, 0, 1)
-        xa, ya = x + 0.12 * cfg.drift_kmd * t, y + cfg.drift_kmd * t          # drifted coordinates (southward flow)
-        fast = (sd < 35 * np.clip((lat - 73) / 3, 0, 1) * np.clip((seas - 0.35) / 0.3, 0, 1) + 2 * S(lambda a, b: _fbm(a, b, 30.0, 2, cfg.seed + 5))) & ~land
+        xa, ya = x + 0.12 * cfg.drift_kmd * t, y + cfg.drift_kmd * t  # drifted coordinates (southward flow)
+        fast = (
+            sd
+            < 35 * np.clip((lat - 73) / 3, 0, 1) * np.clip((seas - 0.35) / 0.3, 0, 1)
+            + 2 * S(lambda a, b: _fbm(a, b, 30.0, 2, cfg.seed + 5))
+        ) & ~land
         # floes: fine noise below the local concentration (small floes in the MIZ, big in the pack)
         miz = np.clip((1 - c0) * 2.5, 0, 1)
         some = (c0 > 0) & (c0 < 1)
-        tex = (1 - miz) * _where(some & (miz < 1), lambda a, b: _fbm(a, b, 3.0, 3, cfg.seed + 31), xa, ya) \
-            + miz * _where(some & (miz > 0), lambda a, b: _fbm(a, b, 0.6, 3, cfg.seed + 32), xa, ya)
-        tex = tex / np.sqrt((1 - miz) ** 2 + miz ** 2) - 9.0 * (c0 <= 0)
+        tex = (1 - miz) * _where(
+            some & (miz < 1), lambda a, b: _fbm(a, b, 3.0, 3, cfg.seed + 31), xa, ya
+        ) + miz * _where(some & (miz > 0), lambda a, b: _fbm(a, b, 0.6, 3, cfg.seed + 32), xa, ya)
+        tex = tex / np.sqrt((1 - miz) ** 2 + miz**2) - 9.0 * (c0 <= 0)
         from scipy.special import ndtr
+
         ice = (ndtr(tex) < c0 * 0.985) | fast
         # leads: fresh (this 3-day period) and old (the previous one)
-        k = math.floor(t / 3.0); lw = 0.035 * cfg.rare_boost * (c0 > 0.8)
+        k = math.floor(t / 3.0)
+        lw = 0.035 * cfg.rare_boost * (c0 > 0.8)
         pack = c0 > 0.8
         fresh = np.abs(_where(pack, lambda a, b: _fbm(a, b, 12.0, 2, cfg.seed + 1000 + k), xa, ya, 9.0)) < lw
-        old = (np.abs(_where(pack, lambda a, b: _fbm(a, b, 12.0, 2, cfg.seed + 1000 + k - 1), xa, ya, 9.0)) < lw * 0.8) & ~fresh
+        old = (
+            np.abs(_where(pack, lambda a, b: _fbm(a, b, 12.0, 2, cfg.seed + 1000 + k - 1), xa, ya, 9.0))
+            < lw * 0.8
+        ) & ~fresh
         # stage of development
-        age = S(lambda a, b: _fbm(a + 0.12 * cfg.drift_kmd * t, b + cfg.drift_kmd * t, 60.0, 2, cfg.seed + 41))
+        age = S(
+            lambda a, b: _fbm(a + 0.12 * cfg.drift_kmd * t, b + cfg.drift_kmd * t, 60.0, 2, cfg.seed + 41)
+        )
         p_old = np.clip((lat - cfg.old_ice_lat) / 6, 0, 1) * np.clip((E - sd) / cfg.old_ice_depth_km, 0, 1)
-        stage = np.where(0.35 * age + p_old > 0.55, 5, np.where((np.mod(t, 365.25) < 170) & (E - sd > 25), 4, 3))
-        stage = np.where(np.mod(t, 365.25) > 300, np.where(stage == 5, 5, np.where(E - sd > 60, 3, 2)), stage)  # freeze-up: thin ice
-        if freeze:   # freeze-up band at the edge: new and young ice
+        stage = np.where(
+            0.35 * age + p_old > 0.55, 5, np.where((np.mod(t, 365.25) < 170) & (E - sd > 25), 4, 3)
+        )
+        stage = np.where(
+            np.mod(t, 365.25) > 300, np.where(stage == 5, 5, np.where(E - sd > 60, 3, 2)), stage
+        )  # freeze-up: thin ice
+        if freeze:  # freeze-up band at the edge: new and young ice
             band = (E - sd > -0.4 * w) & (E - sd < 0.25 * w * cfg.rare_boost)
-            stage = np.where(band & ~fast, np.where(_where(band, lambda a, b: _fbm(a, b, 4.0, 2, cfg.seed + 43), xa, ya) > 0, 1, 2), stage)
+            stage = np.where(
+                band & ~fast,
+                np.where(_where(band, lambda a, b: _fbm(a, b, 4.0, 2, cfg.seed + 43), xa, ya) > 0, 1, 2),
+                stage,
+            )
             stage = np.where(fresh, 1, np.where(old, 2, stage))
             ice = ice | ((fresh | old) & (c0 > 0.8))
         else:
@@ -211,25 +360,49 @@ class World:
         stage = np.where(fast, 4, stage)
         # floe size
         fn = S(lambda a, b: _fbm(a + 0.12 * cfg.drift_kmd * t, b + cfg.drift_kmd * t, 25.0, 1, cfg.seed + 51))
-        floe = np.where(c0 < 0.35, 1, np.where(c0 < 0.65, 2, np.where(c0 < 0.9, 3, np.where(stage == 5, 5, np.where(fn > 0.3, 5, 4)))))
-        if cfg.floe_regimes: floe = np.where((c0 >= 0.9) & (stage != 5), np.digitize(fn, [-0.7, 0.0, 0.7]) + 2, floe)
-        floe = np.where(stage <= 2, np.where(stage == 1, -1, 1), floe)          # new ice: pancake/level -> no class
-        floe = np.where(fast, -1, floe)                                         # fast ice -> no class
+        floe = np.where(
+            c0 < 0.35,
+            1,
+            np.where(c0 < 0.65, 2, np.where(c0 < 0.9, 3, np.where(stage == 5, 5, np.where(fn > 0.3, 5, 4)))),
+        )
+        if cfg.floe_regimes:
+            floe = np.where((c0 >= 0.9) & (stage != 5), np.digitize(fn, [-0.7, 0.0, 0.7]) + 2, floe)
+        floe = np.where(stage <= 2, np.where(stage == 1, -1, 1), floe)  # new ice: pancake/level -> no class
+        floe = np.where(fast, -1, floe)  # fast ice -> no class
         # iceberg fields near glacier fronts: glacier ice, so no stage; floe class "bergs"
         bz = (sd < 30) & (S(lambda a, b: _fbm(a, b, 60.0, 2, cfg.seed + 61)) > cfg.berg_fields) & ~land
         if fine:
             cx, cy = np.floor(xa / 0.5), np.floor(ya / 0.5)
-            bx, by = (cx + 0.2 + 0.6 * _hash01(cx, cy, cfg.seed + 62)) * 0.5, (cy + 0.2 + 0.6 * _hash01(cx, cy, cfg.seed + 63)) * 0.5
+            bx, by = (
+                (cx + 0.2 + 0.6 * _hash01(cx, cy, cfg.seed + 62)) * 0.5,
+                (cy + 0.2 + 0.6 * _hash01(cx, cy, cfg.seed + 63)) * 0.5,
+            )
             berg = bz & (np.hypot(xa - bx, ya - by) < 0.12) & (_hash01(cx, cy, cfg.seed + 64) < 0.6)
-        else: berg = np.zeros_like(land)
+        else:
+            berg = np.zeros_like(land)
         ice = (ice & ~land) | berg
-        stage = np.where(berg, -1, np.where(ice, stage, 0)); floe = np.where(berg, 6, np.where(ice, floe, 0))
-        return dict(land=land, sd=sd, c0=c0, ice=ice, stage=stage, floe=floe, old=ice & (stage == 5), fast=fast, lat=lat)
+        stage = np.where(berg, -1, np.where(ice, stage, 0))
+        floe = np.where(berg, 6, np.where(ice, floe, 0))
+        return dict(
+            land=land,
+            sd=sd,
+            c0=c0,
+            ice=ice,
+            stage=stage,
+            floe=floe,
+            old=ice & (stage == 5),
+            fast=fast,
+            lat=lat,
+        )
 
     def chart(self, x, y, t, n_samples: int = 48) -> dict:
         "SIC, SOD, FLOE (uint8, 255 = none) of the daily analyst chart at points (Voronoi polygons, SIGRID-3 rules)."
-        cfg = self.cfg; day = math.floor(t); L = cfg.polygon_km; sd0 = cfg.seed + 9000 + day
-        x = np.asarray(x, float); y = np.asarray(y, float)
+        cfg = self.cfg
+        day = math.floor(t)
+        L = cfg.polygon_km
+        sd0 = cfg.seed + 9000 + day
+        x = np.asarray(x, float)
+        y = np.asarray(y, float)
         pid, sx, sy = _voronoi(x, y, L, sd0)
         uid, inv = np.unique(pid, return_inverse=True)
         # sample each polygon: random points around its seed that fall in it
@@ -245,33 +418,51 @@ class World:
         conc = (st['ice'] & wt).sum(1) / n
         sic = np.clip(np.round(conc * 10), 0, 10).astype(np.int64)
         sic = np.where((conc > 0) & (sic == 0) & (conc >= 0.05), 1, sic)
+
         def dominant(cls, ncls):
             tot = (st['ice'] & wt).sum(1)
             best, bestn = np.full(len(uid), CHART_FILL), np.zeros(len(uid))
             for c in range(1, ncls):
                 m = ((cls == c) & st['ice'] & wt).sum(1)
-                better = m > bestn; best = np.where(better, c, best); bestn = np.where(better, m, bestn)
+                better = m > bestn
+                best = np.where(better, c, best)
+                bestn = np.where(better, m, bestn)
             return np.where(bestn >= 0.65 * np.maximum(tot, 1), best, CHART_FILL)
+
         sod, floe = dominant(st['stage'], 6), dominant(st['floe'], 7)
         bergs = ((st['floe'] == 6) & st['ice'] & wt).sum(1)
-        floe = np.where(bergs >= cfg.berg_share * np.maximum((st['ice'] & wt).sum(1), 1), 6, floe)  # analysts flag berg polygons
+        floe = np.where(
+            bergs >= cfg.berg_share * np.maximum((st['ice'] & wt).sum(1), 1), 6, floe
+        )  # analysts flag berg polygons
         fast_poly = (st['fast'] & wt).sum(1) > 0.5 * n
-        sic = np.where(fast_poly, 10, sic); sod = np.where(fast_poly, 4, sod); floe = np.where(fast_poly, CHART_FILL, floe)
-        sod = np.where(sic == 0, 0, sod); floe = np.where(sic == 0, 0, floe)
+        sic = np.where(fast_poly, 10, sic)
+        sod = np.where(fast_poly, 4, sod)
+        floe = np.where(fast_poly, CHART_FILL, floe)
+        sod = np.where(sic == 0, 0, sod)
+        floe = np.where(sic == 0, 0, floe)
         out = {}
-        for name, v in (('SIC', sic), ('SOD', sod), ('FLOE', floe)): out[name] = v[inv].reshape(x.shape).astype(np.uint8)
+        for name, v in (('SIC', sic), ('SOD', sod), ('FLOE', floe)):
+            out[name] = v[inv].reshape(x.shape).astype(np.uint8)
         return out
+
 
 def _voronoi(x, y, L, seed):
     "Polygon id and seed point of the nearest jittered-lattice seed (cell size L)."
     i0, j0 = np.floor(x / L).astype(np.int64), np.floor(y / L).astype(np.int64)
-    best = np.full(x.shape, np.inf); bi = np.zeros(x.shape, np.int64); bj = np.zeros(x.shape, np.int64)
+    best = np.full(x.shape, np.inf)
+    bi = np.zeros(x.shape, np.int64)
+    bj = np.zeros(x.shape, np.int64)
     for di in (-1, 0, 1):
         for dj in (-1, 0, 1):
             i, j = i0 + di, j0 + dj
             px, py = (i + _hash01(i, j, seed)) * L, (j + _hash01(i, j, seed + 1)) * L
-            d = (x - px) ** 2 + ((y - py) * 1.25) ** 2       # slightly anisotropic: polygons elongated along the coast
-            m = d < best; best = np.where(m, d, best); bi = np.where(m, i, bi); bj = np.where(m, j, bj)
+            d = (x - px) ** 2 + (
+                (y - py) * 1.25
+            ) ** 2  # slightly anisotropic: polygons elongated along the coast
+            m = d < best
+            best = np.where(m, d, best)
+            bi = np.where(m, i, bi)
+            bj = np.where(m, j, bj)
     return bi * 1_000_003 + bj, (bi + _hash01(bi, bj, seed)) * L, (bj + _hash01(bi, bj, seed + 1)) * L
 
 # %% ../nbs/11_synth.ipynb #cf19c89a
@@ -279,25 +470,37 @@ def _voronoi(x, y, L, seed):
 _HH35 = np.array([np.nan, -21.0, -15.0, -17.0, -14.5, -10.5, -7.0, -4.0])
 _HV35 = np.array([np.nan, -30.0, -25.0, -26.0, -24.0, -18.5, -14.0, -12.0])
 _SLOPE = np.array([np.nan, -0.25, -0.22, -0.22, -0.20, -0.15, -0.10, -0.05])
-EW_INC = (18.9, 47.0)      # incidence angle at near and far edge of the 400 km EW swath (degrees)
+EW_INC = (18.9, 47.0)  # incidence angle at near and far edge of the 400 km EW swath (degrees)
 SWATH_KM = 400.0
+
 
 def incidence(swath_km):  # ground range position across the EW swath, km from the near edge
     "Incidence angle (degrees) across the Sentinel-1 EW swath (slightly concave, 18.9 to 47 degrees)."
-    s = np.asarray(swath_km, float) / SWATH_KM      # not clipped: past the edges the pixels are no-data anyway
+    s = np.asarray(swath_km, float) / SWATH_KM  # not clipped: past the edges the pixels are no-data anyway
     return EW_INC[0] + (EW_INC[1] - EW_INC[0]) * (1.15 * s - 0.15 * s * s)
 
-def backscatter(kind, theta, wind, melt: bool,  # surface code (0 water .. 7 berg); degrees; m/s; melt season?
-                old_like_fy: float = 0.0):  # 0..1: blend old ice's signature into thick first-year ice's
+
+def backscatter(
+    kind,
+    theta,
+    wind,
+    melt: bool,  # surface code (0 water .. 7 berg); degrees; m/s; melt season?
+    old_like_fy: float = 0.0,
+):  # 0..1: blend old ice's signature into thick first-year ice's
     "Noise-free HH and HV backscatter in dB."
     k = np.clip(kind, 0, 7)
     HH, HV, SL = _HH35.copy(), _HV35.copy(), _SLOPE.copy()
-    for a in (HH, HV, SL): a[5] = (1 - old_like_fy) * a[5] + old_like_fy * a[4]
-    hh = HH[k] + SL[k] * (theta - 35); hv = HV[k] + SL[k] * (theta - 35)
+    for a in (HH, HV, SL):
+        a[5] = (1 - old_like_fy) * a[5] + old_like_fy * a[4]
+    hh = HH[k] + SL[k] * (theta - 35)
+    hv = HV[k] + SL[k] * (theta - 35)
     u = np.maximum(wind, 0.5)
-    hh_w = -16.0 - 0.5 * (theta - 30) + 14 * np.log10(u / 7); hv_w = -33.0 + 8 * np.log10(u / 7)
-    if melt: hh, hv = np.where(k <= 5, hh - 3, hh), np.where(k <= 5, hv - 3, hv)
+    hh_w = -16.0 - 0.5 * (theta - 30) + 14 * np.log10(u / 7)
+    hv_w = -33.0 + 8 * np.log10(u / 7)
+    if melt:
+        hh, hv = np.where(k <= 5, hh - 3, hh), np.where(k <= 5, hv - 3, hv)
     return np.where(k == 0, hh_w, hh), np.where(k == 0, hv_w, hv)
+
 
 def noise_floor_hv(swath_km):  # km from the near edge
     "Residual HV noise-equivalent sigma0 (dB) after denoising: scalloped across the five EW sub-swaths."
@@ -306,14 +509,49 @@ def noise_floor_hv(swath_km):  # km from the near edge
 
 # %% ../nbs/11_synth.ipynb #17d710b1
 _FREQS = ('6_9', '7_3', '10_7', '18_7', '23_8', '36_5', '89_0')
-_E_WATER = {'6_9': (.30, .58), '7_3': (.30, .58), '10_7': (.31, .60), '18_7': (.34, .63), '23_8': (.36, .65), '36_5': (.40, .70), '89_0': (.52, .80)}
-_E_FY = {'6_9': (.91, .96), '7_3': (.91, .96), '10_7': (.91, .96), '18_7': (.90, .95), '23_8': (.90, .95), '36_5': (.89, .94), '89_0': (.85, .90)}
-_E_MY = {'6_9': (.86, .93), '7_3': (.85, .93), '10_7': (.83, .90), '18_7': (.78, .85), '23_8': (.75, .82), '36_5': (.70, .77), '89_0': (.65, .72)}
+_E_WATER = {
+    '6_9': (0.30, 0.58),
+    '7_3': (0.30, 0.58),
+    '10_7': (0.31, 0.60),
+    '18_7': (0.34, 0.63),
+    '23_8': (0.36, 0.65),
+    '36_5': (0.40, 0.70),
+    '89_0': (0.52, 0.80),
+}
+_E_FY = {
+    '6_9': (0.91, 0.96),
+    '7_3': (0.91, 0.96),
+    '10_7': (0.91, 0.96),
+    '18_7': (0.90, 0.95),
+    '23_8': (0.90, 0.95),
+    '36_5': (0.89, 0.94),
+    '89_0': (0.85, 0.90),
+}
+_E_MY = {
+    '6_9': (0.86, 0.93),
+    '7_3': (0.85, 0.93),
+    '10_7': (0.83, 0.90),
+    '18_7': (0.78, 0.85),
+    '23_8': (0.75, 0.82),
+    '36_5': (0.70, 0.77),
+    '89_0': (0.65, 0.72),
+}
 _E_LAND = (0.88, 0.93)
-_ATM = {'6_9': .3, '7_3': .3, '10_7': .4, '18_7': .8, '23_8': 2.0, '36_5': 1.2, '89_0': 3.5}   # K per kg m-2 of vapour
+_ATM = {
+    '6_9': 0.3,
+    '7_3': 0.3,
+    '10_7': 0.4,
+    '18_7': 0.8,
+    '23_8': 2.0,
+    '36_5': 1.2,
+    '89_0': 3.5,
+}  # K per kg m-2 of vapour
 _FOOT_KM = {'6_9': 45, '7_3': 45, '10_7': 30, '18_7': 17, '23_8': 14, '36_5': 9, '89_0': 4}
 
-def amsr2_tb(ice, old, land, t_ice, t_water, tcwv, wind):  # fractions 0..1; K; K; kg m-2; m/s (arrays on the 2 km grid)
+
+def amsr2_tb(
+    ice, old, land, t_ice, t_water, tcwv, wind
+):  # fractions 0..1; K; K; kg m-2; m/s (arrays on the 2 km grid)
     "Brightness temperatures (K) of all 14 AMSR2 channels from surface fractions (before footprint blurring)."
     out = {}
     for f in _FREQS:
@@ -332,13 +570,14 @@ def amsr2_tb(ice, old, land, t_ice, t_water, tcwv, wind):  # fractions 0..1; K; 
 @dataclasses.dataclass(frozen=True)
 class Pass:
     "One Sentinel-1 EW acquisition over the synthetic world."
+
     start: dt.datetime
-    xc: float            # centre, EPSG:3413 km
+    xc: float  # centre, EPSG:3413 km
     yc: float
-    heading: float       # map angle of the along-track direction, radians from +x
+    heading: float  # map angle of the along-track direction, radians from +x
     lines: int
     samples: int
-    swath_km0: float     # ground-range position of sample 0 in the swath (km from the near edge)
+    swath_km0: float  # ground-range position of sample 0 in the swath (km from the near edge)
     mission: str = 'S1A'
     site: int = 0
 
@@ -347,38 +586,69 @@ class Pass:
         l = np.arange(self.lines) if lines is None else np.asarray(lines, float)
         s = np.arange(self.samples) if samples is None else np.asarray(samples, float)
         L, S = np.meshgrid(l, s, indexing='ij')
-        a = np.array([math.cos(self.heading), math.sin(self.heading)]); r = np.array([a[1], -a[0]])
-        dl, ds = (L - (self.lines - 1) / 2) * PIXEL_SPACING / 1e3, (S - (self.samples - 1) / 2) * PIXEL_SPACING / 1e3
+        a = np.array([math.cos(self.heading), math.sin(self.heading)])
+        r = np.array([a[1], -a[0]])
+        dl, ds = (
+            (L - (self.lines - 1) / 2) * PIXEL_SPACING / 1e3,
+            (S - (self.samples - 1) / 2) * PIXEL_SPACING / 1e3,
+        )
         return self.xc + dl * a[0] + ds * r[0], self.yc + dl * a[1] + ds * r[1]
+
 
 def _region(lat: float) -> str:
     "DMI ice-chart region of an east-Greenland latitude."
-    return 'CapeFarewell_RIC' if lat < 61.5 else 'SouthEast_RIC' if lat < 65.5 else 'CentralEast_RIC' if lat < 72 else 'NorthEast_RIC'
+    return (
+        'CapeFarewell_RIC'
+        if lat < 61.5
+        else 'SouthEast_RIC'
+        if lat < 65.5
+        else 'CentralEast_RIC'
+        if lat < 72
+        else 'NorthEast_RIC'
+    )
+
 
 def raw_name(p: Pass, lat: float, orbit: int) -> str:
     "A raw AI4Arctic-style name for a synthetic pass (parses with `scenes.parse_raw_name`)."
     stop = p.start + dt.timedelta(seconds=60)
     chart = p.start.replace(minute=p.start.minute // 5 * 5, second=0)
-    return (f"{p.mission}_EW_GRDM_1SDH_{p.start:%Y%m%dT%H%M%S}_{stop:%Y%m%dT%H%M%S}_{orbit:06d}_{orbit * 7 % 0xFFFFFF:06X}_"
-            f"{orbit * 13 % 0xFFFF:04X}_icechart_dmi_{chart:%Y%m%d%H%M}_{_region(lat)}.nc")
+    return (
+        f"{p.mission}_EW_GRDM_1SDH_{p.start:%Y%m%dT%H%M%S}_{stop:%Y%m%dT%H%M%S}_{orbit:06d}_{orbit * 7 % 0xFFFFFF:06X}_"
+        f"{orbit * 13 % 0xFFFF:04X}_icechart_dmi_{chart:%Y%m%d%H%M}_{_region(lat)}.nc"
+    )
 
 # %% ../nbs/11_synth.ipynb #3d3fef44
-LOOKALIKE_KIND = 3   # surface code the patches mimic: thin first-year ice
+LOOKALIKE_KIND = 3  # surface code the patches mimic: thin first-year ice
 
-def lookalike(world: World, x, y, t: float,  # the world; pixel grid (km, EPSG:3413); pass time (days)
-              scale_km: float = 10.0):  # feature size of the patches
+
+def lookalike(
+    world: World,
+    x,
+    y,
+    t: float,  # the world; pixel grid (km, EPSG:3413); pass time (days)
+    scale_km: float = 10.0,
+):  # feature size of the patches
     "Bool mask of the pass's look-alike patches (a share `world.cfg.temporal` of the area; per-pass noise)."
     share = world.cfg.temporal
-    if share <= 0: return np.zeros(np.shape(x), bool)
+    if share <= 0:
+        return np.zeros(np.shape(x), bool)
     from scipy.special import ndtr
+
     seed = world.cfg.seed + 3000 + int(round(t * 86400)) % 1_000_003
-    f = _smooth(lambda a, b: _fbm(a, b, scale_km, 2, seed), np.asarray(x, float), np.asarray(y, float), np.ndim(x) == 2)
+    f = _smooth(
+        lambda a, b: _fbm(a, b, scale_km, 2, seed),
+        np.asarray(x, float),
+        np.asarray(y, float),
+        np.ndim(x) == 2,
+    )
     return ndtr(f) < share
 
 # %% ../nbs/11_synth.ipynb #179cd8a8
 def render(world: World, p: Pass, scene_id: str, original_id: str) -> xr.Dataset:
     "One RTT scene (standardised, fills as in RTT) of the world seen by pass `p`."
-    cfg = world.cfg; H, W = p.lines, p.samples; t = world.days(p.start)
+    cfg = world.cfg
+    H, W = p.lines, p.samples
+    t = world.days(p.start)
     rng = np.random.default_rng([cfg.seed, int(t * 86400) & 0x7FFFFFFF, 3])
     X, Y = p.xy()
     st = world.state(X, Y, t, grid=True)
@@ -391,42 +661,60 @@ def render(world: World, p: Pass, scene_id: str, original_id: str) -> xr.Dataset
     theta = incidence(sw)
     # weather on the 2 km grid, then per pixel
     ch_, cw_ = coarse_shape(H, W)
-    cl = np.arange(ch_) * GRID_FACTOR + (GRID_FACTOR - 1) / 2; cs = np.arange(cw_) * GRID_FACTOR + (GRID_FACTOR - 1) / 2
+    cl = np.arange(ch_) * GRID_FACTOR + (GRID_FACTOR - 1) / 2
+    cs = np.arange(cw_) * GRID_FACTOR + (GRID_FACTOR - 1) / 2
     Xc, Yc = p.xy(cl, cs)
     stc = world.state(Xc, Yc, t, fine=False)
-    doy = np.mod(t, 365.25); lat_c = stc['lat']
-    t_clim = 273.15 - 4 - 14 * world.season(t) - 0.6 * (lat_c - 65) + 2 * _fbm_t(Xc, Yc, t, 300.0, 2, cfg.seed + 71, 3.0)
+    lat_c = stc['lat']
+    t_clim = (
+        273.15
+        - 4
+        - 14 * world.season(t)
+        - 0.6 * (lat_c - 65)
+        + 2 * _fbm_t(Xc, Yc, t, 300.0, 2, cfg.seed + 71, 3.0)
+    )
     open_frac = ndimage.gaussian_filter(1.0 - stc['c0'], 3, mode='nearest')
     t2m = t_clim + (271.5 - t_clim) * 0.6 * open_frac
     skt = np.where(stc['c0'] > 0.5, np.minimum(t2m - 1.5, 273.15), np.maximum(t2m, 271.4))
     ue = 6 * _fbm_t(Xc, Yc, t, 400.0, 2, cfg.seed + 81, 2.0) - 1.0
-    ve = 6 * _fbm_t(Xc, Yc, t, 400.0, 2, cfg.seed + 82, 2.0) - 3.0       # barrier winds: mostly southward
+    ve = 6 * _fbm_t(Xc, Yc, t, 400.0, 2, cfg.seed + 82, 2.0) - 3.0  # barrier winds: mostly southward
     tcwv = np.clip(3 + 0.35 * (t2m - 258) + 1.5 * _fbm_t(Xc, Yc, t, 200.0, 2, cfg.seed + 83, 2.0), 0.5, None)
     tclw = np.clip(0.05 * _fbm_t(Xc, Yc, t, 80.0, 2, cfg.seed + 84, 1.0) + 0.02, 0, None)
-    a = np.array([math.cos(p.heading), math.sin(p.heading)]); r = np.array([a[1], -a[0]])
-    u_rot, v_rot = ue * r[0] + ve * r[1], ue * a[0] + ve * a[1]        # along samples, along lines
+    a = np.array([math.cos(p.heading), math.sin(p.heading)])
+    r = np.array([a[1], -a[0]])
+    u_rot, v_rot = ue * r[0] + ve * r[1], ue * a[0] + ve * a[1]  # along samples, along lines
     wind_c = np.hypot(ue, ve)
     # per-pixel wind with gusts (nearest 2 km cell, clipped at the edges)
-    li = np.minimum(np.arange(H) // GRID_FACTOR, ch_ - 1); si = np.minimum(np.arange(W) // GRID_FACTOR, cw_ - 1)
+    li = np.minimum(np.arange(H) // GRID_FACTOR, ch_ - 1)
+    si = np.minimum(np.arange(W) // GRID_FACTOR, cw_ - 1)
     wind = wind_c[li][:, si] * (1 + 0.2 * _fbm(X, Y, 3.0, 2, cfg.seed + 91 + int(t)))
     # surface codes and backscatter
     kind = np.where(st['land'], 6, np.where(st['floe'] == 6, 7, np.where(st['ice'], st['stage'], 0)))
-    kind = np.where(lookalike(world, X, Y, t) & (kind <= 5), LOOKALIKE_KIND, kind)   # the temporal knob: this pass only
+    kind = np.where(
+        lookalike(world, X, Y, t) & (kind <= 5), LOOKALIKE_KIND, kind
+    )  # the temporal knob: this pass only
     melt = not world.freezing(t)
     hh, hv = backscatter(kind, theta, wind, melt, cfg.multimodal)
     tex = _fbm(X, Y, 1.0, 2, cfg.seed + 95) * np.where(kind == 6, 3.0, np.where(kind > 0, 1.2, 0.3))
     hh, hv = hh + tex, hv + 0.8 * tex
     L = 8.0
     hh_lin = 10 ** (hh / 10) * rng.gamma(L, 1 / L, (H, W)) + 10 ** (-35 / 10) * rng.gamma(L, 1 / L, (H, W))
-    hv_lin = 10 ** (hv / 10) * rng.gamma(L, 1 / L, (H, W)) + 10 ** (noise_floor_hv(sw) / 10) * rng.gamma(L, 1 / L, (H, W))
+    hv_lin = 10 ** (hv / 10) * rng.gamma(L, 1 / L, (H, W)) + 10 ** (noise_floor_hv(sw) / 10) * rng.gamma(
+        L, 1 / L, (H, W)
+    )
     hh_db, hv_db = 10 * np.log10(hh_lin), 10 * np.log10(hv_lin)
-    zone = np.where(st['land'], 0, 1 + np.searchsorted(np.array(DISTANCE_ZONES_KM[1:]), st['sd'], side='right'))
+    zone = np.where(
+        st['land'], 0, 1 + np.searchsorted(np.array(DISTANCE_ZONES_KM[1:]), st['sd'], side='right')
+    )
+
     # AMSR2: block means on the 2 km grid, blurred by each footprint
     def block(a):
         a = a[: ch_ * GRID_FACTOR, : cw_ * GRID_FACTOR].astype(np.float64)
         return a.reshape(ch_, GRID_FACTOR, cw_, GRID_FACTOR).mean((1, 3))
+
     ice_f, old_f, land_f = block(st['ice'] & ~st['land']), block(st['old']), block(st['land'])
-    t_ice = np.minimum(0.5 * (271.35 + skt), 271.35); t_water = 271.5 + 3 * (1 - world.season(t))
+    t_ice = np.minimum(0.5 * (271.35 + skt), 271.35)
+    t_water = 271.5 + 3 * (1 - world.season(t))
     tb = amsr2_tb(ice_f, old_f, land_f, t_ice, t_water, tcwv, wind_c)
     ds = empty_scene(H, W, scene_id=scene_id, original_id=original_id, ice_service='dmi')
     for f in _FREQS:
@@ -434,28 +722,38 @@ def render(world: World, p: Pass, scene_id: str, original_id: str) -> xr.Dataset
         for pol in 'hv':
             v = f'btemp_{f}{pol}'
             ds[v].values[:] = standardise(ndimage.gaussian_filter(tb[v], sig, mode='nearest'), v)
-    for v, val in zip(ERA5_VARS, (u_rot, v_rot, t2m, skt, tcwv, tclw)): ds[v].values[:] = standardise(val, v)
+    for v, val in zip(ERA5_VARS, (u_rot, v_rot, t2m, skt, tcwv, tclw)):
+        ds[v].values[:] = standardise(val, v)
     for v, val in zip(SAR_VARS, (hh_db, hv_db, theta, zone)):
         z = standardise(val, v).astype(np.float32)
-        z[z == 0] = np.float32(1e-6)                 # 0 is reserved for no-data
+        z[z == 0] = np.float32(1e-6)  # 0 is reserved for no-data
         ds[v].values[:] = np.where(valid, z, np.float32(0))
     for c in CHART_VARS:
-        a = ch[c].copy(); a[st['land'] | ~valid] = CHART_FILL
+        a = ch[c].copy()
+        a[st['land'] | ~valid] = CHART_FILL
         ds[c].values[:] = a
     # geolocation: 21 x 21 tie points spanning the scene, stored (sample, line)
     tl, ts = np.linspace(0, H - 1, N_TIE), np.linspace(0, W - 1, N_TIE)
     tx, ty = p.xy(tl, ts)
     lat, lon = from_polar_stereo(tx * 1e3, ty * 1e3)
-    ds['sar_grid2d_latitude'].values[:] = lat.T; ds['sar_grid2d_longitude'].values[:] = lon.T
+    ds['sar_grid2d_latitude'].values[:] = lat.T
+    ds['sar_grid2d_longitude'].values[:] = lon.T
     ds.attrs.update({'synthetic': np.int32(1), 'synth_seed': np.int32(cfg.seed)})
     return ds
 
 # %% ../nbs/11_synth.ipynb #00179a4c
-def plan_passes(world: World, n_scenes: int, size=(500, 600), seed: int = 0, per_site: int = 8,  # (lines, samples)
-                months: tuple[int, ...] | None = None) -> list[Pass]:  # campaign months, in turn (None: all seasons)
+def plan_passes(
+    world: World,
+    n_scenes: int,
+    size=(500, 600),
+    seed: int = 0,
+    per_site: int = 8,  # (lines, samples)
+    months: tuple[int, ...] | None = None,
+) -> list[Pass]:  # campaign months, in turn (None: all seasons)
     "Deterministic list of passes: `n_scenes` acquisitions in campaigns of `per_site` over shared sites."
     rng = np.random.default_rng([seed, 1])
-    H, W = size; foot = max(H, W) * PIXEL_SPACING / 1e3
+    H, W = size
+    foot = max(H, W) * PIXEL_SPACING / 1e3
     months = list(months or (3, 1, 4, 11, 2, 5, 12, 10, 7, 9))
     n_sites = max(1, math.ceil(n_scenes / per_site))
     passes = []
@@ -463,13 +761,17 @@ def plan_passes(world: World, n_scenes: int, size=(500, 600), seed: int = 0, per
         start = dt.datetime(world.cfg.year, months[k % len(months)], 1 + int(rng.integers(0, 20)))
         t = world.days(start)
         # candidate points; pick one on the ice edge (even sites) or near the coast (odd sites)
-        cx = rng.uniform(DOMAIN_KM[0] + 150, DOMAIN_KM[1] - 150, 4000); cy = rng.uniform(DOMAIN_KM[2] + 300, DOMAIN_KM[3] - 150, 4000)
-        sd = world.coast_km(cx, cy); E = world.edge_km(cx, cy, t); lat = _lat_km(cx, cy)
+        cx = rng.uniform(DOMAIN_KM[0] + 150, DOMAIN_KM[1] - 150, 4000)
+        cy = rng.uniform(DOMAIN_KM[2] + 300, DOMAIN_KM[3] - 150, 4000)
+        sd = world.coast_km(cx, cy)
+        E = world.edge_km(cx, cy, t)
+        lat = _lat_km(cx, cy)
         ok = (lat > 64) & (lat < 80) & (sd > -0.2 * foot)
         score = np.abs(sd - E) if k % 2 == 0 else np.abs(sd - 0.25 * foot)
         score = np.where(ok & (sd > 0.1 * foot if k % 2 == 0 else ok), score, np.inf)
-        i = int(np.argmin(score)); xc, yc = cx[i], cy[i]
-        north = math.atan2(-yc, -xc)                    # map direction of geographic north here
+        i = int(np.argmin(score))
+        xc, yc = cx[i], cy[i]
+        north = math.atan2(-yc, -xc)  # map direction of geographic north here
         times = sorted(rng.uniform(0, 7, per_site))
         for j in range(min(per_site, n_scenes - len(passes))):
             asc = j % 2 == 0
@@ -477,21 +779,35 @@ def plan_passes(world: World, n_scenes: int, size=(500, 600), seed: int = 0, per
             hour = dt.timedelta(hours=19.5 if asc else 8.0, minutes=float(rng.uniform(-20, 20)))
             when = start + dt.timedelta(days=day) + hour
             when = when.replace(microsecond=0)
-            head = north + (math.radians(12) if asc else math.pi + math.radians(12)) + rng.uniform(-0.05, 0.05)
+            head = (
+                north + (math.radians(12) if asc else math.pi + math.radians(12)) + rng.uniform(-0.05, 0.05)
+            )
             jx, jy = rng.uniform(-foot / 3, foot / 3, 2)
-            wkm = W * PIXEL_SPACING / 1e3                 # every third pass reaches past the near or far swath edge
-            sw0 = (-float(rng.uniform(0.03, 0.15)) * wkm if j % 6 == 0 else SWATH_KM - wkm * (1 - float(rng.uniform(0.03, 0.15)))) \
-                if j % 3 == 0 else float(rng.uniform(0.05, 0.95)) * (SWATH_KM - wkm)
-            passes.append(Pass(when, xc + jx, yc + jy, head, H, W, sw0, 'S1A' if rng.random() < 0.5 else 'S1B', k))
+            wkm = W * PIXEL_SPACING / 1e3  # every third pass reaches past the near or far swath edge
+            sw0 = (
+                (
+                    -float(rng.uniform(0.03, 0.15)) * wkm
+                    if j % 6 == 0
+                    else SWATH_KM - wkm * (1 - float(rng.uniform(0.03, 0.15)))
+                )
+                if j % 3 == 0
+                else float(rng.uniform(0.05, 0.95)) * (SWATH_KM - wkm)
+            )
+            passes.append(
+                Pass(when, xc + jx, yc + jy, head, H, W, sw0, 'S1A' if rng.random() < 0.5 else 'S1B', k)
+            )
     # unique start seconds (RTT names are start time + service)
     seen, out = set(), []
     for p in passes:
-        while p.start in seen: p = dataclasses.replace(p, start=p.start + dt.timedelta(seconds=1))
-        seen.add(p.start); out.append(p)
+        while p.start in seen:
+            p = dataclasses.replace(p, start=p.start + dt.timedelta(seconds=1))
+        seen.add(p.start)
+        out.append(p)
     return out
 
 # %% ../nbs/11_synth.ipynb #1da58b5e
 SYNTH_VERSION = 1
+
 
 def _write_one(job):
     "Render and write one scene (and its reference file); fills the md5s into the manifest record."
@@ -499,90 +815,175 @@ def _write_one(job):
     ds = render(w, p, rec['file'], rec['original_id'])
     if rec['reference']:
         write_scene(ds, out / rec['file'], variables=[v for v in ds.data_vars if v not in CHART_VARS])
-        r = ds[list(CHART_VARS)]; r.attrs = dict(ds.attrs, scene_id=rec['reference'])
+        r = ds[list(CHART_VARS)]
+        r.attrs = dict(ds.attrs, scene_id=rec['reference'])
         write_scene(r, out / rec['reference'])
         rec['reference_md5'] = file_digest(out / rec['reference'])
-    else: write_scene(ds, out / rec['file'])
+    else:
+        write_scene(ds, out / rec['file'])
     rec['md5'] = file_digest(out / rec['file'])
     return rec
 
-def generate_scenes(out,  # output folder
-                    n_scenes: int = 24,  # number of scenes
-                    seed: int = 0,  # world and acquisition seed
-                    size: tuple[int, int] = (500, 600),  # (sar_lines, sar_samples) per scene; real scenes ~ (5000, 5200)
-                    test_fraction: float = 0.0,  # share of scenes written as test scenes (charts in _prep_reference.nc)
-                    world: WorldConfig | None = None,  # world knobs (seed is overridden by `seed`)
-                    progress: bool = True,  # show a tqdm bar
-                    workers: int = 1,  # processes (fork); results do not depend on it
-                    per_site: int = 8,  # passes per site (campaigns of repeated passes within a week)
-                    months: tuple[int, ...] | None = None) -> Path:  # campaign months in turn (None: all seasons)
+
+def generate_scenes(
+    out,  # output folder
+    n_scenes: int = 24,  # number of scenes
+    seed: int = 0,  # world and acquisition seed
+    size: tuple[int, int] = (500, 600),  # (sar_lines, sar_samples) per scene; real scenes ~ (5000, 5200)
+    test_fraction: float = 0.0,  # share of scenes written as test scenes (charts in _prep_reference.nc)
+    world: WorldConfig | None = None,  # world knobs (seed is overridden by `seed`)
+    progress: bool = True,  # show a tqdm bar
+    workers: int = 1,  # processes (fork); results do not depend on it
+    per_site: int = 8,  # passes per site (campaigns of repeated passes within a week)
+    months: tuple[int, ...] | None = None,
+) -> Path:  # campaign months in turn (None: all seasons)
     "Write a synthetic AI4Arctic RTT data set and return the path of its `manifest.json`."
     from tqdm.auto import tqdm
-    if n_scenes < 1: raise ConfigError(f"n_scenes is {n_scenes}; it must be at least 1")
+
+    if n_scenes < 1:
+        raise ConfigError(f"n_scenes is {n_scenes}; it must be at least 1")
     H, W = size
-    if H < 2 * GRID_FACTOR or W < 2 * GRID_FACTOR: raise ConfigError(f"size {size} is too small: each side needs >= {2 * GRID_FACTOR} pixels")
-    if not 0 <= test_fraction <= 1: raise ConfigError(f"test_fraction is {test_fraction}; it must lie in [0, 1]")
-    out = Path(out); out.mkdir(parents=True, exist_ok=True)
+    if H < 2 * GRID_FACTOR or W < 2 * GRID_FACTOR:
+        raise ConfigError(f"size {size} is too small: each side needs >= {2 * GRID_FACTOR} pixels")
+    if not 0 <= test_fraction <= 1:
+        raise ConfigError(f"test_fraction is {test_fraction}; it must lie in [0, 1]")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
     wc = dataclasses.replace(world or WorldConfig(), seed=seed)
     w = World(wc)
     passes = plan_passes(w, n_scenes, (H, W), seed, per_site, months)
     rng = np.random.default_rng([seed, 2])
     n_test = int(round(test_fraction * n_scenes))
     test_idx = set(rng.choice(n_scenes, n_test, replace=False).tolist()) if n_test else set()
-    params = {'synth_version': SYNTH_VERSION, 'seed': seed, 'n_scenes': n_scenes, 'size': [H, W], 'per_site': per_site,
-              **({'months': list(months)} if months else {}),
-              'test_fraction': test_fraction, 'world': dataclasses.asdict(wc)}
+    params = {
+        'synth_version': SYNTH_VERSION,
+        'seed': seed,
+        'n_scenes': n_scenes,
+        'size': [H, W],
+        'per_site': per_site,
+        **({'months': list(months)} if months else {}),
+        'test_fraction': test_fraction,
+        'world': dataclasses.asdict(wc),
+    }
     mpath = out / 'manifest.json'
     old = json.loads(mpath.read_text()) if mpath.exists() else {}
     done = {s['file']: s for s in old.get('scenes', [])} if old.get('params') == params else {}
     jobs = []
     for i, p in enumerate(passes):
         lat0 = float(_lat_km(p.xc, p.yc))
-        name = f"{p.start:%Y%m%dT%H%M%S}_dmi_prep.nc"; test = i in test_idx
+        name = f"{p.start:%Y%m%dT%H%M%S}_dmi_prep.nc"
+        test = i in test_idx
         ref = name.replace('.nc', '_reference.nc') if test else None
-        rec = {'file': name, 'reference': ref, 'original_id': raw_name(p, lat0, 20000 + i), 'split': 'test' if test else 'train',
-               'date': p.start.isoformat(), 'ice_service': 'dmi', 'region': _region(lat0), 'site': p.site,
-               'mission': p.mission, 'center_epsg3413_m': [round(p.xc * 1e3, 1), round(p.yc * 1e3, 1)],
-               'heading_deg': round(math.degrees(p.heading), 3), 'lines': H, 'samples': W}
+        rec = {
+            'file': name,
+            'reference': ref,
+            'original_id': raw_name(p, lat0, 20000 + i),
+            'split': 'test' if test else 'train',
+            'date': p.start.isoformat(),
+            'ice_service': 'dmi',
+            'region': _region(lat0),
+            'site': p.site,
+            'mission': p.mission,
+            'center_epsg3413_m': [round(p.xc * 1e3, 1), round(p.yc * 1e3, 1)],
+            'heading_deg': round(math.degrees(p.heading), 3),
+            'lines': H,
+            'samples': W,
+        }
         prev = done.get(name)
-        if prev and (out / name).exists() and file_digest(out / name) == prev.get('md5') and \
-                (not ref or ((out / ref).exists() and file_digest(out / ref) == prev.get('reference_md5'))):
-            rec = prev; p = None                      # finished in an earlier run: keep
+        if (
+            prev
+            and (out / name).exists()
+            and file_digest(out / name) == prev.get('md5')
+            and (not ref or ((out / ref).exists() and file_digest(out / ref) == prev.get('reference_md5')))
+        ):
+            rec = prev
+            p = None  # finished in an earlier run: keep
         jobs.append((p, rec))
     todo = [(w, p, rec, out) for p, rec in jobs if p is not None]
-    bar = tqdm(total=len(todo), desc='synthetic scenes', disable=not progress); finished = {}
+    bar = tqdm(total=len(todo), desc='synthetic scenes', disable=not progress)
+    finished = {}
     if workers > 1 and len(todo) > 1:
         import multiprocessing as mp
+
         with mp.get_context('fork').Pool(min(workers, len(todo))) as pool:
-            for r in pool.imap_unordered(_write_one, todo): finished[r['file']] = r; bar.update()
+            for r in pool.imap_unordered(_write_one, todo):
+                finished[r['file']] = r
+                bar.update()
     else:
-        for job in todo: r = _write_one(job); finished[r['file']] = r; bar.update()
+        for job in todo:
+            r = _write_one(job)
+            finished[r['file']] = r
+            bar.update()
     bar.close()
     scenes = [finished.get(rec['file'], rec) for _, rec in jobs]
-    manifest = {'kind': 'seaice_nb.synth', 'params': params, 'scene_list': 'synthetic',
-                'standardised': True, 'statistics': 'official global mean/std, recomputed Dec 2022',
-                'crs': 'EPSG:3413', 'scenes': scenes}
-    tmp = mpath.with_name('.tmp-manifest.json'); tmp.write_text(json.dumps(manifest, indent=1)); tmp.replace(mpath)
+    manifest = {
+        'kind': 'seaice_nb.synth',
+        'params': params,
+        'scene_list': 'synthetic',
+        'standardised': True,
+        'statistics': 'official global mean/std, recomputed Dec 2022',
+        'crs': 'EPSG:3413',
+        'scenes': scenes,
+    }
+    tmp = mpath.with_name('.tmp-manifest.json')
+    tmp.write_text(json.dumps(manifest, indent=1))
+    tmp.replace(mpath)
     return mpath
 
 # %% ../nbs/11_synth.ipynb #cbcd13f6
 def main(argv: list[str]) -> int:
     "`seaice synth`: write a synthetic AI4Arctic RTT data set."
-    ap = argparse.ArgumentParser(prog='seaice synth', description='Write synthetic AI4Arctic ready-to-train scenes over a simulated east-Greenland Arctic.')
+    ap = argparse.ArgumentParser(
+        prog='seaice synth',
+        description='Write synthetic AI4Arctic ready-to-train scenes over a simulated east-Greenland Arctic.',
+    )
     ap.add_argument('--out', required=True, help='output folder')
     ap.add_argument('--scenes', type=int, default=24, help='number of scenes (default 24)')
     ap.add_argument('--seed', type=int, default=0, help='seed of the world and the acquisitions (default 0)')
-    ap.add_argument('--size', type=int, nargs=2, default=(500, 600), metavar=('H', 'W'), help='scene size in 80 m pixels (default 500 600)')
-    ap.add_argument('--test-fraction', type=float, default=0.0, help='share of scenes written as test scenes (default 0)')
-    ap.add_argument('--edge-scale', type=float, default=1.0, help='ice-edge distance factor: > 1 more ice (default 1)')
-    ap.add_argument('--rare-boost', type=float, default=1.0, help='> 1 gives more new and young ice (default 1)')
-    ap.add_argument('--temporal', type=float, default=0.0, help='share of each pass hidden under one-pass look-alike patches (default 0)')
-    ap.add_argument('--multimodal', type=float, default=0.0, help='0..1: old ice looks like thick first-year ice in SAR (default 0)')
-    ap.add_argument('--workers', type=int, default=2, help='processes (default 2; the files do not depend on it)')
+    ap.add_argument(
+        '--size',
+        type=int,
+        nargs=2,
+        default=(500, 600),
+        metavar=('H', 'W'),
+        help='scene size in 80 m pixels (default 500 600)',
+    )
+    ap.add_argument(
+        '--test-fraction', type=float, default=0.0, help='share of scenes written as test scenes (default 0)'
+    )
+    ap.add_argument(
+        '--edge-scale', type=float, default=1.0, help='ice-edge distance factor: > 1 more ice (default 1)'
+    )
+    ap.add_argument(
+        '--rare-boost', type=float, default=1.0, help='> 1 gives more new and young ice (default 1)'
+    )
+    ap.add_argument(
+        '--temporal',
+        type=float,
+        default=0.0,
+        help='share of each pass hidden under one-pass look-alike patches (default 0)',
+    )
+    ap.add_argument(
+        '--multimodal',
+        type=float,
+        default=0.0,
+        help='0..1: old ice looks like thick first-year ice in SAR (default 0)',
+    )
+    ap.add_argument(
+        '--workers', type=int, default=2, help='processes (default 2; the files do not depend on it)'
+    )
     a = ap.parse_args(argv)
     t0 = time.perf_counter()
-    m = generate_scenes(a.out, a.scenes, a.seed, tuple(a.size), a.test_fraction,
-                        WorldConfig(edge_scale=a.edge_scale, rare_boost=a.rare_boost,
-                                    temporal=a.temporal, multimodal=a.multimodal), workers=a.workers)
+    m = generate_scenes(
+        a.out,
+        a.scenes,
+        a.seed,
+        tuple(a.size),
+        a.test_fraction,
+        WorldConfig(
+            edge_scale=a.edge_scale, rare_boost=a.rare_boost, temporal=a.temporal, multimodal=a.multimodal
+        ),
+        workers=a.workers,
+    )
     print(f"wrote {a.scenes} scenes and {m} in {time.perf_counter() - t0:.1f} s")
     return 0

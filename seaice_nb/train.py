@@ -16,15 +16,34 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from tqdm.auto import tqdm
 
-from .core import CheckpointError, ConfigError, DataError, atomic_write, code_version, get_logger, load_config
+from seaice_nb.core import (
+    CheckpointError,
+    ConfigError,
+    DataError,
+    atomic_write,
+    code_version,
+    get_logger,
+    load_config,
+)
 from .core import parse_overrides
 from .core import seed_everything, to_dict
 from .data import PatchDataset, RareClassSampler, SceneStore, build_datasets, model_inputs
 from .charts import CHARTS, N_CLASSES
 from .metrics import ScoreAccumulator
 from .models.losses import init_head_bias
-from .runs import (TrainConfig, default_run_dir, Tracker, _unwrap, build_model, load_checkpoint, load_weights, prepare_run_dir,
-                            read_checkpoint, save_checkpoint, with_model_inputs)
+from seaice_nb.runs import (
+    TrainConfig,
+    default_run_dir,
+    Tracker,
+    _unwrap,
+    build_model,
+    load_checkpoint,
+    load_weights,
+    prepare_run_dir,
+    read_checkpoint,
+    save_checkpoint,
+    with_model_inputs,
+)
 
 
 #| hide
@@ -38,58 +57,97 @@ __all__ = ['lr_factor', 'ResumableSampler', 'ShardSampler', 'ResumableWeightedSa
            'data_fingerprint', 'evaluate_loader', 'prepare_data', 'Trainer', 'train', 'free_port', 'launch', 'main']
 
 # %% ../nbs/41_train.ipynb #f3ac2761
-def lr_factor(step: int, # optimiser steps done
-              total: int, # optimiser steps of the whole run
-              warmup: int = 0, # warm-up steps
-              kind: str = 'cosine', # 'cosine', 'restarts' or 'constant'
-              period: int = 0, # restart period in steps ('restarts')
-              floor: float = 0.0, # minimum factor of the cosine
-             ) -> float:
+def lr_factor(
+    step: int,  # optimiser steps done
+    total: int,  # optimiser steps of the whole run
+    warmup: int = 0,  # warm-up steps
+    kind: str = 'cosine',  # 'cosine', 'restarts' or 'constant'
+    period: int = 0,  # restart period in steps ('restarts')
+    floor: float = 0.0,  # minimum factor of the cosine
+) -> float:
     "Learning-rate factor at `step`: linear warm-up, then cosine, cosine warm restarts or constant."
-    if step < warmup: return (step + 1) / warmup
-    if kind == 'constant': return 1.0
+    if step < warmup:
+        return (step + 1) / warmup
+    if kind == 'constant':
+        return 1.0
     t, span = step - warmup, max(1, total - warmup)
-    if kind == 'restarts' and period > 0: t, span = t % period, period
+    if kind == 'restarts' and period > 0:
+        t, span = t % period, period
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(t, span) / span))
 
 # %% ../nbs/41_train.ipynb #85ccacdf
 class ResumableSampler(DistributedSampler):
     "`DistributedSampler` whose epoch can start after `start` already-consumed samples of this rank."
-    def __init__(self, dataset, num_replicas: int = 1, rank: int = 0, shuffle: bool = True, seed: int = 0, drop_last: bool = True):
-        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=drop_last)
+
+    def __init__(
+        self,
+        dataset,
+        num_replicas: int = 1,
+        rank: int = 0,
+        shuffle: bool = True,
+        seed: int = 0,
+        drop_last: bool = True,
+    ):
+        super().__init__(
+            dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=drop_last
+        )
         self.start = 0
 
-    def set_start(self, start: int): self.start = int(start)
-    def __iter__(self): return iter(list(super().__iter__())[self.start:])
-    def __len__(self): return self.num_samples - self.start
+    def set_start(self, start: int):
+        self.start = int(start)
+
+    def __iter__(self):
+        return iter(list(super().__iter__())[self.start :])
+
+    def __len__(self):
+        return self.num_samples - self.start
+
 
 class ShardSampler(Sampler):
     "Every `world`-th index from `rank`, in order, without padding (validation: each sample once overall)."
-    def __init__(self, n: int, rank: int = 0, world: int = 1): self.idx = list(range(rank, n, world))
-    def __iter__(self): return iter(self.idx)
-    def __len__(self): return len(self.idx)
+
+    def __init__(self, n: int, rank: int = 0, world: int = 1):
+        self.idx = list(range(rank, n, world))
+
+    def __iter__(self):
+        return iter(self.idx)
+
+    def __len__(self):
+        return len(self.idx)
 
 # %% ../nbs/41_train.ipynb #d1f40927
 class ResumableWeightedSampler(Sampler):
     "Weighted draws with replacement, `len(weights) // num_replicas` per rank and epoch, resumable part-way."
+
     def __init__(self, weights: torch.Tensor, num_replicas: int = 1, rank: int = 0, seed: int = 0):
         self.weights, self.rank, self.seed = torch.as_tensor(weights, dtype=torch.float64), rank, seed
         self.num_samples, self.epoch, self.start = len(self.weights) // num_replicas, 0, 0
 
-    def set_epoch(self, epoch: int): self.epoch = int(epoch)
-    def set_start(self, start: int): self.start = int(start)
-    def __len__(self): return self.num_samples - self.start
+    def set_epoch(self, epoch: int):
+        self.epoch = int(epoch)
+
+    def set_start(self, start: int):
+        self.start = int(start)
+
+    def __len__(self):
+        return self.num_samples - self.start
+
     def __iter__(self):
         g = torch.Generator().manual_seed((self.seed * 100003 + self.epoch) * 1009 + self.rank)
         idx = torch.multinomial(self.weights, self.num_samples, replacement=True, generator=g).tolist()
-        return iter(idx[self.start:])
+        return iter(idx[self.start :])
+
 
 def make_sampler(dataset: Dataset, cfg: TrainConfig, info: 'DistInfo') -> Sampler:
     "The training sampler of `cfg.data.sampler` for this rank (both resumable part-way into an epoch)."
     if cfg.data.sampler == 'uniform':
-        return ResumableSampler(dataset, info.world_size, info.rank, shuffle=True, seed=cfg.seed, drop_last=True)
+        return ResumableSampler(
+            dataset, info.world_size, info.rank, shuffle=True, seed=cfg.seed, drop_last=True
+        )
     if not isinstance(getattr(dataset, 'class_hist', None), Mapping):
-        raise ConfigError("data.sampler: rare_class needs a dataset with per-crop class histograms (a PatchDataset)")
+        raise ConfigError(
+            "data.sampler: rare_class needs a dataset with per-crop class histograms (a PatchDataset)"
+        )
     w = RareClassSampler(dataset, cfg.data.rare_chart, cfg.data.rare_power, seed=cfg.seed).weights
     return ResumableWeightedSampler(w, info.world_size, info.rank, cfg.seed)
 
@@ -98,26 +156,36 @@ def rng_state() -> dict:
     "Python, NumPy, torch (and CUDA) RNG states as weights-only-loadable values."
     v, st, g = random.getstate()
     name, keys, pos, has_g, cached = np.random.get_state()
-    out = {'python': [v, list(st), g], 'numpy': [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_g), float(cached)],
-           'torch': torch.get_rng_state()}
-    if torch.cuda.is_available(): out['cuda'] = torch.cuda.get_rng_state_all()
+    out = {
+        'python': [v, list(st), g],
+        'numpy': [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_g), float(cached)],
+        'torch': torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        out['cuda'] = torch.cuda.get_rng_state_all()
     return out
+
 
 def set_rng_state(state: Mapping[str, Any]):
     "Restore what `rng_state` returned."
-    v, st, g = state['python']; random.setstate((v, tuple(st), g))
+    v, st, g = state['python']
+    random.setstate((v, tuple(st), g))
     name, keys, pos, has_g, cached = state['numpy']
     np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_g, cached))
     torch.set_rng_state(state['torch'])
-    if 'cuda' in state and torch.cuda.is_available(): torch.cuda.set_rng_state_all(state['cuda'])
+    if 'cuda' in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state['cuda'])
 
 # %% ../nbs/41_train.ipynb #6d65243f
 def first_node(nodelist: str) -> str:
     "First host of a SLURM node list such as `gpu[03-05,07],cpu1`."
     m = re.match(r'([^,\[]+)(\[([^\]]+)\])?', nodelist.strip())
-    if not m: raise ConfigError(f"cannot parse SLURM node list {nodelist!r}")
-    if not m.group(3): return m.group(1)
+    if not m:
+        raise ConfigError(f"cannot parse SLURM node list {nodelist!r}")
+    if not m.group(3):
+        return m.group(1)
     return m.group(1) + m.group(3).split(',')[0].split('-')[0]
+
 
 def dist_env(env: Mapping[str, str] | None = None) -> dict:
     "Rank, world size, local rank, master address and port from torchrun or SLURM variables."
@@ -125,40 +193,63 @@ def dist_env(env: Mapping[str, str] | None = None) -> dict:
     if 'RANK' in env and 'WORLD_SIZE' in env:
         rank, world, local = int(env['RANK']), int(env['WORLD_SIZE']), int(env.get('LOCAL_RANK', 0))
     elif 'SLURM_PROCID' in env and 'SLURM_NTASKS' in env:
-        rank, world, local = int(env['SLURM_PROCID']), int(env['SLURM_NTASKS']), int(env.get('SLURM_LOCALID', 0))
-    else: rank, world, local = 0, 1, 0
-    addr = env.get('MASTER_ADDR') or (first_node(env['SLURM_JOB_NODELIST']) if env.get('SLURM_JOB_NODELIST') else '127.0.0.1')
-    port = int(env.get('MASTER_PORT') or (15000 + int(env['SLURM_JOB_ID']) % 20000 if env.get('SLURM_JOB_ID') else 29500))
+        rank, world, local = (
+            int(env['SLURM_PROCID']),
+            int(env['SLURM_NTASKS']),
+            int(env.get('SLURM_LOCALID', 0)),
+        )
+    else:
+        rank, world, local = 0, 1, 0
+    addr = env.get('MASTER_ADDR') or (
+        first_node(env['SLURM_JOB_NODELIST']) if env.get('SLURM_JOB_NODELIST') else '127.0.0.1'
+    )
+    port = int(
+        env.get('MASTER_PORT')
+        or (15000 + int(env['SLURM_JOB_ID']) % 20000 if env.get('SLURM_JOB_ID') else 29500)
+    )
     return dict(rank=rank, world_size=world, local_rank=local, master_addr=addr, master_port=port)
 
 # %% ../nbs/41_train.ipynb #8a9a35b1
 @dataclass
 class DistInfo:
     "Where this process runs: rank, world size and device."
+
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
     device: str = 'cpu'
+
     @property
-    def is_main(self) -> bool: return self.rank == 0
+    def is_main(self) -> bool:
+        return self.rank == 0
+
     @property
-    def distributed(self) -> bool: return self.world_size > 1
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
 
 def init_distributed(device: str = 'auto') -> DistInfo:
     "Join the process group described by `dist_env()` (gloo on CPU, NCCL on CUDA); a no-op for one process."
     e = dist_env()
     use_cuda = torch.cuda.is_available() if device == 'auto' else device == 'cuda'
-    if use_cuda and not torch.cuda.is_available(): raise ConfigError("device='cuda' but no CUDA device is available")
+    if use_cuda and not torch.cuda.is_available():
+        raise ConfigError("device='cuda' but no CUDA device is available")
     dev = f"cuda:{e['local_rank'] % torch.cuda.device_count()}" if use_cuda else 'cpu'
-    if use_cuda: torch.cuda.set_device(dev)
+    if use_cuda:
+        torch.cuda.set_device(dev)
     if e['world_size'] > 1 and not dist.is_initialized():
-        os.environ.setdefault('MASTER_ADDR', e['master_addr']); os.environ.setdefault('MASTER_PORT', str(e['master_port']))
-        dist.init_process_group('nccl' if use_cuda else 'gloo', rank=e['rank'], world_size=e['world_size'], init_method='env://')
+        os.environ.setdefault('MASTER_ADDR', e['master_addr'])
+        os.environ.setdefault('MASTER_PORT', str(e['master_port']))
+        dist.init_process_group(
+            'nccl' if use_cuda else 'gloo', rank=e['rank'], world_size=e['world_size'], init_method='env://'
+        )
     return DistInfo(e['rank'], e['world_size'], e['local_rank'], dev)
+
 
 def all_reduce_sum(x: torch.Tensor | np.ndarray, info: DistInfo):
     "Sum a tensor or array over all ranks (returns the same kind it was given)."
-    if not info.distributed: return x
+    if not info.distributed:
+        return x
     is_np = isinstance(x, np.ndarray)
     t = torch.as_tensor(x).to(info.device if info.device.startswith('cuda') else 'cpu').clone()
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
@@ -168,37 +259,46 @@ def all_reduce_sum(x: torch.Tensor | np.ndarray, info: DistInfo):
 def class_frequencies(dataset: Dataset, max_samples: int = 256, seed: int = 0) -> dict[str, np.ndarray]:
     "Label counts per chart (the dataset's `class_hist` when it has one, else up to `max_samples` random samples), 255 excluded."
     hist = getattr(dataset, 'class_hist', None)
-    if isinstance(hist, Mapping): return {c: np.asarray(v, np.float64).reshape(-1, N_CLASSES[c]).sum(0) for c, v in hist.items()}
-    n = len(dataset); idx = np.random.default_rng(seed).permutation(n)[:max_samples]
+    if isinstance(hist, Mapping):
+        return {c: np.asarray(v, np.float64).reshape(-1, N_CLASSES[c]).sum(0) for c, v in hist.items()}
+    n = len(dataset)
+    idx = np.random.default_rng(seed).permutation(n)[:max_samples]
     out = {c: np.zeros(N_CLASSES[c], np.float64) for c in CHARTS}
     for i in idx:
         s = dataset[int(i)]
         for c in CHARTS:
             if c in s:
-                v = np.asarray(s[c]).ravel(); v = v[v != 255]
-                out[c] += np.bincount(v.astype(np.int64), minlength=N_CLASSES[c])[:N_CLASSES[c]]
+                v = np.asarray(s[c]).ravel()
+                v = v[v != 255]
+                out[c] += np.bincount(v.astype(np.int64), minlength=N_CLASSES[c])[: N_CLASSES[c]]
     return out
+
 
 def class_weights_from(freq: Mapping[str, np.ndarray], kind: str = 'inverse') -> dict[str, torch.Tensor]:
     "Per-chart class weights (mean 1 over present classes, 0 for absent ones) from label counts."
     from seaice_nb.models.losses import inverse_frequency_weights
+
     return {c: inverse_frequency_weights(n, 1.0 if kind == 'inverse' else 0.5) for c, n in freq.items()}
 
 # %% ../nbs/41_train.ipynb #b866175b
 def default_loss(cfg: TrainConfig, class_weights: Mapping[str, torch.Tensor] | None = None) -> Callable:
     "The models' multi-task loss with the config's task weights and class weights: `loss(outputs, batch) -> (total, parts)`."
     from seaice_nb.models.losses import MultiTaskLoss
+
     return MultiTaskLoss(task_weights=dict(cfg.loss_weights), class_weights=class_weights)
+
 
 def predict_classes(outputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     "Class maps from model outputs (argmax, or round + clamp for a 1-channel SIC regression head)."
     from seaice_nb.models.losses import outputs_to_classes
+
     return outputs_to_classes(outputs)
 
 # %% ../nbs/41_train.ipynb #a353cfe5
 @dataclass
 class TrainResult:
     "What `train` returns (rank 0): the run directory, checkpoints, the best validation metric and the history."
+
     run_dir: Optional[Path]
     last_checkpoint: Optional[Path]
     best_checkpoint: Optional[Path]
@@ -208,33 +308,54 @@ class TrainResult:
     stopped_early: bool
     history: list
 
+
 def _amp_dtype(amp: str, device: str):
-    if amp == 'off': return None
+    if amp == 'off':
+        return None
     if device.startswith('cuda'):
-        if amp == 'fp16': return torch.float16
+        if amp == 'fp16':
+            return torch.float16
         return torch.bfloat16 if (amp == 'bf16' or torch.cuda.is_bf16_supported()) else torch.float16
-    return torch.bfloat16 if amp == 'bf16' else None   # CPU: only an explicit 'bf16'
+    return torch.bfloat16 if amp == 'bf16' else None  # CPU: only an explicit 'bf16'
+
 
 def _to(batch: Mapping, device: str) -> dict:
-    return {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+    return {
+        k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()
+    }
+
 
 def data_fingerprint(ds) -> Optional[str]:
     "The dataset's `manifest_checksum`, else an md5 of its store's preprocessing parameters, channels and scene names."
     for k in ('manifest_checksum', 'checksum'):
         v = getattr(ds, k, None)
-        if v is not None: return str(v() if callable(v) else v)
+        if v is not None:
+            return str(v() if callable(v) else v)
     store = getattr(ds, 'store', None)
-    if store is None or not hasattr(store, 'params'): return None
-    blob = json.dumps({'params': store.params, 'channels': list(getattr(ds, 'channels', [])), 'scenes': list(store.names)},
-                      sort_keys=True)
+    if store is None or not hasattr(store, 'params'):
+        return None
+    blob = json.dumps(
+        {'params': store.params, 'channels': list(getattr(ds, 'channels', [])), 'scenes': list(store.names)},
+        sort_keys=True,
+    )
     return hashlib.md5(blob.encode()).hexdigest()
+
 
 def _store_params(ds) -> Optional[dict]:
     store = getattr(ds, 'store', None)
-    return dict(store.params) if store is not None and isinstance(getattr(store, 'params', None), dict) else None
+    return (
+        dict(store.params) if store is not None and isinstance(getattr(store, 'params', None), dict) else None
+    )
 
-def evaluate_loader(model: nn.Module, loader: Iterable, info: DistInfo | None = None, loss_fn: Callable | None = None,
-                    predict: Callable = None, amp_dtype=None) -> tuple[ScoreAccumulator, float]:
+
+def evaluate_loader(
+    model: nn.Module,
+    loader: Iterable,
+    info: DistInfo | None = None,
+    loss_fn: Callable | None = None,
+    predict: Callable = None,
+    amp_dtype=None,
+) -> tuple[ScoreAccumulator, float]:
     "Official-score accumulator and mean loss of `model` over `loader` (reduced over ranks)."
     info = info or DistInfo()
     predict = predict or predict_classes
@@ -247,21 +368,26 @@ def evaluate_loader(model: nn.Module, loader: Iterable, info: DistInfo | None = 
             with torch.autocast(info.device.split(':')[0], dtype=amp_dtype, enabled=amp_dtype is not None):
                 out = model(**{k: batch[k] for k in keys})
             out = {k: v.float() for k, v in out.items()}
-            if loss_fn is not None: tot += torch.tensor([float(loss_fn(out, batch)[0]), 1.0], dtype=torch.float64)
+            if loss_fn is not None:
+                tot += torch.tensor([float(loss_fn(out, batch)[0]), 1.0], dtype=torch.float64)
             acc.update({c: batch[c] for c in CHARTS if c in batch}, predict(out))
     acc.load_state(all_reduce_sum(acc.state(), info))
     tot = all_reduce_sum(tot, info)
     return acc, float(tot[0] / tot[1]) if tot[1] > 0 else float('nan')
 
+
 def _better(new: float, best: Optional[float], monitor: str) -> bool:
-    if new is None or math.isnan(new): return False
-    if best is None: return True
+    if new is None or math.isnan(new):
+        return False
+    if best is None:
+        return True
     return new < best if monitor == 'loss' else new > best
 
 # %% ../nbs/41_train.ipynb #0f7b949b
-def prepare_data(cfg: TrainConfig, # the run's config
-                 resolve_model: bool = True, # fill the model's data-dependent sizes into `cfg.model_kwargs`
-                ) -> tuple[TrainConfig, Dataset, Optional[Dataset]]:
+def prepare_data(
+    cfg: TrainConfig,  # the run's config
+    resolve_model: bool = True,  # fill the model's data-dependent sizes into `cfg.model_kwargs`
+) -> tuple[TrainConfig, Dataset, Optional[Dataset]]:
     "The training and validation datasets of `cfg.data`, and `cfg` with the model sizes that follow the data."
     train_data, val_data = build_datasets(cfg.data, cfg.seed)
     if resolve_model and isinstance(getattr(train_data, 'store', None), SceneStore):
@@ -271,29 +397,39 @@ def prepare_data(cfg: TrainConfig, # the run's config
 # %% ../nbs/41_train.ipynb #9eec420d
 class Trainer:
     "One training run on this process (or on this rank of a DDP group): `Trainer(cfg, ...).fit()`."
-    def __init__(self, cfg: TrainConfig, # what to train and how
-                 model: nn.Module | None = None, # default: `runs.build_model` of the config with the data's sizes
-                 train_data: Dataset | None = None, # default: `data.build_datasets(cfg.data)[0]`
-                 val_data: Dataset | None = None, # default: `data.build_datasets(cfg.data)[1]`
-                 run_dir: str | Path | None = None, # default: `<run_root>/<date>_<name>`
-                 loss_fn: Callable | None = None, # `loss(outputs, batch) -> (total, parts)`; default `default_loss`
-                 predict: Callable | None = None, # outputs -> class maps; default `predict_classes`
-                 callbacks: Iterable[Callable] = (), # `cb(event, state, model)` after every optimiser 'step' and 'epoch'
-                 resume: bool = True, # continue from `run_dir/checkpoints/last.pt` when it exists
-                ):
+
+    def __init__(
+        self,
+        cfg: TrainConfig,  # what to train and how
+        model: nn.Module | None = None,  # default: `runs.build_model` of the config with the data's sizes
+        train_data: Dataset | None = None,  # default: `data.build_datasets(cfg.data)[0]`
+        val_data: Dataset | None = None,  # default: `data.build_datasets(cfg.data)[1]`
+        run_dir: str | Path | None = None,  # default: `<run_root>/<date>_<name>`
+        loss_fn: Callable | None = None,  # `loss(outputs, batch) -> (total, parts)`; default `default_loss`
+        predict: Callable | None = None,  # outputs -> class maps; default `predict_classes`
+        callbacks: Iterable[
+            Callable
+        ] = (),  # `cb(event, state, model)` after every optimiser 'step' and 'epoch'
+        resume: bool = True,  # continue from `run_dir/checkpoints/last.pt` when it exists
+    ):
         self.info = info = init_distributed(cfg.device)
         self.log = get_logger('train')
         self.micro, rem = divmod(cfg.batch_size, info.world_size * cfg.accum_steps)
         if rem or self.micro < 1:
-            raise ConfigError(f"batch_size {cfg.batch_size} must be a multiple of world_size x accum_steps = "
-                              f"{info.world_size} x {cfg.accum_steps}")
+            raise ConfigError(
+                f"batch_size {cfg.batch_size} must be a multiple of world_size x accum_steps = "
+                f"{info.world_size} x {cfg.accum_steps}"
+            )
         seed_everything(cfg.seed, cfg.deterministic)
         self._data(cfg, model, train_data, val_data)
         self._run_dir(run_dir)
         self._model(model, loss_fn, predict)
         self._optimisation()
-        self.st = dict(epoch=0, step_in_epoch=0, global_step=0, best=None, bad=0, history=[], wall=0.0, stopped=False)
-        if resume and (self.ckdir / 'last.pt').exists(): self._resume()
+        self.st = dict(
+            epoch=0, step_in_epoch=0, global_step=0, best=None, bad=0, history=[], wall=0.0, stopped=False
+        )
+        if resume and (self.ckdir / 'last.pt').exists():
+            self._resume()
         self.tracker = Tracker(self.run_dir, self.cfg.tracking, to_dict(self.cfg), active=info.is_main)
         self.version = code_version() if info.is_main else None  # a git call: only the writer needs it
         self.callbacks = list(callbacks)
@@ -328,23 +464,38 @@ class Trainer:
         self.keys = tuple(model.input_keys)
         sample = self.train_data[0]
         missing = [k for k in self.keys if k not in sample]
-        if missing: raise DataError(f"the model reads {missing} but the training samples only have {sorted(sample)}")
+        if missing:
+            raise DataError(f"the model reads {missing} but the training samples only have {sorted(sample)}")
         self.lr = cfg.lr
         if cfg.init_from:
             from seaice_nb.models.layers import load_matching
+
             rep = load_matching(model, cfg.init_from)
-            if not rep['loaded']: raise CheckpointError(f"init_from {cfg.init_from}: no tensor matches the model {type(model).__name__}")
+            if not rep['loaded']:
+                raise CheckpointError(
+                    f"init_from {cfg.init_from}: no tensor matches the model {type(model).__name__}"
+                )
             self.lr = cfg.lr * cfg.transfer_lr_scale
-            self.log.info(f"transfer from {cfg.init_from}: {len(rep['loaded'])} tensors loaded, {len(rep['skipped'])} skipped "
-                          f"(shape), {len(rep['missing'])} new; lr {cfg.lr:g} -> {self.lr:g}")
-        if cfg.head_bias and not cfg.init_from:  # a fresh model starts at the class priors (a resumed one loads its weights after)
+            self.log.info(
+                f"transfer from {cfg.init_from}: {len(rep['loaded'])} tensors loaded, {len(rep['skipped'])} skipped "
+                f"(shape), {len(rep['missing'])} new; lr {cfg.lr:g} -> {self.lr:g}"
+            )
+        if (
+            cfg.head_bias and not cfg.init_from
+        ):  # a fresh model starts at the class priors (a resumed one loads its weights after)
             init_head_bias(model, class_frequencies(self.train_data, cfg.class_weight_samples, cfg.seed))
         self.model = model.to(info.device)
         cw = None
         if cfg.class_weights != 'none':
-            cw = class_weights_from(class_frequencies(self.train_data, cfg.class_weight_samples, cfg.seed), cfg.class_weights)
-            self.log.info('class weights: ' + '; '.join(f"{c} {np.round(w.numpy(), 3).tolist()}" for c, w in cw.items()))
-        self.loss_fn = loss_fn or default_loss(cfg, {c: w.to(info.device) for c, w in cw.items()} if cw else None)
+            cw = class_weights_from(
+                class_frequencies(self.train_data, cfg.class_weight_samples, cfg.seed), cfg.class_weights
+            )
+            self.log.info(
+                'class weights: ' + '; '.join(f"{c} {np.round(w.numpy(), 3).tolist()}" for c, w in cw.items())
+            )
+        self.loss_fn = loss_fn or default_loss(
+            cfg, {c: w.to(info.device) for c, w in cw.items()} if cw else None
+        )
         self.predict = predict or predict_classes
         self.ddp_model = model
         if info.distributed:
@@ -356,17 +507,31 @@ class Trainer:
         cfg, info = self.cfg, self.info
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         if cfg.optimizer == 'adamw':
-            self.opt = torch.optim.AdamW(self.params, lr=self.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
-        else: self.opt = torch.optim.SGD(self.params, lr=self.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+            self.opt = torch.optim.AdamW(
+                self.params, lr=self.lr, betas=cfg.betas, weight_decay=cfg.weight_decay
+            )
+        else:
+            self.opt = torch.optim.SGD(
+                self.params, lr=self.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+            )
         self.sampler = make_sampler(self.train_data, cfg, info)
         per_epoch = self.sampler.num_samples // self.micro // cfg.accum_steps
-        if cfg.steps_per_epoch: per_epoch = min(per_epoch, cfg.steps_per_epoch)
-        if per_epoch < 1: raise DataError(f"{len(self.train_data)} training samples give no full batch of {cfg.batch_size}")
+        if cfg.steps_per_epoch:
+            per_epoch = min(per_epoch, cfg.steps_per_epoch)
+        if per_epoch < 1:
+            raise DataError(f"{len(self.train_data)} training samples give no full batch of {cfg.batch_size}")
         self.per_epoch, total = per_epoch, per_epoch * cfg.epochs
-        def factor(s): return lr_factor(s, total, cfg.warmup_steps, cfg.scheduler, cfg.restart_epochs * per_epoch, cfg.min_lr_ratio)
+
+        def factor(s):
+            return lr_factor(
+                s, total, cfg.warmup_steps, cfg.scheduler, cfg.restart_epochs * per_epoch, cfg.min_lr_ratio
+            )
+
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, factor)
         self.amp_dtype = _amp_dtype(cfg.amp, info.device)
-        self.scaler = torch.amp.GradScaler('cuda', enabled=self.amp_dtype == torch.float16 and info.device.startswith('cuda'))
+        self.scaler = torch.amp.GradScaler(
+            'cuda', enabled=self.amp_dtype == torch.float16 and info.device.startswith('cuda')
+        )
         self.dev_type = info.device.split(':')[0]
         self.checksum = data_fingerprint(self.train_data)
 
@@ -376,18 +541,25 @@ class Trainer:
         obj = read_checkpoint(path)
         meta = obj['meta']
         if self.checksum and meta.get('data_checksum') and meta['data_checksum'] != self.checksum:
-            raise CheckpointError(f"{path} was trained on data with manifest checksum {meta['data_checksum']}, "
-                                  f"but the current data has {self.checksum}; use a new run name")
+            raise CheckpointError(
+                f"{path} was trained on data with manifest checksum {meta['data_checksum']}, "
+                f"but the current data has {self.checksum}; use a new run name"
+            )
         load_weights(self.model, obj['model'], f"checkpoint {path}")
         self.opt.load_state_dict(obj['optimizer'])
         self.sched.load_state_dict(obj['scheduler'])
         self.scaler.load_state_dict(obj['scaler'])
         rngs = obj.get('rng') or []
-        if len(rngs) == self.info.world_size: set_rng_state(rngs[self.info.rank])
-        else: self.log.warning(f"checkpoint has RNG states of {len(rngs)} ranks, this run has {self.info.world_size}: "
-                               "RNG streams are reseeded")
+        if len(rngs) == self.info.world_size:
+            set_rng_state(rngs[self.info.rank])
+        else:
+            self.log.warning(
+                f"checkpoint has RNG states of {len(rngs)} ranks, this run has {self.info.world_size}: "
+                "RNG streams are reseeded"
+            )
         for k in self.st:
-            if k in meta.get('state', {}): self.st[k] = meta['state'][k]
+            if k in meta.get('state', {}):
+                self.st[k] = meta['state'][k]
         self.log.info(f"resumed {self.run_dir} at epoch {self.st['epoch']}, step {self.st['global_step']}")
 
     def step(self, it: Iterable) -> tuple[float, dict]:
@@ -403,10 +575,13 @@ class Trainer:
                     out = self.ddp_model(**{k: batch[k] for k in self.keys})
                 loss, parts = self.loss_fn({k: v.float() for k, v in out.items()}, batch)
                 if not torch.isfinite(loss):
-                    raise FloatingPointError(f"loss is {float(loss)} at epoch {st['epoch']}, step {st['global_step']}")
+                    raise FloatingPointError(
+                        f"loss is {float(loss)} at epoch {st['epoch']}, step {st['global_step']}"
+                    )
                 self.scaler.scale(loss / cfg.accum_steps).backward()
             total += float(loss.detach())
-            for k, v in (parts or {}).items(): parts_sum[k] = parts_sum.get(k, 0.0) + float(v)
+            for k, v in (parts or {}).items():
+                parts_sum[k] = parts_sum.get(k, 0.0) + float(v)
         if cfg.grad_clip:
             self.scaler.unscale_(self.opt)
             nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
@@ -417,24 +592,36 @@ class Trainer:
         st['step_in_epoch'] += 1
         if cfg.ckpt_every and st['global_step'] % cfg.ckpt_every == 0:
             self.checkpoint('last.pt')
-        for cb in self.callbacks: cb('step', st, self.ddp_model)
+        for cb in self.callbacks:
+            cb('step', st, self.ddp_model)
         return total, parts_sum
 
     def validate(self) -> dict:
         "Official score and loss on the validation set; updates the best score and the early-stopping count."
         cfg, info, st = self.cfg, self.info, self.st
-        vl = DataLoader(self.val_data, batch_size=self.micro, sampler=ShardSampler(len(self.val_data), info.rank, info.world_size),
-                        num_workers=cfg.num_workers)
+        vl = DataLoader(
+            self.val_data,
+            batch_size=self.micro,
+            sampler=ShardSampler(len(self.val_data), info.rank, info.world_size),
+            num_workers=cfg.num_workers,
+        )
         acc, vloss = evaluate_loader(self.ddp_model, vl, info, self.loss_fn, self.predict, self.amp_dtype)
         metrics = {'loss': vloss, **acc.scores()}
         cur = metrics.get(cfg.monitor)
-        if cur is None: raise ConfigError(f"monitor {cfg.monitor!r} is not a validation metric; choose from {', '.join(metrics)}")
+        if cur is None:
+            raise ConfigError(
+                f"monitor {cfg.monitor!r} is not a validation metric; choose from {', '.join(metrics)}"
+            )
         self.improved = _better(cur, st['best'], cfg.monitor)
-        if self.improved: st['best'], st['bad'] = cur, 0
-        else: st['bad'] += 1
+        if self.improved:
+            st['best'], st['bad'] = cur, 0
+        else:
+            st['bad'] += 1
         if cfg.patience is not None and st['bad'] > cfg.patience:
             st['stopped'] = True
-            self.log.info(f"early stop after epoch {st['epoch']}: no {cfg.monitor} improvement in {st['bad']} validations")
+            self.log.info(
+                f"early stop after epoch {st['epoch']}: no {cfg.monitor} improvement in {st['bad']} validations"
+            )
         return metrics
 
     def checkpoint(self, name: str, metrics: Mapping | None = None) -> Optional[Path]:
@@ -446,17 +633,29 @@ class Trainer:
             box = [None] * info.world_size
             dist.all_gather_object(box, rngs)
             rngs = box
-        else: rngs = [rngs]
-        if not info.is_main: return None
+        else:
+            rngs = [rngs]
+        if not info.is_main:
+            return None
         td = self.train_data
-        meta = {'config': to_dict(cfg), 'code_version': self.version, 'data_checksum': self.checksum,
-                'channels': list(td.channels) if getattr(td, 'channels', None) is not None else None,
-                'input_keys': list(self.keys), 'model': cfg.model, 'preprocess': _store_params(td),
-                'amsr2_channels': list(getattr(td, 'amsr2_channels', []) or []),
-                'era5_channels': list(getattr(td, 'era5_channels', []) or []),
-                'world_size': info.world_size, 'micro_batch': self.micro, 'metrics': dict(metrics or {}),
-                'state': dict(st), 'epoch': st['epoch'], 'step': st['global_step'],
-                'saved': time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}
+        meta = {
+            'config': to_dict(cfg),
+            'code_version': self.version,
+            'data_checksum': self.checksum,
+            'channels': list(td.channels) if getattr(td, 'channels', None) is not None else None,
+            'input_keys': list(self.keys),
+            'model': cfg.model,
+            'preprocess': _store_params(td),
+            'amsr2_channels': list(getattr(td, 'amsr2_channels', []) or []),
+            'era5_channels': list(getattr(td, 'era5_channels', []) or []),
+            'world_size': info.world_size,
+            'micro_batch': self.micro,
+            'metrics': dict(metrics or {}),
+            'state': dict(st),
+            'epoch': st['epoch'],
+            'step': st['global_step'],
+            'saved': time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()),
+        }
         return save_checkpoint(self.ckdir / name, self.model, meta, self.opt, self.sched, self.scaler, rngs)
 
     def epoch(self):
@@ -464,27 +663,44 @@ class Trainer:
         cfg, info, st = self.cfg, self.info, self.st
         epoch = st['epoch']
         self.sampler.set_epoch(epoch)
-        if hasattr(self.train_data, 'set_epoch'): self.train_data.set_epoch(epoch)  # per-epoch augmentation seeds
+        if hasattr(self.train_data, 'set_epoch'):
+            self.train_data.set_epoch(epoch)  # per-epoch augmentation seeds
         self.sampler.set_start(st['step_in_epoch'] * cfg.accum_steps * self.micro)
-        loader = DataLoader(self.train_data, batch_size=self.micro, sampler=self.sampler, num_workers=cfg.num_workers,
-                            drop_last=True, generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch),
-                            pin_memory=info.device.startswith('cuda'))
+        loader = DataLoader(
+            self.train_data,
+            batch_size=self.micro,
+            sampler=self.sampler,
+            num_workers=cfg.num_workers,
+            drop_last=True,
+            generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch),
+            pin_memory=info.device.startswith('cuda'),
+        )
         it = iter(loader)
         self.ddp_model.train()
         run_loss = torch.zeros(2, dtype=torch.float64)
         parts_sum: dict[str, float] = {}
-        bar = tqdm(total=self.per_epoch, initial=st['step_in_epoch'], desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
-                   disable=not (cfg.progress and info.is_main), dynamic_ncols=True)
+        bar = tqdm(
+            total=self.per_epoch,
+            initial=st['step_in_epoch'],
+            desc=f"epoch {epoch + 1}/{cfg.epochs}",
+            leave=False,
+            disable=not (cfg.progress and info.is_main),
+            dynamic_ncols=True,
+        )
         while st['step_in_epoch'] < self.per_epoch:
             loss, parts = self.step(it)
             run_loss += torch.tensor([loss, cfg.accum_steps], dtype=torch.float64)
-            for k, v in parts.items(): parts_sum[k] = parts_sum.get(k, 0.0) + v
+            for k, v in parts.items():
+                parts_sum[k] = parts_sum.get(k, 0.0) + v
             bar.update(1)
             bar.set_postfix(loss=f"{run_loss[0] / run_loss[1]:.4f}", lr=f"{self.sched.get_last_lr()[0]:.2e}")
         bar.close()
         red = all_reduce_sum(run_loss, info)
-        train_metrics = {'loss': float(red[0] / red[1]) if red[1] > 0 else float('nan'), 'lr': self.sched.get_last_lr()[0],
-                         **{f"loss_{k}": v / max(1.0, float(run_loss[1])) for k, v in parts_sum.items()}}
+        train_metrics = {
+            'loss': float(red[0] / red[1]) if red[1] > 0 else float('nan'),
+            'lr': self.sched.get_last_lr()[0],
+            **{f"loss_{k}": v / max(1.0, float(run_loss[1])) for k, v in parts_sum.items()},
+        }
         record = {'epoch': epoch + 1, 'step': st['global_step'], 'train': train_metrics}
         self.tracker.log(train_metrics, st['global_step'], epoch + 1, 'train')
         st['epoch'] += 1
@@ -494,45 +710,64 @@ class Trainer:
             record['val'] = val = self.validate()
             self.tracker.log(val, st['global_step'], st['epoch'], 'val')
             if info.is_main:
-                self.log.info(f"epoch {st['epoch']}: train loss {train_metrics['loss']:.4f}; val "
-                              + ', '.join(f"{k} {v:.3f}" for k, v in val.items()))
+                self.log.info(
+                    f"epoch {st['epoch']}: train loss {train_metrics['loss']:.4f}; val "
+                    + ', '.join(f"{k} {v:.3f}" for k, v in val.items())
+                )
         st['history'].append(record)
         last = self.checkpoint('last.pt', record.get('val'))
         if self.improved and info.is_main:
             self.best_path = self.ckdir / 'best.pt'
-            with atomic_write(self.best_path, 'wb') as f: f.write(Path(last).read_bytes())
-        for cb in self.callbacks: cb('epoch', st, self.ddp_model)
+            with atomic_write(self.best_path, 'wb') as f:
+                f.write(Path(last).read_bytes())
+        for cb in self.callbacks:
+            cb('epoch', st, self.ddp_model)
 
     def fit(self) -> TrainResult:
         "Train the remaining epochs; write `summary.json` and `history.json` (rank 0) and return the result."
         st, info = self.st, self.info
         self.t0 = time.time() - st['wall']
-        while st['epoch'] < self.cfg.epochs and not st['stopped']: self.epoch()
+        while st['epoch'] < self.cfg.epochs and not st['stopped']:
+            self.epoch()
         st['wall'] = time.time() - self.t0
-        result = TrainResult(self.run_dir, self.ckdir / 'last.pt', self.best_path, st['best'], st['global_step'], st['epoch'],
-                             st['stopped'], st['history'])
+        result = TrainResult(
+            self.run_dir,
+            self.ckdir / 'last.pt',
+            self.best_path,
+            st['best'],
+            st['global_step'],
+            st['epoch'],
+            st['stopped'],
+            st['history'],
+        )
         if info.is_main:
-            summary = {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(result).items() if k != 'history'}
+            summary = {
+                k: (str(v) if isinstance(v, Path) else v)
+                for k, v in dataclasses.asdict(result).items()
+                if k != 'history'
+            }
             summary.update(wall_s=round(st['wall'], 2), world_size=info.world_size, code_version=self.version)
-            with atomic_write(self.run_dir / 'summary.json', 'w') as f: json.dump(summary, f, indent=1)
-            with atomic_write(self.run_dir / 'history.json', 'w') as f: json.dump(st['history'], f, indent=1)
+            with atomic_write(self.run_dir / 'summary.json', 'w') as f:
+                json.dump(summary, f, indent=1)
+            with atomic_write(self.run_dir / 'history.json', 'w') as f:
+                json.dump(st['history'], f, indent=1)
         self.tracker.close()
         return result
 
 # %% ../nbs/41_train.ipynb #ed6e22c2
-def train(cfg: TrainConfig, # what to train and how
-          model: nn.Module | None = None, # default: built from the config, with the data's sizes
-          train_data: Dataset | None = None, # default: `data.build_datasets(cfg.data)[0]`
-          val_data: Dataset | None = None, # default: `data.build_datasets(cfg.data)[1]`
-          run_dir: str | Path | None = None, # default: `<run_root>/<date>_<name>`
-          loss_fn: Callable | None = None, # `loss(outputs, batch) -> (total, parts)`; default `default_loss`
-          predict: Callable | None = None, # outputs -> class maps; default `predict_classes`
-          callbacks: Iterable[Callable] = (), # `cb(event, state, model)` after every optimiser 'step' and 'epoch'
-          resume: bool = True, # continue from `run_dir/checkpoints/last.pt` when it exists
-         ) -> TrainResult:
+def train(
+    cfg: TrainConfig,  # what to train and how
+    model: nn.Module | None = None,  # default: built from the config, with the data's sizes
+    train_data: Dataset | None = None,  # default: `data.build_datasets(cfg.data)[0]`
+    val_data: Dataset | None = None,  # default: `data.build_datasets(cfg.data)[1]`
+    run_dir: str | Path | None = None,  # default: `<run_root>/<date>_<name>`
+    loss_fn: Callable | None = None,  # `loss(outputs, batch) -> (total, parts)`; default `default_loss`
+    predict: Callable | None = None,  # outputs -> class maps; default `predict_classes`
+    callbacks: Iterable[Callable] = (),  # `cb(event, state, model)` after every optimiser 'step' and 'epoch'
+    resume: bool = True,  # continue from `run_dir/checkpoints/last.pt` when it exists
+) -> TrainResult:
     "Train `cfg` on this process (or on every rank of a DDP group) and return the run's result (on rank 0)."
     return Trainer(cfg, model, train_data, val_data, run_dir, loss_fn, predict, callbacks, resume).fit()
-
 
 
 # ## Launching
@@ -554,63 +789,129 @@ def train(cfg: TrainConfig, # what to train and how
 # %% ../nbs/41_train.ipynb #b55c6222
 def free_port() -> int:
     "A free TCP port on 127.0.0.1."
-    with socket.socket() as s: s.bind(('127.0.0.1', 0)); return s.getsockname()[1]
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
 
 def _worker(rank: int, world: int, port: int, cfg: TrainConfig, kwargs: dict, threads: Optional[int]):
-    os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
-    for k in ('SLURM_PROCID', 'SLURM_NTASKS', 'SLURM_LOCALID'): os.environ.pop(k, None)
-    if threads: torch.set_num_threads(threads)
-    if kwargs.get('model') is not None:  # torch.multiprocessing hands every child the *same* shared-memory weights: copy them
+    os.environ.update(
+        MASTER_ADDR='127.0.0.1',
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+    )
+    for k in ('SLURM_PROCID', 'SLURM_NTASKS', 'SLURM_LOCALID'):
+        os.environ.pop(k, None)
+    if threads:
+        torch.set_num_threads(threads)
+    if (
+        kwargs.get('model') is not None
+    ):  # torch.multiprocessing hands every child the *same* shared-memory weights: copy them
         kwargs = {**kwargs, 'model': copy.deepcopy(kwargs['model'])}
-    try: train(cfg, **kwargs)
+    try:
+        train(cfg, **kwargs)
     finally:
-        if dist.is_initialized(): dist.destroy_process_group()
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
-def launch(cfg: TrainConfig, # the run
-           world_size: int = 2, # local processes (one per GPU on a GPU node)
-           threads: Optional[int] = None, # torch CPU threads per process (default: cores / world_size)
-           **kwargs, # passed to `train` (model, train_data, val_data, run_dir, loss_fn, predict, callbacks)
-          ) -> TrainResult:
+
+def launch(
+    cfg: TrainConfig,  # the run
+    world_size: int = 2,  # local processes (one per GPU on a GPU node)
+    threads: Optional[int] = None,  # torch CPU threads per process (default: cores / world_size)
+    **kwargs,  # passed to `train` (model, train_data, val_data, run_dir, loss_fn, predict, callbacks)
+) -> TrainResult:
     "Run `train(cfg, **kwargs)` as a DDP group of `world_size` local processes and return rank 0's result."
     import torch.multiprocessing as mp
-    if world_size < 1: raise ConfigError(f"world_size must be >= 1, got {world_size}")
+
+    if world_size < 1:
+        raise ConfigError(f"world_size must be >= 1, got {world_size}")
     run_dir = Path(kwargs.pop('run_dir', None) or default_run_dir(cfg))
     threads = threads or max(1, (os.cpu_count() or 1) // world_size)
-    mp.start_processes(_worker, args=(world_size, free_port(), cfg, {**kwargs, 'run_dir': run_dir}, threads),
-                       nprocs=world_size, join=True, start_method='spawn')
+    mp.start_processes(
+        _worker,
+        args=(world_size, free_port(), cfg, {**kwargs, 'run_dir': run_dir}, threads),
+        nprocs=world_size,
+        join=True,
+        start_method='spawn',
+    )
     s = json.loads((run_dir / 'summary.json').read_text())
     hist = json.loads((run_dir / 'history.json').read_text())
-    return TrainResult(Path(s['run_dir']), Path(s['last_checkpoint']) if s['last_checkpoint'] else None,
-                       Path(s['best_checkpoint']) if s['best_checkpoint'] else None, s['best'], s['steps'], s['epochs'],
-                       s['stopped_early'], hist)
+    return TrainResult(
+        Path(s['run_dir']),
+        Path(s['last_checkpoint']) if s['last_checkpoint'] else None,
+        Path(s['best_checkpoint']) if s['best_checkpoint'] else None,
+        s['best'],
+        s['steps'],
+        s['epochs'],
+        s['stopped_early'],
+        hist,
+    )
 
 # %% ../nbs/41_train.ipynb #bc1af274
 def main(argv: list[str]) -> int:
     "`seaice train PRESET [-o key=value ...] [--nproc N] [--run-dir DIR] [--quiet]`: train a model."
-    ap = argparse.ArgumentParser(prog='seaice train', description='Train a sea-ice model from a preset; rerunning resumes '
-                                 'the run directory from checkpoints/last.pt.')
+    ap = argparse.ArgumentParser(
+        prog='seaice train',
+        description='Train a sea-ice model from a preset; rerunning resumes '
+        'the run directory from checkpoints/last.pt.',
+    )
     ap.add_argument('preset', help='preset name in configs/ (e.g. tsvit_v2) or a YAML path (kind: train)')
-    ap.add_argument('-o', '--override', action='append', default=[], metavar='KEY=VALUE',
-                    help='dotted config override with a YAML value, e.g. -o epochs=5 -o data.crop=128 (repeatable)')
-    ap.add_argument('--nproc', type=int, default=1, help='local DDP processes (use torchrun or srun for several nodes)')
+    ap.add_argument(
+        '-o',
+        '--override',
+        action='append',
+        default=[],
+        metavar='KEY=VALUE',
+        help='dotted config override with a YAML value, e.g. -o epochs=5 -o data.crop=128 (repeatable)',
+    )
+    ap.add_argument(
+        '--nproc', type=int, default=1, help='local DDP processes (use torchrun or srun for several nodes)'
+    )
     ap.add_argument('--run-dir', default=None, help='run directory (default: <run_root>/<date>_<name>)')
     ap.add_argument('--quiet', action='store_true', help='no progress bars')
-    ap.add_argument('--dry-run', action='store_true', help='resolve the config against the data, write the run directory '
-                    'with its config.yaml, print the model sizes, and stop before training')
+    ap.add_argument(
+        '--dry-run',
+        action='store_true',
+        help='resolve the config against the data, write the run directory '
+        'with its config.yaml, print the model sizes, and stop before training',
+    )
     a = ap.parse_args(argv)
-    if a.nproc < 1: ap.error(f"--nproc must be >= 1, got {a.nproc}")
+    if a.nproc < 1:
+        ap.error(f"--nproc must be >= 1, got {a.nproc}")
     overrides = parse_overrides(a.override)
-    if a.quiet: overrides['progress'] = False
+    if a.quiet:
+        overrides['progress'] = False
     cfg = load_config(a.preset, TrainConfig, overrides, kind='train')
     if a.dry_run:
         cfg, train_data, val_data = prepare_data(cfg)
         run_dir = prepare_run_dir(cfg, a.run_dir)
         n_params = sum(p.numel() for p in build_model(cfg).parameters())
-        print(json.dumps({'run_dir': str(run_dir), 'model': cfg.model, 'model_kwargs': cfg.model_kwargs, 'parameters': n_params,
-                          'train_samples': len(train_data), 'val_samples': len(val_data) if val_data else 0}))
+        print(
+            json.dumps(
+                {
+                    'run_dir': str(run_dir),
+                    'model': cfg.model,
+                    'model_kwargs': cfg.model_kwargs,
+                    'parameters': n_params,
+                    'train_samples': len(train_data),
+                    'val_samples': len(val_data) if val_data else 0,
+                }
+            )
+        )
         return 0
     res = launch(cfg, a.nproc, run_dir=a.run_dir) if a.nproc > 1 else train(cfg, run_dir=a.run_dir)
     if res is not None and res.run_dir is not None:
-        print(json.dumps({'run_dir': str(res.run_dir), 'best': res.best, 'steps': res.steps,
-                          'best_checkpoint': str(res.best_checkpoint)}))
+        print(
+            json.dumps(
+                {
+                    'run_dir': str(res.run_dir),
+                    'best': res.best,
+                    'steps': res.steps,
+                    'best_checkpoint': str(res.best_checkpoint),
+                }
+            )
+        )
     return 0

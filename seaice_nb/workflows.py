@@ -17,39 +17,61 @@ __all__ = ['WORKFLOWS', 'WorkflowError', 'workflow_notebook', 'run_record', 'run
 # %% ../nbs/70_workflows.ipynb #c8d5926c
 WORKFLOWS = ('preprocess', 'train', 'evaluate', 'autolabel', 'figures')
 
+
 class WorkflowError(SeaIceError, RuntimeError):
     "A workflow notebook failed: the message names the executed notebook that holds the traceback."
+
 
 def workflow_notebook(name: str | Path) -> Path:
     "Path of a workflow notebook: a name in `nbs/workflows/` (see `WORKFLOWS`) or a path to any notebook."
     p = Path(name)
     if p.suffix == '.ipynb':
-        if p.is_file(): return p
+        if p.is_file():
+            return p
         raise MissingFileError(f"notebook {p} does not exist")
     from seaice_nb.slurm import default_notebook
+
     nb = default_notebook(str(name))
     if not nb.is_file():
-        raise MissingFileError(f"no workflow notebook {nb}; known: {', '.join(sorted(q.stem for q in nb.parent.glob('*.ipynb')))}")
+        raise MissingFileError(
+            f"no workflow notebook {nb}; known: {', '.join(sorted(q.stem for q in nb.parent.glob('*.ipynb')))}"
+        )
     return nb
 
 # %% ../nbs/70_workflows.ipynb #930a066a
-def run_record(path: str | Path, # an executed notebook (papermill output)
-              ) -> dict | None:
+def run_record(
+    path: str | Path,  # an executed notebook (papermill output)
+) -> dict | None:
     "Parameters, times, duration and error of an executed notebook; None when the file does not exist."
     import nbformat
+
     p = Path(path)
-    if not p.is_file(): return None
-    try: nb = nbformat.read(p, as_version=4)
-    except Exception as e: return {'path': str(p), 'finished': False, 'error': f"unreadable notebook: {e}", 'parameters': {}}
+    if not p.is_file():
+        return None
+    try:
+        nb = nbformat.read(p, as_version=4)
+    except Exception as e:
+        return {'path': str(p), 'finished': False, 'error': f"unreadable notebook: {e}", 'parameters': {}}
     pm = nb.metadata.get('papermill', {})
     error = None
     for c in nb.cells:
         for o in c.get('outputs', []) if c.cell_type == 'code' else []:
-            if o.get('output_type') == 'error': error = f"{o.get('ename')}: {o.get('evalue')}"; break
-        if error: break
-    return {'path': str(p), 'parameters': dict(pm.get('parameters') or {}), 'start_time': pm.get('start_time'),
-            'end_time': pm.get('end_time'), 'duration': pm.get('duration'), 'exception': bool(pm.get('exception')),
-            'error': error, 'finished': bool(pm.get('end_time')) and not pm.get('exception') and error is None}
+            if o.get('output_type') == 'error':
+                error = f"{o.get('ename')}: {o.get('evalue')}"
+                break
+        if error:
+            break
+    return {
+        'path': str(p),
+        'parameters': dict(pm.get('parameters') or {}),
+        'start_time': pm.get('start_time'),
+        'end_time': pm.get('end_time'),
+        'duration': pm.get('duration'),
+        'exception': bool(pm.get('exception')),
+        'error': error,
+        'finished': bool(pm.get('end_time')) and not pm.get('exception') and error is None,
+    }
+
 
 def _same(a, b) -> bool:
     "Parameters equal after a JSON round trip (tuples vs lists, Paths vs strings)."
@@ -57,98 +79,136 @@ def _same(a, b) -> bool:
     return norm(a) == norm(b)
 
 # %% ../nbs/70_workflows.ipynb #f4698483
-def run_notebook(name: str | Path, # workflow name ('train', ...) or a notebook path
-                 run_dir: str | Path, # the run directory: passed as `run_dir` and where the executed notebook goes
-                 params: dict | None = None, # further parameters of the notebook's `parameters` cell
-                 out_name: str | None = None, # executed notebook file name (default: '<name>.ipynb')
-                 resume: bool = False, # skip when the executed notebook already finished with the same parameters
-                 progress: bool = True, # papermill's per-cell progress bar
-                 log_output: bool = False, # stream the cells' output to this terminal
-                 timeout: float | None = None, # seconds per cell (None: no limit)
-                 kernel: str = 'python3', # Jupyter kernel
-                ) -> Path:
+def run_notebook(
+    name: str | Path,  # workflow name ('train', ...) or a notebook path
+    run_dir: str | Path,  # the run directory: passed as `run_dir` and where the executed notebook goes
+    params: dict | None = None,  # further parameters of the notebook's `parameters` cell
+    out_name: str | None = None,  # executed notebook file name (default: '<name>.ipynb')
+    resume: bool = False,  # skip when the executed notebook already finished with the same parameters
+    progress: bool = True,  # papermill's per-cell progress bar
+    log_output: bool = False,  # stream the cells' output to this terminal
+    timeout: float | None = None,  # seconds per cell (None: no limit)
+    kernel: str = 'python3',  # Jupyter kernel
+) -> Path:
     "Execute a workflow notebook with papermill into `run_dir`; raise `WorkflowError` naming the executed notebook on failure."
     import papermill as pm
+
     nb = workflow_notebook(name)
-    run_dir = Path(run_dir).absolute(); run_dir.mkdir(parents=True, exist_ok=True)
-    params = {'run_dir': str(run_dir), **{k: (str(v) if isinstance(v, Path) else v) for k, v in (params or {}).items()}}
+    run_dir = Path(run_dir).absolute()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    params = {
+        'run_dir': str(run_dir),
+        **{k: (str(v) if isinstance(v, Path) else v) for k, v in (params or {}).items()},
+    }
     for k in params:
-        if not k.isidentifier(): raise ConfigError(f"parameter name {k!r} is not a Python identifier")
+        if not k.isidentifier():
+            raise ConfigError(f"parameter name {k!r} is not a Python identifier")
     out = run_dir / (out_name or f"{nb.stem}.ipynb")
     if resume:
         rec = run_record(out)
-        if rec and rec['finished'] and _same(rec['parameters'], params): return out
+        if rec and rec['finished'] and _same(rec['parameters'], params):
+            return out
     try:
-        pm.execute_notebook(str(nb), str(out), parameters=params, kernel_name=kernel, progress_bar=progress,
-                            log_output=log_output, execution_timeout=timeout)
+        pm.execute_notebook(
+            str(nb),
+            str(out),
+            parameters=params,
+            kernel_name=kernel,
+            progress_bar=progress,
+            log_output=log_output,
+            execution_timeout=timeout,
+        )
     except pm.PapermillExecutionError as e:
-        raise WorkflowError(f"{nb.stem} failed in cell {e.exec_count}: {e.ename}: {e.evalue}; "
-                            f"the executed notebook {out} holds the traceback") from None
+        raise WorkflowError(
+            f"{nb.stem} failed in cell {e.exec_count}: {e.ename}: {e.evalue}; "
+            f"the executed notebook {out} holds the traceback"
+        ) from None
     return out
 
 # %% ../nbs/70_workflows.ipynb #2a57fafc
-def load_preset(preset: str, # preset name in configs/ or a YAML path; '' = `base` alone
-                cls, # the config dataclass (TrainConfig, PreprocessConfig, ...)
-                overrides: dict | None = None, # dotted keys; None values are dropped (= keep the preset's)
-                kind: str | None = None, # expected top-level `kind` of the preset file
-                base: dict | None = None, # settings used when no preset is given
-               ):
+def load_preset(
+    preset: str,  # preset name in configs/ or a YAML path; '' = `base` alone
+    cls,  # the config dataclass (TrainConfig, PreprocessConfig, ...)
+    overrides: dict | None = None,  # dotted keys; None values are dropped (= keep the preset's)
+    kind: str | None = None,  # expected top-level `kind` of the preset file
+    base: dict | None = None,  # settings used when no preset is given
+):
     "Typed config from a preset (checking and dropping its `kind`) or `base`, with the non-None `overrides` applied."
     from seaice_nb.core import load_config
-    return load_config(preset or dict(base or {}), cls, {k: v for k, v in (overrides or {}).items() if v is not None}, kind=kind)
+
+    return load_config(
+        preset or dict(base or {}),
+        cls,
+        {k: v for k, v in (overrides or {}).items() if v is not None},
+        kind=kind,
+    )
 
 # %% ../nbs/70_workflows.ipynb #8d2a822e
-def save_show(fig, # a matplotlib Figure
-              path: str | Path, # target without or with suffix; one file per format
-              formats: tuple[str, ...] = ('png',), # e.g. ('png', 'pdf') for publication figures
-              dpi: int = 150, # raster resolution
-              show: bool = True, # display it in the notebook
-             ) -> list[Path]:
+def save_show(
+    fig,  # a matplotlib Figure
+    path: str | Path,  # target without or with suffix; one file per format
+    formats: tuple[str, ...] = ('png',),  # e.g. ('png', 'pdf') for publication figures
+    dpi: int = 150,  # raster resolution
+    show: bool = True,  # display it in the notebook
+) -> list[Path]:
     "Save `fig` in each format under `path`, display it in the notebook and close it; returns the files."
     import matplotlib.pyplot as plt
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     stem = path.with_suffix('') if path.suffix.lstrip('.') in ('png', 'pdf', 'svg', 'jpg') else path
     files = []
     for f in formats:
         target = stem.with_name(f"{stem.name}.{f}")
-        with atomic_write(target, 'wb') as fh: fig.savefig(fh, format=f, dpi=dpi, bbox_inches='tight')
+        with atomic_write(target, 'wb') as fh:
+            fig.savefig(fh, format=f, dpi=dpi, bbox_inches='tight')
         files.append(target)
     if show:
         try:
             from IPython import get_ipython
             from IPython.display import display
-            if get_ipython() is not None: display(fig)
-        except ImportError: pass
+
+            if get_ipython() is not None:
+                display(fig)
+        except ImportError:
+            pass
     plt.close(fig)
     return files
 
 # %% ../nbs/70_workflows.ipynb #4be30e1a
-def show_files(paths, # PNG files (or one)
-               root: str | Path | None = None, # print names relative to this folder
-              ) -> list[Path]:
+def show_files(
+    paths,  # PNG files (or one)
+    root: str | Path | None = None,  # print names relative to this folder
+) -> list[Path]:
     "Display saved PNG figures in the notebook (with their file names); returns the paths."
     from IPython.display import Image, display
+
     paths = [Path(p) for p in ([paths] if isinstance(paths, (str, Path)) else paths)]
     for p in paths:
         print(p.relative_to(root) if root and p.is_relative_to(root) else p)
         display(Image(filename=str(p)))
     return paths
 
-def map_figures(checkpoint: str | Path, # checkpoint written by the trainer, or a run directory
-                store: str | Path, # preprocessed store
-                names: list[str], # scenes to draw
-                out_dir: str | Path, # folder for `map_<scene>_<chart>.png`
-                tile: int | None = None, overlap: int | None = None, # inference tiling (None: the run's data config)
-                charts: tuple[str, ...] = ('sic', 'sod'), # charts to draw
-                device: str = 'cpu', # where the model runs
-                formats: tuple[str, ...] = ('png',), # one file per format; the first format's files are returned
-               ) -> list[Path]:
+
+def map_figures(
+    checkpoint: str | Path,  # checkpoint written by the trainer, or a run directory
+    store: str | Path,  # preprocessed store
+    names: list[str],  # scenes to draw
+    out_dir: str | Path,  # folder for `map_<scene>_<chart>.png`
+    tile: int | None = None,
+    overlap: int | None = None,  # inference tiling (None: the run's data config)
+    charts: tuple[str, ...] = ('sic', 'sod'),  # charts to draw
+    device: str = 'cpu',  # where the model runs
+    formats: tuple[str, ...] = ('png',),  # one file per format; the first format's files are returned
+) -> list[Path]:
     "Chart-vs-prediction maps of `names` (with `seaice_nb.plots.scene_map`); the model reads the frames it was trained with."
     from seaice_nb.data import SceneStore
     from seaice_nb.evaluate import check_store, predict_scene
     from seaice_nb.plots import scene_map
     from seaice_nb.runs import checkpoint_config, find_checkpoint, load_checkpoint
-    if not names: return []
+
+    if not names:
+        return []
     checkpoint = find_checkpoint(checkpoint)
     model, meta = load_checkpoint(checkpoint)
     data = checkpoint_config(meta, str(checkpoint)).data
@@ -158,86 +218,175 @@ def map_figures(checkpoint: str | Path, # checkpoint written by the trainer, or 
     chans = check_store(meta, st)
     out = []
     for name in st.names:
-        pred = predict_scene(model, st.arrays(name), st.meta[name], st.coarse_factor, tile, overlap, data.n_frames, chans,
-                             device=device, mask_invalid=True)
+        pred = predict_scene(
+            model,
+            st.arrays(name),
+            st.meta[name],
+            st.coarse_factor,
+            tile,
+            overlap,
+            data.n_frames,
+            chans,
+            device=device,
+            mask_invalid=True,
+        )
         for c in charts:
-            out.append(scene_map(st, name, pred, Path(out_dir) / f"map_{name}_{c}", c, formats=formats))  # drawn once, saved per format
+            out.append(
+                scene_map(st, name, pred, Path(out_dir) / f"map_{name}_{c}", c, formats=formats)
+            )  # drawn once, saved per format
     return out
 
 # %% ../nbs/70_workflows.ipynb #03b05696
-def demo_steps(root: str | Path = 'runs/demo', # demo folder
-               quick: bool = False, # the smaller variant used by the tests
-               seed: int = 0, # seed of the data and the models
-              ) -> list[tuple[str, str, Path, dict]]:
+def demo_steps(
+    root: str | Path = 'runs/demo',  # demo folder
+    quick: bool = False,  # the smaller variant used by the tests
+    seed: int = 0,  # seed of the data and the models
+) -> list[tuple[str, str, Path, dict]]:
     "The demo as (label, workflow, run_dir, parameters) steps."
     from seaice_nb.benchmark import TSVIT_SMALL, WORLD_BASE, WORLDS
-    root = Path(root).absolute(); data = root / 'data'
-    if quick: n_scenes, size, factor, epochs, steps, patch, val_tiles = 6, [250, 300], 4, 1, 3, 32, 8
-    else: n_scenes, size, factor, epochs, steps, patch, val_tiles = 16, [400, 480], 8, 8, 25, 32, 64
-    pre = dict(seed=seed, n_scenes=n_scenes, scene_size=size, factor=factor, max_frames=3, n_val=2 if quick else 4,
-               world={} if quick else {**WORLD_BASE, **WORLDS['signals']}, per_site=8 if quick else 4)
-    common = dict(seed=seed, store=str(data / 'store.zarr'), split=str(data / 'split.json'), epochs=epochs,
-                  steps_per_epoch=steps, batch_size=8, crop=patch, max_val_tiles=val_tiles, evaluate_val=False)
+
+    root = Path(root).absolute()
+    data = root / 'data'
+    if quick:
+        n_scenes, size, factor, epochs, steps, patch, val_tiles = 6, [250, 300], 4, 1, 3, 32, 8
+    else:
+        n_scenes, size, factor, epochs, steps, patch, val_tiles = 16, [400, 480], 8, 8, 25, 32, 64
+    pre = dict(
+        seed=seed,
+        n_scenes=n_scenes,
+        scene_size=size,
+        factor=factor,
+        max_frames=3,
+        n_val=2 if quick else 4,
+        world={} if quick else {**WORLD_BASE, **WORLDS['signals']},
+        per_site=8 if quick else 4,
+    )
+    common = dict(
+        seed=seed,
+        store=str(data / 'store.zarr'),
+        split=str(data / 'split.json'),
+        epochs=epochs,
+        steps_per_epoch=steps,
+        batch_size=8,
+        crop=patch,
+        max_val_tiles=val_tiles,
+        evaluate_val=False,
+    )
     # a brief schedule (the presets' warm-up alone is 2000 steps), heads started at the class priors
-    brief = {'warmup_steps': 2 if quick else 20, 'scheduler': 'cosine', 'min_lr_ratio': 0.02, 'head_bias': True,
-             'loss_weights': {'sic': 1.0, 'sod': 3.0, 'floe': 3.0}}
-    models = {'tsvit_v2': dict(preset='tsvit_v2', n_frames=3, lr=1e-3, overrides=brief, model_kwargs=dict(TSVIT_SMALL)),
-              'unet_baseline': dict(preset='unet_baseline', n_frames=1, lr=1e-3, overrides=brief)}
+    brief = {
+        'warmup_steps': 2 if quick else 20,
+        'scheduler': 'cosine',
+        'min_lr_ratio': 0.02,
+        'head_bias': True,
+        'loss_weights': {'sic': 1.0, 'sod': 3.0, 'floe': 3.0},
+    }
+    models = {
+        'tsvit_v2': dict(
+            preset='tsvit_v2', n_frames=3, lr=1e-3, overrides=brief, model_kwargs=dict(TSVIT_SMALL)
+        ),
+        'unet_baseline': dict(preset='unet_baseline', n_frames=1, lr=1e-3, overrides=brief),
+    }
     steps_ = [('generate + preprocess synthetic scenes', 'preprocess', data, pre)]
     steps_ += [(f'train {m}', 'train', root / m, {**common, **p}) for m, p in models.items()]
-    steps_ += [(f'evaluate {m}', 'evaluate', root / m, dict(seed=seed, store=common['store'], split=common['split'], submission=True,
-                                                              max_scenes=2 if quick else 0, n_maps=1 if quick else 2)) for m in models]
-    fig = dict(seed=seed, runs=[str(root / m) for m in models], min_pixels=100)  # tiny synthetic scenes: few pixels per value
-    if quick: fig.update(maps=False, formats=['png'])
+    steps_ += [
+        (
+            f'evaluate {m}',
+            'evaluate',
+            root / m,
+            dict(
+                seed=seed,
+                store=common['store'],
+                split=common['split'],
+                submission=True,
+                max_scenes=2 if quick else 0,
+                n_maps=1 if quick else 2,
+            ),
+        )
+        for m in models
+    ]
+    fig = dict(
+        seed=seed, runs=[str(root / m) for m in models], min_pixels=100
+    )  # tiny synthetic scenes: few pixels per value
+    if quick:
+        fig.update(maps=False, formats=['png'])
     steps_ += [('figures', 'figures', root / 'figures', fig)]
     return steps_
 
 # %% ../nbs/70_workflows.ipynb #f1377756
-def run_demo(root: str | Path = 'runs/demo', # demo folder (created)
-             quick: bool = False, # the smaller variant used by the tests
-             seed: int = 0, # seed of the data and the models
-             resume: bool = True, # reuse finished steps
-             progress: bool = True, # per-cell progress bars
-             out=sys.stdout, # where the step lines go
-            ) -> dict:
+def run_demo(
+    root: str | Path = 'runs/demo',  # demo folder (created)
+    quick: bool = False,  # the smaller variant used by the tests
+    seed: int = 0,  # seed of the data and the models
+    resume: bool = True,  # reuse finished steps
+    progress: bool = True,  # per-cell progress bars
+    out=sys.stdout,  # where the step lines go
+) -> dict:
     "Run the demo notebooks in order, printing one line per step; returns {label: (executed notebook, seconds, reused)}."
     steps, done, t0 = demo_steps(root, quick, seed), {}, time.time()
     for i, (label, wf, run_dir, params) in enumerate(steps, 1):
         t = time.time()
         nb = Path(run_dir) / f"{wf}.ipynb"
         rec = run_record(nb) if resume else None
-        reused = bool(rec and rec['finished'] and _same(rec['parameters'], {'run_dir': str(Path(run_dir).absolute()), **params}))
-        print(f"[{i}/{len(steps)}] {label}" + (" (finished earlier, reused)" if reused else " ..."), file=out, flush=True)
-        if not reused: run_notebook(wf, run_dir, params, resume=False, progress=progress)
+        reused = bool(
+            rec
+            and rec['finished']
+            and _same(rec['parameters'], {'run_dir': str(Path(run_dir).absolute()), **params})
+        )
+        print(
+            f"[{i}/{len(steps)}] {label}" + (" (finished earlier, reused)" if reused else " ..."),
+            file=out,
+            flush=True,
+        )
+        if not reused:
+            run_notebook(wf, run_dir, params, resume=False, progress=progress)
         done[label] = (nb, round(time.time() - t, 1), reused)
-        if not reused: print(f"      done in {time.time() - t:.0f} s -> {nb}", file=out, flush=True)
+        if not reused:
+            print(f"      done in {time.time() - t:.0f} s -> {nb}", file=out, flush=True)
     print(f"demo finished in {time.time() - t0:.0f} s", file=out, flush=True)
     return done
 
-def demo_scores(root: str | Path = 'runs/demo', # a finished demo
-                n_frames: int = 3, # frames of the stacks
-               ) -> list[dict]:
+
+def demo_scores(
+    root: str | Path = 'runs/demo',  # a finished demo
+    n_frames: int = 3,  # frames of the stacks
+) -> list[dict]:
     "Validation scores (store grid) of the demo's models beside the majority-class and per-pixel gradient-boosting baselines."
     from seaice_nb import splits
     from seaice_nb.benchmark import fit_baseline
     from seaice_nb.data import SceneStore
-    root = Path(root); data = root / 'data'
-    m = splits.load_manifest(data / 'split.json'); tr, va = splits.scenes_of(m, 'train'), splits.scenes_of(m, 'val')
+
+    root = Path(root)
+    data = root / 'data'
+    m = splits.load_manifest(data / 'split.json')
+    tr, va = splits.scenes_of(m, 'train'), splits.scenes_of(m, 'val')
     st = SceneStore(data / 'store.zarr', tr + va)
     rows = []
     for k in ('majority', 'gbm'):
         r = fit_baseline(k, st, tr, va, n_frames)
-        rows.append({'model': k, 'combined': r['combined'], 'sic': r['sic_r2'], 'sod': r['sod_f1'], 'floe': r['floe_f1']})
+        rows.append(
+            {
+                'model': k,
+                'combined': r['combined'],
+                'sic': r['sic_r2'],
+                'sod': r['sod_f1'],
+                'floe': r['floe_f1'],
+            }
+        )
     for p in sorted(root.glob('*/evaluate_val.json')):
         g = json.loads(p.read_text())['store_grid']
         rows.append({'model': p.parent.name, **{k: g[k] for k in ('combined', 'sic', 'sod', 'floe')}})
     return rows
 
+
 def scores_markdown(rows: list[dict]) -> str:
     "A Markdown table of `demo_scores` rows."
     out = ['| model | combined | SIC R² | SOD F1 | FLOE F1 |', '|---|---|---|---|---|']
-    out += [f"| {r['model']} | {r['combined']:.1f} | {r['sic']:.1f} | {r['sod']:.1f} | {r['floe']:.1f} |" for r in rows]
+    out += [
+        f"| {r['model']} | {r['combined']:.1f} | {r['sic']:.1f} | {r['sod']:.1f} | {r['floe']:.1f} |"
+        for r in rows
+    ]
     return '\n'.join(out)
+
 
 def demo_outputs(root: str | Path = 'runs/demo') -> dict[str, Path]:
     "The demo's main figures (PNG) by name, as the figures notebook writes them."
@@ -245,47 +394,65 @@ def demo_outputs(root: str | Path = 'runs/demo') -> dict[str, Path]:
     return {p.stem: p for p in sorted(paper.glob('*.png'))}
 
 # %% ../nbs/70_workflows.ipynb #0b5fb766
-def small_png(src: str | Path, # a PNG figure
-              dst: str | Path, # where the copy goes
-              width: int = 1000, # maximum width in pixels
-             ) -> Path:
+def small_png(
+    src: str | Path,  # a PNG figure
+    dst: str | Path,  # where the copy goes
+    width: int = 1000,  # maximum width in pixels
+) -> Path:
     "A downscaled, palette-quantised copy of a PNG (for the README: small files in git)."
     from PIL import Image
+
     im = Image.open(src).convert('RGB')
-    if im.width > width: im = im.resize((width, round(im.height * width / im.width)), Image.LANCZOS)
-    dst = Path(dst); dst.parent.mkdir(parents=True, exist_ok=True)
+    if im.width > width:
+        im = im.resize((width, round(im.height * width / im.width)), Image.LANCZOS)
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
     im.quantize(colors=128, method=Image.Quantize.MEDIANCUT).save(dst, optimize=True)
     return dst
 
 # %% ../nbs/70_workflows.ipynb #aeb4f441
 def demo_main(argv: list[str]) -> int:
     "`seaice demo [--root DIR] [--quick] [--fresh]`: the synthetic-data demo end to end (what `make demo` runs)."
-    ap = argparse.ArgumentParser(prog='seaice demo', description='Synthetic scenes -> preprocess -> train TSViT v2 and the '
-                                 'U-Net baseline on the CPU -> evaluate -> figures, as executed notebooks (rerun to resume).')
+    ap = argparse.ArgumentParser(
+        prog='seaice demo',
+        description='Synthetic scenes -> preprocess -> train TSViT v2 and the '
+        'U-Net baseline on the CPU -> evaluate -> figures, as executed notebooks (rerun to resume).',
+    )
     ap.add_argument('--root', default='runs/demo', help='demo folder (default runs/demo)')
     ap.add_argument('--quick', action='store_true', help='smaller variant (about a minute)')
     ap.add_argument('--seed', type=int, default=0, help='seed of the synthetic data and the models')
-    ap.add_argument('--fresh', action='store_true', help='delete ROOT first instead of reusing finished steps')
+    ap.add_argument(
+        '--fresh', action='store_true', help='delete ROOT first instead of reusing finished steps'
+    )
     ap.add_argument('--images', help='also copy the main figures as PNGs into this folder (e.g. docs/images)')
     ap.add_argument('--quiet', action='store_true', help='no progress bars')
     a = ap.parse_args(argv)
     root = Path(a.root).absolute()
-    if a.fresh and root.exists(): shutil.rmtree(root)
+    if a.fresh and root.exists():
+        shutil.rmtree(root)
     run_demo(root, a.quick, a.seed, progress=not a.quiet)
     rows = demo_scores(root)
     table = scores_markdown(rows)
-    (root / 'demo_scores.md').write_text(f"Validation scenes of the demo (synthetic, store grid, seed {a.seed}):\n\n{table}\n")
+    (root / 'demo_scores.md').write_text(
+        f"Validation scenes of the demo (synthetic, store grid, seed {a.seed}):\n\n{table}\n"
+    )
     print(f"\nvalidation scores (synthetic data, store grid, seed {a.seed}) next to the baselines:\n{table}")
     gbm = next(r['combined'] for r in rows if r['model'] == 'gbm')
     for r in rows[2:]:
         if r['combined'] <= gbm or r['sic'] <= 0:
-            print(f"  note: {r['model']} is not above the gradient-boosting baseline with positive SIC R² in this run")
-    print(f"\nexecuted notebooks (the run records):")
-    for nb in sorted(root.rglob('*.ipynb')): print(f"  {nb}")
+            print(
+                f"  note: {r['model']} is not above the gradient-boosting baseline with positive SIC R² in this run"
+            )
+    print("\nexecuted notebooks (the run records):")
+    for nb in sorted(root.rglob('*.ipynb')):
+        print(f"  {nb}")
     figs = demo_outputs(root)
     print(f"figures: {root / 'figures' / 'paper'} (PNG + PDF)")
-    for n, p in figs.items(): print(f"  {n:<16} {p}")
+    for n, p in figs.items():
+        print(f"  {n:<16} {p}")
     if a.images:
-        dst = Path(a.images); dst.mkdir(parents=True, exist_ok=True)
-        for n, p in figs.items(): print(f"  small copy {small_png(p, dst / f'demo_{n}.png')}")
+        dst = Path(a.images)
+        dst.mkdir(parents=True, exist_ok=True)
+        for n, p in figs.items():
+            print(f"  small copy {small_png(p, dst / f'demo_{n}.png')}")
     return 0

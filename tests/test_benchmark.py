@@ -1,4 +1,5 @@
 """seaice_nb.benchmark: the benchmark split covers every class; the site search says what is missing."""
+
 import numpy as np
 import pytest
 
@@ -17,14 +18,16 @@ def test_benchmark_split_covers_every_class():
         sic = np.array(ch['counts'][part]['sic'], float)
         k = np.arange(N_CLASSES['sic'])
         mean = (sic * k).sum() / sic.sum()
-        assert np.sqrt((sic * (k - mean) ** 2).sum() / sic.sum()) > 2.0    # SIC classes spread: R² is meaningful
-        assert (sic > 0).sum() >= 8                                        # most SIC classes occur
+        assert (
+            np.sqrt((sic * (k - mean) ** 2).sum() / sic.sum()) > 2.0
+        )  # SIC classes spread: R² is meaningful
+        assert (sic > 0).sum() >= 8  # most SIC classes occur
 
 
 def test_choose_sites_reports_what_is_missing():
     "With a class in one site only, no partition covers validation and test: the split says which class is missing."
     z = lambda **kw: {c: np.array(kw.get(c, [5] * N_CLASSES[c])) for c in ('sic', 'sod', 'floe')}
     no_bergs = [5, 5, 5, 5, 5, 5, 0]
-    sites = {0: z(), 1: z(floe=no_bergs), 2: z(floe=no_bergs), 3: z(floe=no_bergs)}   # bergs only at site 0
+    sites = {0: z(), 1: z(floe=no_bergs), 2: z(floe=no_bergs), 3: z(floe=no_bergs)}  # bergs only at site 0
     ch = choose_sites(sites, 1, 1, seed=0, min_pixels=1)
     assert ch['n_missing'] == 1 and (ch['missing']['val'] == ['floe6'] or ch['missing']['test'] == ['floe6'])

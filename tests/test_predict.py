@@ -1,4 +1,5 @@
 """Operational inference: `seaice predict` on a test-set scene without labels, ONNX export of every family, int8, bad input."""
+
 import json
 import logging
 import shutil
@@ -21,15 +22,30 @@ def world(tmp_path_factory):
     from seaice_nb.data import DataConfig
     from seaice_nb.runs import TrainConfig
     from seaice_nb.train import train
+
     tmp = tmp_path_factory.mktemp('predict')
-    m = json.loads(generate_scenes(tmp / 'scenes', 6, seed=2, size=(160, 200), test_fraction=0.5, progress=False).read_text())
-    split = {s: [tmp / 'scenes' / r['file'] for r in m['scenes'] if r['split'] == s] for s in ('train', 'test')}
+    m = json.loads(
+        generate_scenes(
+            tmp / 'scenes', 6, seed=2, size=(160, 200), test_fraction=0.5, progress=False
+        ).read_text()
+    )
+    split = {
+        s: [tmp / 'scenes' / r['file'] for r in m['scenes'] if r['split'] == s] for s in ('train', 'test')
+    }
     pre = PreprocessConfig(factor=4, max_frames=1, chunk=64)
     preprocess(split['train'], tmp / 'train.zarr', pre, workers=0, progress=False)
     preprocess(split['test'], tmp / 'test.zarr', pre, workers=0, progress=False)
     torch.manual_seed(0)
-    cfg = TrainConfig(name='p', model='unet_baseline', model_kwargs={'filters': [8, 8]}, epochs=20, batch_size=4, lr=0.01,
-                      data=DataConfig(store=str(tmp / 'train.zarr'), crop=32), progress=False)
+    cfg = TrainConfig(
+        name='p',
+        model='unet_baseline',
+        model_kwargs={'filters': [8, 8]},
+        epochs=20,
+        batch_size=4,
+        lr=0.01,
+        data=DataConfig(store=str(tmp / 'train.zarr'), crop=32),
+        progress=False,
+    )
     res = train(cfg, run_dir=tmp / 'run')
     return tmp, res, split
 
@@ -38,7 +54,8 @@ def _alone(world, i=0):
     """Test scene i copied into a folder of its own: no _reference.nc, no store."""
     tmp, _, split = world
     src = split['test'][i]
-    d = tmp / f'alone{i}'; d.mkdir(exist_ok=True)
+    d = tmp / f'alone{i}'
+    d.mkdir(exist_ok=True)
     shutil.copy(src, d / src.name)
     assert not (d / src.name.replace('.nc', '_reference.nc')).exists()
     return d / src.name
@@ -51,119 +68,204 @@ def test_predict_cli_on_unlabelled_test_scene_matches_evaluation(world):
     from seaice_nb.data import SceneStore
     from seaice_nb.evaluate import predict_scene, upsample_nearest
     from seaice_nb.runs import load_checkpoint
+
     tmp, res, _ = world
     scene = _alone(world)
-    with netCDF4.Dataset(scene) as nc: assert 'SIC' not in nc.variables          # a test-set file: no charts
+    with netCDF4.Dataset(scene) as nc:
+        assert 'SIC' not in nc.variables  # a test-set file: no charts
     out = tmp / 'out_cli'
-    assert cli.main(['predict', str(tmp / 'run'), str(scene), '--out', str(out), '--tile', '32', '--overlap', '8',
-                     '--probabilities', '--quiet']) == 0
+    assert (
+        cli.main(
+            [
+                'predict',
+                str(tmp / 'run'),
+                str(scene),
+                '--out',
+                str(out),
+                '--tile',
+                '32',
+                '--overlap',
+                '8',
+                '--probabilities',
+                '--quiet',
+            ]
+        )
+        == 0
+    )
     name = scene.name.replace('_prep.nc', '')
-    assert sorted(p.name for p in out.iterdir()) == sorted([f'{name}_charts.nc', f'{name}_quicklook.png'] +
-                                                          [f'{name}_{c}.tif' for c in ('SIC', 'SOD', 'FLOE')])
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [f'{name}_charts.nc', f'{name}_quicklook.png'] + [f'{name}_{c}.tif' for c in ('SIC', 'SOD', 'FLOE')]
+    )
     # the evaluation path on the stored copy of the same scene
     st = SceneStore(tmp / 'test.zarr', in_memory=False)
     model, _ = load_checkpoint(res.best_checkpoint or res.last_checkpoint)
-    ref = predict_scene(model, st.arrays(name), st.meta[name], st.coarse_factor, tile=32, overlap=8, mask_invalid=True)
+    ref = predict_scene(
+        model, st.arrays(name), st.meta[name], st.coarse_factor, tile=32, overlap=8, mask_invalid=True
+    )
     with netCDF4.Dataset(out / f'{name}_charts.nc') as nc:
         assert nc.data_model == 'NETCDF4' and nc.Conventions.startswith('CF-')
-        with netCDF4.Dataset(scene) as src: shape80 = (src.dimensions['sar_lines'].size, src.dimensions['sar_samples'].size)
+        with netCDF4.Dataset(scene) as src:
+            shape80 = (src.dimensions['sar_lines'].size, src.dimensions['sar_samples'].size)
         for c in CHARTS:
-            v = nc.variables[c.upper()]; v.set_auto_mask(False)
+            v = nc.variables[c.upper()]
+            v.set_auto_mask(False)
             assert v.dtype == np.uint8 and v.shape == shape80 and v._FillValue == 255
-            assert list(v.flag_values) == list(range(N_CLASSES[c])) and len(v.flag_meanings.split()) == N_CLASSES[c]
+            assert (
+                list(v.flag_values) == list(range(N_CLASSES[c]))
+                and len(v.flag_meanings.split()) == N_CLASSES[c]
+            )
             np.testing.assert_array_equal(v[:], upsample_nearest(ref[c], 4, shape80))
-        p = nc.variables['SOD_probability']; p.set_auto_maskandscale(False)
+        p = nc.variables['SOD_probability']
+        p.set_auto_maskandscale(False)
         assert p.shape == (6, *ref['sod'].shape) and p.scale_factor == 0.01
         ok = ref['sod'] != 255
-        np.testing.assert_array_equal(np.asarray(p[:]).argmax(0)[ok], ref['sod'][ok])   # probabilities agree with the classes (ties aside)
+        np.testing.assert_array_equal(
+            np.asarray(p[:]).argmax(0)[ok], ref['sod'][ok]
+        )  # probabilities agree with the classes (ties aside)
         assert nc.variables['lat'].standard_name == 'latitude'
     with rasterio.open(out / f'{name}_SOD.tif') as t:
         assert t.crs.to_epsg() == 3413 and t.dtypes[0] == 'uint8' and t.nodata == 255
         a = t.read(1)
         assert set(np.unique(a)) <= set(range(6)) | {255} and (a != 255).mean() > 0.2
         assert t.colormap(1)[0][:3] == (0, 100, 255)
-        assert abs(t.res[0] - 320) < 1e-6                                              # the model grid: factor 4 x 80 m
+        assert abs(t.res[0] - 320) < 1e-6  # the model grid: factor 4 x 80 m
     assert imread(out / f'{name}_quicklook.png').shape[1] > 800
 
 
 def test_onnx_backend_and_int8_within_one_point(world):
     from seaice_nb import cli
     from seaice_nb.export import export_run
+
     tmp, _, split = world
-    rep = export_run(tmp / 'run', tmp / 'export' / 'unet.onnx', split['test'], int8=True, calibration=split['train'], score=True)
-    assert rep['within_1e-4'] and set(rep['max_abs_logit_diff']) >= {'random_b3_masked', 'random_tile_96x96', 'real_0'}
+    rep = export_run(
+        tmp / 'run',
+        tmp / 'export' / 'unet.onnx',
+        split['test'],
+        int8=True,
+        calibration=split['train'],
+        score=True,
+    )
+    assert rep['within_1e-4'] and set(rep['max_abs_logit_diff']) >= {
+        'random_b3_masked',
+        'random_tile_96x96',
+        'real_0',
+    }
     s = rep['score']
-    assert s['onnx_fp32'] == s['torch']                                  # same charts, same pooled score
-    assert s['torch']['combined'] > 10                                    # a model that learned something: the drop means something
+    assert s['onnx_fp32'] == s['torch']  # same charts, same pooled score
+    assert s['torch']['combined'] > 10  # a model that learned something: the drop means something
     assert abs(s['int8_drop_combined']) <= 1.0, s
-    assert rep['int8']['method'] == 'static' and rep['int8']['bytes'] < rep['int8']['fp32_bytes']   # auto: static for a U-Net
+    assert (
+        rep['int8']['method'] == 'static' and rep['int8']['bytes'] < rep['int8']['fp32_bytes']
+    )  # auto: static for a U-Net
     assert json.loads((tmp / 'export' / 'unet.json').read_text())['within_1e-4']
     # the onnx backend of `seaice predict` gives the torch charts
     scene = _alone(world, 1)
     outs = {}
     for b in ('torch', 'onnx'):
-        args = ['predict', str(tmp / 'run'), str(scene), '--out', str(tmp / f'o_{b}'), '--tile', '32', '--overlap', '8',
-                '--no-geotiff', '--no-png', '--quiet', '--backend', b, '--threads', '1']
-        if b == 'onnx': args += ['--onnx', str(tmp / 'export' / 'unet.onnx')]
+        args = [
+            'predict',
+            str(tmp / 'run'),
+            str(scene),
+            '--out',
+            str(tmp / f'o_{b}'),
+            '--tile',
+            '32',
+            '--overlap',
+            '8',
+            '--no-geotiff',
+            '--no-png',
+            '--quiet',
+            '--backend',
+            b,
+            '--threads',
+            '1',
+        ]
+        if b == 'onnx':
+            args += ['--onnx', str(tmp / 'export' / 'unet.onnx')]
         assert cli.main(args) == 0
-        with netCDF4.Dataset(next((tmp / f'o_{b}').glob('*_charts.nc'))) as nc: outs[b] = {c: nc.variables[c.upper()][:].filled(255) for c in CHARTS}
-    for c in CHARTS: assert (outs['torch'][c] == outs['onnx'][c]).mean() > 0.999
+        with netCDF4.Dataset(next((tmp / f'o_{b}').glob('*_charts.nc'))) as nc:
+            outs[b] = {c: nc.variables[c.upper()][:].filled(255) for c in CHARTS}
+    for c in CHARTS:
+        assert (outs['torch'][c] == outs['onnx'][c]).mean() > 0.999
 
 
 TINY = dict(img_size=16, patch_size=4, dim=32, temporal_depth=1, spatial_depth=1)
-FAMILIES = {'unet_baseline': ({'filters': [8, 8]}, 1), 'seaice_tsvit_v1': (TINY, 1), 'seaice_tsvit_v2': (TINY, 3),
-            'seaice_tsvit_v3_early': ({**TINY, 'amsr2_chans': 3, 'era5_chans': 2}, 3),
-            'seaice_tsvit_v3_xattn': ({**TINY, 'amsr2_chans': 3, 'era5_chans': 2, 'fusion_depth': 1}, 3)}
+FAMILIES = {
+    'unet_baseline': ({'filters': [8, 8]}, 1),
+    'seaice_tsvit_v1': (TINY, 1),
+    'seaice_tsvit_v2': (TINY, 3),
+    'seaice_tsvit_v3_early': ({**TINY, 'amsr2_chans': 3, 'era5_chans': 2}, 3),
+    'seaice_tsvit_v3_xattn': ({**TINY, 'amsr2_chans': 3, 'era5_chans': 2, 'fusion_depth': 1}, 3),
+}
 
 
 @pytest.mark.parametrize('preset', list(FAMILIES))
 def test_every_family_exports_and_matches_onnxruntime(preset, tmp_path):
     from seaice_nb.export import check_export, export_onnx
     from seaice_nb.models import create_model
+
     kw, T = FAMILIES[preset]
     torch.manual_seed(0)
     m = create_model(preset, in_chans=5, **kw)
     info = export_onnx(m, tmp_path / 'm.onnx', T)
-    assert info['dynamic_tile'] == preset.startswith('unet') and info['tile'] == (None if preset.startswith('unet') else 16)
+    assert info['dynamic_tile'] == preset.startswith('unet') and info['tile'] == (
+        None if preset.startswith('unet') else 16
+    )
     diffs = check_export(m, tmp_path / 'm.onnx', T)
     assert max(diffs.values()) <= 1e-4, diffs
-    assert ('random_tile_96x96' in diffs) == preset.startswith('unet')   # other tile sizes only where the architecture allows
-    with pytest.raises(ConfigError, match='built for 16-pixel tiles') if not preset.startswith('unet') else _nothing():
+    assert ('random_tile_96x96' in diffs) == preset.startswith(
+        'unet'
+    )  # other tile sizes only where the architecture allows
+    with (
+        pytest.raises(ConfigError, match='built for 16-pixel tiles')
+        if not preset.startswith('unet')
+        else _nothing()
+    ):
         export_onnx(m, tmp_path / 'x.onnx', T, tile=32)
 
 
 class _nothing:
-    def __enter__(self): return self
-    def __exit__(self, *a): return False
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
 
 
 def test_corrupt_or_foreign_scene_fails_naming_it_and_writes_nothing(world):
     import xarray as xr
     from seaice_nb.predict import predict
+
     tmp, _, split = world
     good = _alone(world, 2)
-    bad = tmp / 'bad' / '20210101T000000_dmi_prep.nc'; bad.parent.mkdir()
-    bad.write_bytes(good.read_bytes()[:20000])                            # truncated download
+    bad = tmp / 'bad' / '20210101T000000_dmi_prep.nc'
+    bad.parent.mkdir()
+    bad.write_bytes(good.read_bytes()[:20000])  # truncated download
     out = tmp / 'out_bad'
     with pytest.raises(DataError, match='20210101T000000_dmi_prep.nc.*(corrupt|truncated)'):
         predict(tmp / 'run', bad, out, progress=False)
     assert not out.exists() or not any(out.iterdir())
-    ds = xr.open_dataset(good, mask_and_scale=False).load(); ds.close()
+    ds = xr.open_dataset(good, mask_and_scale=False).load()
+    ds.close()
     foreign = tmp / 'bad' / '20210102T000000_dmi_prep.nc'
-    ds.drop_vars('nersc_sar_secondary').to_netcdf(foreign)              # a file without HV
+    ds.drop_vars('nersc_sar_secondary').to_netcdf(foreign)  # a file without HV
     with pytest.raises(DataError, match="nersc_sar_secondary.*missing"):
         predict(tmp / 'run', foreign, out, progress=False)
     assert not out.exists() or not any(out.iterdir())
-    with pytest.raises(DataError, match='not earlier than the target'):   # history must be older than the target
+    with pytest.raises(
+        DataError, match='not earlier than the target'
+    ):  # history must be older than the target
         from seaice_nb.predict import load_run, scene_inputs
+
         scene_inputs(good, load_run(tmp / 'run')[1], [good])
 
 
 def test_temporal_model_uses_history_or_falls_back_logged(world, caplog, tmp_path):
     from seaice_nb.bench_predict import make_run
     from seaice_nb.predict import predict
+
     tmp, _, split = world
-    run = make_run('tsvit_v2', tmp_path, factor=4, tiny=True)               # a TSViT v2 run on 3 frames (untrained)
+    run = make_run('tsvit_v2', tmp_path, factor=4, tiny=True)  # a TSViT v2 run on 3 frames (untrained)
     scenes = sorted(split['train'] + split['test'], key=lambda p: p.name)
     target, history = scenes[-1], scenes[:-1]
     with caplog.at_level(logging.WARNING, logger='seaice_nb'):

@@ -9,6 +9,7 @@
 Generates synthetic AI4Arctic scenes, preprocesses them, trains a small TSViT v2 and the baseline U-Net
 briefly on the CPU, evaluates both and draws the comparison figures (seaice_nb.workflows.run_demo).
 """
+
 import os, sys, time
 from pathlib import Path
 
@@ -17,10 +18,15 @@ if __name__ == '__main__':
     os.chdir(root)  # runs/demo and configs/ relative to the repository, wherever make was called from
     t0 = time.time()
     from seaice_nb.workflows import demo_main
-    try: rc = demo_main(sys.argv[1:])
+
+    try:
+        rc = demo_main(sys.argv[1:])
     except Exception as e:  # a failed step names its executed notebook; no traceback of the driver
         from seaice_nb.core import SeaIceError
-        if not isinstance(e, SeaIceError): raise
-        print(f"demo: error: {e}", file=sys.stderr); rc = 1
+
+        if not isinstance(e, SeaIceError):
+            raise
+        print(f"demo: error: {e}", file=sys.stderr)
+        rc = 1
     print(f"total {time.time() - t0:.0f} s")
     sys.exit(rc)

@@ -19,6 +19,7 @@ installed and nothing outside the checkout is written:
     python tools/docs.py            # build _docs/
     python tools/docs.py --renderer smalldocs
 """
+
 import argparse, json, re, shutil, subprocess, sys
 from pathlib import Path
 
@@ -32,6 +33,7 @@ def prepare(nbs: Path) -> Path:
     from nbdev.quarto import refresh_quarto_yml, nbdev_sidebar
     from nbdev.serve import proc_nbs
     import nbdev.doclinks
+
     refresh_quarto_yml()
     nbdev.doclinks._build_modidx()
     nbdev_sidebar.__wrapped__(path=nbs, file_re=PAGE_RE)
@@ -43,7 +45,7 @@ _LINK = re.compile(r'\[`?([^\]`]+)`?\]\([^)\s]+\)')
 
 def _fix_block(block: str) -> str:
     "Inside a signature's code block: `[`x`](url)` -> x and `x` -> x (comments read as text)."
-    body = block[len('```python\n'):-len('\n```')]
+    body = block[len('```python\n') : -len('\n```')]
     return '```python\n' + _LINK.sub(r'\1', body).replace('`', '') + '\n```'
 
 
@@ -52,7 +54,8 @@ def fix_links(proc: Path, site_url: str) -> int:
     site_url = site_url.rstrip('/') + '/'
     n = 0
     for p in proc.rglob('*'):
-        if p.suffix not in ('.ipynb', '.md', '.qmd') or not p.is_file(): continue
+        if p.suffix not in ('.ipynb', '.md', '.qmd') or not p.is_file():
+            continue
         rel = '../' * (len(p.relative_to(proc).parts) - 1)
         text = p.read_text()
         n += text.count(site_url)
@@ -62,9 +65,12 @@ def fix_links(proc: Path, site_url: str) -> int:
             for cell in nb['cells']:
                 for o in cell.get('outputs', []):
                     md = o.get('data', {}).get('text/markdown')
-                    if md is None: continue
+                    if md is None:
+                        continue
                     md = ''.join(md) if isinstance(md, list) else md
-                    o['data']['text/markdown'] = re.sub(r'```python\n.*?\n```', lambda m: _fix_block(m.group(0)), md, flags=re.S)
+                    o['data']['text/markdown'] = re.sub(
+                        r'```python\n.*?\n```', lambda m: _fix_block(m.group(0)), md, flags=re.S
+                    )
             text = json.dumps(nb, indent=1, ensure_ascii=False)
         p.write_text(text)
     return n
@@ -80,17 +86,20 @@ def output_names(proc: Path) -> dict[str, str]:
         nb = json.loads(p.read_text())
         head = ''.join(nb['cells'][0]['source']) if nb['cells'] else ''
         m = _OUT.search(head) if nb['cells'] and nb['cells'][0]['cell_type'] == 'raw' else None
-        if not m: continue
+        if not m:
+            continue
         nb['cells'][0]['source'] = _OUT.sub('', head)  # smalldocs does not read it: the file name says it now
         target = p.with_name(Path(m.group(1)).stem + '.ipynb')
-        if target != p and target.exists(): raise SystemExit(f"docs: {p.name} and {target.name} would both be {m.group(1)}")
+        if target != p and target.exists():
+            raise SystemExit(f"docs: {p.name} and {target.name} would both be {m.group(1)}")
         p.unlink()
         target.write_text(json.dumps(nb, indent=1, ensure_ascii=False))
         moved[p.relative_to(proc).as_posix()] = target.relative_to(proc).as_posix()
     side = proc / 'sidebar.yml'
     if side.exists():
         text = side.read_text()
-        for a, b in moved.items(): text = re.sub(rf'(?<=[\s-]){re.escape(a)}$', b, text, flags=re.M)
+        for a, b in moved.items():
+            text = re.sub(rf'(?<=[\s-]){re.escape(a)}$', b, text, flags=re.M)
         side.write_text(text)
     return moved
 
@@ -99,22 +108,30 @@ def fix_anchors(docs: Path) -> int:
     """Cross-reference links to a symbol without its own section (a private helper named in prose, a method
     documented with its class) point to the class's section, else to the top of the page: never to nothing."""
     ids: dict[Path, set] = {}
+
     def page_ids(p):
-        if p not in ids: ids[p] = set(re.findall(r'\bid="([^"]+)"', p.read_text()))
+        if p not in ids:
+            ids[p] = set(re.findall(r'\bid="([^"]+)"', p.read_text()))
         return ids[p]
+
     n = 0
     for page in docs.rglob('*.html'):
         text = page.read_text()
+
         def fix(m, page=page):
             nonlocal n
             path, frag = m.group(1), m.group(2)
             target = (page.parent / path).resolve()
-            if not target.is_file() or frag in page_ids(target): return m.group(0)
+            if not target.is_file() or frag in page_ids(target):
+                return m.group(0)
             n += 1
-            while '.' in frag and frag not in page_ids(target): frag = frag.rsplit('.', 1)[0]
+            while '.' in frag and frag not in page_ids(target):
+                frag = frag.rsplit('.', 1)[0]
             return f'href="{path}#{frag}"' if frag in page_ids(target) else f'href="{path}"'
+
         new = re.sub(r'href="([^":#"]+\.html)#([^"]+)"', fix, text)
-        if new != text: page.write_text(new)
+        if new != text:
+            page.write_text(new)
     return n
 
 
@@ -136,25 +153,37 @@ def render_quarto(proc: Path, docs: Path, quarto: str):
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument('--renderer', choices=['auto', 'quarto', 'smalldocs'], default='auto',
-                    help='auto: Quarto when `quarto` is on PATH, else smalldocs')
+    ap.add_argument(
+        '--renderer',
+        choices=['auto', 'quarto', 'smalldocs'],
+        default='auto',
+        help='auto: Quarto when `quarto` is on PATH, else smalldocs',
+    )
     a = ap.parse_args(argv)
     from nbdev.config import get_config
+
     cfg = get_config(path=ROOT)
     quarto = shutil.which('quarto')
     renderer = a.renderer if a.renderer != 'auto' else ('quarto' if quarto else 'smalldocs')
     if renderer == 'quarto' and not quarto:
-        print('docs: --renderer quarto but `quarto` is not on PATH (install it yourself, or use smalldocs)', file=sys.stderr)
+        print(
+            'docs: --renderer quarto but `quarto` is not on PATH (install it yourself, or use smalldocs)',
+            file=sys.stderr,
+        )
         return 2
     docs = ROOT / cfg.doc_path.name
     shutil.rmtree(ROOT / '_proc', ignore_errors=True)
     proc = prepare(cfg.nbs_path)
     n = fix_links(proc, cfg.doc_host + cfg.doc_baseurl)
     shutil.rmtree(docs, ignore_errors=True)
-    if renderer == 'quarto': render_quarto(proc, docs, quarto)
-    else: render_smalldocs(proc, docs)
+    if renderer == 'quarto':
+        render_quarto(proc, docs, quarto)
+    else:
+        render_smalldocs(proc, docs)
     k = fix_anchors(docs)
-    print(f"docs site ({renderer}; {n} links made relative, {k} pointed at their page or class): {docs / 'index.html'}")
+    print(
+        f"docs site ({renderer}; {n} links made relative, {k} pointed at their page or class): {docs / 'index.html'}"
+    )
     return 0
 
 

@@ -5,6 +5,7 @@ With Quarto installed, `nbdev_readme` does this; without it this script renders 
 markdown cells and visible code cells (directives stripped, `#| hide` cells dropped) with their text
 and image outputs. `--check` exits 1 when README.md is out of date.
 """
+
 import json, sys
 from pathlib import Path
 
@@ -18,14 +19,19 @@ def render(nb_path: Path) -> str:
         src = ''.join(cell['source'])
         lines = src.splitlines()
         directives = [l for l in lines if l.startswith('#|')]
-        if any(d.split()[1:2] in (['hide'], ['exporti'], ['default_exp']) for d in directives): continue
+        if any(d.split()[1:2] in (['hide'], ['exporti'], ['default_exp']) for d in directives):
+            continue
         body = '\n'.join(l for l in lines if not l.startswith('#|')).strip('\n')
-        if cell['cell_type'] == 'markdown': parts.append(body); continue
-        if cell['cell_type'] != 'code' or not body: continue
+        if cell['cell_type'] == 'markdown':
+            parts.append(body)
+            continue
+        if cell['cell_type'] != 'code' or not body:
+            continue
         parts.append(f"```python\n{body}\n```")
         for out in cell.get('outputs', []):
             text = out.get('text') or out.get('data', {}).get('text/plain')
-            if text: parts.append("    " + ''.join(text).rstrip('\n').replace('\n', '\n    '))
+            if text:
+                parts.append("    " + ''.join(text).rstrip('\n').replace('\n', '\n    '))
     return '\n\n'.join(parts).rstrip() + '\n'
 
 
@@ -34,9 +40,12 @@ def main(argv):
     readme = ROOT / 'README.md'
     if '--check' in argv:
         if not readme.exists() or readme.read_text() != text:
-            print('README.md is out of date with nbs/index.ipynb: run `make readme`'); return 1
+            print('README.md is out of date with nbs/index.ipynb: run `make readme`')
+            return 1
         return 0
-    readme.write_text(text); print(f'wrote {readme}'); return 0
+    readme.write_text(text)
+    print(f'wrote {readme}')
+    return 0
 
 
 if __name__ == '__main__':

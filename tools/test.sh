@@ -24,6 +24,12 @@ if ! diff -r "$snap/nbs" nbs >/dev/null; then
 fi
 rm -rf "$snap"
 
+step "ruff: notebooks, tests and tools formatted; everything lint-clean"
+if ! "$BIN/ruff" format --check --quiet nbs tests tools setup.py; then
+  echo "FAIL: run 'make format' (ruff format on the notebooks, then nbdev_export) and commit"; fail=1
+fi
+"$BIN/ruff" check --quiet || { echo "FAIL: ruff check"; fail=1; }
+
 step "nbdev_test (notebook examples)"
 t0=$(date +%s)
 "$BIN/nbdev_test" --n_workers 2 --timing || { echo "FAIL: nbdev_test"; fail=1; }

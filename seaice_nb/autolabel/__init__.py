@@ -24,52 +24,64 @@ WATER, THIN, THICK, IGNORE = 0, 1, 2, 255
 CLASS_NAMES = ('water', 'thin_ice', 'thick_ice')
 PAPER_CODE = {WATER: 2, THIN: 0, THICK: 1}  # the authors' on-disk encoding
 
+
 @dataclass(frozen=True)
 class RuleConfig:
     "Thresholds on V = max(R, G, B) of the 8-bit rendering (the paper's defaults)."
-    water_max: int = 30   # V <= water_max: open water
+
+    water_max: int = 30  # V <= water_max: open water
     thick_min: int = 205  # V >= thick_min: thick/snow-covered ice; in between: thin ice
 
     def __post_init__(self):
         if not (0 <= self.water_max and self.water_max + 1 < self.thick_min <= 255):
-            raise ConfigError(f"rule thresholds need 0 <= water_max < water_max + 1 < thick_min <= 255 "
-                              f"(a non-empty thin-ice range), got water_max={self.water_max}, thick_min={self.thick_min}")
+            raise ConfigError(
+                f"rule thresholds need 0 <= water_max < water_max + 1 < thick_min <= 255 "
+                f"(a non-empty thin-ice range), got water_max={self.water_max}, thick_min={self.thick_min}"
+            )
+
 
 def rule_lut(rule: RuleConfig | None = None) -> np.ndarray:
     "The 256-entry table mapping V = max(R, G, B) to a class (0 water, 1 thin, 2 thick)."
     rule = rule or RuleConfig()
     lut = np.full(256, THIN, np.uint8)
-    lut[:rule.water_max + 1] = WATER
-    lut[rule.thick_min:] = THICK
+    lut[: rule.water_max + 1] = WATER
+    lut[rule.thick_min :] = THICK
     return lut
 
 # %% ../../nbs/50_autolabel.ipynb #699fd9aa
 _BLOCK_PX = 1 << 16  # pixels per block: 192 KiB of RGB, fits in L2
 
+
 def _check_rgb(rgb, name='rgb') -> np.ndarray:
     if not isinstance(rgb, np.ndarray) or rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
         desc = f"{rgb.dtype} {rgb.shape}" if isinstance(rgb, np.ndarray) else type(rgb).__name__
-        raise DataError(f"{name} must be an 8-bit RGB image, uint8 [y, x, 3]; got {desc} "
-                        f"(scale 16-bit/float reflectances to a display stretch first)")
+        raise DataError(
+            f"{name} must be an 8-bit RGB image, uint8 [y, x, 3]; got {desc} "
+            f"(scale 16-bit/float reflectances to a display stretch first)"
+        )
     return rgb
 
-def brightness(rgb: np.ndarray, # uint8 [y, x, 3]
-               out: np.ndarray | None = None, # optional uint8 [y, x] output buffer
-              ) -> np.ndarray:
+
+def brightness(
+    rgb: np.ndarray,  # uint8 [y, x, 3]
+    out: np.ndarray | None = None,  # optional uint8 [y, x] output buffer
+) -> np.ndarray:
     "V = max(R, G, B) per pixel (OpenCV's HSV value channel), uint8 [y, x]."
     rgb = _check_rgb(rgb)
     h, w = rgb.shape[:2]
     out = np.empty((h, w), np.uint8) if out is None else out
     rows = max(1, _BLOCK_PX // max(w, 1))
     for y in range(0, h, rows):
-        r, g, b = cv2.split(rgb[y:y + rows])
-        cv2.max(cv2.max(r, g), b, dst=out[y:y + rows])
+        r, g, b = cv2.split(rgb[y : y + rows])
+        cv2.max(cv2.max(r, g), b, dst=out[y : y + rows])
     return out
 
-def label_rgb(rgb: np.ndarray, # uint8 [y, x, 3] true-colour rendering
-              rule: RuleConfig | None = None, # thresholds (paper defaults)
-              out: np.ndarray | None = None, # optional uint8 [y, x] output buffer
-             ) -> np.ndarray:
+
+def label_rgb(
+    rgb: np.ndarray,  # uint8 [y, x, 3] true-colour rendering
+    rule: RuleConfig | None = None,  # thresholds (paper defaults)
+    out: np.ndarray | None = None,  # optional uint8 [y, x] output buffer
+) -> np.ndarray:
     "Class map (0 water, 1 thin ice, 2 thick ice) of an 8-bit RGB image, one pass over the pixels."
     rgb = _check_rgb(rgb)
     lut = rule_lut(rule)
@@ -77,14 +89,15 @@ def label_rgb(rgb: np.ndarray, # uint8 [y, x, 3] true-colour rendering
     out = np.empty((h, w), np.uint8) if out is None else out
     rows = max(1, _BLOCK_PX // max(w, 1))
     for y in range(0, h, rows):
-        r, g, b = cv2.split(rgb[y:y + rows])
-        cv2.LUT(cv2.max(cv2.max(r, g), b), lut, dst=out[y:y + rows])
+        r, g, b = cv2.split(rgb[y : y + rows])
+        cv2.LUT(cv2.max(cv2.max(r, g), b), lut, dst=out[y : y + rows])
     return out
 
 # %% ../../nbs/50_autolabel.ipynb #c028a0e8
-def label_rgb_hsv(rgb: np.ndarray, # uint8 [y, x, 3]
-                  rule: RuleConfig | None = None, # thresholds (paper defaults)
-                 ) -> np.ndarray:
+def label_rgb_hsv(
+    rgb: np.ndarray,  # uint8 [y, x, 3]
+    rule: RuleConfig | None = None,  # thresholds (paper defaults)
+) -> np.ndarray:
     "The paper's rule as written: HSV conversion and one `cv2.inRange` mask per class."
     rule = rule or RuleConfig()
     hsv = cv2.cvtColor(_check_rgb(rgb), cv2.COLOR_RGB2HSV)
@@ -92,31 +105,37 @@ def label_rgb_hsv(rgb: np.ndarray, # uint8 [y, x, 3]
     thin = cv2.inRange(hsv, (0, 0, rule.water_max + 1), (180, 255, rule.thick_min - 1))
     water = cv2.inRange(hsv, (0, 0, 0), (180, 255, rule.water_max))
     out = np.full(rgb.shape[:2], IGNORE, np.uint8)
-    out[thick > 0] = THICK; out[thin > 0] = THIN; out[water > 0] = WATER
+    out[thick > 0] = THICK
+    out[thin > 0] = THIN
+    out[water > 0] = WATER
     return out
 
 # %% ../../nbs/50_autolabel.ipynb #d6282faa
 def to_paper_encoding(labels: np.ndarray) -> np.ndarray:
     "Convert our labels (0 water, 1 thin, 2 thick, 255 ignore) to the authors' (0 thin, 1 thick, 2 water)."
     lut = np.full(256, IGNORE, np.uint8)
-    for ours, theirs in PAPER_CODE.items(): lut[ours] = theirs
+    for ours, theirs in PAPER_CODE.items():
+        lut[ours] = theirs
     return lut[labels]
 
 # %% ../../nbs/50_autolabel.ipynb #89023346
 @dataclass(frozen=True)
 class FilterConfig:
     "Parameters of the thin-cloud/shadow filter (the paper's defaults)."
-    dilate: int = 7       # side of the square dilation kernel, px
-    median: int = 155     # median background window, px (odd, >= 3)
+
+    dilate: int = 7  # side of the square dilation kernel, px
+    median: int = 155  # median background window, px (odd, >= 3)
     otsu: Literal['tozero', 'background', 'off'] = 'tozero'  # how Otsu's threshold masks the difference image
-    truncate: int = 235   # truncate the normalised difference at this level before the second normalisation
+    truncate: int = 235  # truncate the normalised difference at this level before the second normalisation
     water_to_white: bool = True  # set open water to white before estimating the background
 
     def __post_init__(self):
         if self.median < 3 or self.median % 2 == 0:
             raise ConfigError(f"filter.median must be an odd window of at least 3 px, got {self.median}")
-        if self.dilate < 1: raise ConfigError(f"filter.dilate must be >= 1 px, got {self.dilate}")
-        if not 0 < self.truncate <= 255: raise ConfigError(f"filter.truncate must be in 1..255, got {self.truncate}")
+        if self.dilate < 1:
+            raise ConfigError(f"filter.dilate must be >= 1 px, got {self.dilate}")
+        if not 0 < self.truncate <= 255:
+            raise ConfigError(f"filter.truncate must be in 1..255, got {self.truncate}")
         if self.otsu not in ('tozero', 'background', 'off'):
             raise ConfigError(f"filter.otsu must be 'tozero', 'background' or 'off', got {self.otsu!r}")
 
@@ -124,16 +143,19 @@ class FilterConfig:
 def _normalize(a: np.ndarray) -> np.ndarray:
     return cv2.normalize(a, None, 0, 255, cv2.NORM_MINMAX, cv2.CV_8U)
 
-def cloud_filter(rgb: np.ndarray, # uint8 [y, x, 3]
-                 cfg: FilterConfig | None = None, # filter parameters
-                 rule: RuleConfig | None = None, # defines open water (V <= water_max)
-                ) -> np.ndarray:
+
+def cloud_filter(
+    rgb: np.ndarray,  # uint8 [y, x, 3]
+    cfg: FilterConfig | None = None,  # filter parameters
+    rule: RuleConfig | None = None,  # defines open water (V <= water_max)
+) -> np.ndarray:
     "The background-normalised grayscale image (uint8 [y, x]) of the thin-cloud/shadow filter, before re-thresholding."
     cfg, rule = cfg or FilterConfig(), rule or RuleConfig()
     rgb = _check_rgb(rgb)
     water = brightness(rgb) <= rule.water_max
     gray = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
-    if cfg.water_to_white: gray[water] = 255
+    if cfg.water_to_white:
+        gray[water] = 255
     bg = cv2.dilate(gray, np.ones((cfg.dilate, cfg.dilate), np.uint8))
     bg = cv2.medianBlur(bg, cfg.median)
     diff = cv2.absdiff(gray, bg)
@@ -141,45 +163,60 @@ def cloud_filter(rgb: np.ndarray, # uint8 [y, x, 3]
     diff[water] = 0
     if cfg.otsu != 'off':
         t, _ = cv2.threshold(diff, 0, 255, cv2.THRESH_BINARY | cv2.THRESH_OTSU)
-        if cfg.otsu == 'tozero': diff[diff <= t] = 0
-        else: diff[diff > t] = 255
+        if cfg.otsu == 'tozero':
+            diff[diff <= t] = 0
+        else:
+            diff[diff > t] = 255
     norm = _normalize(diff)
     _, norm = cv2.threshold(norm, cfg.truncate, 255, cv2.THRESH_TRUNC)
     return _normalize(norm)
 
-def label_filtered(rgb: np.ndarray, # uint8 [y, x, 3]
-                   cfg: FilterConfig | None = None, # filter parameters
-                   rule: RuleConfig | None = None, # thresholds, used before and after filtering
-                  ) -> np.ndarray:
+
+def label_filtered(
+    rgb: np.ndarray,  # uint8 [y, x, 3]
+    cfg: FilterConfig | None = None,  # filter parameters
+    rule: RuleConfig | None = None,  # thresholds, used before and after filtering
+) -> np.ndarray:
     "Class map (0 water, 1 thin, 2 thick) of the filtered image: the rule applied to `cloud_filter`'s output."
     return cv2.LUT(cloud_filter(rgb, cfg, rule), rule_lut(rule))
 
+
 def levels(labels: np.ndarray) -> np.ndarray:
     "The paper's 3-level picture of a class map: 0 water, 155 thin, 255 thick (255 ignore stays 255)."
-    lut = np.full(256, 255, np.uint8); lut[[WATER, THIN, THICK]] = (0, 155, 255)
+    lut = np.full(256, 255, np.uint8)
+    lut[[WATER, THIN, THICK]] = (0, 155, 255)
     return lut[labels]
 
 # %% ../../nbs/50_autolabel.ipynb #db3fd463
 def read_rgb(path: str | Path) -> np.ndarray:
     "Read an 8-bit RGB image file (PNG, JPEG, TIFF/GeoTIFF) as uint8 [y, x, 3] in R, G, B order."
     path = Path(path)
-    if not path.is_file(): raise MissingFileError(f"image {path} does not exist")
+    if not path.is_file():
+        raise MissingFileError(f"image {path} does not exist")
     img = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
     if img is None:
         try:
             from PIL import Image
-            with Image.open(path) as im: img = np.asarray(im)[..., ::-1] if np.asarray(im).ndim == 3 else np.asarray(im)
+
+            with Image.open(path) as im:
+                img = np.asarray(im)[..., ::-1] if np.asarray(im).ndim == 3 else np.asarray(im)
         except Exception as e:
-            raise DataError(f"{path}: cannot decode the image ({e}); expected an 8-bit RGB PNG/JPEG/TIFF") from None
+            raise DataError(
+                f"{path}: cannot decode the image ({e}); expected an 8-bit RGB PNG/JPEG/TIFF"
+            ) from None
     if img.dtype != np.uint8:
-        raise DataError(f"{path}: pixels are {img.dtype}, expected 8-bit; render a display stretch to uint8 first")
+        raise DataError(
+            f"{path}: pixels are {img.dtype}, expected 8-bit; render a display stretch to uint8 first"
+        )
     if img.ndim != 3 or img.shape[2] not in (3, 4):
         raise DataError(f"{path}: expected an RGB image, got shape {img.shape}")
     return np.ascontiguousarray(img[..., 2::-1])  # BGR(A) -> RGB
 
+
 def write_rgb(path: str | Path, rgb: np.ndarray) -> Path:
     "Write uint8 [y, x, 3] RGB as PNG (or any format OpenCV infers from the suffix)."
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     if not cv2.imwrite(str(path), np.ascontiguousarray(_check_rgb(rgb)[..., ::-1])):
         raise DataError(f"could not write {path} (unknown suffix?)")
     return path
@@ -188,75 +225,100 @@ def write_rgb(path: str | Path, rgb: np.ndarray) -> Path:
 @dataclass(frozen=True)
 class TileSpec:
     "One tile: where it comes from (provenance) and where it sits in its scene."
-    scene: str    # scene name (the file stem)
-    source: str   # path of the RGB image
-    y0: int       # top row in the scene, px
-    x0: int       # left column in the scene, px
-    size: int     # tile side, px
-    height: int   # scene height, px
-    width: int    # scene width, px
+
+    scene: str  # scene name (the file stem)
+    source: str  # path of the RGB image
+    y0: int  # top row in the scene, px
+    x0: int  # left column in the scene, px
+    size: int  # tile side, px
+    height: int  # scene height, px
+    width: int  # scene width, px
 
     @property
-    def tile_id(self) -> str: return f"{self.scene}_y{self.y0:05d}_x{self.x0:05d}"
+    def tile_id(self) -> str:
+        return f"{self.scene}_y{self.y0:05d}_x{self.x0:05d}"
 
-def tile_grid(height: int, width: int, # scene size, px
-              tile: int = 256, # tile side, px
-              edge: Literal['drop', 'pad'] = 'drop', # drop or pad partial tiles at the right/bottom edge
-             ) -> list[tuple[int, int]]:
+
+def tile_grid(
+    height: int,
+    width: int,  # scene size, px
+    tile: int = 256,  # tile side, px
+    edge: Literal['drop', 'pad'] = 'drop',  # drop or pad partial tiles at the right/bottom edge
+) -> list[tuple[int, int]]:
     "Top-left corners (y0, x0) of the tiles covering a scene, row-major."
-    if tile < 1: raise ConfigError(f"tile must be a positive number of pixels, got {tile}")
-    if edge not in ('drop', 'pad'): raise ConfigError(f"edge must be 'drop' or 'pad', got {edge!r}")
+    if tile < 1:
+        raise ConfigError(f"tile must be a positive number of pixels, got {tile}")
+    if edge not in ('drop', 'pad'):
+        raise ConfigError(f"edge must be 'drop' or 'pad', got {edge!r}")
     stop = (lambda n: n - tile + 1) if edge == 'drop' else (lambda n: n)
     return [(y, x) for y in range(0, stop(height), tile) for x in range(0, stop(width), tile)]
+
 
 def image_size(path: str | Path) -> tuple[int, int]:
     "(height, width) of an image file without decoding its pixels."
     from PIL import Image
+
     path = Path(path)
-    if not path.is_file(): raise MissingFileError(f"image {path} does not exist")
+    if not path.is_file():
+        raise MissingFileError(f"image {path} does not exist")
     try:
-        with Image.open(path) as im: w, h = im.size
-    except Exception as e: raise DataError(f"{path}: not a readable image ({e})") from None
+        with Image.open(path) as im:
+            w, h = im.size
+    except Exception as e:
+        raise DataError(f"{path}: not a readable image ({e})") from None
     return h, w
 
-def tile_specs(sources, # image paths (or one path)
-               tile: int = 256, # tile side, px
-               edge: Literal['drop', 'pad'] = 'drop', # drop or pad partial edge tiles
-              ) -> list[TileSpec]:
+
+def tile_specs(
+    sources,  # image paths (or one path)
+    tile: int = 256,  # tile side, px
+    edge: Literal['drop', 'pad'] = 'drop',  # drop or pad partial edge tiles
+) -> list[TileSpec]:
     "Tile specs for every scene, scene by scene; scene names (file stems) must be unique."
     sources = [sources] if isinstance(sources, (str, Path)) else list(sources)
     seen, specs = {}, []
     for src in sources:
-        src = Path(src); name = src.stem
-        if name in seen: raise DataError(f"two scenes named {name!r}: {seen[name]} and {src}; scene names are file stems and must be unique")
+        src = Path(src)
+        name = src.stem
+        if name in seen:
+            raise DataError(
+                f"two scenes named {name!r}: {seen[name]} and {src}; scene names are file stems and must be unique"
+            )
         seen[name] = src
         h, w = image_size(src)
         specs += [TileSpec(name, str(src), y, x, tile, h, w) for y, x in tile_grid(h, w, tile, edge)]
     return specs
 
-def cut_tile(a: np.ndarray, # [y, x, ...] scene array
-             y0: int, x0: int, size: int, # tile position and side, px
-             fill: int = IGNORE, # value outside the scene
-            ) -> np.ndarray:
+
+def cut_tile(
+    a: np.ndarray,  # [y, x, ...] scene array
+    y0: int,
+    x0: int,
+    size: int,  # tile position and side, px
+    fill: int = IGNORE,  # value outside the scene
+) -> np.ndarray:
     "The `size` x `size` window at (y0, x0), padded with `fill` beyond the scene edge."
-    t = a[y0:y0 + size, x0:x0 + size]
-    if t.shape[:2] == (size, size): return t
+    t = a[y0 : y0 + size, x0 : x0 + size]
+    if t.shape[:2] == (size, size):
+        return t
     out = np.full((size, size) + a.shape[2:], fill, a.dtype)
-    out[:t.shape[0], :t.shape[1]] = t
+    out[: t.shape[0], : t.shape[1]] = t
     return out
 
 # %% ../../nbs/50_autolabel.ipynb #98849adf
 @dataclass(frozen=True)
 class AutolabelConfig:
     "Everything that determines the label tiles of a run."
-    rule: RuleConfig = field(default_factory=RuleConfig)        # colour thresholds
+
+    rule: RuleConfig = field(default_factory=RuleConfig)  # colour thresholds
     filter: FilterConfig = field(default_factory=FilterConfig)  # cloud/shadow filter parameters
     apply_filter: bool = False  # label the filtered image (the filter runs once per scene, before tiling)
-    tile: int = 256             # tile side, px
+    tile: int = 256  # tile side, px
     edge: Literal['drop', 'pad'] = 'drop'  # partial edge tiles: drop, or pad with IGNORE
 
     def __post_init__(self):
         tile_grid(1, 1, self.tile, self.edge)  # validates tile and edge
+
 
 def scene_labels(rgb: np.ndarray, cfg: AutolabelConfig | None = None) -> np.ndarray:
     "Class map of a whole scene under `cfg` (filtered or not)."

@@ -13,8 +13,26 @@ from typing import Literal, Sequence
 import cv2
 import numpy as np
 import yaml
-from ..core import ConfigError, SeaIceError, atomic_write, from_dict, get_logger, load_config, save_config, to_dict
-from . import (IGNORE, AutolabelConfig, TileSpec, cut_tile, read_rgb, scene_labels, tile_grid, image_size)
+from seaice_nb.core import (
+    ConfigError,
+    SeaIceError,
+    atomic_write,
+    from_dict,
+    get_logger,
+    load_config,
+    save_config,
+    to_dict,
+)
+from seaice_nb.autolabel import (
+    IGNORE,
+    AutolabelConfig,
+    TileSpec,
+    cut_tile,
+    read_rgb,
+    scene_labels,
+    tile_grid,
+    image_size,
+)
 
 # %% auto #0
 __all__ = ['MANIFEST', 'process_tile', 'run_batch', 'read_manifest', 'finished_tiles', 'AutolabelReport', 'run_autolabel',
@@ -25,63 +43,97 @@ __all__ = ['MANIFEST', 'process_tile', 'run_batch', 'read_manifest', 'finished_t
 def _cached_labels(source: str, size: int, mtime_ns: int, cfg: AutolabelConfig) -> np.ndarray:
     return scene_labels(read_rgb(source), cfg)
 
+
 def _label_png(labels: np.ndarray) -> bytes:
     ok, buf = cv2.imencode('.png', labels)
     return buf.tobytes()
 
-def process_tile(spec: TileSpec, # the tile and its provenance
-                 cfg: AutolabelConfig, # labelling configuration
-                 out_dir: str | Path, # run folder; the tile goes to labels/<scene>/<tile_id>.png
-                ) -> dict:
+
+def process_tile(
+    spec: TileSpec,  # the tile and its provenance
+    cfg: AutolabelConfig,  # labelling configuration
+    out_dir: str | Path,  # run folder; the tile goes to labels/<scene>/<tile_id>.png
+) -> dict:
     "Label one tile and write it; return its manifest record (a pure function of its arguments)."
     st = os.stat(spec.source)
     labels = _cached_labels(spec.source, st.st_size, st.st_mtime_ns, cfg)
     if labels.shape != (spec.height, spec.width):
         from seaice_nb.core import DataError
-        raise DataError(f"{spec.source} is {labels.shape[0]} x {labels.shape[1]} px, the tile plan expected "
-                        f"{spec.height} x {spec.width}: the file changed; rerun to re-plan")
+
+        raise DataError(
+            f"{spec.source} is {labels.shape[0]} x {labels.shape[1]} px, the tile plan expected "
+            f"{spec.height} x {spec.width}: the file changed; rerun to re-plan"
+        )
     tile = cut_tile(labels, spec.y0, spec.x0, spec.size, IGNORE)
     rel = Path('labels') / spec.scene / f"{spec.tile_id}.png"
-    dst = Path(out_dir) / rel; dst.parent.mkdir(parents=True, exist_ok=True)
+    dst = Path(out_dir) / rel
+    dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.with_name(f".tmp-{dst.name}.{os.getpid()}")
-    tmp.write_bytes(_label_png(tile)); os.replace(tmp, dst)  # atomic against kills; no fsync per tile (see below)
+    tmp.write_bytes(_label_png(tile))
+    os.replace(tmp, dst)  # atomic against kills; no fsync per tile (see below)
     counts = np.bincount(tile.ravel(), minlength=256)
-    return {**dataclasses.asdict(spec), 'tile_id': spec.tile_id, 'label': str(rel), 'status': 'ok',
-            'counts': {'water': int(counts[0]), 'thin_ice': int(counts[1]), 'thick_ice': int(counts[2]),
-                       'ignore': int(counts[IGNORE])}}
+    return {
+        **dataclasses.asdict(spec),
+        'tile_id': spec.tile_id,
+        'label': str(rel),
+        'status': 'ok',
+        'counts': {
+            'water': int(counts[0]),
+            'thin_ice': int(counts[1]),
+            'thick_ice': int(counts[2]),
+            'ignore': int(counts[IGNORE]),
+        },
+    }
 
-def run_batch(specs: Sequence[TileSpec], # tiles (normally of one scene)
-              cfg: AutolabelConfig, # labelling configuration
-              out_dir: str | Path, # run folder
-             ) -> list[dict]:
+
+def run_batch(
+    specs: Sequence[TileSpec],  # tiles (normally of one scene)
+    cfg: AutolabelConfig,  # labelling configuration
+    out_dir: str | Path,  # run folder
+) -> list[dict]:
     "Run `process_tile` on each spec; a failing tile yields a record with status 'failed' and the error, not an exception."
     cv2.setNumThreads(1)  # one core per worker: parallelism comes from the workers
     out = []
     for spec in specs:
-        try: out.append(process_tile(spec, cfg, out_dir))
+        try:
+            out.append(process_tile(spec, cfg, out_dir))
         except Exception as e:  # reported per tile in the manifest; the batch goes on
-            out.append({**dataclasses.asdict(spec), 'tile_id': spec.tile_id, 'status': 'failed',
-                        'error': f"{type(e).__name__}: {e}"})
+            out.append(
+                {
+                    **dataclasses.asdict(spec),
+                    'tile_id': spec.tile_id,
+                    'status': 'failed',
+                    'error': f"{type(e).__name__}: {e}",
+                }
+            )
     return out
 
 # %% ../../nbs/52_autolabel.parallel.ipynb #9dc332a2
 MANIFEST = 'manifest.jsonl'
 
+
 def read_manifest(out_dir: str | Path) -> dict[str, dict]:
     "The latest record of every tile in `out_dir/manifest.jsonl` (empty if there is none); a torn last line is ignored."
     p = Path(out_dir) / MANIFEST
-    if not p.exists(): return {}
+    if not p.exists():
+        return {}
     recs = {}
     for line in p.read_text().splitlines():
-        try: r = json.loads(line)
-        except json.JSONDecodeError: continue  # a line cut by a kill
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut by a kill
         recs[r['tile_id']] = r
     return recs
+
 
 def finished_tiles(out_dir: str | Path) -> set[str]:
     "Tile ids whose latest record is 'ok' and whose label file exists."
     out = Path(out_dir)
-    return {t for t, r in read_manifest(out).items() if r.get('status') == 'ok' and (out / r['label']).exists()}
+    return {
+        t for t, r in read_manifest(out).items() if r.get('status') == 'ok' and (out / r['label']).exists()
+    }
+
 
 def _check_config(out: Path, cfg: AutolabelConfig):
     p = out / 'config.yaml'
@@ -89,52 +141,78 @@ def _check_config(out: Path, cfg: AutolabelConfig):
         saved = yaml.safe_load(p.read_text())
         if saved != to_dict(cfg):
             keys = sorted(k for k in set(saved) | set(to_dict(cfg)) if saved.get(k) != to_dict(cfg).get(k))
-            raise ConfigError(f"{out} holds labels made with a different config (differs in {', '.join(keys)}); "
-                              f"use a new output folder or the saved config.yaml")
-    else: save_config(cfg, p)
+            raise ConfigError(
+                f"{out} holds labels made with a different config (differs in {', '.join(keys)}); "
+                f"use a new output folder or the saved config.yaml"
+            )
+    else:
+        save_config(cfg, p)
 
 # %% ../../nbs/52_autolabel.parallel.ipynb #f3e2551b
 @dataclass
 class AutolabelReport:
     "What a labelling run did."
-    done: int = 0          # tiles labelled in this run
-    skipped: int = 0       # tiles already finished by an earlier run
+
+    done: int = 0  # tiles labelled in this run
+    skipped: int = 0  # tiles already finished by an earlier run
     failed: list = field(default_factory=list)  # records of failed tiles/scenes (with 'error')
-    seconds: float = 0.0   # wall time of the work, workers already started
-    startup_s: float = 0.0 # wall time to start the workers
+    seconds: float = 0.0  # wall time of the work, workers already started
+    startup_s: float = 0.0  # wall time to start the workers
     runner: str = 'serial'
     workers: int = 1
 
-    def to_dict(self) -> dict: return dataclasses.asdict(self)
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
 
-def _noop(i): return os.getpid()
+
+def _noop(i):
+    return os.getpid()
+
 
 def _exported(name: str):
     "The function `name` of the installed module: workers unpickle functions by module path, and `__main__` (a notebook) is not importable there."
     import importlib
+
     return getattr(importlib.import_module('seaice_nb.autolabel.parallel'), name)
+
 
 def _batches(specs: list[TileSpec], tiles_per_task: int | None) -> list[list[TileSpec]]:
     by_scene: dict[str, list] = {}
-    for s in specs: by_scene.setdefault(s.scene, []).append(s)
+    for s in specs:
+        by_scene.setdefault(s.scene, []).append(s)
     out = []
     for tiles in by_scene.values():
         n = tiles_per_task or len(tiles)
-        out += [tiles[i:i + n] for i in range(0, len(tiles), n)]
+        out += [tiles[i : i + n] for i in range(0, len(tiles), n)]
     return out
+
 
 def _plan(sources, cfg) -> tuple[list[TileSpec], list[dict]]:
     specs, failed, seen = [], [], {}
-    for src in ([sources] if isinstance(sources, (str, Path)) else sources):
+    for src in [sources] if isinstance(sources, (str, Path)) else sources:
         src = Path(src)
         if src.stem in seen:
-            raise ConfigError(f"two scenes named {src.stem!r}: {seen[src.stem]} and {src}; scene names are file stems and must be unique")
+            raise ConfigError(
+                f"two scenes named {src.stem!r}: {seen[src.stem]} and {src}; scene names are file stems and must be unique"
+            )
         seen[src.stem] = src
-        try: h, w = image_size(src)
+        try:
+            h, w = image_size(src)
         except SeaIceError as e:
-            failed.append({'tile_id': src.stem, 'scene': src.stem, 'source': str(src), 'status': 'failed',
-                           'error': f"{type(e).__name__}: {e}"}); continue
-        specs += [TileSpec(src.stem, str(src.resolve()), y, x, cfg.tile, h, w) for y, x in tile_grid(h, w, cfg.tile, cfg.edge)]
+            failed.append(
+                {
+                    'tile_id': src.stem,
+                    'scene': src.stem,
+                    'source': str(src),
+                    'status': 'failed',
+                    'error': f"{type(e).__name__}: {e}",
+                }
+            )
+            continue
+        specs += [
+            TileSpec(src.stem, str(src.resolve()), y, x, cfg.tile, h, w)
+            for y, x in tile_grid(h, w, cfg.tile, cfg.edge)
+        ]
     return specs, failed
 
 # %% ../../nbs/52_autolabel.parallel.ipynb #e765d86e
@@ -142,107 +220,179 @@ def _executor(runner, workers, client, slurm):
     "Start the workers; return (submit(fn, *args) -> future, as_completed, close)."
     if runner == 'pool':
         ex = cf.ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context('forkserver'))
-        list(ex.map(_exported('_noop'), range(workers)))  # start every worker now, so start-up is not timed as work
+        list(
+            ex.map(_exported('_noop'), range(workers))
+        )  # start every worker now, so start-up is not timed as work
         return ex.submit, cf.as_completed, lambda: ex.shutdown(cancel_futures=True)
     from distributed import Client, LocalCluster, as_completed
+
     cluster = None
     if client is None:
         if runner == 'dask':
-            cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, host='127.0.0.1',
-                                   dashboard_address='127.0.0.1:0', silence_logs=40)
+            cluster = LocalCluster(
+                n_workers=workers,
+                threads_per_worker=1,
+                processes=True,
+                host='127.0.0.1',
+                dashboard_address='127.0.0.1:0',
+                silence_logs=40,
+            )
         else:
             from dask_jobqueue import SLURMCluster
-            kw = {'cores': 1, 'processes': 1, 'memory': '2GB', 'walltime': '01:00:00', 'python': sys.executable,
-                  **{k: v for k, v in (slurm or {}).items() if k != 'wait_timeout'}}
+
+            kw = {
+                'cores': 1,
+                'processes': 1,
+                'memory': '2GB',
+                'walltime': '01:00:00',
+                'python': sys.executable,
+                **{k: v for k, v in (slurm or {}).items() if k != 'wait_timeout'},
+            }
             cluster = SLURMCluster(**kw)
             cluster.scale(jobs=workers)
         client = Client(cluster)
-        client.wait_for_workers(workers, timeout=(slurm or {}).get('wait_timeout', 300) if runner == 'slurm' else 120)
+        client.wait_for_workers(
+            workers, timeout=(slurm or {}).get('wait_timeout', 300) if runner == 'slurm' else 120
+        )
     client.run(_exported('_noop'), 0)  # every worker imports this module now, not during the timed work
     own = cluster is not None
+
     def close():
-        if own: client.close(); cluster.close()
+        if own:
+            client.close()
+            cluster.close()
+
     return (lambda fn, *a: client.submit(fn, *a, pure=False)), as_completed, close
 
-def run_autolabel(sources, # RGB image paths (PNG/TIFF), one scene each
-                  out_dir: str | Path, # run folder: config.yaml, manifest.jsonl, labels/
-                  cfg: AutolabelConfig | None = None, # labelling configuration
-                  runner: Literal['serial', 'pool', 'dask', 'slurm'] = 'pool', # where tiles run
-                  workers: int = 2, # worker processes (or SLURM jobs)
-                  tiles_per_task: int | None = None, # tiles per task (default: a whole scene)
-                  client=None, # an existing distributed.Client (runner 'dask')
-                  slurm: dict | None = None, # keyword arguments of dask_jobqueue.SLURMCluster (runner 'slurm')
-                  progress: bool = True, # show a tqdm bar
-                 ) -> AutolabelReport:
+
+def run_autolabel(
+    sources,  # RGB image paths (PNG/TIFF), one scene each
+    out_dir: str | Path,  # run folder: config.yaml, manifest.jsonl, labels/
+    cfg: AutolabelConfig | None = None,  # labelling configuration
+    runner: Literal['serial', 'pool', 'dask', 'slurm'] = 'pool',  # where tiles run
+    workers: int = 2,  # worker processes (or SLURM jobs)
+    tiles_per_task: int | None = None,  # tiles per task (default: a whole scene)
+    client=None,  # an existing distributed.Client (runner 'dask')
+    slurm: dict | None = None,  # keyword arguments of dask_jobqueue.SLURMCluster (runner 'slurm')
+    progress: bool = True,  # show a tqdm bar
+) -> AutolabelReport:
     "Label every tile of `sources` into `out_dir`, skipping tiles a previous run finished; failures are reported, not raised."
     cfg = cfg or AutolabelConfig()
     if runner not in ('serial', 'pool', 'dask', 'slurm'):
         raise ConfigError(f"runner must be 'serial', 'pool', 'dask' or 'slurm', got {runner!r}")
-    if not isinstance(workers, int) or workers < 1: raise ConfigError(f"workers must be a positive integer, got {workers!r}")
-    out = Path(out_dir); out.mkdir(parents=True, exist_ok=True)
+    if not isinstance(workers, int) or workers < 1:
+        raise ConfigError(f"workers must be a positive integer, got {workers!r}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
     _check_config(out, cfg)
     log = get_logger('autolabel')
     specs, failed = _plan(sources, cfg)
     done_ids = finished_tiles(out)
     todo = [s for s in specs if s.tile_id not in done_ids]
-    rep = AutolabelReport(skipped=len(specs) - len(todo), failed=list(failed), runner=runner,
-                          workers=1 if runner == 'serial' else workers)
+    rep = AutolabelReport(
+        skipped=len(specs) - len(todo),
+        failed=list(failed),
+        runner=runner,
+        workers=1 if runner == 'serial' else workers,
+    )
     from tqdm.auto import tqdm
+
     bar = tqdm(total=len(todo), desc='autolabel', unit='tile', disable=not progress)
     batches = _batches(todo, tiles_per_task)
     with open(out / MANIFEST, 'a') as man:
+
         def record(recs):
             for r in recs:
                 man.write(json.dumps(r) + '\n')
-                if r['status'] == 'ok': rep.done += 1
-                else: rep.failed.append(r); log.warning(f"tile {r['tile_id']} failed: {r['error']}")
-            man.flush(); os.fsync(man.fileno()); bar.update(len(recs))
-        for r in failed: man.write(json.dumps(r) + '\n'); log.warning(f"scene {r['scene']} failed: {r['error']}")
+                if r['status'] == 'ok':
+                    rep.done += 1
+                else:
+                    rep.failed.append(r)
+                    log.warning(f"tile {r['tile_id']} failed: {r['error']}")
+            man.flush()
+            os.fsync(man.fileno())
+            bar.update(len(recs))
+
+        for r in failed:
+            man.write(json.dumps(r) + '\n')
+            log.warning(f"scene {r['scene']} failed: {r['error']}")
         t0 = time.perf_counter()
         if runner == 'serial' or not batches:
-            rep.startup_s = 0.0; t1 = time.perf_counter()
-            for b in batches: record(run_batch(b, cfg, str(out)))
+            rep.startup_s = 0.0
+            t1 = time.perf_counter()
+            for b in batches:
+                record(run_batch(b, cfg, str(out)))
         else:
             submit, as_completed, close = _executor(runner, workers, client, slurm)
             try:
-                t1 = time.perf_counter(); rep.startup_s = t1 - t0
+                t1 = time.perf_counter()
+                rep.startup_s = t1 - t0
                 futs = {submit(_exported('run_batch'), b, cfg, str(out)): b for b in batches}
                 for f in as_completed(list(futs)):
-                    try: recs = f.result()
+                    try:
+                        recs = f.result()
                     except Exception as e:  # a worker died: its whole batch is reported failed
-                        recs = [{**dataclasses.asdict(s), 'tile_id': s.tile_id, 'status': 'failed',
-                                 'error': f"worker lost: {type(e).__name__}: {e}"} for s in futs[f]]
+                        recs = [
+                            {
+                                **dataclasses.asdict(s),
+                                'tile_id': s.tile_id,
+                                'status': 'failed',
+                                'error': f"worker lost: {type(e).__name__}: {e}",
+                            }
+                            for s in futs[f]
+                        ]
                     record(recs)
-            finally: close()
+            finally:
+                close()
         rep.seconds = time.perf_counter() - t1
     bar.close()
-    with atomic_write(out / 'summary.json', 'w') as f: json.dump(rep.to_dict(), f, indent=1)
+    with atomic_write(out / 'summary.json', 'w') as f:
+        json.dump(rep.to_dict(), f, indent=1)
     return rep
 
 # %% ../../nbs/52_autolabel.parallel.ipynb #f0f0aa77
 def autolabel_main(argv: list[str]) -> int:
     "`seaice autolabel IMAGES... --out OUT`: label 8-bit RGB scenes into tiles with a manifest."
-    ap = argparse.ArgumentParser(prog='seaice autolabel', description='Auto-label 8-bit Sentinel-2 RGB images into '
-                                 'water (0) / thin ice (1) / thick ice (2) tiles; rerun to resume.')
+    ap = argparse.ArgumentParser(
+        prog='seaice autolabel',
+        description='Auto-label 8-bit Sentinel-2 RGB images into '
+        'water (0) / thin ice (1) / thick ice (2) tiles; rerun to resume.',
+    )
     ap.add_argument('images', nargs='+', help='RGB PNG/TIFF files, one scene each')
     ap.add_argument('--out', required=True, help='output folder (config.yaml, manifest.jsonl, labels/)')
     ap.add_argument('--config', help='YAML file (or preset) of an AutolabelConfig')
-    ap.add_argument('--filter', action='store_true', help='apply the thin-cloud/shadow filter before labelling')
+    ap.add_argument(
+        '--filter', action='store_true', help='apply the thin-cloud/shadow filter before labelling'
+    )
     ap.add_argument('--tile', type=int, help='tile side, px (default 256)')
-    ap.add_argument('--runner', default='pool', choices=['serial', 'pool', 'dask', 'slurm'],
-                    help='where tiles are labelled: this process, a process pool, a Dask cluster, or Dask workers as SLURM jobs')
-    ap.add_argument('--workers', type=int, default=max(1, len(os.sched_getaffinity(0))),
-                    help='parallel workers (default: the CPUs this process may use)')
+    ap.add_argument(
+        '--runner',
+        default='pool',
+        choices=['serial', 'pool', 'dask', 'slurm'],
+        help='where tiles are labelled: this process, a process pool, a Dask cluster, or Dask workers as SLURM jobs',
+    )
+    ap.add_argument(
+        '--workers',
+        type=int,
+        default=max(1, len(os.sched_getaffinity(0))),
+        help='parallel workers (default: the CPUs this process may use)',
+    )
     ap.add_argument('--slurm', default='{}', help='JSON/YAML mapping of dask_jobqueue.SLURMCluster arguments')
     ap.add_argument('--quiet', action='store_true', help='no progress bars')
     a = ap.parse_args(argv)
-    overrides = {k: v for k, v in {'apply_filter': True if a.filter else None, 'tile': a.tile}.items() if v is not None}
+    overrides = {
+        k: v for k, v in {'apply_filter': True if a.filter else None, 'tile': a.tile}.items() if v is not None
+    }
     cfg = load_config(a.config if a.config else {}, AutolabelConfig, overrides)
     slurm = yaml.safe_load(a.slurm) or {}
-    if not isinstance(slurm, dict): raise ConfigError(f"--slurm must be a mapping, got {a.slurm!r}")
-    rep = run_autolabel(a.images, a.out, cfg, runner=a.runner, workers=a.workers, slurm=slurm, progress=not a.quiet)
+    if not isinstance(slurm, dict):
+        raise ConfigError(f"--slurm must be a mapping, got {a.slurm!r}")
+    rep = run_autolabel(
+        a.images, a.out, cfg, runner=a.runner, workers=a.workers, slurm=slurm, progress=not a.quiet
+    )
     print(json.dumps({k: v for k, v in rep.to_dict().items() if k != 'failed'} | {'failed': len(rep.failed)}))
-    for r in rep.failed: print(f"failed: {r['tile_id']}: {r['error']}", file=sys.stderr)
+    for r in rep.failed:
+        print(f"failed: {r['tile_id']}: {r['error']}", file=sys.stderr)
     return 1 if rep.failed else 0
 
 # %% ../../nbs/52_autolabel.parallel.ipynb #499da01f
@@ -250,50 +400,75 @@ def _best(fn, repeat: int) -> float:
     fn()  # warm-up
     ts = []
     for _ in range(repeat):
-        t0 = time.perf_counter(); fn(); ts.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
     return min(ts)
 
-def bench(size: int = 2000, # side of the test image, px
-          tile: int = 256, # tile side for the per-tile baseline and the parallel runs, px
-          scenes: int = 8, # synthetic scenes for the parallel runs
-          scene_size: int = 2000, # their side, px (2000: 49 tiles of 256 each, as in the paper)
-          repeat: int = 5, # timed repetitions (best is reported)
-          workers: Sequence[int] = (1, 2), # worker counts for the speed-up
-          runners: Sequence[str] = ('pool', 'dask'), # parallel runners to measure
-          apply_filter: bool = False, # filter in the parallel runs too
-         ) -> dict:
+
+def bench(
+    size: int = 2000,  # side of the test image, px
+    tile: int = 256,  # tile side for the per-tile baseline and the parallel runs, px
+    scenes: int = 8,  # synthetic scenes for the parallel runs
+    scene_size: int = 2000,  # their side, px (2000: 49 tiles of 256 each, as in the paper)
+    repeat: int = 5,  # timed repetitions (best is reported)
+    workers: Sequence[int] = (1, 2),  # worker counts for the speed-up
+    runners: Sequence[str] = ('pool', 'dask'),  # parallel runners to measure
+    apply_filter: bool = False,  # filter in the parallel runs too
+) -> dict:
     "Measure the labeller, the filter and the parallel runners; return the figures as a dict."
     import platform, shutil, tempfile as _tf
     from seaice_nb.autolabel import brightness, cloud_filter, label_rgb, label_rgb_hsv, FilterConfig
     from seaice_nb.autolabel.s2synth import synthetic_scene, write_synthetic_scenes
+
     cv2.setNumThreads(1)
-    out = {'host': {'cpus': len(os.sched_getaffinity(0)), 'loadavg_before': os.getloadavg(), 'opencv': cv2.__version__,
-                    'numpy': np.__version__, 'python': platform.python_version(), 'machine': platform.processor() or platform.machine()}}
+    out = {
+        'host': {
+            'cpus': len(os.sched_getaffinity(0)),
+            'loadavg_before': os.getloadavg(),
+            'opencv': cv2.__version__,
+            'numpy': np.__version__,
+            'python': platform.python_version(),
+            'machine': platform.processor() or platform.machine(),
+        }
+    }
     rgb = synthetic_scene(0, size).rgb
     mpx = size * size / 1e6
-    dst = np.empty_like(rgb); lab = np.empty(rgb.shape[:2], np.uint8)
+    dst = np.empty_like(rgb)
+    lab = np.empty(rgb.shape[:2], np.uint8)
     t_lab = _best(lambda: label_rgb(rgb, out=lab), repeat)
     t_copy = _best(lambda: np.copyto(dst, rgb), repeat)
     tiles = [(y, x) for y in range(0, size - tile + 1, tile) for x in range(0, size - tile + 1, tile)]
     tmpx = len(tiles) * tile * tile / 1e6
-    t_hsv = _best(lambda: [label_rgb_hsv(rgb[y:y + tile, x:x + tile]) for y, x in tiles], repeat)
-    t_vtile = _best(lambda: [label_rgb(rgb[y:y + tile, x:x + tile]) for y, x in tiles], repeat)
+    t_hsv = _best(lambda: [label_rgb_hsv(rgb[y : y + tile, x : x + tile]) for y, x in tiles], repeat)
+    t_vtile = _best(lambda: [label_rgb(rgb[y : y + tile, x : x + tile]) for y, x in tiles], repeat)
     out['labeller'] = {
-        'image_px': [size, size], 'mpx_s_per_core': round(mpx / t_lab, 1), 'goal_mpx_s': 200,
-        'memcpy_mpx_s': round(mpx / t_copy, 1), 'memcpy_gb_s': round(rgb.nbytes / t_copy / 1e9, 2),
+        'image_px': [size, size],
+        'mpx_s_per_core': round(mpx / t_lab, 1),
+        'goal_mpx_s': 200,
+        'memcpy_mpx_s': round(mpx / t_copy, 1),
+        'memcpy_gb_s': round(rgb.nbytes / t_copy / 1e9, 2),
         'fraction_of_memcpy': round(t_copy / t_lab, 3),
-        'paper_hsv_per_tile_mpx_s': round(tmpx / t_hsv, 1), 'vectorised_per_tile_mpx_s': round(tmpx / t_vtile, 1),
-        'speedup_vs_paper_hsv': round((mpx / t_lab) / (tmpx / t_hsv), 2)}
+        'paper_hsv_per_tile_mpx_s': round(tmpx / t_hsv, 1),
+        'vectorised_per_tile_mpx_s': round(tmpx / t_vtile, 1),
+        'speedup_vs_paper_hsv': round((mpx / t_lab) / (tmpx / t_hsv), 2),
+    }
     t_f = _best(lambda: cloud_filter(rgb), max(1, repeat // 2))
     gray = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
     t_med = _best(lambda: cv2.medianBlur(gray, 155), max(1, repeat // 2))
     import scipy.ndimage as ndi
+
     crop = gray[:160, :160]
-    t0 = time.perf_counter(); ndi.median_filter(crop, size=155); t_sp = time.perf_counter() - t0
-    out['filter'] = {'mpx_s_per_core': round(mpx / t_f, 1), 'seconds_per_image': round(t_f, 4),
-                     'median155_cv2_s': round(t_med, 4),
-                     'median155_scipy_s_extrapolated': round(t_sp * (size * size) / crop.size, 1),
-                     'median_share_of_filter': round(t_med / t_f, 2)}
+    t0 = time.perf_counter()
+    ndi.median_filter(crop, size=155)
+    t_sp = time.perf_counter() - t0
+    out['filter'] = {
+        'mpx_s_per_core': round(mpx / t_f, 1),
+        'seconds_per_image': round(t_f, 4),
+        'median155_cv2_s': round(t_med, 4),
+        'median155_scipy_s_extrapolated': round(t_sp * (size * size) / crop.size, 1),
+        'median_share_of_filter': round(t_med / t_f, 2),
+    }
     par = {}
     tmp = Path(_tf.mkdtemp(prefix='seaice-bench-'))
     try:
@@ -305,34 +480,69 @@ def bench(size: int = 2000, # side of the test image, px
                 ts, start, client, cluster = [], [], None, None
                 if runner == 'dask':  # one cluster per worker count, reused by the repetitions
                     from distributed import Client, LocalCluster
+
                     t0 = time.perf_counter()
-                    cluster = LocalCluster(n_workers=w, threads_per_worker=1, processes=True, host='127.0.0.1',
-                                           dashboard_address='127.0.0.1:0', silence_logs=40)
-                    client = Client(cluster); client.wait_for_workers(w, timeout=120)
+                    cluster = LocalCluster(
+                        n_workers=w,
+                        threads_per_worker=1,
+                        processes=True,
+                        host='127.0.0.1',
+                        dashboard_address='127.0.0.1:0',
+                        silence_logs=40,
+                    )
+                    client = Client(cluster)
+                    client.wait_for_workers(w, timeout=120)
                     start.append(time.perf_counter() - t0)
                 try:
                     for r in range(max(1, repeat // 2) + 1):  # the first run is a warm-up
-                        rep = run_autolabel(srcs, tmp / f"{runner}{w}_{r}", cfg, runner=runner, workers=w, client=client, progress=False)
-                        if rep.failed: raise SeaIceError(f"benchmark run failed: {rep.failed[0]['error']}")
-                        if r: ts.append(rep.seconds); start.append(rep.startup_s)
+                        rep = run_autolabel(
+                            srcs,
+                            tmp / f"{runner}{w}_{r}",
+                            cfg,
+                            runner=runner,
+                            workers=w,
+                            client=client,
+                            progress=False,
+                        )
+                        if rep.failed:
+                            raise SeaIceError(f"benchmark run failed: {rep.failed[0]['error']}")
+                        if r:
+                            ts.append(rep.seconds)
+                            start.append(rep.startup_s)
                 finally:
-                    if client is not None: client.close(); cluster.close()
-                res[w] = {'seconds': round(min(ts), 4), 'startup_s': round(max(start), 3), 'tiles': rep.done,
-                          'tiles_per_s': round(rep.done / min(ts), 1)}
+                    if client is not None:
+                        client.close()
+                        cluster.close()
+                res[w] = {
+                    'seconds': round(min(ts), 4),
+                    'startup_s': round(max(start), 3),
+                    'tiles': rep.done,
+                    'tiles_per_s': round(rep.done / min(ts), 1),
+                }
             base = res[min(workers)]['seconds']
             for w in workers:
                 res[w]['speedup'] = round(base / res[w]['seconds'], 2)
                 res[w]['efficiency'] = round(res[w]['speedup'] / (w / min(workers)), 2)
             par[runner] = {str(k): v for k, v in res.items()}
-    finally: shutil.rmtree(tmp, ignore_errors=True)
-    out['parallel'] = {'scenes': scenes, 'scene_px': scene_size, 'tile': tile, 'apply_filter': apply_filter, **par}
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    out['parallel'] = {
+        'scenes': scenes,
+        'scene_px': scene_size,
+        'tile': tile,
+        'apply_filter': apply_filter,
+        **par,
+    }
     out['host']['loadavg_after'] = os.getloadavg()
     return out
+
 
 def bench_main(argv: list[str]) -> int:
     "`seaice bench autolabel`: print labeller/filter throughput and parallel speed-ups as JSON."
     ap = argparse.ArgumentParser(prog='seaice bench autolabel', description=bench.__doc__)
-    ap.add_argument('--size', type=int, default=2000, help='side of the image the labeller and filter are timed on, px')
+    ap.add_argument(
+        '--size', type=int, default=2000, help='side of the image the labeller and filter are timed on, px'
+    )
     ap.add_argument('--tile', type=int, default=256, help='tile side, px')
     ap.add_argument('--scenes', type=int, default=8, help='scenes of the parallel runs')
     ap.add_argument('--scene-size', type=int, default=2000, help='side of each parallel-run scene, px')
@@ -340,7 +550,14 @@ def bench_main(argv: list[str]) -> int:
     ap.add_argument('--runners', default='pool,dask', help='comma-separated: pool, dask')
     ap.add_argument('--filter', action='store_true', help='apply the filter in the parallel runs')
     a = ap.parse_args(argv)
-    r = bench(a.size, a.tile, a.scenes, a.scene_size, a.repeat, runners=tuple(filter(None, a.runners.split(','))),
-              apply_filter=a.filter)
+    r = bench(
+        a.size,
+        a.tile,
+        a.scenes,
+        a.scene_size,
+        a.repeat,
+        runners=tuple(filter(None, a.runners.split(','))),
+        apply_filter=a.filter,
+    )
     print(json.dumps(r, indent=1))
     return 0

@@ -16,46 +16,54 @@ from . import THICK, THIN, WATER, label_rgb, write_rgb
 __all__ = ['smooth_field', 'SyntheticScene', 'synthetic_scene', 'write_synthetic_scenes', 'read_truth']
 
 # %% ../../nbs/51_autolabel.s2synth.ipynb #cc1417d0
-def smooth_field(rng: np.random.Generator, # random generator
-                 shape: tuple[int, int], # (y, x) px
-                 scale: float, # feature size, px
-                ) -> np.ndarray:
+def smooth_field(
+    rng: np.random.Generator,  # random generator
+    shape: tuple[int, int],  # (y, x) px
+    scale: float,  # feature size, px
+) -> np.ndarray:
     "A standardised (mean 0, std 1) smooth random field, float32 [y, x]: bicubic upsampling of white noise."
     h, w = shape
     sh, sw = int(np.ceil(h / scale)) + 3, int(np.ceil(w / scale)) + 3
     small = rng.standard_normal((sh, sw)).astype(np.float32)
-    big = cv2.resize(small, (int(round(sw * scale)), int(round(sh * scale))), interpolation=cv2.INTER_CUBIC)[:h, :w]
+    big = cv2.resize(small, (int(round(sw * scale)), int(round(sh * scale))), interpolation=cv2.INTER_CUBIC)[
+        :h, :w
+    ]
     return (big - big.mean()) / (big.std() + 1e-6)
 
 # %% ../../nbs/51_autolabel.s2synth.ipynb #6050fc66
 @dataclass
 class SyntheticScene:
     "One synthetic scene: the observed and cloud-free renderings, the class truth and the cloud fields."
-    rgb: np.ndarray    # uint8 [y, x, 3] observed (with haze and shading)
+
+    rgb: np.ndarray  # uint8 [y, x, 3] observed (with haze and shading)
     clean: np.ndarray  # uint8 [y, x, 3] cloud- and shadow-free rendering
     truth: np.ndarray  # uint8 [y, x] classes 0 water, 1 thin, 2 thick
-    haze: np.ndarray   # float32 [y, x] haze opacity a in 0..1
+    haze: np.ndarray  # float32 [y, x] haze opacity a in 0..1
     shade: np.ndarray  # float32 [y, x] illumination factor in 0..1 (1 = full sun)
 
-def synthetic_scene(seed: int = 0, # random seed: same seed, same scene
-                    size: int | tuple[int, int] = 512, # scene side (or (y, x)), px
-                    thick: float = 0.40, # fraction of thick ice (before leads)
-                    water: float = 0.25, # fraction of open water (before leads)
-                    floe_scale: float = 48, # floe size, px
-                    lead_width: float = 0.05, # lead width as a band of the lead field (0 = no leads)
-                    haze: float = 0.2, # maximum haze opacity (thin cloud), 0..1
-                    shade: float = 0.45, # maximum darkening by shadows/shading, 0..1
-                   ) -> SyntheticScene:
+
+def synthetic_scene(
+    seed: int = 0,  # random seed: same seed, same scene
+    size: int | tuple[int, int] = 512,  # scene side (or (y, x)), px
+    thick: float = 0.40,  # fraction of thick ice (before leads)
+    water: float = 0.25,  # fraction of open water (before leads)
+    floe_scale: float = 48,  # floe size, px
+    lead_width: float = 0.05,  # lead width as a band of the lead field (0 = no leads)
+    haze: float = 0.2,  # maximum haze opacity (thin cloud), 0..1
+    shade: float = 0.45,  # maximum darkening by shadows/shading, 0..1
+) -> SyntheticScene:
     "A seeded synthetic Sentinel-2 true-colour scene of sea ice with clouds, shadows and its class truth."
     if not (0 <= thick and 0 <= water and thick + water < 1):
         raise ConfigError(f"thick ({thick}) and water ({water}) must be fractions summing to less than 1")
-    if not (0 <= haze < 1 and 0 <= shade < 1): raise ConfigError(f"haze ({haze}) and shade ({shade}) must be in [0, 1)")
+    if not (0 <= haze < 1 and 0 <= shade < 1):
+        raise ConfigError(f"haze ({haze}) and shade ({shade}) must be in [0, 1)")
     h, w = (size, size) if isinstance(size, int) else size
     rng = np.random.default_rng(seed)
     cover = smooth_field(rng, (h, w), floe_scale)
     lo, hi = np.quantile(cover, [water, 1 - thick])
     truth = np.full((h, w), THIN, np.uint8)
-    truth[cover > hi] = THICK; truth[cover <= lo] = WATER
+    truth[cover > hi] = THICK
+    truth[cover <= lo] = WATER
     if lead_width > 0:
         leads = np.abs(smooth_field(rng, (h, w), 2 * floe_scale)) < lead_width
         truth[leads & (truth == THICK)] = WATER
@@ -68,29 +76,36 @@ def synthetic_scene(seed: int = 0, # random seed: same seed, same scene
     # thin cloud: a large-scale gradient in a random direction plus blobs
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
     th = rng.uniform(0, 2 * np.pi)
-    ramp = (np.cos(th) * xx / w + np.sin(th) * yy / h); ramp = (ramp - ramp.min()) / (np.ptp(ramp) + 1e-6)
+    ramp = np.cos(th) * xx / w + np.sin(th) * yy / h
+    ramp = (ramp - ramp.min()) / (np.ptp(ramp) + 1e-6)
     blobs = np.clip(0.5 + 0.5 * smooth_field(rng, (h, w), max(h, w) / 3), 0, 1)
     a = (haze * np.clip(0.6 * ramp + 0.4 * blobs, 0, 1)).astype(np.float32)
     th2 = rng.uniform(0, 2 * np.pi)
-    ramp2 = (np.cos(th2) * xx / w + np.sin(th2) * yy / h); ramp2 = (ramp2 - ramp2.min()) / (np.ptp(ramp2) + 1e-6)
+    ramp2 = np.cos(th2) * xx / w + np.sin(th2) * yy / h
+    ramp2 = (ramp2 - ramp2.min()) / (np.ptp(ramp2) + 1e-6)
     dark = np.clip(0.7 * ramp2 + 0.3 * np.clip(smooth_field(rng, (h, w), max(h, w) / 4), 0, 1), 0, 1)
     s = (1 - shade * dark).astype(np.float32)
     tint = np.array([0.93, 0.97, 1.0], np.float32)  # ice and water are bluish: B carries V
-    def render(val): return np.clip(val[..., None] * tint + 0.5, 0, 255).astype(np.uint8)
+
+    def render(val):
+        return np.clip(val[..., None] * tint + 0.5, 0, 255).astype(np.uint8)
+
     clean = render(v)
     observed = render((v * (1 - a) + 245 * a) * s)
     return SyntheticScene(observed, clean, truth, a, s)
 
 # %% ../../nbs/51_autolabel.s2synth.ipynb #bb79997c
-def write_synthetic_scenes(out_dir: str | Path, # destination folder
-                           n: int = 4, # number of scenes
-                           size: int = 512, # scene side, px
-                           seed: int = 0, # seed of scene 0 (scene i uses seed + i)
-                           prefix: str = 'synth', # scene name prefix
-                           **kwargs, # passed to `synthetic_scene` (haze, shade, floe_scale, ...)
-                          ) -> list[Path]:
+def write_synthetic_scenes(
+    out_dir: str | Path,  # destination folder
+    n: int = 4,  # number of scenes
+    size: int = 512,  # scene side, px
+    seed: int = 0,  # seed of scene 0 (scene i uses seed + i)
+    prefix: str = 'synth',  # scene name prefix
+    **kwargs,  # passed to `synthetic_scene` (haze, shade, floe_scale, ...)
+) -> list[Path]:
     "Write `n` synthetic scenes (images/, truth/, clean/ PNGs) and return the paths of the observed images."
-    out = Path(out_dir); paths = []
+    out = Path(out_dir)
+    paths = []
     for i in range(n):
         sc = synthetic_scene(seed + i, size, **kwargs)
         name = f"{prefix}{i:03d}"
@@ -100,11 +115,14 @@ def write_synthetic_scenes(out_dir: str | Path, # destination folder
         cv2.imwrite(str(out / 'truth' / f"{name}.png"), sc.truth)
     return paths
 
+
 def read_truth(image_path: str | Path) -> np.ndarray:
     "The truth class map written by `write_synthetic_scenes` for the scene image at `image_path`."
-    p = Path(image_path); t = p.parent.parent / 'truth' / p.name
+    p = Path(image_path)
+    t = p.parent.parent / 'truth' / p.name
     a = cv2.imread(str(t), cv2.IMREAD_UNCHANGED)
     if a is None:
         from seaice_nb.core import MissingFileError
+
         raise MissingFileError(f"no truth {t} for {p}")
     return a

@@ -12,7 +12,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from ..core import DataError, seed_everything
-from . import (AutolabelConfig, FilterConfig, cloud_filter, cut_tile, label_rgb, read_rgb, IGNORE)
+from seaice_nb.autolabel import (
+    AutolabelConfig,
+    FilterConfig,
+    cloud_filter,
+    cut_tile,
+    label_rgb,
+    read_rgb,
+    IGNORE,
+)
 from .parallel import read_manifest, run_autolabel
 from ..models.unet import UNet
 
@@ -22,10 +30,13 @@ __all__ = ['IceUNet', 'load_tiles', 'train_unet', 'predict', 'accuracy']
 # %% ../../nbs/53_autolabel.workflow.ipynb #23d60a79
 class IceUNet(nn.Module):
     "The AI4Arctic U-Net body with a single water/thin/thick head: RGB [B, 3, H, W] -> logits [B, 3, H, W]."
-    def __init__(self, in_chans: int = 3, # input channels (3 for RGB, 1 for the filtered image)
-                 filters=(8, 16), # U-Net levels (`unet_conv_filters`); tiles must be divisible by 2**len(filters)
-                 n_classes: int = 3, # water, thin ice, thick ice
-                ):
+
+    def __init__(
+        self,
+        in_chans: int = 3,  # input channels (3 for RGB, 1 for the filtered image)
+        filters=(8, 16),  # U-Net levels (`unet_conv_filters`); tiles must be divisible by 2**len(filters)
+        n_classes: int = 3,  # water, thin ice, thick ice
+    ):
         super().__init__()
         self.body = UNet(in_chans=in_chans, filters=filters)
         del self.body.heads  # the chart heads are not used here
@@ -35,17 +46,26 @@ class IceUNet(nn.Module):
         return self.head(self.body.forward_features(x))
 
 # %% ../../nbs/53_autolabel.workflow.ipynb #af3ba7fb
-def load_tiles(out_dir: str | Path, # a run folder of `run_autolabel`
-               scenes: set[str] | None = None, # keep only these scenes
-               images: str = 'rgb', # 'rgb': the rendering, 'filtered': `cloud_filter`'s output (1 channel)
-               filter_cfg: FilterConfig | None = None, # filter parameters for images='filtered'
-              ) -> tuple[np.ndarray, np.ndarray, list[dict]]:
+def load_tiles(
+    out_dir: str | Path,  # a run folder of `run_autolabel`
+    scenes: set[str] | None = None,  # keep only these scenes
+    images: str = 'rgb',  # 'rgb': the rendering, 'filtered': `cloud_filter`'s output (1 channel)
+    filter_cfg: FilterConfig | None = None,  # filter parameters for images='filtered'
+) -> tuple[np.ndarray, np.ndarray, list[dict]]:
     "Image tiles float32 [N, C, H, W] in 0..1, label tiles uint8 [N, H, W] and their manifest records."
     import cv2
+
     out = Path(out_dir)
-    recs = sorted((r for r in read_manifest(out).values() if r.get('status') == 'ok' and (scenes is None or r['scene'] in scenes)),
-                  key=lambda r: r['tile_id'])
-    if not recs: raise DataError(f"{out}: no finished tiles{' for ' + ', '.join(sorted(scenes)) if scenes else ''}")
+    recs = sorted(
+        (
+            r
+            for r in read_manifest(out).values()
+            if r.get('status') == 'ok' and (scenes is None or r['scene'] in scenes)
+        ),
+        key=lambda r: r['tile_id'],
+    )
+    if not recs:
+        raise DataError(f"{out}: no finished tiles{' for ' + ', '.join(sorted(scenes)) if scenes else ''}")
     cache, xs, ys = {}, [], []
     for r in recs:
         if r['source'] not in cache:
@@ -57,14 +77,15 @@ def load_tiles(out_dir: str | Path, # a run folder of `run_autolabel`
     return x, np.stack(ys), recs
 
 # %% ../../nbs/53_autolabel.workflow.ipynb #24237d59
-def train_unet(x: np.ndarray, # float32 [N, C, H, W] image tiles
-               y: np.ndarray, # uint8 [N, H, W] labels (255 ignored)
-               epochs: int = 10, # passes over the tiles
-               batch_size: int = 16, # tiles per step
-               lr: float = 3e-3, # AdamW learning rate
-               filters=(8, 16), # U-Net levels
-               seed: int = 0, # seed of the initialisation and the shuffling
-              ) -> IceUNet:
+def train_unet(
+    x: np.ndarray,  # float32 [N, C, H, W] image tiles
+    y: np.ndarray,  # uint8 [N, H, W] labels (255 ignored)
+    epochs: int = 10,  # passes over the tiles
+    batch_size: int = 16,  # tiles per step
+    lr: float = 3e-3,  # AdamW learning rate
+    filters=(8, 16),  # U-Net levels
+    seed: int = 0,  # seed of the initialisation and the shuffling
+) -> IceUNet:
     "Train an `IceUNet` with cross-entropy on (x, y), on the CPU or the first GPU."
     seed_everything(seed)
     dev = 'cuda' if torch.cuda.is_available() else 'cpu'
@@ -76,15 +97,23 @@ def train_unet(x: np.ndarray, # float32 [N, C, H, W] image tiles
     for _ in range(epochs):
         for idx in torch.randperm(len(X), generator=g).split(batch_size):
             loss = F.cross_entropy(model(X[idx].to(dev)), Y[idx].to(dev), ignore_index=IGNORE)
-            opt.zero_grad(); loss.backward(); opt.step()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
     return model.eval()
+
 
 @torch.no_grad()
 def predict(model: IceUNet, x: np.ndarray, batch_size: int = 64) -> np.ndarray:
     "Class maps uint8 [N, H, W] of image tiles x [N, C, H, W]."
     dev = next(model.parameters()).device
-    return np.concatenate([model(torch.from_numpy(x[i:i + batch_size]).to(dev)).argmax(1).cpu().numpy().astype(np.uint8)
-                           for i in range(0, len(x), batch_size)])
+    return np.concatenate(
+        [
+            model(torch.from_numpy(x[i : i + batch_size]).to(dev)).argmax(1).cpu().numpy().astype(np.uint8)
+            for i in range(0, len(x), batch_size)
+        ]
+    )
+
 
 def accuracy(pred: np.ndarray, ref: np.ndarray) -> float:
     "Pixel accuracy of `pred` against `ref`, ignoring 255 in `ref`."

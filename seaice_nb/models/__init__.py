@@ -6,12 +6,32 @@
 __all__ = []
 
 # %% ../../nbs/39_models.ipynb #25cc2164
-from .layers import create_model, list_models, load_matching, make_batch, register_model, set_fused_attn
+from seaice_nb.models.layers import (
+    create_model,
+    list_models,
+    load_matching,
+    make_batch,
+    register_model,
+    set_fused_attn,
+)
 from .losses import CHART_CLASSES, MultiTaskLoss, outputs_to_classes
 from .tsvit import TSViT
 from .fusion import CrossAttnFusionTSViT, EarlyFusionTSViT
 from .unet import TimmUNet, UNet
 
-__all__ = ['create_model', 'list_models', 'load_matching', 'make_batch', 'register_model', 'set_fused_attn',
-           'CHART_CLASSES', 'MultiTaskLoss', 'outputs_to_classes', 'TSViT', 'CrossAttnFusionTSViT', 'EarlyFusionTSViT',
-           'TimmUNet', 'UNet']
+__all__ = [
+    'create_model',
+    'list_models',
+    'load_matching',
+    'make_batch',
+    'register_model',
+    'set_fused_attn',
+    'CHART_CLASSES',
+    'MultiTaskLoss',
+    'outputs_to_classes',
+    'TSViT',
+    'CrossAttnFusionTSViT',
+    'EarlyFusionTSViT',
+    'TimmUNet',
+    'UNet',
+]

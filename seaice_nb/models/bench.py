@@ -20,13 +20,18 @@ __all__ = ['train_step', 'time_steps', 'step_flops', 'matmul_gflops', 'run_bench
 
 # %% ../../nbs/35_models.bench.ipynb #62362a8f
 def _loss_for(model) -> MultiTaskLoss:
-    return MultiTaskLoss({t: 1. for t in model.tasks} if hasattr(model, 'tasks') else {'sic': 1., 'sod': 1., 'floe': 1.})
+    return MultiTaskLoss(
+        {t: 1.0 for t in model.tasks} if hasattr(model, 'tasks') else {'sic': 1.0, 'sod': 1.0, 'floe': 1.0}
+    )
+
 
 def _batch_for(model, batch_size, frames, size, device):
     b = make_batch(model, batch_size, frames, size)
     for t, n in getattr(model, 'tasks', {}).items():
-        if t not in b: b[t] = torch.randint(0, max(n, 2), (batch_size, size, size))
+        if t not in b:
+            b[t] = torch.randint(0, max(n, 2), (batch_size, size, size))
     return {k: v.to(device) for k, v in b.items()}
+
 
 def train_step(model, batch, loss_fn, opt, amp: bool = False):
     "One optimisation step (forward, loss, backward, optimizer); returns the loss."
@@ -40,20 +45,31 @@ def train_step(model, batch, loss_fn, opt, amp: bool = False):
     opt.step()
     return loss
 
+
 def _sync(device):
-    if str(device).startswith('cuda'): torch.cuda.synchronize()
+    if str(device).startswith('cuda'):
+        torch.cuda.synchronize()
+
 
 def time_steps(model, batch, steps: int = 5, warmup: int = 2, amp: bool = False) -> float:
     "Seconds per training step (median of `steps` after `warmup` untimed steps)."
-    loss_fn, opt = _loss_for(model).to(next(model.parameters()).device), torch.optim.AdamW(model.parameters(), lr=1e-4)
+    loss_fn, opt = (
+        _loss_for(model).to(next(model.parameters()).device),
+        torch.optim.AdamW(model.parameters(), lr=1e-4),
+    )
     model.train()
-    for _ in range(warmup): train_step(model, batch, loss_fn, opt, amp)
-    dev = next(model.parameters()).device; times = []
-    for _ in range(steps):
-        _sync(dev); t0 = time.perf_counter()
+    for _ in range(warmup):
         train_step(model, batch, loss_fn, opt, amp)
-        _sync(dev); times.append(time.perf_counter() - t0)
+    dev = next(model.parameters()).device
+    times = []
+    for _ in range(steps):
+        _sync(dev)
+        t0 = time.perf_counter()
+        train_step(model, batch, loss_fn, opt, amp)
+        _sync(dev)
+        times.append(time.perf_counter() - t0)
     return sorted(times)[len(times) // 2]
+
 
 def step_flops(model, batch) -> int:
     "Floating-point operations of one forward + backward (FlopCounterMode; optimizer excluded)."
@@ -65,43 +81,66 @@ def step_flops(model, batch) -> int:
     model.zero_grad(set_to_none=True)
     return int(fc.get_total_flops())
 
+
 def matmul_gflops(n: int = 2048, repeats: int = 5, device='cpu', amp: bool = False) -> float:
     "Achieved GFLOP/s of an n x n @ n x n matmul (best of `repeats`), the machine's dense reference."
     dt = torch.bfloat16 if amp else torch.float32
     a, b = torch.randn(n, n, device=device, dtype=dt), torch.randn(n, n, device=device, dtype=dt)
-    a @ b; best = float('inf')
+    a @ b
+    best = float('inf')
     for _ in range(repeats):
-        _sync(device); t0 = time.perf_counter(); a @ b; _sync(device)
+        _sync(device)
+        t0 = time.perf_counter()
+        a @ b
+        _sync(device)
         best = min(best, time.perf_counter() - t0)
-    return 2 * n ** 3 / best / 1e9
+    return 2 * n**3 / best / 1e9
 
 # %% ../../nbs/35_models.bench.ipynb #43710b05
 def _bench_case(name: str, size: int, frames: int) -> tuple[dict, int, int]:
     "(preset overrides, tile size, frames) used to benchmark `name` at small sizes."
-    if name.startswith('tsvit'): return {'img_size': 24}, 24, frames
-    if name.startswith('seaice_tsvit'): return {'img_size': size}, size, 1 if name.endswith('v1') else frames
+    if name.startswith('tsvit'):
+        return {'img_size': 24}, 24, frames
+    if name.startswith('seaice_tsvit'):
+        return {'img_size': size}, size, 1 if name.endswith('v1') else frames
     if name.startswith('unet'):
         m = create_model(name)
         levels = len(getattr(m, 'filters', [0] * 5))
-        return ({'encoder': 'resnet10t'} if name == 'unet_timm' else {}), max(size, 2 ** levels), 1
+        return ({'encoder': 'resnet10t'} if name == 'unet_timm' else {}), max(size, 2**levels), 1
     return {}, size, frames
 
-def run_bench(presets: Optional[Sequence[str]] = None, # presets to time (default: all)
-              batch_size: int = 2, size: int = 32, frames: int = 4, # batch shape of most presets
-              steps: int = 5, warmup: int = 2, # timed and untimed steps per case
-              attn_size: int = 48, attn_frames: int = 8, # tile and frames of the fused/unfused TSViT comparison
-              device: str = 'cpu', amp: bool = False, # bf16 autocast (GPU)
-              matmul_n: int = 2048, # side of the reference matmul
-              seed: int = 0) -> dict:
+
+def run_bench(
+    presets: Optional[Sequence[str]] = None,  # presets to time (default: all)
+    batch_size: int = 2,
+    size: int = 32,
+    frames: int = 4,  # batch shape of most presets
+    steps: int = 5,
+    warmup: int = 2,  # timed and untimed steps per case
+    attn_size: int = 48,
+    attn_frames: int = 8,  # tile and frames of the fused/unfused TSViT comparison
+    device: str = 'cpu',
+    amp: bool = False,  # bf16 autocast (GPU)
+    matmul_n: int = 2048,  # side of the reference matmul
+    seed: int = 0,
+) -> dict:
     "Run the model benchmark and return its figures as a dict (what `seaice bench model` prints)."
     names = list(presets) if presets else list_models()
     unknown = sorted(set(names) - set(list_models()))
-    if unknown: raise ConfigError(f"unknown presets {unknown}; choose from {', '.join(list_models())}")
+    if unknown:
+        raise ConfigError(f"unknown presets {unknown}; choose from {', '.join(list_models())}")
     peak = matmul_gflops(matmul_n, device=device, amp=amp)
-    res = {'device': device if device == 'cpu' else torch.cuda.get_device_name(), 'torch': torch.__version__,
-           'threads': torch.get_num_threads(), 'amp_bf16': amp, 'batch_size': batch_size,
-           'matmul_gflops': round(peak, 1), 'presets': {}}
-    if device == 'cpu': res['cpu'] = platform.processor() or platform.machine()
+    res = {
+        'device': device if device == 'cpu' else torch.cuda.get_device_name(),
+        'torch': torch.__version__,
+        'threads': torch.get_num_threads(),
+        'amp_bf16': amp,
+        'batch_size': batch_size,
+        'matmul_gflops': round(peak, 1),
+        'presets': {},
+    }
+    if device == 'cpu':
+        res['cpu'] = platform.processor() or platform.machine()
     for name in names:
         kw, s, t = _bench_case(name, size, frames)
         torch.manual_seed(seed)
@@ -109,10 +148,16 @@ def run_bench(presets: Optional[Sequence[str]] = None, # presets to time (defaul
         b = _batch_for(m, batch_size, t, s, device)
         flops = step_flops(m, b)
         sec = time_steps(m, b, steps, warmup, amp)
-        res['presets'][name] = {'size': s, 'frames': t, 'params': sum(p.numel() for p in m.parameters()),
-                                'samples_per_s': round(batch_size / sec, 2), 'step_ms': round(sec * 1e3, 1),
-                                'gflop_per_step': round(flops / 1e9, 3), 'gflops': round(flops / sec / 1e9, 2),
-                                'fraction_of_matmul': round(flops / sec / 1e9 / peak, 3)}
+        res['presets'][name] = {
+            'size': s,
+            'frames': t,
+            'params': sum(p.numel() for p in m.parameters()),
+            'samples_per_s': round(batch_size / sec, 2),
+            'step_ms': round(sec * 1e3, 1),
+            'gflop_per_step': round(flops / 1e9, 3),
+            'gflops': round(flops / sec / 1e9, 2),
+            'fraction_of_matmul': round(flops / sec / 1e9 / peak, 3),
+        }
     torch.manual_seed(seed)
     m = create_model('tsvit_pastis24', img_size=attn_size).to(device)
     b = _batch_for(m, batch_size, attn_frames, attn_size, device)
@@ -122,11 +167,16 @@ def run_bench(presets: Optional[Sequence[str]] = None, # presets to time (defaul
         set_fused_attn(m, fused)
         sec[fused] = time_steps(m, b, steps, warmup, amp)
     set_fused_attn(m, True)
-    res['attention'] = {'model': 'tsvit_pastis24', 'size': attn_size, 'frames': attn_frames,
-                        'fused_samples_per_s': round(batch_size / sec[True], 2), 'unfused_samples_per_s': round(batch_size / sec[False], 2),
-                        'fused_over_unfused': round(sec[False] / sec[True], 3),
-                        'fused_gflops': round(flops / sec[True] / 1e9, 2),
-                        'fused_fraction_of_matmul': round(flops / sec[True] / 1e9 / peak, 3)}
+    res['attention'] = {
+        'model': 'tsvit_pastis24',
+        'size': attn_size,
+        'frames': attn_frames,
+        'fused_samples_per_s': round(batch_size / sec[True], 2),
+        'unfused_samples_per_s': round(batch_size / sec[False], 2),
+        'fused_over_unfused': round(sec[False] / sec[True], 3),
+        'fused_gflops': round(flops / sec[True] / 1e9, 2),
+        'fused_fraction_of_matmul': round(flops / sec[True] / 1e9 / peak, 3),
+    }
     return res
 
 # %% ../../nbs/35_models.bench.ipynb #aa5bdb11
@@ -139,20 +189,40 @@ def main(argv: list[str]) -> int:
     ap.add_argument('--frames', type=int, default=4, help='frames per sample (temporal models)')
     ap.add_argument('--steps', type=int, default=5, help='timed training steps per preset')
     ap.add_argument('--warmup', type=int, default=2, help='untimed steps first')
-    ap.add_argument('--attn-size', type=int, default=48, help='tile side of the fused-vs-explicit attention timing, px')
+    ap.add_argument(
+        '--attn-size', type=int, default=48, help='tile side of the fused-vs-explicit attention timing, px'
+    )
     ap.add_argument('--attn-frames', type=int, default=8, help='frames of the attention timing')
-    ap.add_argument('--matmul-n', type=int, default=2048, help='side of the square matmul that gives the GFLOP/s baseline')
+    ap.add_argument(
+        '--matmul-n', type=int, default=2048, help='side of the square matmul that gives the GFLOP/s baseline'
+    )
     ap.add_argument('--device', default='cpu', help="'cpu' or 'cuda'")
     ap.add_argument('--amp', action='store_true', help='bf16 autocast')
     ap.add_argument('--threads', type=int, help='torch CPU threads (default: torch\'s choice)')
     ap.add_argument('--out', help='also write the JSON to this file')
     a = ap.parse_args(argv)
-    if a.threads: torch.set_num_threads(a.threads)
-    if a.device.startswith('cuda') and not torch.cuda.is_available(): raise ConfigError("--device cuda but no CUDA device is available")
-    res = run_bench(a.presets, a.batch_size, a.size, a.frames, a.steps, a.warmup, a.attn_size, a.attn_frames, a.device, a.amp, a.matmul_n)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    if a.device.startswith('cuda') and not torch.cuda.is_available():
+        raise ConfigError("--device cuda but no CUDA device is available")
+    res = run_bench(
+        a.presets,
+        a.batch_size,
+        a.size,
+        a.frames,
+        a.steps,
+        a.warmup,
+        a.attn_size,
+        a.attn_frames,
+        a.device,
+        a.amp,
+        a.matmul_n,
+    )
     txt = json.dumps(res, indent=1)
     print(txt)
     if a.out:
         from seaice_nb.core import atomic_write
-        with atomic_write(a.out, 'w') as f: f.write(txt + '\n')
+
+        with atomic_write(a.out, 'w') as f:
+            f.write(txt + '\n')
     return 0

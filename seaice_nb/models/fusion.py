@@ -24,15 +24,19 @@ __all__ = ['EarlyFusionTSViT', 'CrossAttnFusionTSViT', 'seaice_tsvit_v3_early', 
 # %% ../../nbs/32_models.fusion.ipynb #1b23b887
 _AUX = ('amsr2', 'era5', 'optical')
 
+
 def _present(x: Optional[torch.Tensor], B: int, p: float, training: bool, device) -> torch.Tensor:
     "Per-sample presence of a modality [B] after modality dropout."
     # ones/zeros, not torch.full with a Python bool: the TorchScript tracer behind the ONNX export cannot trace that
     keep = (torch.ones if x is not None else torch.zeros)(B, dtype=torch.bool, device=device)
-    if training and p > 0: keep &= torch.rand(B, device=device) >= p
+    if training and p > 0:
+        keep &= torch.rand(B, device=device) >= p
     return keep
 
+
 def _check_aux(name, x, chans, B, size):
-    if x is None: return None
+    if x is None:
+        return None
     if x.ndim != 4 or x.shape[0] != B or x.shape[1] != chans:
         raise DataError(f"{name} must be [B={B}, C={chans}, h, w], got shape {tuple(x.shape)}")
     if size is not None and tuple(x.shape[-2:]) != tuple(size):
@@ -42,17 +46,27 @@ def _check_aux(name, x, chans, B, size):
 # %% ../../nbs/32_models.fusion.ipynb #171d5d4e
 class EarlyFusionTSViT(nn.Module):
     "TSViT on SAR frames whose target frame also carries AMSR2/ERA5 (upsampled) and optical channels."
+
     kwargs_to = TSViT  # where `**tsvit_kwargs` go: `runs.model_accepts` reads this to know every keyword
-    def __init__(self, tasks: Mapping[str, int] = N_CLASSES, # task -> output channels
-                 in_chans: int = 4, # SAR-grid channels of `image`
-                 amsr2_chans: int = 14, # AMSR2 channels (0: not used)
-                 era5_chans: int = 6, # ERA5 channels (0: not used)
-                 optical_chans: int = 0, # optical channels (0: not used)
-                 coarse_factor: int = 4, # SAR pixels per coarse cell
-                 modality_dropout: float = 0.1, # per-sample drop probability of each auxiliary modality (training)
-                 **tsvit_kwargs): # `TSViT` arguments (img_size, patch_size, dim, ...)
+
+    def __init__(
+        self,
+        tasks: Mapping[str, int] = N_CLASSES,  # task -> output channels
+        in_chans: int = 4,  # SAR-grid channels of `image`
+        amsr2_chans: int = 14,  # AMSR2 channels (0: not used)
+        era5_chans: int = 6,  # ERA5 channels (0: not used)
+        optical_chans: int = 0,  # optical channels (0: not used)
+        coarse_factor: int = 4,  # SAR pixels per coarse cell
+        modality_dropout: float = 0.1,  # per-sample drop probability of each auxiliary modality (training)
+        **tsvit_kwargs,
+    ):  # `TSViT` arguments (img_size, patch_size, dim, ...)
         super().__init__()
-        self.in_chans, self.amsr2_chans, self.era5_chans, self.optical_chans = in_chans, amsr2_chans, era5_chans, optical_chans
+        self.in_chans, self.amsr2_chans, self.era5_chans, self.optical_chans = (
+            in_chans,
+            amsr2_chans,
+            era5_chans,
+            optical_chans,
+        )
         self.coarse_factor, self.modality_dropout = coarse_factor, modality_dropout
         self.aux = [k for k in _AUX if getattr(self, f'{k}_chans')]
         extra = sum(getattr(self, f'{k}_chans') for k in self.aux) + len(self.aux)
@@ -60,18 +74,30 @@ class EarlyFusionTSViT(nn.Module):
         self.tasks = self.tsvit.tasks
         self.input_keys = self.tsvit.input_keys + tuple(self.aux)
 
-    def forward(self, image, doy=None, days_before=None, frame_mask=None, valid=None,
-                amsr2=None, era5=None, optical=None) -> dict[str, torch.Tensor]:
+    def forward(
+        self,
+        image,
+        doy=None,
+        days_before=None,
+        frame_mask=None,
+        valid=None,
+        amsr2=None,
+        era5=None,
+        optical=None,
+    ) -> dict[str, torch.Tensor]:
         B, T, C, H, W = image.shape
-        if C != self.in_chans: raise DataError(f"image has {C} channels, the model was built with in_chans={self.in_chans}")
+        if C != self.in_chans:
+            raise DataError(f"image has {C} channels, the model was built with in_chans={self.in_chans}")
         given = {'amsr2': amsr2, 'era5': era5, 'optical': optical}
         maps, flags = [], []
         for k in self.aux:
             size = (H // self.coarse_factor, W // self.coarse_factor) if k != 'optical' else (H, W)
             x = _check_aux(k, given[k], getattr(self, f'{k}_chans'), B, size)
             keep = _present(x, B, self.modality_dropout, self.training, image.device)
-            if x is None: x = image.new_zeros(B, getattr(self, f'{k}_chans'), H, W)
-            elif k != 'optical': x = F.interpolate(x, size=(H, W), mode='bilinear', align_corners=False)
+            if x is None:
+                x = image.new_zeros(B, getattr(self, f'{k}_chans'), H, W)
+            elif k != 'optical':
+                x = F.interpolate(x, size=(H, W), mode='bilinear', align_corners=False)
             maps.append(x * keep[:, None, None, None].to(x.dtype))
             flags.append(keep[:, None, None, None].to(x.dtype).expand(B, 1, H, W))
         extra = torch.cat(maps + flags, 1).to(image.dtype)
@@ -82,28 +108,38 @@ class EarlyFusionTSViT(nn.Module):
 # %% ../../nbs/32_models.fusion.ipynb #562e4341
 class CrossAttnFusionTSViT(nn.Module):
     "TSViT whose class streams cross-attend to AMSR2/ERA5 tokens on their own coarse grid (and optical tokens)."
+
     kwargs_to = TSViT  # where `**tsvit_kwargs` go: `runs.model_accepts` reads this to know every keyword
-    def __init__(self, tasks: Mapping[str, int] = N_CLASSES, # task -> output channels
-                 in_chans: int = 4, # SAR-grid channels of `image`
-                 amsr2_chans: int = 14, # AMSR2 channels (0: not used)
-                 era5_chans: int = 6, # ERA5 channels (0: not used)
-                 optical_chans: int = 0, # optical channels (0: not used)
-                 coarse_factor: int = 4, # SAR pixels per coarse cell
-                 coarse_patch: Optional[int] = None, # coarse cells per token side (default patch_size // coarse_factor, >= 1)
-                 fusion_depth: int = 2, # cross-attention blocks (after the first spatial blocks)
-                 context_depth: int = 1, # self-attention blocks over the auxiliary tokens
-                 modality_dropout: float = 0.1, # per-sample drop probability of each auxiliary modality (training)
-                 **tsvit_kwargs): # `TSViT` arguments (img_size, patch_size, dim, num_heads, ...)
+
+    def __init__(
+        self,
+        tasks: Mapping[str, int] = N_CLASSES,  # task -> output channels
+        in_chans: int = 4,  # SAR-grid channels of `image`
+        amsr2_chans: int = 14,  # AMSR2 channels (0: not used)
+        era5_chans: int = 6,  # ERA5 channels (0: not used)
+        optical_chans: int = 0,  # optical channels (0: not used)
+        coarse_factor: int = 4,  # SAR pixels per coarse cell
+        coarse_patch: Optional[
+            int
+        ] = None,  # coarse cells per token side (default patch_size // coarse_factor, >= 1)
+        fusion_depth: int = 2,  # cross-attention blocks (after the first spatial blocks)
+        context_depth: int = 1,  # self-attention blocks over the auxiliary tokens
+        modality_dropout: float = 0.1,  # per-sample drop probability of each auxiliary modality (training)
+        **tsvit_kwargs,
+    ):  # `TSViT` arguments (img_size, patch_size, dim, num_heads, ...)
         super().__init__()
         self.sar = TSViT(tasks, in_chans=in_chans, **tsvit_kwargs)
         self.tasks, self.in_chans = self.sar.tasks, in_chans
         self.amsr2_chans, self.era5_chans, self.optical_chans = amsr2_chans, era5_chans, optical_chans
         self.coarse_factor, self.modality_dropout = coarse_factor, modality_dropout
         self.coarse_patch = coarse_patch or max(1, self.sar.patch_size // coarse_factor)
-        if fusion_depth > len(self.sar.spatial): raise ConfigError(f"fusion_depth={fusion_depth} exceeds spatial_depth={len(self.sar.spatial)}")
+        if fusion_depth > len(self.sar.spatial):
+            raise ConfigError(f"fusion_depth={fusion_depth} exceeds spatial_depth={len(self.sar.spatial)}")
         self.aux = [k for k in _AUX if getattr(self, f'{k}_chans')]
         dim, heads = self.sar.dim, self.sar.temporal[0].attn.num_heads
-        self.embed = nn.ModuleDict({k: nn.Linear(getattr(self, f'{k}_chans') * self._patch(k) ** 2, dim) for k in self.aux})
+        self.embed = nn.ModuleDict(
+            {k: nn.Linear(getattr(self, f'{k}_chans') * self._patch(k) ** 2, dim) for k in self.aux}
+        )
         self.modality_embed = nn.ParameterDict({k: nn.Parameter(torch.zeros(1, 1, dim)) for k in self.aux})
         self.null_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.context = nn.ModuleList([Block(dim, heads) for _ in range(context_depth)])
@@ -112,10 +148,14 @@ class CrossAttnFusionTSViT(nn.Module):
         self.input_keys = self.sar.input_keys + tuple(self.aux)
         for m in [self.embed, self.context, self.fusion]:
             for l in m.modules():
-                if isinstance(l, nn.Linear): trunc_normal_(l.weight, std=.02); nn.init.zeros_(l.bias) if l.bias is not None else None
-        for p in [*self.modality_embed.values(), self.null_token]: trunc_normal_(p, std=.02)
+                if isinstance(l, nn.Linear):
+                    trunc_normal_(l.weight, std=0.02)
+                    nn.init.zeros_(l.bias) if l.bias is not None else None
+        for p in [*self.modality_embed.values(), self.null_token]:
+            trunc_normal_(p, std=0.02)
 
-    def _patch(self, k): return self.sar.patch_size if k == 'optical' else self.coarse_patch
+    def _patch(self, k):
+        return self.sar.patch_size if k == 'optical' else self.coarse_patch
 
     def forward_context(self, B, H, W, given: Mapping[str, Optional[torch.Tensor]], device):
         "Auxiliary tokens [B, 1 + M, dim] (null token first) and their keep mask [B, 1 + M] (None: keep all)."
@@ -123,48 +163,96 @@ class CrossAttnFusionTSViT(nn.Module):
         for k in self.aux:
             p = self._patch(k)
             size = (H, W) if k == 'optical' else (H // self.coarse_factor, W // self.coarse_factor)
-            if size[0] % p or size[1] % p: raise DataError(f"{k} grid {size} is not a multiple of its token patch {p}")
+            if size[0] % p or size[1] % p:
+                raise DataError(f"{k} grid {size} is not a multiple of its token patch {p}")
             x = _check_aux(k, given.get(k), getattr(self, f'{k}_chans'), B, size)
             keep = _present(x, B, self.modality_dropout, self.training, device)
             grid = (size[0] // p, size[1] // p)
-            if x is None: x = torch.zeros(B, getattr(self, f'{k}_chans'), *size, device=device)
+            if x is None:
+                x = torch.zeros(B, getattr(self, f'{k}_chans'), *size, device=device)
             t = self.embed[k](rearrange(x, 'b c (h p1) (w p2) -> b (h w) (p1 p2 c)', p1=p, p2=p))
             t = t + pos_embed_for(self.sar.pos_embed, self.sar.grid, grid) + self.modality_embed[k]
-            toks.append(t); keeps.append(keep[:, None].expand(B, t.shape[1]))
+            toks.append(t)
+            keeps.append(keep[:, None].expand(B, t.shape[1]))
         x, keep = torch.cat(toks, 1), torch.cat(keeps, 1)
         keep = None if bool(keep.all()) else keep
         mask = None if keep is None else key_mask(keep)
-        for blk in self.context: x = blk(x, attn_mask=mask)
+        for blk in self.context:
+            x = blk(x, attn_mask=mask)
         return self.context_norm(x), keep
 
-    def forward(self, image, doy=None, days_before=None, frame_mask=None, valid=None,
-                amsr2=None, era5=None, optical=None) -> dict[str, torch.Tensor]:
+    def forward(
+        self,
+        image,
+        doy=None,
+        days_before=None,
+        frame_mask=None,
+        valid=None,
+        amsr2=None,
+        era5=None,
+        optical=None,
+    ) -> dict[str, torch.Tensor]:
         B, T, C, H, W = image.shape
         x, grid = self.sar.forward_temporal(image, doy, days_before, frame_mask, valid)
-        ctx, keep = self.forward_context(B, H, W, {'amsr2': amsr2, 'era5': era5, 'optical': optical}, image.device)
+        ctx, keep = self.forward_context(
+            B, H, W, {'amsr2': amsr2, 'era5': era5, 'optical': optical}, image.device
+        )
         K = self.sar.num_tokens
-        ctx = ctx.repeat_interleave(K, 0)                       # b -> (b k), the layout of the class streams
+        ctx = ctx.repeat_interleave(K, 0)  # b -> (b k), the layout of the class streams
         mask = None if keep is None else key_mask(keep.repeat_interleave(K, 0))
         x = self.sar.pos_drop(x + pos_embed_for(self.sar.pos_embed, self.sar.grid, grid))
         for i, blk in enumerate(self.sar.spatial):
             x = blk(x)
-            if i < len(self.fusion): x = self.fusion[i](x, ctx, mask)
+            if i < len(self.fusion):
+                x = self.fusion[i](x, ctx, mask)
         return self.sar.forward_head(self.sar.spatial_norm(x), B, grid)
 
 # %% ../../nbs/32_models.fusion.ipynb #0b604ba2
 def _v3_kwargs(kwargs):
-    return {**dict(img_size=256, patch_size=8, dim=128, temporal_depth=4, spatial_depth=4, date_encoding='both', valid_channel=True, class_bias=True), **kwargs}
+    return {
+        **dict(
+            img_size=256,
+            patch_size=8,
+            dim=128,
+            temporal_depth=4,
+            spatial_depth=4,
+            date_encoding='both',
+            valid_channel=True,
+            class_bias=True,
+        ),
+        **kwargs,
+    }
 
-def _seaice_tasks(sic_regression): return {**N_CLASSES, 'sic': 1 if sic_regression else N_CLASSES['sic']}
+
+def _seaice_tasks(sic_regression):
+    return {**N_CLASSES, 'sic': 1 if sic_regression else N_CLASSES['sic']}
+
 
 @register_model
-def seaice_tsvit_v3_early(in_chans: int = 4, amsr2_chans: int = 14, era5_chans: int = 6, optical_chans: int = 0,
-                          sic_regression: bool = False, **kwargs) -> EarlyFusionTSViT:
+def seaice_tsvit_v3_early(
+    in_chans: int = 4,
+    amsr2_chans: int = 14,
+    era5_chans: int = 6,
+    optical_chans: int = 0,
+    sic_regression: bool = False,
+    **kwargs,
+) -> EarlyFusionTSViT:
     "Multi-modal TSViT, early fusion: AMSR2/ERA5 (and optical) stacked as channels of the target frame."
-    return EarlyFusionTSViT(_seaice_tasks(sic_regression), in_chans, amsr2_chans, era5_chans, optical_chans, **_v3_kwargs(kwargs))
+    return EarlyFusionTSViT(
+        _seaice_tasks(sic_regression), in_chans, amsr2_chans, era5_chans, optical_chans, **_v3_kwargs(kwargs)
+    )
+
 
 @register_model
-def seaice_tsvit_v3_xattn(in_chans: int = 4, amsr2_chans: int = 14, era5_chans: int = 6, optical_chans: int = 0,
-                          sic_regression: bool = False, **kwargs) -> CrossAttnFusionTSViT:
+def seaice_tsvit_v3_xattn(
+    in_chans: int = 4,
+    amsr2_chans: int = 14,
+    era5_chans: int = 6,
+    optical_chans: int = 0,
+    sic_regression: bool = False,
+    **kwargs,
+) -> CrossAttnFusionTSViT:
     "Multi-modal TSViT, token-level fusion: class streams cross-attend to AMSR2/ERA5 tokens on their coarse grid."
-    return CrossAttnFusionTSViT(_seaice_tasks(sic_regression), in_chans, amsr2_chans, era5_chans, optical_chans, **_v3_kwargs(kwargs))
+    return CrossAttnFusionTSViT(
+        _seaice_tasks(sic_regression), in_chans, amsr2_chans, era5_chans, optical_chans, **_v3_kwargs(kwargs)
+    )

@@ -24,82 +24,109 @@ __all__ = ['register_model', 'list_models', 'create_model', 'key_mask', 'set_fus
 _MODELS: dict[str, Callable[..., nn.Module]] = {}
 _FAMILIES = ('seaice_nb.models.tsvit', 'seaice_nb.models.fusion', 'seaice_nb.models.unet')
 
+
 def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
     "Decorator: register a preset function under its own name."
     _MODELS[fn.__name__] = fn
     return fn
 
+
 def _load_families():
     for m in _FAMILIES:
-        try: importlib.import_module(m)
-        except ModuleNotFoundError as e:   # a family not exported yet (building the notebooks in order)
-            if e.name != m: raise
+        try:
+            importlib.import_module(m)
+        except ModuleNotFoundError as e:  # a family not exported yet (building the notebooks in order)
+            if e.name != m:
+                raise
+
 
 def list_models() -> list[str]:
     "Names of every registered preset, sorted."
     _load_families()
     return sorted(_MODELS)
 
-def create_model(name: str, # preset name, see `list_models()`
-                 **kwargs,  # overrides of the preset's keyword arguments
-                ) -> nn.Module:
+
+def create_model(
+    name: str,  # preset name, see `list_models()`
+    **kwargs,  # overrides of the preset's keyword arguments
+) -> nn.Module:
     "Build the preset `name`; unknown names raise `ConfigError` listing the known ones."
     _load_families()
     if name not in _MODELS:
-        raise ConfigError(f"model {name!r} is not a registered preset; choose from {', '.join(sorted(_MODELS))}")
+        raise ConfigError(
+            f"model {name!r} is not a registered preset; choose from {', '.join(sorted(_MODELS))}"
+        )
     return _MODELS[name](**kwargs)
 
 # %% ../../nbs/30_models.layers.ipynb #6854886a
-def key_mask(keep: torch.Tensor, # bool [B, L], True = token may be attended to
-            ) -> torch.Tensor:
+def key_mask(
+    keep: torch.Tensor,  # bool [B, L], True = token may be attended to
+) -> torch.Tensor:
     "Boolean attention mask [B, 1, 1, L] for timm `Attention` / SDPA from a key-padding mask."
     return keep[:, None, None, :]
 
 # %% ../../nbs/30_models.layers.ipynb #cd43db3f
-def set_fused_attn(model: nn.Module, # any model holding timm `Attention` or `CrossAttention` modules
-                   enable: bool = True, # True: fused SDPA kernel; False: explicit matmul/softmax path
-                  ) -> int:
+def set_fused_attn(
+    model: nn.Module,  # any model holding timm `Attention` or `CrossAttention` modules
+    enable: bool = True,  # True: fused SDPA kernel; False: explicit matmul/softmax path
+) -> int:
     "Switch every attention module's `fused_attn` flag; returns how many modules were switched."
     n = 0
     for m in model.modules():
         if hasattr(m, 'fused_attn') and isinstance(m, (Attention, CrossAttention)):
-            m.fused_attn = enable; n += 1
+            m.fused_attn = enable
+            n += 1
     return n
 
 # %% ../../nbs/30_models.layers.ipynb #93614c80
 class CrossAttention(nn.Module):
     "Multi-head attention of `x` (queries) over `context` (keys, values), fused SDPA or explicit."
-    def __init__(self, dim: int, # token width of queries and context
-                 num_heads: int = 4, # attention heads
-                 attn_head_dim: Optional[int] = None, # per-head width (default dim // num_heads)
-                 qkv_bias: bool = False): # bias on the q, k, v projections
+
+    def __init__(
+        self,
+        dim: int,  # token width of queries and context
+        num_heads: int = 4,  # attention heads
+        attn_head_dim: Optional[int] = None,  # per-head width (default dim // num_heads)
+        qkv_bias: bool = False,
+    ):  # bias on the q, k, v projections
         super().__init__()
         self.num_heads, self.head_dim = num_heads, attn_head_dim or dim // num_heads
         inner = self.num_heads * self.head_dim
-        self.scale = self.head_dim ** -0.5
+        self.scale = self.head_dim**-0.5
         self.fused_attn = True
         self.q = nn.Linear(dim, inner, bias=qkv_bias)
         self.kv = nn.Linear(dim, 2 * inner, bias=qkv_bias)
         self.proj = nn.Linear(inner, dim)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor, attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        B, N, _ = x.shape; M = context.shape[1]
+    def forward(
+        self, x: torch.Tensor, context: torch.Tensor, attn_mask: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        B, N, _ = x.shape
+        M = context.shape[1]
         q = self.q(x).reshape(B, N, self.num_heads, self.head_dim).transpose(1, 2)
-        k, v = self.kv(context).reshape(B, M, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        k, v = (
+            self.kv(context).reshape(B, M, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        )
         if self.fused_attn:
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
         else:
             a = (q * self.scale) @ k.transpose(-2, -1)
-            if attn_mask is not None: a = a.masked_fill(~attn_mask, float('-inf'))
+            if attn_mask is not None:
+                a = a.masked_fill(~attn_mask, float('-inf'))
             o = a.softmax(-1) @ v
         return self.proj(o.transpose(1, 2).reshape(B, N, -1))
 
+
 class CrossBlock(nn.Module):
     "Pre-norm cross-attention + MLP block with residuals (the cross-attention twin of timm's `Block`)."
-    def __init__(self, dim: int, # token width
-                 num_heads: int = 4, # attention heads
-                 mlp_ratio: float = 4., # MLP hidden width / dim
-                 attn_head_dim: Optional[int] = None): # per-head width
+
+    def __init__(
+        self,
+        dim: int,  # token width
+        num_heads: int = 4,  # attention heads
+        mlp_ratio: float = 4.0,  # MLP hidden width / dim
+        attn_head_dim: Optional[int] = None,
+    ):  # per-head width
         super().__init__()
         self.norm_q, self.norm_kv = nn.LayerNorm(dim), nn.LayerNorm(dim)
         self.attn = CrossAttention(dim, num_heads, attn_head_dim)
@@ -111,59 +138,81 @@ class CrossBlock(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 # %% ../../nbs/30_models.layers.ipynb #959d5d03
-def pos_embed_for(pos: torch.Tensor, # [1, gh*gw, D] learned embedding on its own grid
-                  grid: tuple[int, int], # the grid the embedding was built for
-                  new_grid: tuple[int, int], # the grid of the current input
-                 ) -> torch.Tensor:
+def pos_embed_for(
+    pos: torch.Tensor,  # [1, gh*gw, D] learned embedding on its own grid
+    grid: tuple[int, int],  # the grid the embedding was built for
+    new_grid: tuple[int, int],  # the grid of the current input
+) -> torch.Tensor:
     "The position embedding, resampled when the token grid differs from the one it was built for."
-    if tuple(grid) == tuple(new_grid): return pos
+    if tuple(grid) == tuple(new_grid):
+        return pos
     return resample_abs_pos_embed(pos, new_size=list(new_grid), old_size=list(grid), num_prefix_tokens=0)
 
 # %% ../../nbs/30_models.layers.ipynb #732867db
-def load_matching(model: nn.Module, # model to initialise in place
-                  source: str | Path | Mapping[str, torch.Tensor], # checkpoint path or state dict
-                  strip_prefix: str = '', # prefix removed from source names first (e.g. 'module.')
-                 ) -> dict[str, list[str]]:
+def load_matching(
+    model: nn.Module,  # model to initialise in place
+    source: str | Path | Mapping[str, torch.Tensor],  # checkpoint path or state dict
+    strip_prefix: str = '',  # prefix removed from source names first (e.g. 'module.')
+) -> dict[str, list[str]]:
     "Copy every tensor whose name and shape match; report loaded / skipped (shape) / missing / unexpected."
     if isinstance(source, (str, Path)):
         p = Path(source)
-        if not p.exists(): raise CheckpointError(f"checkpoint {p} does not exist")
-        try: source = torch.load(p, map_location='cpu', weights_only=True)
-        except Exception as e: raise CheckpointError(f"cannot read checkpoint {p}: {e}") from e
+        if not p.exists():
+            raise CheckpointError(f"checkpoint {p} does not exist")
+        try:
+            source = torch.load(p, map_location='cpu', weights_only=True)
+        except Exception as e:
+            raise CheckpointError(f"cannot read checkpoint {p}: {e}") from e
     for key in ('model', 'state_dict'):
-        if isinstance(source, Mapping) and key in source and isinstance(source[key], Mapping): source = source[key]
-    src = {k[len(strip_prefix):] if strip_prefix and k.startswith(strip_prefix) else k: v
-           for k, v in source.items() if isinstance(v, torch.Tensor)}
+        if isinstance(source, Mapping) and key in source and isinstance(source[key], Mapping):
+            source = source[key]
+    src = {
+        k[len(strip_prefix) :] if strip_prefix and k.startswith(strip_prefix) else k: v
+        for k, v in source.items()
+        if isinstance(v, torch.Tensor)
+    }
     own = model.state_dict()
     rep = {'loaded': [], 'skipped': [], 'missing': [], 'unexpected': sorted(set(src) - set(own))}
     new = {}
     for k, v in own.items():
-        if k not in src: rep['missing'].append(k)
-        elif src[k].shape != v.shape: rep['skipped'].append(f"{k}: {tuple(src[k].shape)} -> {tuple(v.shape)}")
-        else: new[k] = src[k]; rep['loaded'].append(k)
+        if k not in src:
+            rep['missing'].append(k)
+        elif src[k].shape != v.shape:
+            rep['skipped'].append(f"{k}: {tuple(src[k].shape)} -> {tuple(v.shape)}")
+        else:
+            new[k] = src[k]
+            rep['loaded'].append(k)
     model.load_state_dict(new, strict=False)
     return rep
 
 # %% ../../nbs/30_models.layers.ipynb #6e37aa05
-def make_batch(model: nn.Module, # a seaice_nb model (reads its `input_keys` and channel attributes)
-               batch_size: int = 2, # B
-               frames: int = 3, # T (the last frame is the target)
-               size: int = 32, # H = W on the SAR grid
-               seed: int = 0, # generator seed
-               labels: bool = True, # add `sic`, `sod`, `floe` charts
-              ) -> dict[str, torch.Tensor]:
+def make_batch(
+    model: nn.Module,  # a seaice_nb model (reads its `input_keys` and channel attributes)
+    batch_size: int = 2,  # B
+    frames: int = 3,  # T (the last frame is the target)
+    size: int = 32,  # H = W on the SAR grid
+    seed: int = 0,  # generator seed
+    labels: bool = True,  # add `sic`, `sod`, `floe` charts
+) -> dict[str, torch.Tensor]:
     "A random batch with every key `model.input_keys` names (plus charts), shaped like the data module's."
     g = torch.Generator().manual_seed(seed)
     B, T, H = batch_size, frames, size
-    b = {'image': torch.randn(B, T, model.in_chans, H, H, generator=g),
-         'valid': torch.ones(B, T, H, H, dtype=torch.bool), 'frame_mask': torch.ones(B, T, dtype=torch.bool),
-         'doy': torch.randint(1, 367, (B, T), generator=g),
-         'days_before': torch.arange(T - 1, -1, -1).repeat(B, 1) * 6}
+    b = {
+        'image': torch.randn(B, T, model.in_chans, H, H, generator=g),
+        'valid': torch.ones(B, T, H, H, dtype=torch.bool),
+        'frame_mask': torch.ones(B, T, dtype=torch.bool),
+        'doy': torch.randint(1, 367, (B, T), generator=g),
+        'days_before': torch.arange(T - 1, -1, -1).repeat(B, 1) * 6,
+    }
     cf = getattr(model, 'coarse_factor', 1)
     for k in ('amsr2', 'era5'):
-        if getattr(model, f'{k}_chans', 0): b[k] = torch.randn(B, getattr(model, f'{k}_chans'), H // cf, H // cf, generator=g)
-    if getattr(model, 'optical_chans', 0): b['optical'] = torch.randn(B, model.optical_chans, H, H, generator=g)
+        if getattr(model, f'{k}_chans', 0):
+            b[k] = torch.randn(B, getattr(model, f'{k}_chans'), H // cf, H // cf, generator=g)
+    if getattr(model, 'optical_chans', 0):
+        b['optical'] = torch.randn(B, model.optical_chans, H, H, generator=g)
     if labels:
         for k, n in (('sic', 11), ('sod', 6), ('floe', 7)):
-            y = torch.randint(0, n, (B, H, H), generator=g); y[:, 0, :3] = 255; b[k] = y
+            y = torch.randint(0, n, (B, H, H), generator=g)
+            y[:, 0, :3] = 255
+            b[k] = y
     return b

@@ -22,102 +22,153 @@ __all__ = ['CHART_CLASSES', 'IGNORE_INDEX', 'masked_cross_entropy', 'masked_mse'
 CHART_CLASSES: Mapping[str, int] = N_CLASSES  # class counts, from `seaice_nb.charts` (the old name, kept)
 IGNORE_INDEX = 255
 
-def masked_cross_entropy(logits: torch.Tensor, # [B, K, H, W]
-                         target: torch.Tensor, # int64 [B, H, W], `ignore_index` where unlabelled
-                         weight: Optional[torch.Tensor] = None, # [K] class weights
-                         ignore_index: int = IGNORE_INDEX, # label value to skip
-                        ) -> torch.Tensor:
+
+def masked_cross_entropy(
+    logits: torch.Tensor,  # [B, K, H, W]
+    target: torch.Tensor,  # int64 [B, H, W], `ignore_index` where unlabelled
+    weight: Optional[torch.Tensor] = None,  # [K] class weights
+    ignore_index: int = IGNORE_INDEX,  # label value to skip
+) -> torch.Tensor:
     "Cross-entropy averaged over labelled pixels (weighted mean with class weights); 0 if none is labelled."
-    if not bool((target != ignore_index).any()): return logits.sum() * 0.
+    if not bool((target != ignore_index).any()):
+        return logits.sum() * 0.0
     bad = (target != ignore_index) & ((target < 0) | (target >= logits.shape[1]))
     if bool(bad.any()):
-        raise DataError(f"labels {sorted(set(target[bad].tolist()))[:5]} outside 0..{logits.shape[1] - 1} (and not {ignore_index})")
-    return F.cross_entropy(logits.float(), target, weight=None if weight is None else weight.to(logits.device, torch.float32),
-                           ignore_index=ignore_index)
+        raise DataError(
+            f"labels {sorted(set(target[bad].tolist()))[:5]} outside 0..{logits.shape[1] - 1} (and not {ignore_index})"
+        )
+    return F.cross_entropy(
+        logits.float(),
+        target,
+        weight=None if weight is None else weight.to(logits.device, torch.float32),
+        ignore_index=ignore_index,
+    )
 
-def masked_mse(pred: torch.Tensor, # [B, 1, H, W] predicted class index (float)
-               target: torch.Tensor, # int64 [B, H, W] class index, `ignore_index` where unlabelled
-               ignore_index: int = IGNORE_INDEX, # label value to skip
-              ) -> torch.Tensor:
+
+def masked_mse(
+    pred: torch.Tensor,  # [B, 1, H, W] predicted class index (float)
+    target: torch.Tensor,  # int64 [B, H, W] class index, `ignore_index` where unlabelled
+    ignore_index: int = IGNORE_INDEX,  # label value to skip
+) -> torch.Tensor:
     "Mean squared error on the class index over labelled pixels; 0 if none is labelled."
     m = target != ignore_index
-    if not bool(m.any()): return pred.sum() * 0.
+    if not bool(m.any()):
+        return pred.sum() * 0.0
     return F.mse_loss(pred[:, 0].float()[m], target[m].float())
 
 # %% ../../nbs/34_models.losses.ipynb #18df7754
-def inverse_frequency_weights(counts: Sequence[float] | torch.Tensor, # pixel count per class
-                              power: float = 1.0, # 1 = inverse frequency, 0.5 = its square root, 0 = uniform
-                             ) -> torch.Tensor:
+def inverse_frequency_weights(
+    counts: Sequence[float] | torch.Tensor,  # pixel count per class
+    power: float = 1.0,  # 1 = inverse frequency, 0.5 = its square root, 0 = uniform
+) -> torch.Tensor:
     "Class weights (1/freq)**power with mean 1 over present classes; 0 for absent classes."
     c = torch.as_tensor(counts, dtype=torch.float64)
-    w = torch.zeros_like(c); present = c > 0
+    w = torch.zeros_like(c)
+    present = c > 0
     w[present] = (c[present] / c.sum()) ** -power
     return (w / w[present].mean()).float()
 
 # %% ../../nbs/34_models.losses.ipynb #dceec167
 class MultiTaskLoss(nn.Module):
     "Weighted sum of per-chart losses ignoring 255: CE for classification, MSE for 1-channel (regression) outputs."
-    def __init__(self, task_weights: Mapping[str, float] = {'sic': 1., 'sod': 1., 'floe': 1.}, # weight of each task
-                 class_weights: Optional[Mapping[str, Sequence[float]]] = None, # per-task class weights (CE only)
-                 ignore_index: int = IGNORE_INDEX): # label value to skip
+
+    def __init__(
+        self,
+        task_weights: Mapping[str, float] = {'sic': 1.0, 'sod': 1.0, 'floe': 1.0},  # weight of each task
+        class_weights: Optional[Mapping[str, Sequence[float]]] = None,  # per-task class weights (CE only)
+        ignore_index: int = IGNORE_INDEX,
+    ):  # label value to skip
         super().__init__()
         self.task_weights, self.ignore_index = dict(task_weights), ignore_index
         for t, w in (class_weights or {}).items():
-            if t not in self.task_weights: raise ConfigError(f"class_weights given for task {t!r}, which has no task weight; tasks: {list(self.task_weights)}")
+            if t not in self.task_weights:
+                raise ConfigError(
+                    f"class_weights given for task {t!r}, which has no task weight; tasks: {list(self.task_weights)}"
+                )
             self.register_buffer(f'cw_{t}', torch.as_tensor(w, dtype=torch.float32))
 
-    def forward(self, outputs: Mapping[str, torch.Tensor], # model outputs {task: [B, K or 1, H, W]}
-                batch: Mapping[str, torch.Tensor], # batch holding the charts {task: [B, H, W]}
-               ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        total, parts = 0., {}
+    def forward(
+        self,
+        outputs: Mapping[str, torch.Tensor],  # model outputs {task: [B, K or 1, H, W]}
+        batch: Mapping[str, torch.Tensor],  # batch holding the charts {task: [B, H, W]}
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        total, parts = 0.0, {}
         for t, w in self.task_weights.items():
-            if t not in outputs or t not in batch: continue
+            if t not in outputs or t not in batch:
+                continue
             out, y = outputs[t], batch[t].long()
-            if out.shape[-2:] != y.shape[-2:]: raise DataError(f"{t}: output {tuple(out.shape)} and chart {tuple(y.shape)} differ in size")
-            if out.shape[1] == 1: l = masked_mse(out, y, self.ignore_index)
-            else: l = masked_cross_entropy(out, y, getattr(self, f'cw_{t}', None), self.ignore_index)
-            total = total + w * l; parts[t] = l.detach()
-        if not parts: raise DataError(f"no task of {list(self.task_weights)} is in both the outputs {list(outputs)} and the batch")
+            if out.shape[-2:] != y.shape[-2:]:
+                raise DataError(f"{t}: output {tuple(out.shape)} and chart {tuple(y.shape)} differ in size")
+            if out.shape[1] == 1:
+                l = masked_mse(out, y, self.ignore_index)
+            else:
+                l = masked_cross_entropy(out, y, getattr(self, f'cw_{t}', None), self.ignore_index)
+            total = total + w * l
+            parts[t] = l.detach()
+        if not parts:
+            raise DataError(
+                f"no task of {list(self.task_weights)} is in both the outputs {list(outputs)} and the batch"
+            )
         return total, parts
 
 # %% ../../nbs/34_models.losses.ipynb #dfda461f
-def outputs_to_classes(outputs: Mapping[str, torch.Tensor], # {task: [B, K or 1, H, W]}
-                       num_classes: Optional[Mapping[str, int]] = None, # classes per task for regression outputs
-                      ) -> dict[str, torch.Tensor]:
+def outputs_to_classes(
+    outputs: Mapping[str, torch.Tensor],  # {task: [B, K or 1, H, W]}
+    num_classes: Optional[Mapping[str, int]] = None,  # classes per task for regression outputs
+) -> dict[str, torch.Tensor]:
     "Class maps {task: int64 [B, H, W]}: argmax, or round + clamp for 1-channel regression outputs."
     n = {**CHART_CLASSES, **(num_classes or {})}
     res = {}
     for t, o in outputs.items():
-        if o.shape[1] > 1: res[t] = o.argmax(1)
+        if o.shape[1] > 1:
+            res[t] = o.argmax(1)
         else:
-            if t not in n: raise ConfigError(f"{t}: regression output needs num_classes[{t!r}] to clamp to")
+            if t not in n:
+                raise ConfigError(f"{t}: regression output needs num_classes[{t!r}] to clamp to")
             res[t] = o[:, 0].round().clamp(0, n[t] - 1).long()
     return res
 
 # %% ../../nbs/34_models.losses.ipynb #4c0bbe43
 def _bias_values(counts, n_out: int) -> torch.Tensor:
     c = torch.as_tensor(np.asarray(counts, np.float64))
-    if n_out == 1: return torch.tensor([float((c * torch.arange(len(c))).sum() / c.sum().clamp_min(1))])   # mean class index
+    if n_out == 1:
+        return torch.tensor(
+            [float((c * torch.arange(len(c))).sum() / c.sum().clamp_min(1))]
+        )  # mean class index
     p = (c / c.sum().clamp_min(1)).clamp_min(1e-4)
     return (p / p.sum()).log().float()
 
-def init_head_bias(model: nn.Module, # a U-Net (`heads`) or a TSViT (`class_bias`), or a wrapper holding one as `sar`/`tsvit`
-                   counts: Mapping[str, Sequence[float]], # chart -> labelled pixels per class (`train.class_frequencies`)
-                  ) -> dict[str, list[float]]:
+
+def init_head_bias(
+    model: nn.Module,  # a U-Net (`heads`) or a TSViT (`class_bias`), or a wrapper holding one as `sar`/`tsvit`
+    counts: Mapping[str, Sequence[float]],  # chart -> labelled pixels per class (`train.class_frequencies`)
+) -> dict[str, list[float]]:
     "Set the output biases to the log class priors (regression heads: the mean class); returns the biases set per chart."
     inner = getattr(model, 'sar', None) or getattr(model, 'tsvit', None) or model
     out = {}
     with torch.no_grad():
         if isinstance(getattr(inner, 'heads', None), nn.ModuleDict):
             for t, head in inner.heads.items():
-                if t not in counts: continue
-                layer = head if hasattr(head, 'bias') else [m for m in head.modules() if getattr(m, 'bias', None) is not None][-1]
-                b = _bias_values(counts[t], layer.bias.shape[0]); layer.bias.copy_(b); out[t] = b.tolist()
+                if t not in counts:
+                    continue
+                layer = (
+                    head
+                    if hasattr(head, 'bias')
+                    else [m for m in head.modules() if getattr(m, 'bias', None) is not None][-1]
+                )
+                b = _bias_values(counts[t], layer.bias.shape[0])
+                layer.bias.copy_(b)
+                out[t] = b.tolist()
         elif isinstance(getattr(inner, 'class_bias', None), torch.Tensor):
             i = 0
             for t, k in inner.tasks.items():
                 if t in counts:
-                    b = _bias_values(counts[t], k); inner.class_bias[i:i + k] = b; out[t] = b.tolist()
+                    b = _bias_values(counts[t], k)
+                    inner.class_bias[i : i + k] = b
+                    out[t] = b.tolist()
                 i += k
-        else: raise ConfigError(f"{type(model).__name__} has neither output `heads` nor a TSViT `class_bias` to initialise")
+        else:
+            raise ConfigError(
+                f"{type(model).__name__} has neither output `heads` nor a TSViT `class_bias` to initialise"
+            )
     return out

@@ -25,11 +25,16 @@ __all__ = ['DateEncoding', 'patches_to_map', 'TSViT', 'record_attention', 'atten
 # %% ../../nbs/31_models.tsvit.ipynb #27002c22
 class DateEncoding(nn.Module):
     "Learned lookup of day of year and/or days before the target, added to every token of a frame."
-    def __init__(self, dim: int, # token width
-                 mode: Literal['doy', 'days_before', 'both'] = 'doy', # which date(s) to encode
-                 max_days_before: int = 365): # longest look-back with its own row (longer ones clamp)
+
+    def __init__(
+        self,
+        dim: int,  # token width
+        mode: Literal['doy', 'days_before', 'both'] = 'doy',  # which date(s) to encode
+        max_days_before: int = 365,
+    ):  # longest look-back with its own row (longer ones clamp)
         super().__init__()
-        if mode not in ('doy', 'days_before', 'both'): raise ConfigError(f"date_encoding={mode!r}; use 'doy', 'days_before' or 'both'")
+        if mode not in ('doy', 'days_before', 'both'):
+            raise ConfigError(f"date_encoding={mode!r}; use 'doy', 'days_before' or 'both'")
         self.mode, self.max_days_before = mode, max_days_before
         self.doy = nn.Embedding(366, dim) if mode in ('doy', 'both') else None
         self.days = nn.Embedding(max_days_before + 1, dim) if mode in ('days_before', 'both') else None
@@ -39,58 +44,89 @@ class DateEncoding(nn.Module):
     def input_keys(self) -> tuple[str, ...]:
         return {'doy': ('doy',), 'days_before': ('days_before',), 'both': ('doy', 'days_before')}[self.mode]
 
-    def forward(self, doy: Optional[torch.Tensor] = None, days_before: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(
+        self, doy: Optional[torch.Tensor] = None, days_before: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
         out = self.bias
         if self.doy is not None:
-            if doy is None: raise DataError("this model encodes the day of year: pass `doy` (int64 [B, T], 1..366)")
+            if doy is None:
+                raise DataError("this model encodes the day of year: pass `doy` (int64 [B, T], 1..366)")
             out = out + self.doy((doy.long() - 1).clamp(0, 365))
         if self.days is not None:
-            if days_before is None: raise DataError("this model encodes days before the target: pass `days_before` (int64 [B, T])")
+            if days_before is None:
+                raise DataError(
+                    "this model encodes days before the target: pass `days_before` (int64 [B, T])"
+                )
             out = out + self.days(days_before.long().clamp(0, self.max_days_before))
         return out
 
 # %% ../../nbs/31_models.tsvit.ipynb #b44d6a3b
-def patches_to_map(x: torch.Tensor, # [(B*K), gh*gw, p*p] per-patch pixel logits
-                   batch_size: int, # B
-                   grid: tuple[int, int], # (gh, gw) patch grid
-                   patch_size: int, # p
-                  ) -> torch.Tensor:
+def patches_to_map(
+    x: torch.Tensor,  # [(B*K), gh*gw, p*p] per-patch pixel logits
+    batch_size: int,  # B
+    grid: tuple[int, int],  # (gh, gw) patch grid
+    patch_size: int,  # p
+) -> torch.Tensor:
     "Per-patch pixel logits [(B K), (gh gw), (p p)] -> maps [B, K, gh*p, gw*p]."
-    return rearrange(x, '(b k) (h w) (p1 p2) -> b k (h p1) (w p2)', b=batch_size, h=grid[0], w=grid[1],
-                     p1=patch_size, p2=patch_size)
+    return rearrange(
+        x,
+        '(b k) (h w) (p1 p2) -> b k (h p1) (w p2)',
+        b=batch_size,
+        h=grid[0],
+        w=grid[1],
+        p1=patch_size,
+        p2=patch_size,
+    )
 
 # %% ../../nbs/31_models.tsvit.ipynb #025527a0
 class TSViT(nn.Module):
     "Temporo-spatial vision transformer for semantic segmentation of image time series (multi-task)."
-    def __init__(self,
-                 tasks: Mapping[str, int] = {'out': 19}, # task name -> output channels (class tokens)
-                 in_chans: int = 10, # channels per frame (without the validity channel)
-                 img_size: int = 24, # tile size H = W the position embedding is built for
-                 patch_size: int = 2, # p: p x p pixel patches
-                 dim: int = 128, # token width
-                 temporal_depth: int = 4, # blocks of the temporal encoder
-                 spatial_depth: int = 4, # blocks of the spatial encoder
-                 num_heads: int = 4, # attention heads
-                 attn_head_dim: Optional[int] = None, # per-head width (default dim // num_heads)
-                 mlp_ratio: float = 4., # MLP hidden width / dim
-                 date_encoding: Literal['doy', 'days_before', 'both'] = 'doy', # see `DateEncoding`
-                 max_days_before: int = 365, # rows of the days-before table - 1
-                 valid_channel: bool = False, # append the per-pixel validity as an input channel
-                 drop_rate: float = 0., # dropout on tokens and in blocks
-                 drop_path_rate: float = 0., # stochastic depth (the paper uses none)
-                 class_bias: bool = False, # a learned logit offset per class token (the paper has none; the sea-ice presets do)
-                ):
+
+    def __init__(
+        self,
+        tasks: Mapping[str, int] = {'out': 19},  # task name -> output channels (class tokens)
+        in_chans: int = 10,  # channels per frame (without the validity channel)
+        img_size: int = 24,  # tile size H = W the position embedding is built for
+        patch_size: int = 2,  # p: p x p pixel patches
+        dim: int = 128,  # token width
+        temporal_depth: int = 4,  # blocks of the temporal encoder
+        spatial_depth: int = 4,  # blocks of the spatial encoder
+        num_heads: int = 4,  # attention heads
+        attn_head_dim: Optional[int] = None,  # per-head width (default dim // num_heads)
+        mlp_ratio: float = 4.0,  # MLP hidden width / dim
+        date_encoding: Literal['doy', 'days_before', 'both'] = 'doy',  # see `DateEncoding`
+        max_days_before: int = 365,  # rows of the days-before table - 1
+        valid_channel: bool = False,  # append the per-pixel validity as an input channel
+        drop_rate: float = 0.0,  # dropout on tokens and in blocks
+        drop_path_rate: float = 0.0,  # stochastic depth (the paper uses none)
+        class_bias: bool = False,  # a learned logit offset per class token (the paper has none; the sea-ice presets do)
+    ):
         super().__init__()
-        if img_size % patch_size: raise ConfigError(f"img_size={img_size} is not a multiple of patch_size={patch_size}")
-        if not tasks or any(int(n) < 1 for n in tasks.values()): raise ConfigError(f"tasks={dict(tasks)} needs at least one task with >= 1 output")
-        self.tasks, self.in_chans, self.img_size, self.patch_size = dict(tasks), in_chans, img_size, patch_size
+        if img_size % patch_size:
+            raise ConfigError(f"img_size={img_size} is not a multiple of patch_size={patch_size}")
+        if not tasks or any(int(n) < 1 for n in tasks.values()):
+            raise ConfigError(f"tasks={dict(tasks)} needs at least one task with >= 1 output")
+        self.tasks, self.in_chans, self.img_size, self.patch_size = (
+            dict(tasks),
+            in_chans,
+            img_size,
+            patch_size,
+        )
         self.num_tokens = sum(self.tasks.values())
         self.valid_channel, self.dim = valid_channel, dim
         self.grid = (img_size // patch_size,) * 2
         attn = partial(Attention, attn_head_dim=attn_head_dim) if attn_head_dim else Attention
-        blk = lambda i, n: Block(dim, num_heads, mlp_ratio, qkv_bias=False, proj_drop=drop_rate, attn_drop=drop_rate,
-                                 drop_path=drop_path_rate * i / max(n - 1, 1), attn_layer=attn)
-        self.patch_embed = nn.Linear((in_chans + valid_channel) * patch_size ** 2, dim)
+        blk = lambda i, n: Block(
+            dim,
+            num_heads,
+            mlp_ratio,
+            qkv_bias=False,
+            proj_drop=drop_rate,
+            attn_drop=drop_rate,
+            drop_path=drop_path_rate * i / max(n - 1, 1),
+            attn_layer=attn,
+        )
+        self.patch_embed = nn.Linear((in_chans + valid_channel) * patch_size**2, dim)
         self.date_embed = DateEncoding(dim, date_encoding, max_days_before)
         self.cls_tokens = nn.Parameter(torch.randn(1, self.num_tokens, dim))
         self.temporal = nn.ModuleList([blk(i, temporal_depth) for i in range(temporal_depth)])
@@ -100,8 +136,10 @@ class TSViT(nn.Module):
         self.spatial = nn.ModuleList([blk(i, spatial_depth) for i in range(spatial_depth)])
         self.spatial_norm = nn.LayerNorm(dim)
         self.head_norm = nn.LayerNorm(dim)
-        self.head = nn.Linear(dim, patch_size ** 2)
-        self.class_bias = nn.Parameter(torch.zeros(self.num_tokens)) if class_bias else None  # a logit offset per class token
+        self.head = nn.Linear(dim, patch_size**2)
+        self.class_bias = (
+            nn.Parameter(torch.zeros(self.num_tokens)) if class_bias else None
+        )  # a logit offset per class token
         self.input_keys = ('image', 'frame_mask', 'valid') + self.date_embed.input_keys
         self.init_weights()
 
@@ -109,30 +147,40 @@ class TSViT(nn.Module):
         "timm-style init: truncated normal (0.02) linears and date tables; class tokens and positions ~ N(0, 1) as in the paper."
         for m in self.modules():
             if isinstance(m, nn.Linear):
-                trunc_normal_(m.weight, std=.02)
-                if m.bias is not None: nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Embedding): trunc_normal_(m.weight, std=.02)
-            elif isinstance(m, nn.LayerNorm): nn.init.ones_(m.weight); nn.init.zeros_(m.bias)
-        nn.init.normal_(self.cls_tokens); nn.init.normal_(self.pos_embed)
+                trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Embedding):
+                trunc_normal_(m.weight, std=0.02)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        nn.init.normal_(self.cls_tokens)
+        nn.init.normal_(self.pos_embed)
 
     def _check(self, image):
-        if image.ndim != 5: raise DataError(f"image must be [B, T, C, H, W], got shape {tuple(image.shape)}")
+        if image.ndim != 5:
+            raise DataError(f"image must be [B, T, C, H, W], got shape {tuple(image.shape)}")
         B, T, C, H, W = image.shape
-        if C != self.in_chans: raise DataError(f"image has {C} channels, the model was built with in_chans={self.in_chans}")
+        if C != self.in_chans:
+            raise DataError(f"image has {C} channels, the model was built with in_chans={self.in_chans}")
         if H % self.patch_size or W % self.patch_size:
             raise DataError(f"tile {H}x{W} is not a multiple of patch_size={self.patch_size}")
 
     def tokenize(self, image, doy=None, days_before=None, frame_mask=None, valid=None):
         "Frame tokens [(B gh gw), T, dim] with dates added, and their keep mask [(B gh gw), T] (None = keep all)."
         self._check(image)
-        B, T, C, H, W = image.shape; p = self.patch_size
+        B, T, C, H, W = image.shape
+        p = self.patch_size
         if valid is not None:
             valid = valid.bool()
-            if frame_mask is not None: valid = valid & frame_mask.bool()[:, :, None, None]
+            if frame_mask is not None:
+                valid = valid & frame_mask.bool()[:, :, None, None]
             image = image * valid[:, :, None].to(image.dtype)
         if self.valid_channel:
             v = valid[:, :, None].to(image.dtype) if valid is not None else image.new_ones(B, T, 1, H, W)
-            if valid is None and frame_mask is not None: v = v * frame_mask[:, :, None, None, None].to(image.dtype)
+            if valid is None and frame_mask is not None:
+                v = v * frame_mask[:, :, None, None, None].to(image.dtype)
             image = torch.cat([image, v], 2)
         x = self.patch_embed(rearrange(image, 'b t c (h p1) (w p2) -> (b h w) t (p1 p2 c)', p1=p, p2=p))
         gh, gw = H // p, W // p
@@ -151,7 +199,8 @@ class TSViT(nn.Module):
         BN, K = x.shape[0], self.num_tokens
         x = torch.cat([self.cls_tokens.expand(BN, -1, -1), x], 1)
         mask = None if keep is None else key_mask(torch.cat([keep.new_ones(BN, K), keep], 1))
-        for blk in self.temporal: x = blk(x, attn_mask=mask)
+        for blk in self.temporal:
+            x = blk(x, attn_mask=mask)
         x = self.temporal_norm(x[:, :K])
         B, gh, gw = image.shape[0], image.shape[-2] // self.patch_size, image.shape[-1] // self.patch_size
         return rearrange(x, '(b h w) k d -> (b k) (h w) d', b=B, h=gh, w=gw), (gh, gw)
@@ -159,49 +208,67 @@ class TSViT(nn.Module):
     def forward_spatial(self, x, grid):
         "Spatial encoder, one stream per class token (shared weights): [(B K), N, dim] -> same."
         x = self.pos_drop(x + pos_embed_for(self.pos_embed, self.grid, grid))
-        for blk in self.spatial: x = blk(x)
+        for blk in self.spatial:
+            x = blk(x)
         return self.spatial_norm(x)
 
     def forward_head(self, x, batch_size, grid) -> dict[str, torch.Tensor]:
         "Pixel head and reassembly: [(B K), N, dim] -> {task: [B, n_task, H, W]}."
         out = patches_to_map(self.head(self.head_norm(x)), batch_size, grid, self.patch_size)
-        if self.class_bias is not None: out = out + self.class_bias[None, :, None, None].to(out.dtype)
+        if self.class_bias is not None:
+            out = out + self.class_bias[None, :, None, None].to(out.dtype)
         return dict(zip(self.tasks, out.split(list(self.tasks.values()), dim=1)))
 
-    def forward(self, image: torch.Tensor, # float [B, T, C, H, W], last frame = target
-                doy: Optional[torch.Tensor] = None, # int64 [B, T] day of year 1..366
-                days_before: Optional[torch.Tensor] = None, # int64 [B, T] days before the target
-                frame_mask: Optional[torch.Tensor] = None, # bool [B, T], False = padded frame
-                valid: Optional[torch.Tensor] = None, # bool [B, T, H, W] per-pixel validity
-               ) -> dict[str, torch.Tensor]:
+    def forward(
+        self,
+        image: torch.Tensor,  # float [B, T, C, H, W], last frame = target
+        doy: Optional[torch.Tensor] = None,  # int64 [B, T] day of year 1..366
+        days_before: Optional[torch.Tensor] = None,  # int64 [B, T] days before the target
+        frame_mask: Optional[torch.Tensor] = None,  # bool [B, T], False = padded frame
+        valid: Optional[torch.Tensor] = None,  # bool [B, T, H, W] per-pixel validity
+    ) -> dict[str, torch.Tensor]:
         x, grid = self.forward_temporal(image, doy, days_before, frame_mask, valid)
         return self.forward_head(self.forward_spatial(x, grid), image.shape[0], grid)
 
 # %% ../../nbs/31_models.tsvit.ipynb #5e2927ec
 @contextmanager
-def record_attention(model: nn.Module, # any model holding timm `Attention` modules (TSViT, the fusion models)
-                     prefixes: Sequence[str] | None = None, # record only modules whose name starts so, e.g. ('temporal',)
-                    ):
+def record_attention(
+    model: nn.Module,  # any model holding timm `Attention` modules (TSViT, the fusion models)
+    prefixes: Sequence[str] | None = None,  # record only modules whose name starts so, e.g. ('temporal',)
+):
     "Context manager yielding `{module name: softmax weights [B, heads, N, N]}`, filled by each forward pass."
     out: dict[str, torch.Tensor] = {}
+
     def hook(name):
         def fn(mod, args, kwargs, output):
             x, mask = args[0], kwargs.get('attn_mask', args[1] if len(args) > 1 else None)
             B, N, _ = x.shape
-            q, k, _ = mod.qkv(x).reshape(B, N, 3, mod.num_heads, mod.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+            q, k, _ = (
+                mod.qkv(x).reshape(B, N, 3, mod.num_heads, mod.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+            )
             a = (mod.q_norm(q) * mod.scale) @ mod.k_norm(k).transpose(-2, -1)
-            if mask is not None: a = a.masked_fill(~mask, float('-inf')) if mask.dtype == torch.bool else a + mask
+            if mask is not None:
+                a = a.masked_fill(~mask, float('-inf')) if mask.dtype == torch.bool else a + mask
             out[name] = a.softmax(-1).detach()
-        return fn
-    handles = [m.register_forward_hook(hook(n), with_kwargs=True) for n, m in model.named_modules()
-               if isinstance(m, Attention) and (prefixes is None or n.startswith(tuple(prefixes)))]
-    try: yield out
-    finally:
-        for h in handles: h.remove()
 
-def attention_rollout(weights: Sequence[torch.Tensor], # per block, first to last: [B, heads, N, N]
-                      residual: float = 0.5, # weight of the skip connection (Abnar & Zuidema 2020 use 0.5)
-                     ) -> torch.Tensor:
+        return fn
+
+    handles = [
+        m.register_forward_hook(hook(n), with_kwargs=True)
+        for n, m in model.named_modules()
+        if isinstance(m, Attention) and (prefixes is None or n.startswith(tuple(prefixes)))
+    ]
+    try:
+        yield out
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def attention_rollout(
+    weights: Sequence[torch.Tensor],  # per block, first to last: [B, heads, N, N]
+    residual: float = 0.5,  # weight of the skip connection (Abnar & Zuidema 2020 use 0.5)
+) -> torch.Tensor:
     "Attention rollout [B, N, N]: row i = how much each input token flows into output token i through all blocks."
     r = None
     for w in weights:
@@ -214,24 +281,48 @@ def attention_rollout(weights: Sequence[torch.Tensor], # per block, first to las
 def _seaice_tasks(sic_regression: bool) -> dict[str, int]:
     return {**N_CLASSES, 'sic': 1 if sic_regression else N_CLASSES['sic']}
 
+
 @register_model
 def tsvit_pastis24(num_classes: int = 19, in_chans: int = 10, img_size: int = 24, **kwargs) -> TSViT:
     "The paper's PASTIS24 TSViT: patch 2, dim 128, 4 heads, 4 temporal + 4 spatial blocks (1,657,476 params)."
-    return TSViT({'out': num_classes}, in_chans=in_chans, img_size=img_size, **{'patch_size': 2, 'dim': 128, **kwargs})
+    return TSViT(
+        {'out': num_classes}, in_chans=in_chans, img_size=img_size, **{'patch_size': 2, 'dim': 128, **kwargs}
+    )
+
 
 @register_model
 def tsvit_s_pastis24(num_classes: int = 19, in_chans: int = 10, img_size: int = 24, **kwargs) -> TSViT:
     "TSViT-S on PASTIS24: dim 64, head dim 16 (435,524 params)."
-    return TSViT({'out': num_classes}, in_chans=in_chans, img_size=img_size, **{'patch_size': 2, 'dim': 64, **kwargs})
+    return TSViT(
+        {'out': num_classes}, in_chans=in_chans, img_size=img_size, **{'patch_size': 2, 'dim': 64, **kwargs}
+    )
+
 
 @register_model
 def seaice_tsvit_v1(in_chans: int = 4, img_size: int = 256, sic_regression: bool = False, **kwargs) -> TSViT:
     "Sea-ice TSViT on the target scene alone (T = 1): SIC/SOD/FLOE class tokens, validity channel."
-    kw = dict(patch_size=8, dim=128, temporal_depth=4, spatial_depth=4, date_encoding='doy', valid_channel=True, class_bias=True)
+    kw = dict(
+        patch_size=8,
+        dim=128,
+        temporal_depth=4,
+        spatial_depth=4,
+        date_encoding='doy',
+        valid_channel=True,
+        class_bias=True,
+    )
     return TSViT(_seaice_tasks(sic_regression), in_chans=in_chans, img_size=img_size, **{**kw, **kwargs})
+
 
 @register_model
 def seaice_tsvit_v2(in_chans: int = 4, img_size: int = 256, sic_regression: bool = False, **kwargs) -> TSViT:
     "Sea-ice TSViT on a stack of earlier scenes + the target: day of year and days-before encodings."
-    kw = dict(patch_size=8, dim=128, temporal_depth=4, spatial_depth=4, date_encoding='both', valid_channel=True, class_bias=True)
+    kw = dict(
+        patch_size=8,
+        dim=128,
+        temporal_depth=4,
+        spatial_depth=4,
+        date_encoding='both',
+        valid_channel=True,
+        class_bias=True,
+    )
     return TSViT(_seaice_tasks(sic_regression), in_chans=in_chans, img_size=img_size, **{**kw, **kwargs})

@@ -20,12 +20,21 @@ __all__ = ['DoubleConv', 'Up', 'UNet', 'TimmUNet', 'unet_baseline', 'unet_winner
 # %% ../../nbs/33_models.unet.ipynb #d76f7879
 class DoubleConv(nn.Sequential):
     "Two (3x3 conv without bias, BatchNorm, ReLU) layers."
+
     def __init__(self, in_chans: int, out_chans: int):
-        super().__init__(nn.Conv2d(in_chans, out_chans, 3, padding=1, bias=False), nn.BatchNorm2d(out_chans), nn.ReLU(inplace=True),
-                         nn.Conv2d(out_chans, out_chans, 3, padding=1, bias=False), nn.BatchNorm2d(out_chans), nn.ReLU(inplace=True))
+        super().__init__(
+            nn.Conv2d(in_chans, out_chans, 3, padding=1, bias=False),
+            nn.BatchNorm2d(out_chans),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(out_chans, out_chans, 3, padding=1, bias=False),
+            nn.BatchNorm2d(out_chans),
+            nn.ReLU(inplace=True),
+        )
+
 
 class Up(nn.Module):
     "Bilinear x2 upsampling (corners aligned), pad to the skip's size, concatenate, DoubleConv."
+
     def __init__(self, in_chans: int, skip_chans: int, out_chans: int):
         super().__init__()
         self.conv = DoubleConv(in_chans + skip_chans, out_chans)
@@ -34,61 +43,87 @@ class Up(nn.Module):
         x = F.interpolate(x, size=skip.shape[-2:], mode='bilinear', align_corners=True)
         return self.conv(torch.cat([x, skip], 1))
 
+
 def _heads(width: int, sic_regression: bool) -> nn.ModuleDict:
-    return nn.ModuleDict({'sic': nn.Conv2d(width, 1 if sic_regression else 11, 1),
-                          'sod': nn.Conv2d(width, 6, 1), 'floe': nn.Conv2d(width, 7, 1)})
+    return nn.ModuleDict(
+        {
+            'sic': nn.Conv2d(width, 1 if sic_regression else 11, 1),
+            'sod': nn.Conv2d(width, 6, 1),
+            'floe': nn.Conv2d(width, 7, 1),
+        }
+    )
+
 
 def _target_frame(image: torch.Tensor) -> torch.Tensor:
-    if image.ndim == 5: return image[:, -1]
-    if image.ndim == 4: return image
+    if image.ndim == 5:
+        return image[:, -1]
+    if image.ndim == 4:
+        return image
     raise DataError(f"image must be [B, T, C, H, W] or [B, C, H, W], got shape {tuple(image.shape)}")
 
 # %% ../../nbs/33_models.unet.ipynb #42eb0031
 class UNet(nn.Module):
     "AI4Arctic baseline U-Net: levels from `filters`, three 1x1 heads (SIC, SOD, FLOE)."
-    def __init__(self, in_chans: int = 4, # input channels of the target scene
-                 filters: Sequence[int] = (16, 32, 64, 64), # `unet_conv_filters`: one entry per level
-                 sic_regression: bool = False, # SIC as a 1-channel regression head (AutoICE winner)
-                ):
+
+    def __init__(
+        self,
+        in_chans: int = 4,  # input channels of the target scene
+        filters: Sequence[int] = (16, 32, 64, 64),  # `unet_conv_filters`: one entry per level
+        sic_regression: bool = False,  # SIC as a 1-channel regression head (AutoICE winner)
+    ):
         super().__init__()
-        if len(filters) < 1 or any(int(f) < 1 for f in filters): raise ConfigError(f"filters={list(filters)} must be positive channel counts")
+        if len(filters) < 1 or any(int(f) < 1 for f in filters):
+            raise ConfigError(f"filters={list(filters)} must be positive channel counts")
         self.in_chans, self.filters, self.sic_regression = in_chans, list(filters), sic_regression
         self.input_keys = ('image',)
         f = self.filters
         self.input_block = DoubleConv(in_chans, f[0])
         self.down = nn.ModuleList([DoubleConv(f[i - 1], f[i]) for i in range(1, len(f))])
         self.bridge = DoubleConv(f[-1], f[-1])
-        self.up = nn.ModuleList([Up(f[-1], f[-1], f[-1])] + [Up(f[i], f[i - 1], f[i - 1]) for i in range(len(f) - 1, 0, -1)])
+        self.up = nn.ModuleList(
+            [Up(f[-1], f[-1], f[-1])] + [Up(f[i], f[i - 1], f[i - 1]) for i in range(len(f) - 1, 0, -1)]
+        )
         self.heads = _heads(f[0], sic_regression)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         "Encoder-decoder features at full resolution [B, filters[0], H, W]."
         n = 2 ** len(self.filters)
-        if x.shape[-1] % n or x.shape[-2] % n: raise DataError(f"tile {tuple(x.shape[-2:])} must be divisible by 2**{len(self.filters)} = {n}")
+        if x.shape[-1] % n or x.shape[-2] % n:
+            raise DataError(f"tile {tuple(x.shape[-2:])} must be divisible by 2**{len(self.filters)} = {n}")
         skips = [self.input_block(x)]
-        for blk in self.down: skips.append(blk(F.max_pool2d(skips[-1], 2)))
+        for blk in self.down:
+            skips.append(blk(F.max_pool2d(skips[-1], 2)))
         x = self.bridge(F.max_pool2d(skips[-1], 2))
-        for blk, s in zip(self.up, reversed(skips)): x = blk(x, s)
+        for blk, s in zip(self.up, reversed(skips)):
+            x = blk(x, s)
         return x
 
-    def forward(self, image: torch.Tensor, # float [B, T, C, H, W] (the last frame is used) or [B, C, H, W]
-               ) -> dict[str, torch.Tensor]:
+    def forward(
+        self,
+        image: torch.Tensor,  # float [B, T, C, H, W] (the last frame is used) or [B, C, H, W]
+    ) -> dict[str, torch.Tensor]:
         x = self.forward_features(_target_frame(image))
         return {k: h(x) for k, h in self.heads.items()}
 
 # %% ../../nbs/33_models.unet.ipynb #4701309d
 class TimmUNet(nn.Module):
     "U-Net decoder with three heads on a timm `features_only` encoder."
-    def __init__(self, encoder: str = 'resnet18', # timm model name
-                 in_chans: int = 4, # input channels of the target scene
-                 sic_regression: bool = False, # SIC as a 1-channel regression head
-                 pretrained: bool = False, # load timm's pretrained weights (needs the network)
-                 out_indices: Optional[Sequence[int]] = None, # encoder stages to use (default: all)
-                 **encoder_kwargs): # passed to `timm.create_model`
+
+    def __init__(
+        self,
+        encoder: str = 'resnet18',  # timm model name
+        in_chans: int = 4,  # input channels of the target scene
+        sic_regression: bool = False,  # SIC as a 1-channel regression head
+        pretrained: bool = False,  # load timm's pretrained weights (needs the network)
+        out_indices: Optional[Sequence[int]] = None,  # encoder stages to use (default: all)
+        **encoder_kwargs,
+    ):  # passed to `timm.create_model`
         super().__init__()
         import timm
+
         kw = dict(features_only=True, pretrained=pretrained, in_chans=in_chans, **encoder_kwargs)
-        if out_indices is not None: kw['out_indices'] = tuple(out_indices)
+        if out_indices is not None:
+            kw['out_indices'] = tuple(out_indices)
         self.encoder = timm.create_model(encoder, **kw)
         ch = self.encoder.feature_info.channels()
         self.in_chans, self.sic_regression, self.input_keys = in_chans, sic_regression, ('image',)
@@ -99,7 +134,8 @@ class TimmUNet(nn.Module):
         x = _target_frame(image)
         feats = self.encoder(x)
         y = feats[-1]
-        for blk, s in zip(self.up, reversed(feats[:-1])): y = blk(y, s)
+        for blk, s in zip(self.up, reversed(feats[:-1])):
+            y = blk(y, s)
         y = F.interpolate(y, size=x.shape[-2:], mode='bilinear', align_corners=False)
         return {k: h(y) for k, h in self.heads.items()}
 
@@ -109,25 +145,32 @@ def unet_baseline(in_chans: int = 4, filters: Sequence[int] = (16, 32, 64, 64), 
     "The official AutoICE baseline U-Net, `unet_conv_filters = [16, 32, 64, 64]`."
     return UNet(in_chans, filters, **kwargs)
 
+
 @register_model
-def unet_winner(in_chans: int = 4, filters: Sequence[int] = (32, 32, 64, 64), sic_regression: bool = True, **kwargs) -> UNet:
+def unet_winner(
+    in_chans: int = 4, filters: Sequence[int] = (32, 32, 64, 64), sic_regression: bool = True, **kwargs
+) -> UNet:
     "The AutoICE winner's U-Net: `[32, 32, 64, 64]`, SIC as a regression head."
     return UNet(in_chans, filters, sic_regression=sic_regression, **kwargs)
+
 
 @register_model
 def unet_4level(in_chans: int = 4, filters: Sequence[int] = (16, 32, 32, 32), **kwargs) -> UNet:
     "The seed team's 4-level U-Net `[16, 32, 32, 32]`."
     return UNet(in_chans, filters, **kwargs)
 
+
 @register_model
 def unet_6level(in_chans: int = 4, filters: Sequence[int] = (16, 32, 32, 32, 32, 32), **kwargs) -> UNet:
     "The seed team's 6-level U-Net `[16, 32, 32, 32, 32, 32]`."
     return UNet(in_chans, filters, **kwargs)
 
+
 @register_model
 def unet_8level(in_chans: int = 4, filters: Sequence[int] = (16,) + (32,) * 7, **kwargs) -> UNet:
     "The seed team's 8-level U-Net `[16] + [32] * 7` (tiles divisible by 256)."
     return UNet(in_chans, filters, **kwargs)
+
 
 @register_model
 def unet_timm(encoder: str = 'resnet18', in_chans: int = 4, **kwargs) -> TimmUNet:
