@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.seaice-installed
 
-.PHONY: env demo benchmark test docs export clean-nbs readme lab clean
+.PHONY: env demo benchmark test docs export clean-nbs readme lab clean format lint
 
 $(STAMP): settings.ini setup.py
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 10), "seaice_nb needs Python >= 3.10, found " + sys.version.split()[0]'

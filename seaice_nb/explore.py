@@ -1021,6 +1021,25 @@ def inspector_html(
     return f"<table class='seaice-inspector' style='font-size:12px;line-height:1.25'>{body}</table>"
 
 # %% ../nbs/44_explore.ipynb #81acd786
+def _no_autodisplay():
+    "Context in which new figures are not shown automatically: the widgets place them."
+    # unlike `plt.ioff()` this leaves IPython's display hooks alone, which kernels without pyplot's hook
+    # (nbdev_test's in-process shell) refuse to unregister
+    import contextlib
+    import matplotlib
+
+    @contextlib.contextmanager
+    def ctx():
+        was = matplotlib.is_interactive()
+        matplotlib.interactive(False)
+        try:
+            yield
+        finally:
+            matplotlib.interactive(was)
+
+    return ctx()
+
+
 def _canvas(fig):
     "The widget that shows `fig`: its ipympl canvas, or an Output redisplaying it (other backends)."
     import ipywidgets as W
@@ -1053,7 +1072,7 @@ class Explorer:
             raise DataError(
                 f"explore: scene {scene!r} is not in the source; first scenes: {', '.join(names[:3])}"
             )
-        with plt.ioff():
+        with _no_autodisplay():
             self.scene_panel = ScenePanel(data, plt.figure(figsize=(6.6, 4.8)), max_px)
             self.map = FootprintMap(
                 data.src, plt.figure(figsize=(3.2, 3.2)), on_pick=lambda n: setattr(self.scene, 'value', n)
@@ -1320,7 +1339,7 @@ def bench_redraw(
     t = time.perf_counter()
     data.prediction(scene)
     res['first_prediction_ms'] = round((time.perf_counter() - t) * 1e3, 1)
-    with plt.ioff():
+    with _no_autodisplay():
         panel = ScenePanel(data, _deferred(plt.figure(figsize=(6.6, 4.8))))
     st = ViewState(scene, layers[0], -1, 'prediction' if data.model is not None else 'chart', 'sod')
     panel.update(st)
@@ -1347,7 +1366,7 @@ def bench_redraw(
             _render(panel.fig)
             a.append(time.perf_counter() - t)
             t = time.perf_counter()
-            with plt.ioff():
+            with _no_autodisplay():
                 p2 = ScenePanel(data, _deferred(plt.figure(figsize=(6.6, 4.8))))
             p2.update(st)
             _render(p2.fig)
