@@ -86,7 +86,7 @@ def test_figures_notebook_writes_every_paper_figure(runs):
     assert 'tiny_wide' in table and table.count('unet_baseline') == 3
     # the comparison groups the two seeds of `tiny`; the legend says so (figure outputs are in the executed notebook)
     cells = nbformat.read(nb, as_version=4).cells
-    src = next(c for c in cells if 'plot_comparison(rows' in c.source)
+    src = next(c for c in cells if 'plot_comparison(' in c.source)
     assert any('image/png' in o.get('data', {}) for o in src.outputs)
     printed = ''.join(o.get('text', '') for o in src.outputs if o.get('output_type') == 'stream')
     assert 'tiny (2 seeds)' in printed and 'tiny_wide' in printed, printed

@@ -138,15 +138,17 @@ def fix_anchors(docs: Path) -> int:
 def render_smalldocs(proc: Path, docs: Path):
     output_names(proc)
     shutil.copy(ROOT / 'nbs' / 'styles.css', proc / 'styles.css')
-    if (ROOT / 'docs' / 'images').exists():  # figures the index (README) shows
-        shutil.copytree(ROOT / 'docs' / 'images', proc / 'docs' / 'images', dirs_exist_ok=True)
+    for sub in ('images', 'benchmark'):  # figures the index (README) shows
+        if (ROOT / 'docs' / sub).exists():
+            shutil.copytree(ROOT / 'docs' / sub, proc / 'docs' / sub, dirs_exist_ok=True)
     subprocess.run([str(BIN / 'smalldocs'), 'render', '--quiet', str(proc)], check=True)
     shutil.move(str(proc / '_docs'), str(docs))
 
 
 def render_quarto(proc: Path, docs: Path, quarto: str):
-    if (ROOT / 'docs' / 'images').exists():
-        shutil.copytree(ROOT / 'docs' / 'images', proc / 'docs' / 'images', dirs_exist_ok=True)
+    for sub in ('images', 'benchmark'):
+        if (ROOT / 'docs' / sub).exists():
+            shutil.copytree(ROOT / 'docs' / sub, proc / 'docs' / sub, dirs_exist_ok=True)
     subprocess.run([quarto, 'render', '--no-cache'], cwd=proc, check=True)
     shutil.move(str(proc / '_docs'), str(docs))
 
