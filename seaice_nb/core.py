@@ -18,7 +18,7 @@ import seaice_nb
 __all__ = ['SeaIceError', 'ConfigError', 'MissingFileError', 'DataError', 'DownloadError', 'CheckpointError', 'from_dict',
            'to_dict', 'source_root', 'config_dirs', 'find_config', 'resolve', 'set_dotted', 'load_config',
            'parse_overrides', 'save_config', 'atomic_write', 'file_digest', 'seed_everything', 'code_version',
-           'get_logger', 'make_run_dir']
+           'get_logger', 'record_start', 'make_run_dir']
 
 # %% ../nbs/00_core.ipynb #5fe5c03e
 class SeaIceError(Exception):
@@ -388,6 +388,34 @@ def _diff_keys(a, b, prefix=''):
     return [] if a == b else [prefix.rstrip('.')]
 
 
+def record_start(
+    run: Path,  # the run directory
+    name: str,  # the run's name (recorded when `run.json` is created)
+) -> dict:
+    "Create or extend `run/run.json`: code version, host and Python once, then every (re)start with its SLURM job id."
+    meta_path = run / 'run.json'
+    meta = (
+        json.loads(meta_path.read_text())
+        if meta_path.exists()
+        else {
+            'name': name,
+            'created': dt.datetime.now(dt.timezone.utc).isoformat(timespec='seconds'),
+            'code_version': code_version(),
+            'host': socket.gethostname(),
+            'python': sys.version.split()[0],
+        }
+    )
+    meta.setdefault('starts', []).append(
+        {
+            'time': dt.datetime.now(dt.timezone.utc).isoformat(timespec='seconds'),
+            'slurm_job_id': os.environ.get('SLURM_JOB_ID'),
+        }
+    )
+    with atomic_write(meta_path, 'w') as f:
+        json.dump(meta, f, indent=1)
+    return meta
+
+
 def make_run_dir(
     name: str,  # run name, e.g. 'tsvit_v2'; letters, digits, '.', '_' and '-'
     config=None,  # dataclass config to save as config.yaml
@@ -417,24 +445,5 @@ def make_run_dir(
     run.mkdir(parents=True, exist_ok=True)
     if config is not None and not (run / 'config.yaml').exists():
         save_config(config, run / 'config.yaml')
-    meta_path = run / 'run.json'
-    meta = (
-        json.loads(meta_path.read_text())
-        if meta_path.exists()
-        else {
-            'name': name,
-            'created': dt.datetime.now(dt.timezone.utc).isoformat(timespec='seconds'),
-            'code_version': code_version(),
-            'host': socket.gethostname(),
-            'python': sys.version.split()[0],
-        }
-    )
-    meta.setdefault('starts', []).append(
-        {
-            'time': dt.datetime.now(dt.timezone.utc).isoformat(timespec='seconds'),
-            'slurm_job_id': os.environ.get('SLURM_JOB_ID'),
-        }
-    )
-    with atomic_write(meta_path, 'w') as f:
-        json.dump(meta, f, indent=1)
+    record_start(run, name)
     return run

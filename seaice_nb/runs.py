@@ -21,10 +21,15 @@ from seaice_nb.core import (
     code_version,
     from_dict,
     get_logger,
+    record_start,
     resolve,
     save_config,
     to_dict,
 )
+from seaice_nb.core import (
+    _NAME_RE,
+    _diff_keys,
+)  # the run-name rule and the config diff of core's run directories
 from .data import DataConfig
 from .charts import CHARTS, chart_dict
 
@@ -204,16 +209,6 @@ def build_model(
     return model
 
 # %% ../nbs/40a_runs.ipynb #b625632a
-def _diff_keys(a, b, prefix=''):
-    if isinstance(a, dict) and isinstance(b, dict):
-        return [
-            k
-            for key in sorted(set(a) | set(b))
-            for k in _diff_keys(a.get(key), b.get(key), f"{prefix}{key}.")
-        ]
-    return [] if a == b else [prefix.rstrip('.')]
-
-
 def default_run_dir(cfg: TrainConfig, date: dt.date | str | None = None) -> Path:
     "`<run_root>/<date>_<name>` (date: today, UTC)."
     date = date or dt.datetime.now(dt.timezone.utc).date()
@@ -225,8 +220,6 @@ def prepare_run_dir(
     run_dir: str | Path | None = None,  # default: `default_run_dir(cfg)`
 ) -> Path:
     "Create or reopen a run directory: save `config.yaml` (refusing a different config once a checkpoint exists) and record this start in `run.json`."
-    from seaice_nb.core import _NAME_RE
-
     if not _NAME_RE.match(cfg.name):
         raise ConfigError(
             f"run name {cfg.name!r} must be letters, digits, '.', '_' or '-' (no spaces or slashes)"
@@ -248,26 +241,7 @@ def prepare_run_dir(
             save_config(cfg, saved)
     else:
         save_config(cfg, saved)
-    meta_path = run / 'run.json'
-    meta = (
-        json.loads(meta_path.read_text())
-        if meta_path.exists()
-        else {
-            'name': cfg.name,
-            'created': dt.datetime.now(dt.timezone.utc).isoformat(timespec='seconds'),
-            'code_version': code_version(),
-            'host': socket.gethostname(),
-            'python': sys.version.split()[0],
-        }
-    )
-    meta.setdefault('starts', []).append(
-        {
-            'time': dt.datetime.now(dt.timezone.utc).isoformat(timespec='seconds'),
-            'slurm_job_id': os.environ.get('SLURM_JOB_ID'),
-        }
-    )
-    with atomic_write(meta_path, 'w') as f:
-        json.dump(meta, f, indent=1)
+    record_start(run, cfg.name)
     return run
 
 # %% ../nbs/40a_runs.ipynb #1158fcbd
