@@ -250,7 +250,8 @@ def demo_steps(
     if quick:
         n_scenes, size, factor, epochs, steps, patch, val_tiles = 6, [250, 300], 4, 1, 3, 32, 8
     else:
-        n_scenes, size, factor, epochs, steps, patch, val_tiles = 16, [400, 480], 8, 8, 25, 32, 64
+        # 400 optimiser steps of 8 crops of 32 px (20 epochs of 20 steps), validated every 5th epoch
+        n_scenes, size, factor, epochs, steps, patch, val_tiles = 16, [400, 480], 4, 20, 20, 32, 64
     pre = dict(
         seed=seed,
         n_scenes=n_scenes,
@@ -275,6 +276,7 @@ def demo_steps(
     # a brief schedule (the presets' warm-up alone is 2000 steps), heads started at the class priors
     brief = {
         'warmup_steps': 2 if quick else 20,
+        'val_every': 1 if quick else 5,
         'scheduler': 'cosine',
         'min_lr_ratio': 0.02,
         'head_bias': True,

@@ -37,7 +37,8 @@ echo "nbdev_test took $(( $(date +%s) - t0 )) s"
 
 step "pytest"
 t0=$(date +%s)
-"$BIN/python" -m pytest tests -ra --durations=15 "$@"; rc=$?
+# two workers, a test file each at a time: much of the suite waits on kernels, SLURM, browsers and servers
+"$BIN/python" -m pytest tests -ra --durations=15 -n "${SEAICE_TEST_WORKERS:-2}" --dist loadfile "$@"; rc=$?
 [ $rc -ne 0 ] && { echo "FAIL: pytest exited $rc"; fail=1; }
 echo "pytest took $(( $(date +%s) - t0 )) s"
 
