@@ -351,7 +351,11 @@ def predict_probs(
 # %% ../nbs/44_explore.ipynb #8ac28ac8
 def find_tsvit(model: nn.Module) -> tuple[str, nn.Module] | None:
     "`(module name, TSViT)` inside a model (TSViT itself, or the fusion models' inner TSViT), None for others."
-    return next(((n, m) for n, m in model.named_modules() if isinstance(m, TSViT)), None)
+    # by name too: a notebook that re-runs the models' cells registers its own (equal) TSViT class
+    return next(
+        ((n, m) for n, m in model.named_modules() if isinstance(m, TSViT) or type(m).__name__ == 'TSViT'),
+        None,
+    )
 
 
 def explain_window(

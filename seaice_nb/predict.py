@@ -92,7 +92,10 @@ def fixed_tile(model: nn.Module) -> Optional[int]:
     "The tile size an architecture is built for (TSViT's `img_size`), None when any suitable size works."
     from seaice_nb.models.tsvit import TSViT
 
-    return next((int(m.img_size) for m in model.modules() if isinstance(m, TSViT)), None)
+    return next(
+        (int(m.img_size) for m in model.modules() if isinstance(m, TSViT) or type(m).__name__ == 'TSViT'),
+        None,
+    )
 
 
 def load_run(
