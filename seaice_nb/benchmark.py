@@ -22,7 +22,7 @@ __all__ = ['WORLD_BASE', 'WORLDS', 'SAR', 'TSVIT_SMALL', 'NETWORKS', 'BASELINES'
            'train_network', 'result_path', 'jobs', 'load_results', 'run_benchmark', 'summarise', 'markdown_table',
            'write_csv', 'plot_benchmark', 'write_report', 'main']
 
-# %% ../nbs/47_benchmark.ipynb #13d4c30c
+# %% ../nbs/47_benchmark.ipynb #da9a1f1d
 WORLD_BASE = dict(
     drift_kmd=3.0,
     edge_period_days=60.0,
@@ -55,7 +55,7 @@ NETWORKS = {
 }
 BASELINES = ('majority', 'gbm', 'gbm_frames', 'gbm_frames_amsr2')
 
-# %% ../nbs/47_benchmark.ipynb #2e4d9c2d
+# %% ../nbs/47_benchmark.ipynb #98215d25
 @dataclass
 class BenchmarkConfig:
     "Size and knobs of one benchmark run (defaults: about 30 minutes on 2 cores)."
@@ -148,7 +148,7 @@ def tiny_config(**kw) -> BenchmarkConfig:
     )
     return BenchmarkConfig(**{**base, **kw})
 
-# %% ../nbs/47_benchmark.ipynb #07cae2ac
+# %% ../nbs/47_benchmark.ipynb #a9339577
 def world_config(cfg: BenchmarkConfig, world: str):
     "The `WorldConfig` of benchmark world `world`."
     from seaice_nb.synth import WorldConfig
@@ -184,12 +184,22 @@ def build_world(cfg: BenchmarkConfig, world: str, root: str | Path, progress: bo
     return d / 'store.zarr'
 
 
-def scene_sites(store: str | Path) -> dict[str, int]:
-    "Site of every scene of a synthetic store (from the generator's manifest beside the store)."
-    m = json.loads((Path(store).parent / 'scenes' / 'manifest.json').read_text())
+def scene_sites(
+    store: str | Path,  # a store of synthetic scenes
+    scenes_dir: str
+    | Path
+    | None = None,  # the generator's folder (its manifest.json); None: `scenes` beside the store
+) -> dict[str, int]:
+    "Site of every scene of a synthetic store (from the generator's manifest)."
+    path = Path(scenes_dir or Path(store).parent / 'scenes') / 'manifest.json'
+    if not path.exists():
+        raise DataError(
+            f"{path} not found: a split by site needs synthetic scenes and the manifest `seaice synth` writes beside them"
+        )
+    m = json.loads(path.read_text())
     return {r['file'].replace('_prep.nc', ''): int(r['site']) for r in m['scenes']}
 
-# %% ../nbs/47_benchmark.ipynb #48cb2e1b
+# %% ../nbs/47_benchmark.ipynb #dc623a62
 def class_counts(store: str | Path, scenes: list[str]) -> dict[str, np.ndarray]:
     "Labelled pixels per class and chart over `scenes` of a store (target charts)."
     import zarr
@@ -224,9 +234,9 @@ def choose_sites(
     for _ in range(tries):
         perm = [int(i) for i in rng.permutation(ids)]
         va, te = sorted(perm[:val_sites]), sorted(perm[val_sites : val_sites + test_sites])
-        cv = {c: sum(per_site[s][c] for s in va) for c in CHARTS}
-        ct = {c: sum(per_site[s][c] for s in te) for c in CHARTS}
-        miss = {'val': _missing(cv, min_pixels), 'test': _missing(ct, min_pixels)}
+        cv = {c: sum((per_site[s][c] for s in va), np.zeros(N_CLASSES[c], np.int64)) for c in CHARTS}
+        ct = {c: sum((per_site[s][c] for s in te), np.zeros(N_CLASSES[c], np.int64)) for c in CHARTS}
+        miss = {'val': _missing(cv, min_pixels), 'test': _missing(ct, min_pixels) if test_sites else []}
         bad = len(miss['val']) + len(miss['test'])
         if best is None or bad < best['n_missing']:
             best = {
@@ -250,11 +260,14 @@ def site_split(
     test_sites: int,  # sites held out
     seed: int = 0,  # order in which partitions are tried
     min_pixels: int = 20,  # store pixels each SOD/FLOE class needs in validation and in test
+    scenes_dir: str
+    | Path
+    | None = None,  # the synthetic scenes (their manifest); None: `scenes` beside the store
 ) -> dict:
     "Scene-level split by site with every SOD/FLOE class in validation and test: {'train', 'val', 'test', 'missing', ...}."
     from seaice_nb.preprocess import done_scenes
 
-    sites = scene_sites(store)
+    sites = scene_sites(store, scenes_dir)
     names = [n for n in done_scenes(store) if n in sites]
     by_site: dict[int, list[str]] = {}
     for n in names:
@@ -294,7 +307,7 @@ def chart_site_counts(
             d[c] += np.bincount(v[v != 255], minlength=N_CLASSES[c])[: N_CLASSES[c]]
     return out
 
-# %% ../nbs/47_benchmark.ipynb #7c627f74
+# %% ../nbs/47_benchmark.ipynb #21779d47
 def score_record(acc: ScoreAccumulator) -> dict:
     "Official score, parts, per-class F1 and SIC accuracy from an accumulator (plain JSON values)."
     from seaice_nb.metrics import f1_from_confusion
@@ -315,7 +328,7 @@ def score_record(acc: ScoreAccumulator) -> dict:
     out['confusion'] = {c: acc.cms[c].tolist() for c in CHARTS}
     return out
 
-# %% ../nbs/47_benchmark.ipynb #2f6a1842
+# %% ../nbs/47_benchmark.ipynb #90bd5f94
 def pixel_features(
     arr: dict,  # SceneStore.arrays() of one scene
     ch: list[int],  # indices of the SAR channels in the store's image
@@ -392,6 +405,8 @@ def fit_baseline(
             for c in CHARTS:
                 Y[c].append(np.asarray(a[c]).ravel()[idx])
         X = np.concatenate(X)
+        cols = np.isfinite(X).any(0)  # a frame no training stack has (short stacks) is no feature
+        X = X[:, cols]
         for c in CHARTS:
             y = np.concatenate(Y[c])
             keep = y != 255
@@ -406,12 +421,12 @@ def fit_baseline(
         if kind == 'majority':
             pred = {c: np.full(ok.shape, major[c]) for c in CHARTS}
         else:
-            F = feats(n)
+            F = feats(n)[:, cols]
             pred = {c: models[c].predict(F).astype(np.int64) for c in CHARTS}
         acc.update(true, pred)
     return {**score_record(acc), 'steps': 0, 'params': 0, 'wall_s': round(time.time() - t0, 1)}
 
-# %% ../nbs/47_benchmark.ipynb #e72cd9d2
+# %% ../nbs/47_benchmark.ipynb #b74b6f17
 def network_config(cfg: BenchmarkConfig, name: str, seed: int, store, n_crops: int) -> 'TrainConfig':  # noqa: F821 (imported lazily, below)
     "The `TrainConfig` of benchmark network `name` for `n_crops` training crops (model sizes filled in from the store)."
     from seaice_nb.data import DataConfig, model_inputs
@@ -502,7 +517,7 @@ def train_network(cfg: BenchmarkConfig, name: str, seed: int, store_path, split:
         'best_val': res.best,
     }
 
-# %% ../nbs/47_benchmark.ipynb #883e728e
+# %% ../nbs/47_benchmark.ipynb #3a62e278
 def _job(args) -> tuple[str, dict]:
     "Run one (world, model, seed) job in a worker process; returns (result path, record)."
     cfg, world, name, seed, root = args
@@ -553,7 +568,7 @@ def load_results(cfg: BenchmarkConfig, root) -> list[dict]:
                 out.append(r)
     return out
 
-# %% ../nbs/47_benchmark.ipynb #2bf0c753
+# %% ../nbs/47_benchmark.ipynb #64219c48
 def run_benchmark(
     cfg: BenchmarkConfig,  # what to run
     root: str | Path = 'runs/benchmark',  # working folder (scenes, stores, runs, results)
@@ -620,7 +635,7 @@ def _report(rec: dict, progress: bool):
             flush=True,
         )
 
-# %% ../nbs/47_benchmark.ipynb #c685223e
+# %% ../nbs/47_benchmark.ipynb #ce498550
 COLUMNS = ('combined', 'sic_r2', 'sod_f1', 'floe_f1', 'sic_accuracy')
 
 
@@ -727,7 +742,7 @@ def plot_benchmark(rows: list[dict]):
     ax.legend(fontsize=8)
     return fig
 
-# %% ../nbs/47_benchmark.ipynb #87792cab
+# %% ../nbs/47_benchmark.ipynb #878eaa81
 def write_report(cfg: BenchmarkConfig, results: list[dict], out_dir, root=None) -> dict[str, Path]:
     "benchmark.md, benchmark.csv and benchmark.png into `out_dir`; returns the paths."
     import matplotlib.pyplot as plt
@@ -776,7 +791,7 @@ def write_report(cfg: BenchmarkConfig, results: list[dict], out_dir, root=None) 
     plt.close(fig)
     return paths
 
-# %% ../nbs/47_benchmark.ipynb #5c8dca4e
+# %% ../nbs/47_benchmark.ipynb #9cf57843
 def main(argv: list[str]) -> int:
     "`seaice benchmark [--root DIR] [--out DIR] [--tiny]`: the synthetic benchmark (resumes), table + figure."
     ap = argparse.ArgumentParser(
@@ -791,7 +806,7 @@ def main(argv: list[str]) -> int:
     ap.add_argument('--tiny', action='store_true', help='a seconds-sized run (for testing)')
     ap.add_argument('--workers', type=int, default=2, help='parallel jobs, one CPU thread each (default 2)')
     ap.add_argument('--seeds', type=int, nargs='+', default=None, help='training seeds (default 0 1 2)')
-    ap.add_argument('--steps', type=int, default=None, help='optimiser steps per network (default 300)')
+    ap.add_argument('--steps', type=int, default=None, help='optimiser steps per network (default 200)')
     a = ap.parse_args(argv)
     kw = {
         'workers': a.workers,

@@ -31,3 +31,12 @@ def test_choose_sites_reports_what_is_missing():
     sites = {0: z(), 1: z(floe=no_bergs), 2: z(floe=no_bergs), 3: z(floe=no_bergs)}  # bergs only at site 0
     ch = choose_sites(sites, 1, 1, seed=0, min_pixels=1)
     assert ch['n_missing'] == 1 and (ch['missing']['val'] == ['floe6'] or ch['missing']['test'] == ['floe6'])
+
+
+def test_choose_sites_without_test_sites():
+    "A validation-only split (the demo's): only validation must cover every class; the site holding the rare class goes there."
+    z = lambda **kw: {c: np.array(kw.get(c, [5] * N_CLASSES[c])) for c in ('sic', 'sod', 'floe')}
+    no_bergs = [5, 5, 5, 5, 5, 5, 0]
+    sites = {0: z(), 1: z(floe=no_bergs), 2: z(floe=no_bergs), 3: z(floe=no_bergs)}
+    ch = choose_sites(sites, 1, 0, seed=0, min_pixels=1)
+    assert ch['val'] == [0] and ch['test'] == [] and ch['missing'] == {'val': [], 'test': []}

@@ -193,6 +193,20 @@ def test_demo_notebooks_record_parameters_and_outputs(demo):
     ]
 
 
+def test_demo_split_holds_out_whole_sites(demo):
+    "The demo validates on whole held-out sites: no site has passes on both sides, and the split says which."
+    from seaice_nb import splits
+    from seaice_nb.benchmark import scene_sites
+
+    root, out, _ = demo
+    m = splits.load_manifest(root / 'data' / 'split.json')
+    assert m['kind'] == 'sites' and m['params']['val_sites']
+    site = scene_sites(root / 'data' / 'store.zarr', root / 'data' / 'scenes')
+    sides = {k: {site[n] for n in splits.scenes_of(m, k)} for k in ('train', 'val')}
+    assert sides['val'] == set(m['params']['val_sites']) and not sides['train'] & sides['val']
+    assert 'validation scenes of held-out sites' in out
+
+
 def test_demo_evaluation_writes_the_package():
     "`make demo`'s evaluation steps ask for the upload package (its score is the one reported)."
     from seaice_nb.workflows import demo_steps

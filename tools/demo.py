@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """`make demo`: the synthetic-data demo end to end, as executed notebooks under runs/demo/.
 
-    python tools/demo.py            # about 5 minutes on 2 cores; rerun to reuse finished steps
+    python tools/demo.py            # about 6 minutes on 2 cores; rerun to reuse finished steps
     python tools/demo.py --quick    # the smaller variant the tests run
     python tools/demo.py --fresh    # start over
     python tools/demo.py --images docs/images   # also copy the main figures for the README
