@@ -22,7 +22,7 @@ from seaice_nb.core import (
     get_logger,
 )
 from .metrics import CHARTS, ScoreAccumulator
-from .predict import OnnxModel, RunSettings, fixed_tile, load_run, predict_maps, scene_inputs
+from .predict import OnnxModel, RunSettings, fixed_tile, load_predictor, predict_maps, scene_inputs
 from .runs import find_checkpoint
 
 # %% auto #0
@@ -349,7 +349,7 @@ def export_run(
     opset: int = 17,  # ONNX opset
 ) -> dict:
     "Export a run's model, check it against PyTorch, optionally quantise and score; writes `<out>.json` and returns the report."
-    model, settings = load_run(run)
+    model, settings = load_predictor(run)
     ckpt = find_checkpoint(run)
     out = Path(out) if out else ckpt.parent.parent / 'export' / 'model.onnx'
     meta = {'checkpoint': str(ckpt), 'checkpoint_md5': file_digest(ckpt), 'model': settings.model}

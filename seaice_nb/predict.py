@@ -30,7 +30,7 @@ from .preprocess import AMSR2_CHANNELS, ERA5_CHANNELS, PreprocessConfig, scene_f
 from .runs import checkpoint_config, find_checkpoint, load_checkpoint
 
 # %% auto #0
-__all__ = ['RunSettings', 'run_settings', 'fixed_tile', 'load_run', 'read_frame', 'frames_allowed', 'scene_inputs',
+__all__ = ['RunSettings', 'run_settings', 'fixed_tile', 'load_predictor', 'read_frame', 'frames_allowed', 'scene_inputs',
            'ProbabilityRecorder', 'OnnxModel', 'predict_maps', 'charts_dataset', 'to_epsg3413', 'write_geotiff',
            'quicklook', 'write_outputs', 'predict', 'main']
 
@@ -98,7 +98,7 @@ def fixed_tile(model: nn.Module) -> Optional[int]:
     )
 
 
-def load_run(
+def load_predictor(
     run: str | Path,  # run directory or checkpoint file
 ) -> tuple[nn.Module, RunSettings]:
     "The trained model (eval mode, CPU) and its inference settings."
@@ -649,7 +649,7 @@ def predict(
 ) -> dict:
     "Predict the SIC/SOD/FLOE charts of one scene with a trained run and write them; returns paths, shapes and timings."
     t0 = time.perf_counter()
-    model, settings = load_run(run)
+    model, settings = load_predictor(run)
     if backend == 'onnx':
         path = Path(onnx) if onnx else find_checkpoint(run).parent.parent / 'export' / 'model.onnx'
         model = OnnxModel(path, threads)

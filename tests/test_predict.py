@@ -255,9 +255,9 @@ def test_corrupt_or_foreign_scene_fails_naming_it_and_writes_nothing(world):
     with pytest.raises(
         DataError, match='not earlier than the target'
     ):  # history must be older than the target
-        from seaice_nb.predict import load_run, scene_inputs
+        from seaice_nb.predict import load_predictor, scene_inputs
 
-        scene_inputs(good, load_run(tmp / 'run')[1], [good])
+        scene_inputs(good, load_predictor(tmp / 'run')[1], [good])
 
 
 def test_temporal_model_uses_history_or_falls_back_logged(world, caplog, tmp_path):
