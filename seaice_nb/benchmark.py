@@ -55,7 +55,7 @@ NETWORKS = {
 }
 BASELINES = ('majority', 'gbm', 'gbm_frames', 'gbm_frames_amsr2')
 
-# %% ../nbs/48_benchmark.ipynb #ba8cfdf2
+# %% ../nbs/48_benchmark.ipynb #61774c71
 @dataclass
 class BenchmarkConfig:
     "Size and knobs of one benchmark run (defaults: about 20 minutes on 2 cores)."
@@ -83,7 +83,7 @@ class BenchmarkConfig:
     models: dict = field(
         default_factory=lambda: {
             'signals': list(BASELINES) + list(NETWORKS),
-            'knobs_off': list(BASELINES) + ['tsvit_v1', 'tsvit_v2', 'tsvit_v3'],
+            'knobs_off': list(BASELINES) + list(NETWORKS),
         }
     )  # per world
     seeds: list = field(default_factory=lambda: [0, 1, 2])  # training seeds of the networks
