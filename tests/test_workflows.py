@@ -411,3 +411,16 @@ def test_slurm_autolabel_job_with_dask_workers_as_jobs(slurm_cluster, tmp_path):
     assert list((tmp_path / 'dask-logs').glob('*')), (
         "no Dask worker job logs: the workers did not run as SLURM jobs"
     )
+
+
+def test_preprocess_refuses_a_site_split_of_real_scenes(tmp_path):
+    "A split by synthetic site on a folder without the generator's manifest fails before any work, saying what to use."
+    (tmp_path / 'scenes').mkdir()
+    with pytest.raises(WorkflowError, match=r"needs the generator's manifest.*split_kind='official'"):
+        run_notebook(
+            'preprocess',
+            tmp_path / 'run',
+            {'scenes_dir': str(tmp_path / 'scenes'), 'split_kind': 'sites'},
+            progress=False,
+        )
+    assert not (tmp_path / 'run' / 'store.zarr').exists()
