@@ -6,8 +6,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 IN_CI = os.environ.get('CI', '').lower() in ('1', 'true', 'yes')
-# the official AI4Arctic scene lists, in shared/ beside the checkout (as CI lays it out)
-SHARED_LISTS = REPO.parent / 'shared' / 'data' / 'ai4arctic'
+# the official AI4Arctic scene lists, committed unchanged (their md5s are recorded in scenes.meta.json)
+SCENE_LISTS = REPO / 'data_manifest'
 
 
 def require(condition: bool, reason: str):

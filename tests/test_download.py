@@ -365,11 +365,13 @@ def test_committed_scene_manifest(repo, tmp_path):
     assert len({r['rtt_name'] for r in rows}) == len(rows)
     for r in rows:
         check_name(r['rtt_name'])
-    lists = repo.parent / 'shared' / 'data' / 'ai4arctic'
-    require((lists / 'dataset.json').is_file(), f'official scene lists not found in {lists}')
+    # the committed official lists are the ones the manifest was made from, byte for byte
+    lists = repo / 'data_manifest'
     write_scene_manifest(lists / 'dataset.json', lists / 'testset.json', tmp_path)
-    assert (tmp_path / 'scenes.csv').read_text() == (repo / 'data_manifest' / 'scenes.csv').read_text()
-    assert (
-        file_digest(lists / 'testset.json')
-        == json.loads((repo / 'data_manifest' / 'scenes.meta.json').read_text())['sources']['test']['md5']
-    )
+    assert (tmp_path / 'scenes.csv').read_text() == (lists / 'scenes.csv').read_text()
+    assert (tmp_path / 'scenes.meta.json').read_text() == (lists / 'scenes.meta.json').read_text()
+    meta = json.loads((lists / 'scenes.meta.json').read_text())['sources']
+    assert {k: file_digest(lists / v['file']) for k, v in meta.items()} == {
+        'train': '0f4acc412b083250c2bc21ab7ac5b376',  # the lists of the AI4Arctic challenge repository
+        'test': '7d105b23f7853352ee5c6fcde0805005',
+    }

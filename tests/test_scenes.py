@@ -6,12 +6,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import SHARED_LISTS, require
+from conftest import SCENE_LISTS
 
 from seaice_nb import scenes as S
 from seaice_nb.synth import generate_scenes
 
-SHARED = SHARED_LISTS
 SEAICE = [str(Path(sys.executable).parent / 'seaice')]
 
 
@@ -41,8 +40,7 @@ def _errors(path):
 
 
 def test_official_lists_parse():
-    require(SHARED.exists(), f'the official scene lists {SHARED} are not present')
-    names = json.loads((SHARED / 'dataset.json').read_text())
+    names = json.loads((SCENE_LISTS / 'dataset.json').read_text())
     parsed = [S.parse_raw_name(n) for n in names]
     assert len(parsed) == 512
     assert Counter(p.ice_service for p in parsed) == {'dmi': 315, 'cis': 197}
@@ -54,7 +52,7 @@ def test_official_lists_parse():
         'CapeFarewell_RIC',
         'CentralEast_RIC',
     }
-    test = [S.parse_raw_name(n) for n in json.loads((SHARED / 'testset.json').read_text())]
+    test = [S.parse_raw_name(n) for n in json.loads((SCENE_LISTS / 'testset.json').read_text())]
     assert len(test) == 20
 
 
