@@ -4,7 +4,8 @@
 
 # %% ../nbs/00_core.ipynb #2447bf13
 from __future__ import annotations
-import dataclasses, datetime as dt, difflib, hashlib, json, logging, os, random, re, socket, subprocess, sys, tempfile
+import dataclasses, datetime as dt, difflib, hashlib, importlib.util, json, logging, os, platform, random, re
+import socket, subprocess, sys, tempfile
 import types, typing
 from contextlib import contextmanager
 from pathlib import Path
@@ -15,10 +16,10 @@ import yaml
 import seaice_nb
 
 # %% auto #0
-__all__ = ['SeaIceError', 'ConfigError', 'MissingFileError', 'DataError', 'DownloadError', 'CheckpointError', 'from_dict',
-           'to_dict', 'source_root', 'config_dirs', 'find_config', 'resolve', 'set_dotted', 'load_config',
-           'parse_overrides', 'save_config', 'atomic_write', 'file_digest', 'seed_everything', 'code_version',
-           'get_logger', 'record_start', 'make_run_dir']
+__all__ = ['DETERMINISTIC_THREADS', 'SeaIceError', 'ConfigError', 'MissingFileError', 'DataError', 'DownloadError',
+           'CheckpointError', 'from_dict', 'to_dict', 'source_root', 'config_dirs', 'find_config', 'resolve',
+           'set_dotted', 'load_config', 'parse_overrides', 'save_config', 'atomic_write', 'file_digest', 'fix_numerics',
+           'seed_everything', 'code_version', 'get_logger', 'record_start', 'make_run_dir']
 
 # %% ../nbs/00_core.ipynb #5fe5c03e
 class SeaIceError(Exception):
@@ -303,27 +304,64 @@ def file_digest(path: str | Path, algo: str = 'md5', chunk: int = 1 << 22) -> st
             h.update(b)
     return h.hexdigest()
 
-# %% ../nbs/00_core.ipynb #7ef1e742
-def seed_everything(seed: int, deterministic: bool = False) -> np.random.Generator:
-    "Seed Python, NumPy and PyTorch (all devices); with `deterministic`, ask PyTorch for deterministic kernels."
+# %% ../nbs/00_core.ipynb #94d508d6
+DETERMINISTIC_THREADS = 2  # intra-op threads of a deterministic run unless its config names a number
+_PINNED_ISA = dict(ATEN_CPU_CAPABILITY='avx2', ONEDNN_MAX_CPU_ISA='AVX2', MKL_CBWR='AVX2')
+
+
+def fix_numerics(
+    threads: int | None = None,  # torch intra-op threads (default `DETERMINISTIC_THREADS`)
+) -> dict:
+    "Pin what makes PyTorch's CPU numbers machine-dependent (threads, SIMD kernels); return what was got."
+    import torch  # deferred: core is imported by torch-free code paths (prediction with onnxruntime)
+
+    threads = DETERMINISTIC_THREADS if threads is None else threads
+    if not isinstance(threads, int) or isinstance(threads, bool) or threads < 1:
+        raise ConfigError(f"threads must be a positive integer, got {threads!r}")
+    x86 = platform.machine().lower() in ('x86_64', 'amd64')
+    if x86:
+        os.environ.update(_PINNED_ISA)
+    os.environ.setdefault('CUBLAS_WORKSPACE_CONFIG', ':4096:8')  # deterministic cuBLAS
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark = False
+    got = dict(
+        threads=torch.get_num_threads(),
+        cpu_capability=torch.backends.cpu.get_cpu_capability(),
+        torch=torch.__version__,
+        machine=platform.machine(),
+    )
+    got['pinned'] = got['threads'] == threads and (not x86 or got['cpu_capability'] == 'AVX2')
+    if not got['pinned']:
+        get_logger('core').warning(
+            f"numerics not pinned (got {got['threads']} threads, {got['cpu_capability']} kernels): PyTorch "
+            "had already run an operation in this process; results may differ on another machine. Start "
+            f"from a fresh process, or set {' '.join(f'{k}={v}' for k, v in _PINNED_ISA.items())} before it."
+        )
+    return got
+
+# %% ../nbs/00_core.ipynb #a8515674
+def seed_everything(
+    seed: int,  # seeds Python, NumPy and PyTorch (all devices)
+    deterministic: bool = False,  # also pin threads, kernels and algorithms (`fix_numerics`)
+    threads: int | None = None,  # intra-op threads when deterministic (default `DETERMINISTIC_THREADS`)
+) -> np.random.Generator:
+    "Seed Python, NumPy and PyTorch; with `deterministic`, make PyTorch's numbers repeat on any machine."
     if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
         raise ConfigError(f"seed must be a non-negative integer, got {seed!r}")
     random.seed(seed)
     np.random.seed(seed % 2**32)
     os.environ['PYTHONHASHSEED'] = str(seed)
     if 'torch' in sys.modules or _torch_available():
-        import torch
+        import torch  # deferred: core is imported by torch-free code paths (prediction with onnxruntime)
 
-        torch.manual_seed(seed)
         if deterministic:
-            torch.use_deterministic_algorithms(True, warn_only=True)
-            torch.backends.cudnn.benchmark = False
+            fix_numerics(threads)
+        torch.manual_seed(seed)
     return np.random.default_rng(seed)
 
 
 def _torch_available() -> bool:
-    import importlib.util
-
     return importlib.util.find_spec('torch') is not None
 
 # %% ../nbs/00_core.ipynb #86031b84
@@ -391,6 +429,7 @@ def _diff_keys(a, b, prefix=''):
 def record_start(
     run: Path,  # the run directory
     name: str,  # the run's name (recorded when `run.json` is created)
+    start: dict | None = None,  # more facts about this start (e.g. the numerics `fix_numerics` got)
 ) -> dict:
     "Create or extend `run/run.json`: code version, host and Python once, then every (re)start with its SLURM job id."
     meta_path = run / 'run.json'
@@ -409,6 +448,7 @@ def record_start(
         {
             'time': dt.datetime.now(dt.timezone.utc).isoformat(timespec='seconds'),
             'slurm_job_id': os.environ.get('SLURM_JOB_ID'),
+            **(start or {}),
         }
     )
     with atomic_write(meta_path, 'w') as f:

@@ -104,7 +104,8 @@ class TrainConfig:
     )
     ckpt_every: int = 0  # also write `last.pt` every this many optimiser steps (0 = at epoch ends only)
     seed: int = 0  # seeds the model initialisation, the sampler and the loaders
-    deterministic: bool = False  # ask PyTorch for deterministic kernels (slower)
+    deterministic: bool = True  # bit-identical on any machine with the same libraries (`core.fix_numerics`)
+    threads: Optional[int] = None  # torch CPU threads per process; None: 2 when deterministic, else all cores
     num_workers: int = 0  # DataLoader worker processes per training process
     device: Literal['auto', 'cpu', 'cuda'] = 'auto'  # 'auto' = CUDA when available
     init_from: Optional[str] = (
@@ -131,6 +132,8 @@ class TrainConfig:
         for k in ('warmup_steps', 'ckpt_every', 'num_workers', 'weight_decay', 'momentum', 'min_lr_ratio'):
             if getattr(self, k) < 0:
                 raise ConfigError(f"{k} must be >= 0, got {getattr(self, k)}")
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError(f"threads must be >= 1 (or None), got {self.threads}")
         if self.steps_per_epoch is not None and self.steps_per_epoch < 1:
             raise ConfigError(
                 f"steps_per_epoch must be >= 1 (or null for one pass over the data), got {self.steps_per_epoch}"
@@ -218,6 +221,7 @@ def default_run_dir(cfg: TrainConfig, date: dt.date | str | None = None) -> Path
 def prepare_run_dir(
     cfg: TrainConfig,  # the resolved config to save
     run_dir: str | Path | None = None,  # default: `default_run_dir(cfg)`
+    start: Optional[dict] = None,  # more facts about this start for `run.json` (e.g. the pinned numerics)
 ) -> Path:
     "Create or reopen a run directory: save `config.yaml` (refusing a different config once a checkpoint exists) and record this start in `run.json`."
     if not _NAME_RE.match(cfg.name):
@@ -241,7 +245,7 @@ def prepare_run_dir(
             save_config(cfg, saved)
     else:
         save_config(cfg, saved)
-    record_start(run, cfg.name)
+    record_start(run, cfg.name, start)
     return run
 
 # %% ../nbs/40a_runs.ipynb #1158fcbd

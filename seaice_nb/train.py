@@ -420,7 +420,12 @@ class Trainer:
                 f"batch_size {cfg.batch_size} must be a multiple of world_size x accum_steps = "
                 f"{info.world_size} x {cfg.accum_steps}"
             )
-        seed_everything(cfg.seed, cfg.deterministic)
+        seed_everything(cfg.seed, cfg.deterministic, cfg.threads)
+        if not cfg.deterministic and cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        self.numerics = dict(deterministic=cfg.deterministic, threads=torch.get_num_threads())
+        if cfg.deterministic:
+            self.numerics['cpu_capability'] = torch.backends.cpu.get_cpu_capability()
         self._data(cfg, model, train_data, val_data)
         self._run_dir(run_dir)
         self._model(model, loss_fn, predict)
@@ -448,7 +453,7 @@ class Trainer:
         "Rank 0 creates or reopens the run directory; the other ranks learn its path."
         info = self.info
         if info.is_main:
-            run_dir = prepare_run_dir(self.cfg, run_dir)
+            run_dir = prepare_run_dir(self.cfg, run_dir, start={'numerics': self.numerics})
             self.log = get_logger('train', run_dir)
         if info.distributed:
             box = [str(run_dir) if info.is_main else None]
@@ -829,7 +834,9 @@ def launch(
     if world_size < 1:
         raise ConfigError(f"world_size must be >= 1, got {world_size}")
     run_dir = Path(kwargs.pop('run_dir', None) or default_run_dir(cfg))
-    threads = threads or max(1, (os.cpu_count() or 1) // world_size)
+    threads = threads or cfg.threads or max(1, (os.cpu_count() or 1) // world_size)
+    if cfg.deterministic and cfg.threads is None:  # a deterministic run records the threads it ran on
+        cfg = dataclasses.replace(cfg, threads=threads)
     mp.start_processes(
         _worker,
         args=(world_size, free_port(), cfg, {**kwargs, 'run_dir': run_dir}, threads),

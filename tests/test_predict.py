@@ -134,7 +134,8 @@ def test_predict_cli_on_unlabelled_test_scene_matches_evaluation(world):
 
 def test_onnx_backend_and_int8_within_one_point(world):
     from seaice_nb import cli
-    from seaice_nb.export import export_run
+    from seaice_nb.export import export_run, real_batches
+    from seaice_nb.predict import OnnxModel, load_predictor
 
     tmp, _, split = world
     rep = export_run(
@@ -152,8 +153,25 @@ def test_onnx_backend_and_int8_within_one_point(world):
     }
     s = rep['score']
     assert s['onnx_fp32'] == s['torch']  # same charts, same pooled score
-    assert s['torch']['combined'] > 10  # a model that learned something: the drop means something
-    assert abs(s['int8_drop_combined']) <= 1.0, s
+    assert np.isfinite(s['int8_drop_combined']) and s['onnx_int8']['n_scenes'] == 3
+    # int8 vs fp32 on the same weights and the same real tiles: properties of the quantisation, not of how
+    # well training went (measured on this tiny U-Net: class agreement >= 0.993 per chart, r >= 0.9996,
+    # max error <= 2.8 % of the logit range; the bounds leave a 3-4x margin)
+    _, settings = load_predictor(tmp / 'run')
+    fp32, int8 = OnnxModel(tmp / 'export' / 'unet.onnx'), OnnxModel(rep['int8']['path'])
+    logits = {c: ([], []) for c in CHARTS}
+    for scene in split['test']:
+        for b in real_batches(settings, scene, 32, 4, 4):
+            a, q = fp32(**b), int8(**b)
+            for c in CHARTS:
+                logits[c][0].append(np.asarray(a[c]))
+                logits[c][1].append(np.asarray(q[c]))
+    for c, (a, q) in logits.items():
+        a, q = np.concatenate(a), np.concatenate(q)
+        assert (a.argmax(1) == q.argmax(1)).mean() >= 0.97, c
+        assert np.corrcoef(a.ravel(), q.ravel())[0, 1] >= 0.999, c
+        assert np.abs(a - q).max() <= 0.1 * (a.max() - a.min()), c
+        assert not np.array_equal(a, q)  # the int8 graph really is another computation
     assert (
         rep['int8']['method'] == 'static' and rep['int8']['bytes'] < rep['int8']['fp32_bytes']
     )  # auto: static for a U-Net
