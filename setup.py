@@ -18,7 +18,8 @@ py_versions = '3.10 3.11 3.12'.split()
 lic = licenses.get(cfg['license'].lower(), (cfg['license'], None))
 min_python = cfg['min_python']
 requirements = cfg.get('requirements', '').split()
-dev_requirements = cfg.get('dev_requirements', '').split()
+extras = {k: cfg.get(f'{k}_requirements', '').split() for k in 'lab track docs dev'.split()}
+extras['dev'] = extras['lab'] + extras['track'] + extras['docs'] + extras['dev']  # what `make test` needs
 console_scripts = cfg.get('console_scripts', '').split()
 readme = Path(__file__).parent / 'README.md'
 
@@ -39,7 +40,7 @@ setuptools.setup(
     include_package_data=True,
     package_data={'seaice_nb': ['assets/**/*']},
     install_requires=requirements,
-    extras_require={'dev': dev_requirements, 'mlflow': ['mlflow']},
+    extras_require=extras,
     python_requires='>=' + min_python,
     long_description=readme.read_text(encoding='utf-8') if readme.exists() else cfg['description'],
     long_description_content_type='text/markdown',

@@ -428,7 +428,7 @@ class Tracker:
                 import mlflow  # deferred: an optional dependency
             except ImportError:
                 raise ConfigError(
-                    "tracking: mlflow needs the mlflow package: pip install 'seaice_nb[mlflow]'"
+                    "tracking: mlflow needs the mlflow package: pip install 'seaice_nb[track]'"
                 ) from None
             uri = (
                 os.environ.get('MLFLOW_TRACKING_URI') or f"sqlite:///{(self.run_dir / 'mlflow.db').resolve()}"
