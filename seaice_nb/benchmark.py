@@ -20,7 +20,7 @@ __all__ = ['WORLD_BASE', 'WORLDS', 'SAR', 'TSVIT_SMALL', 'NETWORKS', 'BASELINES'
            'world_config', 'build_world', 'scene_sites', 'class_counts', 'choose_sites', 'site_split',
            'chart_site_counts', 'score_record', 'pixel_features', 'fit_baseline', 'network_config', 'test_scores',
            'train_network', 'result_path', 'jobs', 'load_results', 'run_benchmark', 'summarise', 'markdown_table',
-           'write_csv', 'plot_benchmark', 'write_report', 'main']
+           'write_csv', 'plot_benchmark', 'write_report', 'paired_interval', 'sic_variance_guard', 'main']
 
 # %% ../nbs/48_benchmark.ipynb #da9a1f1d
 WORLD_BASE = dict(
@@ -797,6 +797,105 @@ def write_report(cfg: BenchmarkConfig, results: list[dict], out_dir, root=None) 
         fig.savefig(f, format='png', dpi=110)
     plt.close(fig)
     return paths
+
+# %% ../nbs/48_benchmark.ipynb #2bc05a13
+def paired_interval(
+    rows: list[
+        dict
+    ],  # per-replicate results: dicts with `model`, the unit key (`world`), `seed` and the score
+    a: str,  # the model claimed to be better
+    b: str,  # the model it is compared with
+    unit: str = 'world',  # key of the outer unit: differences are averaged over seeds within each value
+    level: float = 0.95,  # two-sided confidence level of the interval
+    score: str = 'combined',  # key of the score to compare
+) -> dict:
+    "Mean of the paired difference `a - b` over units with its Student t interval, and whether the claim is shown."
+    from scipy import stats
+
+    if not 0 < level < 1:
+        raise ConfigError(f'level must be in (0, 1), got {level}')
+    if a == b:
+        raise ConfigError(f'paired_interval compares two different models, got a = b = {a!r}')
+    by = {}
+    for i, r in enumerate(rows):
+        if r.get('model') not in (a, b):
+            continue
+        missing = [k for k in (unit, 'seed', score) if k not in r]
+        if missing:
+            raise ConfigError(
+                f'row {i} (model {r["model"]!r}) has no {", ".join(missing)}; every row needs {unit}, seed and {score}'
+            )
+        key = (r[unit], r['seed'], r['model'])
+        if key in by:
+            raise ConfigError(
+                f'two rows for model {key[2]!r} at {unit} {key[0]!r}, seed {key[1]!r}: one result per replicate'
+            )
+        by[key] = float(r[score])
+    reps = sorted({k[:2] for k in by}, key=repr)
+    unpaired = [(u, s, m) for u, s in reps for m in (a, b) if (u, s, m) not in by]
+    if unpaired:
+        u, s, m = unpaired[0]
+        raise ConfigError(
+            f'{len(unpaired)} unpaired replicate(s): no result for model {m!r} at {unit} {u!r}, seed {s!r}'
+            f' (first shown); run both {a!r} and {b!r} on every ({unit}, seed)'
+        )
+    per_unit = {}
+    for u, s in reps:
+        per_unit.setdefault(u, []).append(by[(u, s, a)] - by[(u, s, b)])
+    n = len(per_unit)
+    if n < 2:
+        raise ConfigError(
+            f'{a!r} - {b!r}: {n} {unit}(s) with paired results; an interval over {unit}s needs at least 2 (run more {unit} draws)'
+        )
+    d = np.array([np.mean(v) for v in per_unit.values()])
+    mean, sd = float(d.mean()), float(d.std(ddof=1))
+    half = float(stats.t.ppf((1 + level) / 2, n - 1)) * sd / math.sqrt(n)
+    low, high = mean - half, mean + half
+    shown = bool(low > 0)
+    return dict(
+        a=a,
+        b=b,
+        score=score,
+        unit=unit,
+        level=level,
+        n_worlds=n,
+        n_pairs=len(reps),
+        mean=mean,
+        sd=sd,
+        low=low,
+        high=high,
+        shown=shown,
+        verdict='shown' if shown else 'not shown',
+    )
+
+# %% ../nbs/48_benchmark.ipynb #7ab716ae
+def sic_variance_guard(
+    sic_labels,  # SIC classes 0..10 (any shape, or a list of arrays: one per scene); 255 = masked
+    min_var: float = 1.0,  # least SIC variance, in class units² (1 class = 10 % SIC; x100 for %²)
+    min_levels: int = 3,  # least number of distinct SIC classes among the labelled pixels
+    strict: bool = True,  # raise DataError on a degenerate set (False: return it with ok=False)
+    name: str = 'test set',  # what the labels are, for the message
+) -> dict:
+    "Variance (class units²) and distinct levels of the labelled SIC pixels; refuses a set too degenerate to score R²."
+    parts = sic_labels if isinstance(sic_labels, (list, tuple)) else [sic_labels]
+    v = np.concatenate([np.asarray(x).ravel() for x in parts]) if parts else np.zeros(0, np.uint8)
+    v = v[v != 255]
+    bad = v[(v < 0) | (v > 10)]
+    if bad.size:
+        raise DataError(
+            f'{name}: SIC labels must be classes 0..10 or 255 (masked), found {np.unique(bad)[:5].tolist()}'
+        )
+    n = int(v.size)
+    var = float(v.astype(np.float64).var()) if n else 0.0
+    levels = int(np.unique(v).size)
+    ok = n > 1 and var >= min_var and levels >= min_levels
+    rec = dict(n_pixels=n, sic_var=var, sic_var_pct2=100 * var, n_levels=levels, ok=ok)
+    if not ok and strict:
+        raise DataError(
+            f'{name}: SIC too degenerate to score R² ({n} labelled pixels, variance {var:.3g} class² '
+            f'(min {min_var}), {levels} distinct SIC levels (min {min_levels})); use more held-out sites or site folds'
+        )
+    return rec
 
 # %% ../nbs/48_benchmark.ipynb #c6f1dc5d
 def main(argv: list[str]) -> int:
