@@ -16,10 +16,11 @@ import yaml
 import seaice_nb
 
 # %% auto #0
-__all__ = ['DETERMINISTIC_THREADS', 'SeaIceError', 'ConfigError', 'MissingFileError', 'DataError', 'DownloadError',
-           'CheckpointError', 'from_dict', 'to_dict', 'source_root', 'config_dirs', 'find_config', 'resolve',
-           'set_dotted', 'load_config', 'parse_overrides', 'save_config', 'atomic_write', 'file_digest', 'fix_numerics',
-           'seed_everything', 'code_version', 'get_logger', 'record_start', 'make_run_dir']
+__all__ = ['DETERMINISTIC_THREADS', 'NATIVE_KERNELS_ENV', 'SeaIceError', 'ConfigError', 'MissingFileError', 'DataError',
+           'DownloadError', 'CheckpointError', 'from_dict', 'to_dict', 'source_root', 'config_dirs', 'find_config',
+           'resolve', 'set_dotted', 'load_config', 'parse_overrides', 'save_config', 'atomic_write', 'file_digest',
+           'request_pinned_kernels', 'fix_numerics', 'seed_everything', 'code_version', 'get_logger', 'record_start',
+           'make_run_dir']
 
 # %% ../nbs/00_core.ipynb #5fe5c03e
 class SeaIceError(Exception):
@@ -307,6 +308,19 @@ def file_digest(path: str | Path, algo: str = 'md5', chunk: int = 1 << 22) -> st
 # %% ../nbs/00_core.ipynb #94d508d6
 DETERMINISTIC_THREADS = 2  # intra-op threads of a deterministic run unless its config names a number
 _PINNED_ISA = dict(ATEN_CPU_CAPABILITY='avx2', ONEDNN_MAX_CPU_ISA='AVX2', MKL_CBWR='AVX2')
+NATIVE_KERNELS_ENV = 'SEAICE_NATIVE_KERNELS'  # set to 1: PyTorch picks its own SIMD kernels (runs then differ by machine)
+
+
+def request_pinned_kernels() -> bool:
+    "Ask PyTorch for AVX2 kernels before its first operation (values already set win); False where not asked."
+    if os.environ.get(NATIVE_KERNELS_ENV) == '1' or platform.machine().lower() not in ('x86_64', 'amd64'):
+        return False
+    for k, v in _PINNED_ISA.items():
+        os.environ.setdefault(k, v)
+    return True
+
+
+request_pinned_kernels()  # at import: every seaice_nb module imports core, so a kernel importing it is in time
 
 
 def fix_numerics(

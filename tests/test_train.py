@@ -474,3 +474,24 @@ def test_deterministic_runs_are_bit_identical_across_thread_and_kernel_settings(
     assert any(
         not torch.equal(a['seaice_tsvit_v2'][k], c['seaice_tsvit_v2'][k]) for k in a['seaice_tsvit_v2']
     )
+
+
+@pytest.mark.skipif(
+    __import__('platform').machine().lower() not in ('x86_64', 'amd64'), reason='the AVX2 pin is x86-64 only'
+)
+def test_importing_seaice_nb_pins_kernels_before_the_first_torch_operation():
+    # a workflow notebook builds its model (torch operations) before the trainer calls fix_numerics
+    script = (
+        'import os, torch, seaice_nb.data; torch.ones(8).sum(); '
+        'print(torch.backends.cpu.get_cpu_capability(), os.environ.get("ATEN_CPU_CAPABILITY"))'
+    )
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ('ATEN_CPU_CAPABILITY', 'ONEDNN_MAX_CPU_ISA', 'MKL_CBWR')
+    }
+    run = lambda e: subprocess.run(
+        [sys.executable, '-c', script], capture_output=True, text=True, timeout=120, env=e, check=True
+    ).stdout.split()
+    assert run(env) == ['AVX2', 'avx2']
+    assert run({**env, 'SEAICE_NATIVE_KERNELS': '1'})[1] == 'None'  # the opt-out asks for nothing
