@@ -16,11 +16,13 @@ from .core import ConfigError, DataError, atomic_write, code_version, get_logger
 from .metrics import CHARTS, N_CLASSES, ScoreAccumulator
 
 # %% auto #0
-__all__ = ['WORLD_BASE', 'WORLDS', 'SAR', 'TSVIT_SMALL', 'NETWORKS', 'BASELINES', 'COLUMNS', 'BenchmarkConfig', 'tiny_config',
-           'world_config', 'build_world', 'scene_sites', 'class_counts', 'choose_sites', 'site_split',
-           'chart_site_counts', 'score_record', 'pixel_features', 'fit_baseline', 'network_config', 'test_scores',
-           'train_network', 'result_path', 'jobs', 'load_results', 'run_benchmark', 'summarise', 'markdown_table',
-           'write_csv', 'plot_benchmark', 'write_report', 'paired_interval', 'sic_variance_guard', 'main']
+__all__ = ['WORLD_BASE', 'WORLDS', 'SAR', 'TSVIT_SMALL', 'NETWORKS', 'BASELINES', 'COLUMNS', 'CLAIMS', 'SIGNAL_CLAIMS',
+           'BenchmarkConfig', 'tiny_config', 'world_config', 'world_dir', 'build_world', 'scene_sites', 'class_counts',
+           'sic_spread', 'choose_sites', 'site_split', 'chart_site_counts', 'score_record', 'pixel_features',
+           'fit_baseline', 'network_config', 'test_scores', 'train_network', 'result_path', 'split_path', 'jobs',
+           'load_results', 'prepare_worlds', 'run_benchmark', 'replicate_rows', 'summarise', 'claims', 'markdown_table',
+           'claims_table', 'write_csv', 'plot_benchmark', 'write_report', 'paired_interval', 'sic_variance_guard',
+           'main']
 
 # %% ../nbs/48_benchmark.ipynb #da9a1f1d
 WORLD_BASE = dict(
@@ -58,10 +60,10 @@ BASELINES = ('majority', 'gbm', 'gbm_frames', 'gbm_frames_amsr2')
 # %% ../nbs/48_benchmark.ipynb #61774c71
 @dataclass
 class BenchmarkConfig:
-    "Size and knobs of one benchmark run (defaults: about 20 minutes on 2 cores)."
+    "Size and knobs of one benchmark run: world kinds x world draws x training seeds (defaults: see `BENCHMARK_MINUTES`)."
 
-    seed: int = 0  # world seed: fixes the scenes, charts and split
-    sites: int = 16  # acquisition sites (campaigns)
+    world_seeds: list = field(default_factory=lambda: [0, 1, 2, 3])  # world draws: the outer replicates
+    sites: int = 16  # acquisition sites (campaigns) per world draw
     per_site: int = 3  # passes per site within a week (the earlier ones are the stacks' frames)
     months: tuple[int, ...] = (
         1,
@@ -74,19 +76,20 @@ class BenchmarkConfig:
     n_frames: int = 3  # frames per stack (target + earlier passes)
     val_sites: int = 2  # sites held out for validation (checkpoint choice)
     test_sites: int = 3  # sites held out for the reported scores
+    min_sic_var: float = 1.0  # least SIC variance (class units²) of the validation and test sites
     worlds: dict = field(
         default_factory=lambda: {k: dict(v) for k, v in WORLDS.items()}
-    )  # world name -> knobs
+    )  # world kind -> signal knobs
     world_base: dict = field(
         default_factory=lambda: dict(WORLD_BASE)
-    )  # WorldConfig settings shared by the worlds
+    )  # WorldConfig settings shared by the world kinds
     models: dict = field(
         default_factory=lambda: {
             'signals': list(BASELINES) + list(NETWORKS),
             'knobs_off': list(BASELINES) + list(NETWORKS),
         }
-    )  # per world
-    seeds: list = field(default_factory=lambda: [0, 1, 2])  # training seeds of the networks
+    )  # per world kind
+    seeds: list = field(default_factory=lambda: [0, 1])  # training seeds of the networks, in every world draw
     steps: int = 200  # optimiser steps per network
     epochs: int = 3  # validations (best checkpoint) during those steps
     batch_size: int = 8  # patches per step
@@ -119,18 +122,24 @@ class BenchmarkConfig:
             )
         if self.steps < self.epochs:
             raise ConfigError(f"steps ({self.steps}) must be >= epochs ({self.epochs})")
+        ws = list(self.world_seeds)
+        if not ws or len(set(ws)) != len(ws) or not all(isinstance(s, int) and s >= 0 for s in ws):
+            raise ConfigError(f"world_seeds must be distinct non-negative integers, got {self.world_seeds!r}")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise ConfigError(f"seeds must be distinct training seeds, got {self.seeds!r}")
 
     def key(self) -> str:
-        "Short hash of everything that changes the results (a cached result with another key is recomputed)."
+        "Short hash of everything that changes a job's result (a cached result with another key is recomputed)."
         d = dataclasses.asdict(self)
-        for k in ('workers', 'models', 'seeds'):
+        for k in ('workers', 'models', 'seeds', 'world_seeds'):
             d.pop(k)  # a job's result does not depend on which other jobs run
         return hashlib.md5(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
 def tiny_config(**kw) -> BenchmarkConfig:
-    "A seconds-sized benchmark for tests: a few small scenes, one seed, a few steps."
+    "A seconds-sized benchmark for tests: two world draws of a few small scenes, one seed, a few steps."
     base = dict(
+        world_seeds=[0, 1],
         sites=5,
         per_site=2,
         scene_size=(256, 320),
@@ -149,27 +158,34 @@ def tiny_config(**kw) -> BenchmarkConfig:
     return BenchmarkConfig(**{**base, **kw})
 
 # %% ../nbs/48_benchmark.ipynb #f34d34dc
-def world_config(cfg: BenchmarkConfig, world: str):
-    "The `WorldConfig` of benchmark world `world`."
+def world_config(cfg: BenchmarkConfig, world: str, world_seed: int):
+    "The `WorldConfig` of world kind `world`, draw `world_seed`."
     from seaice_nb.synth import WorldConfig
 
     if world not in cfg.worlds:
         raise ConfigError(f"unknown world {world!r}; the benchmark has {', '.join(cfg.worlds)}")
-    return WorldConfig(seed=cfg.seed, **{**cfg.world_base, **cfg.worlds[world]})
+    return WorldConfig(seed=world_seed, **{**cfg.world_base, **cfg.worlds[world]})
 
 
-def build_world(cfg: BenchmarkConfig, world: str, root: str | Path, progress: bool = False) -> Path:
-    "Generate and preprocess the scenes of `world` under `root/world` (resumes); returns the store path."
+def world_dir(root: str | Path, world: str, world_seed: int) -> Path:
+    "Folder of one world draw: its scenes and store."
+    return Path(root) / 'worlds' / f"{world}_w{world_seed}"
+
+
+def build_world(
+    cfg: BenchmarkConfig, world: str, world_seed: int, root: str | Path, progress: bool = False
+) -> Path:
+    "Generate and preprocess the scenes of world `world`, draw `world_seed` (resumes); returns the store path."
     from seaice_nb import preprocess as pp
     from seaice_nb.synth import generate_scenes
 
-    d = Path(root) / world
+    d = world_dir(root, world, world_seed)
     generate_scenes(
         d / 'scenes',
         cfg.sites * cfg.per_site,
-        seed=cfg.seed,
+        seed=world_seed,
         size=tuple(cfg.scene_size),
-        world=world_config(cfg, world),
+        world=world_config(cfg, world, world_seed),
         progress=progress,
         workers=cfg.workers,
         per_site=cfg.per_site,
@@ -179,7 +195,8 @@ def build_world(cfg: BenchmarkConfig, world: str, root: str | Path, progress: bo
     s = pp.preprocess(d / 'scenes', d / 'store.zarr', pcfg, workers=cfg.workers, progress=progress)
     if s['failed']:
         raise DataError(
-            f"{len(s['failed'])} scenes of world {world} failed to preprocess, e.g. {next(iter(s['failed'].items()))}"
+            f"{len(s['failed'])} scenes of world {world} (draw {world_seed}) failed to preprocess, "
+            f"e.g. {next(iter(s['failed'].items()))}"
         )
     return d / 'store.zarr'
 
@@ -213,8 +230,25 @@ def class_counts(store: str | Path, scenes: list[str]) -> dict[str, np.ndarray]:
     return out
 
 
-def _missing(counts: dict, min_pixels: int) -> list[str]:
-    return [f"{c}{k}" for c in ('sod', 'floe') for k in range(N_CLASSES[c]) if counts[c][k] < min_pixels]
+def sic_spread(counts: np.ndarray) -> tuple[float, int]:
+    "Variance (class units²) and number of distinct levels of SIC from its per-class pixel counts."
+    counts = np.asarray(counts, np.float64)
+    n = counts.sum()
+    if n == 0:
+        return 0.0, 0
+    k = np.arange(len(counts))
+    mean = (counts * k).sum() / n
+    return float((counts * (k - mean) ** 2).sum() / n), int((counts > 0).sum())
+
+
+def _missing(counts: dict, min_pixels: int, min_sic_var: float = 0.0) -> list[str]:
+    out = [f"{c}{k}" for c in ('sod', 'floe') for k in range(N_CLASSES[c]) if counts[c][k] < min_pixels]
+    var, levels = sic_spread(counts['sic'])
+    if min_sic_var and (var < min_sic_var or levels < 3):
+        out.append(
+            f"sic_var<{min_sic_var:g}"
+        )  # the set is too degenerate to score SIC R² (`sic_variance_guard`)
+    return out
 
 
 def choose_sites(
@@ -224,8 +258,9 @@ def choose_sites(
     seed: int = 0,  # order in which partitions are tried
     min_pixels: int = 20,  # pixels each SOD/FLOE class needs in validation and in test
     tries: int = 400,  # partitions tried
+    min_sic_var: float = 0.0,  # least SIC variance (class units²) of validation and test (0: not asked)
 ) -> dict:
-    "Validation and test sites that each hold every SOD/FLOE class (else the partition missing the fewest)."
+    "Validation and test sites that each hold every SOD/FLOE class and SIC spread (else the partition missing the fewest)."
     ids = sorted(per_site)
     if len(ids) <= val_sites + test_sites:
         raise DataError(f"{len(ids)} sites; {val_sites} + {test_sites} held out leave none to train on")
@@ -236,7 +271,10 @@ def choose_sites(
         va, te = sorted(perm[:val_sites]), sorted(perm[val_sites : val_sites + test_sites])
         cv = {c: sum((per_site[s][c] for s in va), np.zeros(N_CLASSES[c], np.int64)) for c in CHARTS}
         ct = {c: sum((per_site[s][c] for s in te), np.zeros(N_CLASSES[c], np.int64)) for c in CHARTS}
-        miss = {'val': _missing(cv, min_pixels), 'test': _missing(ct, min_pixels) if test_sites else []}
+        miss = {
+            'val': _missing(cv, min_pixels, min_sic_var),
+            'test': _missing(ct, min_pixels, min_sic_var) if test_sites else [],
+        }
         bad = len(miss['val']) + len(miss['test'])
         if best is None or bad < best['n_missing']:
             best = {
@@ -248,6 +286,7 @@ def choose_sites(
                     'val': {c: v.tolist() for c, v in cv.items()},
                     'test': {c: v.tolist() for c, v in ct.items()},
                 },
+                'sic_var': {'val': sic_spread(cv['sic'])[0], 'test': sic_spread(ct['sic'])[0]},
             }
         if bad == 0:
             break
@@ -263,6 +302,7 @@ def site_split(
     scenes_dir: str
     | Path
     | None = None,  # the synthetic scenes (their manifest); None: `scenes` beside the store
+    min_sic_var: float = 0.0,  # least SIC variance (class units²) of validation and test (0: not asked)
 ) -> dict:
     "Scene-level split by site with every SOD/FLOE class in validation and test: {'train', 'val', 'test', 'missing', ...}."
     from seaice_nb.preprocess import done_scenes
@@ -273,7 +313,12 @@ def site_split(
     for n in names:
         by_site.setdefault(sites[n], []).append(n)
     ch = choose_sites(
-        {s: class_counts(store, v) for s, v in by_site.items()}, val_sites, test_sites, seed, min_pixels
+        {s: class_counts(store, v) for s, v in by_site.items()},
+        val_sites,
+        test_sites,
+        seed,
+        min_pixels,
+        min_sic_var=min_sic_var,
     )
     held = ch['val'] + ch['test']
     pick = lambda ss: sorted(n for s in ss for n in by_site[s])
@@ -286,19 +331,21 @@ def site_split(
         'sites': {'val': ch['val'], 'test': ch['test']},
         'missing': ch['missing'],
         'counts': ch['counts'],
+        'sic_var': ch['sic_var'],
     }
 
 
 def chart_site_counts(
-    cfg: BenchmarkConfig, world: str | None = None, stride: int = 8
+    cfg: BenchmarkConfig, world: str | None = None, world_seed: int | None = None, stride: int = 8
 ) -> dict[int, dict[str, np.ndarray]]:
-    "Labelled chart pixels per class and site of the benchmark world, from the charts alone (every `stride`-th pixel; no SAR)."
+    "Labelled chart pixels per class and site of a benchmark world draw, from the charts alone (every `stride`-th pixel; no SAR)."
     from seaice_nb.synth import World, plan_passes
 
-    w = World(world_config(cfg, world or next(iter(cfg.worlds))))
+    ws = cfg.world_seeds[0] if world_seed is None else world_seed
+    w = World(world_config(cfg, world or next(iter(cfg.worlds)), ws))
     H, W = cfg.scene_size
     out = {}
-    for p in plan_passes(w, cfg.sites * cfg.per_site, (H, W), cfg.seed, cfg.per_site, tuple(cfg.months)):
+    for p in plan_passes(w, cfg.sites * cfg.per_site, (H, W), ws, cfg.per_site, tuple(cfg.months)):
         X, Y = p.xy(np.arange(0, H, stride), np.arange(0, W, stride))
         ch = w.chart(X, Y, w.days(p.start))
         d = out.setdefault(p.site, {c: np.zeros(N_CLASSES[c], np.int64) for c in CHARTS})
@@ -519,49 +566,66 @@ def train_network(cfg: BenchmarkConfig, name: str, seed: int, store_path, split:
 
 # %% ../nbs/48_benchmark.ipynb #d76aec54
 def _job(args) -> tuple[str, dict]:
-    "Run one (world, model, seed) job in a worker process; returns (result path, record)."
-    cfg, world, name, seed, root = args
+    "Run one (world, world draw, model, seed) job in a worker process; returns (result path, record)."
+    cfg, world, ws, name, seed, root = args
     import torch
 
     torch.set_num_threads(1)
     from seaice_nb.data import SceneStore
 
     root = Path(root)
-    store = root / world / 'store.zarr'
-    split = json.loads((root / 'split.json').read_text())
+    store = world_dir(root, world, ws) / 'store.zarr'
+    split = json.loads(split_path(root, ws).read_text())
     if name in BASELINES:
         st = SceneStore(store, split['train'] + split['test'])
         rec = fit_baseline(
             name, st, split['train'], split['test'], cfg.n_frames, cfg.gbm_pixels, seed, cfg.gbm_iter
         )
     else:
-        rec = train_network(cfg, name, seed, store, split, root / 'runs' / world / f"{name}_s{seed}")
-    rec.update(world=world, model=name, seed=seed, key=cfg.key(), code_version=code_version())
-    path = result_path(root, world, name, seed)
+        run_dir = root / 'runs' / f"{world}_w{ws}" / f"{name}_s{seed}"
+        rec = train_network(cfg, name, seed, store, split, run_dir)
+    rec.update(
+        world=world,
+        world_seed=ws,
+        model=name,
+        seed=seed,
+        test_sites=split['sites']['test'],
+        test_sic_var=round(split['sic_var']['test'], 3),
+        sic_ok=not any(m.startswith('sic') for m in split['missing']['test']),
+        key=cfg.key(),
+        code_version=code_version(),
+    )
+    path = result_path(root, world, ws, name, seed)
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_write(path, 'w') as f:
         json.dump(rec, f, indent=1)
     return str(path), rec
 
 
-def result_path(root, world: str, name: str, seed: int) -> Path:
-    return Path(root) / 'results' / world / f"{name}_s{seed}.json"
+def result_path(root, world: str, world_seed: int, name: str, seed: int) -> Path:
+    return Path(root) / 'results' / f"{world}_w{world_seed}" / f"{name}_s{seed}.json"
 
 
-def jobs(cfg: BenchmarkConfig) -> list[tuple[str, str, int]]:
-    "Every (world, model, seed) of the benchmark; baselines once (seed 0)."
+def split_path(root, world_seed: int) -> Path:
+    "The site split of world draw `world_seed` (shared by its world kinds: same draw, same charts)."
+    return Path(root) / 'splits' / f"w{world_seed}.json"
+
+
+def jobs(cfg: BenchmarkConfig) -> list[tuple[str, int, str, int]]:
+    "Every (world, world draw, model, seed) of the benchmark; baselines once per draw (seed 0)."
     out = []
     for w, models in cfg.models.items():
-        for m in models:
-            out += [(w, m, s) for s in ([0] if m in BASELINES else cfg.seeds)]
+        for ws in cfg.world_seeds:
+            for m in models:
+                out += [(w, ws, m, s) for s in ([0] if m in BASELINES else cfg.seeds)]
     return out
 
 
 def load_results(cfg: BenchmarkConfig, root) -> list[dict]:
     "Finished results of this config (same key) under `root/results`."
     out = []
-    for w, m, s in jobs(cfg):
-        p = result_path(root, w, m, s)
+    for w, ws, m, s in jobs(cfg):
+        p = result_path(root, w, ws, m, s)
         if p.exists():
             r = json.loads(p.read_text())
             if r.get('key') == cfg.key():
@@ -569,40 +633,53 @@ def load_results(cfg: BenchmarkConfig, root) -> list[dict]:
     return out
 
 # %% ../nbs/48_benchmark.ipynb #64219c48
+def prepare_worlds(cfg: BenchmarkConfig, root: str | Path, progress: bool = True) -> dict[int, dict]:
+    "Build every world draw of every kind and the site split of each draw (resumes); returns draw -> split."
+    root = Path(root)
+    log = get_logger('benchmark', root)
+    splits = {}
+    for ws in cfg.world_seeds:
+        t0 = time.time()
+        stores = {w: build_world(cfg, w, ws, root) for w in cfg.models}
+        first = next(iter(cfg.models))
+        split = site_split(stores[first], cfg.val_sites, cfg.test_sites, ws, min_sic_var=cfg.min_sic_var)
+        if split['missing']['val'] or split['missing']['test']:
+            log.warning(
+                f"world draw {ws}: classes or SIC spread missing from the held-out sites: {split['missing']}"
+            )
+        with atomic_write(split_path(root, ws), 'w') as f:
+            json.dump(split, f, indent=1)
+        splits[ws] = split
+        if progress:
+            print(
+                f"world draw {ws} ready in {time.time() - t0:.0f} s: {len(split['train'])} train, "
+                f"{len(split['val'])} val, {len(split['test'])} test scenes (test sites {split['sites']['test']}, "
+                f"SIC variance {split['sic_var']['test']:.1f} class²)",
+                flush=True,
+            )
+    return splits
+
+
 def run_benchmark(
     cfg: BenchmarkConfig,  # what to run
     root: str | Path = 'runs/benchmark',  # working folder (scenes, stores, runs, results)
     progress: bool = True,  # one line per finished job
     limit: int | None = None,  # stop after this many new jobs (tests of resuming)
 ) -> list[dict]:
-    "Build the worlds and the split, run the missing jobs (resumable), return every result of this config."
+    "Build the world draws and their splits, run the missing jobs (resumable), return every result of this config."
     import multiprocessing as mp
 
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    log = get_logger('benchmark', root)
     t0 = time.time()
-    for w in cfg.models:
-        build_world(cfg, w, root)
-    split_path = root / 'split.json'
-    first = next(iter(cfg.models))
-    split = site_split(root / first / 'store.zarr', cfg.val_sites, cfg.test_sites, cfg.seed)
-    if split['missing']['val'] or split['missing']['test']:
-        log.warning(f"classes missing from the held-out sites: {split['missing']}")
-    with atomic_write(split_path, 'w') as f:
-        json.dump(split, f, indent=1)
-    if progress:
-        print(
-            f"worlds and split ready in {time.time() - t0:.0f} s: {len(split['train'])} train, {len(split['val'])} val, "
-            f"{len(split['test'])} test scenes (test sites {split['sites']['test']})",
-            flush=True,
-        )
-    done = {(r['world'], r['model'], r['seed']) for r in load_results(cfg, root)}
+    prepare_worlds(cfg, root, progress)
+    done = {(r['world'], r['world_seed'], r['model'], r['seed']) for r in load_results(cfg, root)}
     todo = [j for j in jobs(cfg) if j not in done]
-    todo.sort(key=lambda j: (j[1] not in BASELINES, j[2], j[0]))
+    # baselines first, then the networks seed by seed and draw by draw: an interrupted run has whole replicates
+    todo.sort(key=lambda j: (j[2] not in BASELINES, j[3], j[1], j[0]))
     if limit is not None:
         todo = todo[:limit]
-    args = [(cfg, w, m, s, str(root)) for w, m, s in todo]
+    args = [(cfg, w, ws, m, s, str(root)) for w, ws, m, s in todo]
     env = {k: os.environ.get(k) for k in ('OMP_NUM_THREADS', 'MKL_NUM_THREADS')}
     os.environ.update(
         OMP_NUM_THREADS='1', MKL_NUM_THREADS='1'
@@ -610,11 +687,11 @@ def run_benchmark(
     try:
         if cfg.workers > 1 and len(args) > 1:
             with mp.get_context('spawn').Pool(cfg.workers) as pool:
-                for path, rec in pool.imap_unordered(_job, args):
-                    _report(rec, progress)
+                for i, (path, rec) in enumerate(pool.imap_unordered(_job, args)):
+                    _report(rec, progress, i + 1, len(args), t0)
         else:
-            for a in args:
-                _report(_job(a)[1], progress)
+            for i, a in enumerate(args):
+                _report(_job(a)[1], progress, i + 1, len(args), t0)
     finally:
         for k, v in env.items():
             if v is None:
@@ -626,10 +703,11 @@ def run_benchmark(
     return load_results(cfg, root)
 
 
-def _report(rec: dict, progress: bool):
+def _report(rec: dict, progress: bool, i: int = 0, n: int = 0, t0: float | None = None):
     if progress:
         print(
-            f"  {rec['world']:<9} {rec['model']:<17} seed {rec['seed']}: combined {rec['combined']:7.2f} "
+            f"  [{i}/{n} {time.time() - (t0 or time.time()):5.0f} s] {rec['world']:<9} draw {rec['world_seed']} "
+            f"{rec['model']:<17} seed {rec['seed']}: combined {rec['combined']:7.2f} "
             f"(SIC R² {rec['sic_r2']:.1f}, SOD F1 {rec['sod_f1']:.1f}, FLOE F1 {rec['floe_f1']:.1f}) "
             f"{rec['steps']} steps, {rec['wall_s']:.0f} s",
             flush=True,
@@ -637,75 +715,163 @@ def _report(rec: dict, progress: bool):
 
 # %% ../nbs/48_benchmark.ipynb #ce498550
 COLUMNS = ('combined', 'sic_r2', 'sod_f1', 'floe_f1', 'sic_accuracy')
+CLAIMS = (
+    ('unet_baseline', 'gbm', 'a network beats per-pixel boosting on the same inputs (SAR, one frame)'),
+    ('tsvit_v1', 'gbm', 'a network beats per-pixel boosting on the same inputs (SAR, one frame)'),
+    ('tsvit_v2', 'gbm_frames', 'a network beats per-pixel boosting on the same inputs (SAR, three frames)'),
+    ('tsvit_v3', 'gbm_frames_amsr2', 'a network beats per-pixel boosting on the same inputs (SAR + AMSR2)'),
+    ('unet_winner', 'gbm_frames_amsr2', 'a network beats per-pixel boosting (SAR + AMSR2)'),
+    ('tsvit_v2', 'tsvit_v1', 'the temporal model uses earlier passes'),
+    ('tsvit_v3', 'tsvit_v2', 'the fusion model uses AMSR2'),
+    ('tsvit_v3', 'unet_winner', 'the headline TSViT beats the winner-like U-Net'),
+)  # (a, b, what "a beats b" means): the benchmark's claims, each tested in every world kind
+SIGNAL_CLAIMS = {('tsvit_v2', 'tsvit_v1'): 'temporal', ('tsvit_v3', 'tsvit_v2'): 'multimodal'}  # need a knob
+
+
+def replicate_rows(results: list[dict]) -> list[dict]:
+    "One flat row per (world, world draw, model, seed): the scores, without confusion matrices (the CSV)."
+    keep = ('world', 'world_seed', 'model', 'seed') + COLUMNS
+    rows = []
+    for r in results:
+        row = {k: r[k] for k in keep}
+        row.update({k: v for k, v in r.items() if k.startswith(('sod_f1_', 'floe_f1_'))})
+        row.update(
+            {k: r.get(k) for k in ('test_sic_var', 'sic_ok', 'steps', 'params', 'wall_s', 'code_version')}
+        )
+        rows.append(row)
+    order = {m: i for i, m in enumerate(list(BASELINES) + list(NETWORKS))}
+    kinds = {w: i for i, w in enumerate(WORLDS)}
+    return sorted(
+        rows, key=lambda r: (kinds.get(r['world'], 9), r['world_seed'], order.get(r['model'], 99), r['seed'])
+    )
 
 
 def summarise(results: list[dict]) -> list[dict]:
-    "One row per (world, model): mean and sd over seeds of the scores, per-class F1, steps, wall time, parameters."
+    "One row per (world, model): mean and sd over every replicate (world draws x seeds), steps, wall time, parameters."
     rows = {}
-    for r in results:
+    for r in replicate_rows(results):
         rows.setdefault((r['world'], r['model']), []).append(r)
     out = []
     for (w, m), rs in rows.items():
         row = {
             'world': w,
             'model': m,
-            'seeds': len(rs),
+            'replicates': len(rs),
+            'world_draws': len({r['world_seed'] for r in rs}),
             'steps': rs[0]['steps'],
             'params': rs[0]['params'],
             'wall_s': round(float(np.mean([r['wall_s'] for r in rs])), 1),
         }
-        keys = [k for k in rs[0] if k in COLUMNS or k.startswith(('sod_f1_', 'floe_f1_'))]
-        for k in keys:
+        for k in [k for k in rs[0] if k in COLUMNS or k.startswith(('sod_f1_', 'floe_f1_'))]:
             v = np.array([r[k] for r in rs], float)
             row[k] = round(float(np.nanmean(v)), 2) if np.isfinite(v).any() else float('nan')
-            row[k + '_sd'] = (
-                round(float(np.nanstd(v, ddof=1)), 2) if len(v) > 1 and np.isfinite(v).sum() > 1 else 0.0
-            )
+            row[k + '_sd'] = round(float(np.nanstd(v, ddof=1)), 2) if np.isfinite(v).sum() > 1 else 0.0
         out.append(row)
-    order = {m: i for i, m in enumerate(list(BASELINES) + list(NETWORKS))}
-    return sorted(
-        out,
-        key=lambda r: (
-            list(WORLDS).index(r['world']) if r['world'] in WORLDS else 9,
-            order.get(r['model'], 99),
-        ),
-    )
+    return out
+
+
+def claims(
+    results: list[dict],  # the per-replicate results
+    worlds: dict | None = None,  # world kind -> knobs (default `WORLDS`): where a signal claim expects 0
+    level: float = 0.95,  # confidence level of the intervals
+) -> list[dict]:
+    "Every claim of `CLAIMS` in every world kind where both models ran: `paired_interval` over world draws."
+    worlds = WORLDS if worlds is None else worlds
+    rows = replicate_rows(results)
+    out = []
+    for w in dict.fromkeys(r['world'] for r in rows):
+        rw = [r for r in rows if r['world'] == w]
+        for a, b, what in CLAIMS:
+            ra = [r for r in rw if r['model'] == a]
+            rb = [r for r in rw if r['model'] == b]
+            if not ra or not rb:
+                continue
+            seeds = sorted({r['seed'] for r in ra + rb if r['model'] in NETWORKS})
+            # a baseline runs once per draw: it is paired with each training seed of the network
+            expand = lambda rs: (
+                [{**r, 'seed': s} for r in rs for s in seeds] if rs[0]['model'] in BASELINES else rs
+            )
+            p = paired_interval(expand(ra) + expand(rb), a, b, unit='world_seed', level=level)
+            knob = SIGNAL_CLAIMS.get((a, b))
+            expect = 'shown' if knob is None or worlds.get(w, {}).get(knob, 1) else 'includes 0'
+            got = (
+                p['verdict']
+                if expect == 'shown'
+                else (
+                    'includes 0' if p['low'] <= 0 <= p['high'] else ('above 0' if p['low'] > 0 else 'below 0')
+                )
+            )
+            out.append(
+                {
+                    'world': w,
+                    'claim': f"{a} > {b}",
+                    'what': what,
+                    **p,
+                    'expected': expect,
+                    'result': got,
+                    'as_expected': got == expect,
+                    'sic_ok': all(r['sic_ok'] is not False for r in ra + rb),
+                }
+            )
+    return out
+
+# %% ../nbs/48_benchmark.ipynb #cc00f543
+def _pm(r: dict, k: str) -> str:
+    v = r.get(k, float('nan'))
+    if v is None or math.isnan(v):
+        return '–'
+    return f"{v:.1f} ± {r[k + '_sd']:.1f}" if r['replicates'] > 1 else f"{v:.1f}"
 
 
 def markdown_table(rows: list[dict], world: str) -> str:
-    "The results of one world as a Markdown table (mean ± sd over seeds)."
-    from seaice_nb.scenes import CLASS_TABLES
-
-    sod = [t.name for t in CLASS_TABLES['SOD']]
-    floe = [t.name for t in CLASS_TABLES['FLOE']]
-    f = lambda r, k: (
-        (f"{r[k]:.1f} ± {r[k + '_sd']:.1f}" if r['seeds'] > 1 else f"{r[k]:.1f}")
-        if not math.isnan(r.get(k, float('nan')))
-        else '–'
-    )
-    head = (
-        ['model', 'combined', 'SIC R²', 'SOD F1', 'FLOE F1', 'SIC acc.']
-        + [f"SOD {n}" for n in sod]
-        + [f"FLOE {n}" for n in floe]
-        + ['steps', 'wall s', 'params', 'seeds']
-    )
+    "The summary of one world kind as a Markdown table (mean ± sd over replicates: world draws x seeds)."
+    head = [
+        'model',
+        'combined',
+        'SIC R²',
+        'SOD F1',
+        'FLOE F1',
+        'SIC acc.',
+        'steps',
+        'wall s',
+        'params',
+        'replicates',
+    ]
     lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
     for r in rows:
         if r['world'] != world:
             continue
         cells = (
             [r['model']]
-            + [f(r, k) for k in COLUMNS]
-            + [f(r, f'sod_f1_{k}') for k in range(len(sod))]
-            + [f(r, f'floe_f1_{k}') for k in range(len(floe))]
-            + [str(r['steps']), f"{r['wall_s']:.0f}", f"{r['params']:,}", str(r['seeds'])]
+            + [_pm(r, k) for k in COLUMNS]
+            + [
+                str(r['steps']),
+                f"{r['wall_s']:.0f}",
+                f"{r['params']:,}",
+                f"{r['replicates']} ({r['world_draws']} draws)",
+            ]
         )
         lines.append('| ' + ' | '.join(cells) + ' |')
     return '\n'.join(lines)
 
 
+def claims_table(cl: list[dict], world: str) -> str:
+    "The claims of one world kind as a Markdown table: mean paired difference, interval, verdict."
+    head = ['claim', 'mean a − b', '95 % interval', 'world draws', 'replicates', 'result', 'expected']
+    lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
+    for c in cl:
+        if c['world'] != world:
+            continue
+        res = c['result'] + ('' if c['as_expected'] else ' ⚠')
+        lines.append(
+            f"| {c['claim']} | {c['mean']:+.1f} | [{c['low']:+.1f}, {c['high']:+.1f}] | {c['n_worlds']} | "
+            f"{c['n_pairs']} | {res} | {c['expected']} |"
+        )
+    return '\n'.join(lines)
+
+
 def write_csv(rows: list[dict], path) -> Path:
-    "All summary rows as CSV."
+    "Rows (dicts) as CSV, columns in first-seen order."
     import csv
 
     keys = list(dict.fromkeys(k for r in rows for k in r))
@@ -716,83 +882,124 @@ def write_csv(rows: list[dict], path) -> Path:
     return Path(path)
 
 
-def plot_benchmark(rows: list[dict]):
-    "Combined score per model and world (mean ± sd over seeds)."
+def plot_benchmark(results: list[dict], cl: list[dict]):
+    "Left: combined score per model and world kind (every replicate a dot, the mean a bar); right: the claims' intervals."
     import matplotlib.pyplot as plt
 
+    rows = replicate_rows(results)
     worlds = list(dict.fromkeys(r['world'] for r in rows))
     models = list(dict.fromkeys(r['model'] for r in rows))
-    fig, ax = plt.subplots(figsize=(1.0 + 0.9 * len(models), 3.4), constrained_layout=True)
+    colours = {w: f"C{i}" for i, w in enumerate(worlds)}
+    fig, (ax, bx) = plt.subplots(
+        1, 2, figsize=(4.5 + 0.7 * len(models), 3.8), constrained_layout=True, width_ratios=[len(models), 5]
+    )
     wd = 0.8 / len(worlds)
     for i, w in enumerate(worlds):
-        rs = {r['model']: r for r in rows if r['world'] == w}
-        x = [j + (i - (len(worlds) - 1) / 2) * wd for j, m in enumerate(models) if m in rs]
-        ax.bar(
-            x,
-            [rs[m]['combined'] for m in models if m in rs],
-            wd,
-            yerr=[rs[m]['combined_sd'] for m in models if m in rs],
-            label=w,
-            capsize=2,
-        )
+        for j, m in enumerate(models):
+            v = np.array([r['combined'] for r in rows if r['world'] == w and r['model'] == m])
+            if not len(v):
+                continue
+            x = j + (i - (len(worlds) - 1) / 2) * wd
+            ax.bar(x, v.mean(), wd, color=colours[w], alpha=0.45, label=w if j == 0 else None)
+            ax.plot(np.full(len(v), x) + np.linspace(-wd / 4, wd / 4, len(v)), v, '.', color=colours[w], ms=4)
     ax.set_xticks(range(len(models)), models, rotation=30, ha='right')
-    ax.set_ylabel('combined score (test sites)')
+    ax.set_ylabel('combined score (held-out test sites, ×100)')
     ax.axhline(0, color='k', lw=0.5)
-    ax.set_title('synthetic benchmark: held-out sites, mean ± sd over seeds', fontsize=9)
-    ax.legend(fontsize=8)
+    ax.set_title('every replicate (world draw × seed) a dot, the mean a bar', fontsize=9)
+    ax.legend(fontsize=8, title='world', title_fontsize=8)
+    names = list(dict.fromkeys(c['claim'] for c in cl))
+    for i, w in enumerate(worlds):
+        for c in (c for c in cl if c['world'] == w):
+            y = names.index(c['claim']) + (i - (len(worlds) - 1) / 2) * 0.3
+            bx.errorbar(
+                c['mean'],
+                y,
+                xerr=[[c['mean'] - c['low']], [c['high'] - c['mean']]],
+                fmt='o',
+                color=colours[w],
+                ms=4,
+                capsize=2,
+                label=w if names.index(c['claim']) == 0 else None,
+            )
+    bx.axvline(0, color='k', lw=0.7)
+    bx.set_yticks(range(len(names)), names, fontsize=8)
+    bx.invert_yaxis()
+    bx.set_xlabel('paired difference a − b, combined (95 % interval over world draws)')
+    bx.set_title('claims "a > b": shown when the interval lies above 0', fontsize=9)
     return fig
 
-# %% ../nbs/48_benchmark.ipynb #cc00f543
+# %% ../nbs/48_benchmark.ipynb #c33712f0
 def write_report(cfg: BenchmarkConfig, results: list[dict], out_dir, root=None) -> dict[str, Path]:
-    "benchmark.md, benchmark.csv and benchmark.png into `out_dir`; returns the paths."
+    "benchmark.md, benchmark.csv (every replicate), benchmark_summary.csv, benchmark_claims.csv and benchmark.png."
     import matplotlib.pyplot as plt
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    rows = summarise(results)
+    rows, cl = summarise(results), claims(results, cfg.worlds)
     versions = sorted({r.get('code_version', 'unrecorded') for r in results})
     steps = '/'.join(str(n) for n in sorted({r['steps'] for r in results if r['steps']})) or str(cfg.steps)
-    split = (
-        json.loads((Path(root) / 'split.json').read_text())
-        if root and (Path(root) / 'split.json').exists()
-        else None
-    )
+    draws = sorted({r['world_seed'] for r in results})
+    splits = {
+        ws: json.loads(split_path(root, ws).read_text())
+        for ws in draws
+        if root and split_path(root, ws).exists()
+    }
     md = [
         "# Synthetic benchmark (seaice benchmark)\n",
-        f"Data: synthetic Arctic (`seaice_nb.synth`), world seed {cfg.seed}, {cfg.sites} sites x {cfg.per_site} passes, "
-        f"{cfg.scene_size[0]}x{cfg.scene_size[1]} px scenes at 80 m, store grid {cfg.factor * 80} m. "
-        f"Split: scene-level by site"
-        + (
-            f" — {len(split['train'])} train, {len(split['val'])} val, {len(split['test'])} "
-            f"test scenes (test sites {split['sites']['test']}, never seen in training)"
-            if split
-            else ''
-        )
-        + ". "
-        f"Scores: official AI4Arctic (×100) on the held-out test scenes, mean ± sd over training seeds "
-        f"{cfg.seeds}; networks trained {steps} steps of {cfg.batch_size} patches of {cfg.patch} px on one CPU thread "
-        f"each. Config key `{cfg.key()}`; code {', '.join(versions)}.\n",
+        f"Data: synthetic Arctic (`seaice_nb.synth`), world draws (world seeds) {draws}, each {cfg.sites} sites x "
+        f"{cfg.per_site} passes of {cfg.scene_size[0]}x{cfg.scene_size[1]} px at 80 m, store grid {cfg.factor * 80} m. "
+        f"Split: scene-level by site, drawn anew in every world draw ({cfg.val_sites} validation and "
+        f"{cfg.test_sites} test sites, never seen in training). Replicates: world draws x training seeds "
+        f"{cfg.seeds} (baselines once per draw). Scores: official AI4Arctic (×100) on the held-out test scenes; "
+        f"networks trained {steps} steps of {cfg.batch_size} patches of {cfg.patch} px on one CPU thread each. "
+        f"Config key `{cfg.key()}`; code {', '.join(versions)}.\n",
+        "A claim \"a > b\" is the paired difference a − b, averaged over seeds within each world draw, with a "
+        "95 % Student t interval over the draws: **shown** when the interval lies above 0, **not shown** "
+        "otherwise. Signal claims (v2 > v1: temporal, v3 > v2: multi-modal) are expected to include 0 in a "
+        "world without that signal; ⚠ marks a result other than expected.\n",
     ]
     if len(versions) > 1:
         md.append(
             "**Warning: these results come from more than one code version** (a resumed run reuses finished "
             "jobs whatever the code); rerun with a fresh `--root` for results of one version.\n"
         )
+    if splits:
+        md.append(
+            "| world draw | train / val / test scenes | test sites | test SIC variance (class²) | missing in test |"
+        )
+        md.append("|---|---|---|---|---|")
+        for ws, s in splits.items():
+            md.append(
+                f"| {ws} | {len(s['train'])} / {len(s['val'])} / {len(s['test'])} | {s['sites']['test']} | "
+                f"{s['sic_var']['test']:.1f} | {', '.join(s['missing']['test']) or 'none'} |"
+            )
+        md.append('')
+    bad = sorted({r['world_seed'] for r in results if r.get('sic_ok') is False})
+    if bad:
+        md.append(
+            f"**SIC R² flagged**: the test sites of world draws {bad} have too little SIC spread to score it.\n"
+        )
     for w in dict.fromkeys(r['world'] for r in rows):
         md += [
             f"\n## World `{w}` ({', '.join(f'{k}={v}' for k, v in cfg.worlds[w].items())})\n",
             markdown_table(rows, w),
             '',
+            claims_table(cl, w),
+            '',
         ]
     paths = {
         'md': out_dir / 'benchmark.md',
         'csv': out_dir / 'benchmark.csv',
+        'summary': out_dir / 'benchmark_summary.csv',
+        'claims': out_dir / 'benchmark_claims.csv',
         'png': out_dir / 'benchmark.png',
     }
     with atomic_write(paths['md'], 'w') as f:
         f.write('\n'.join(md) + '\n')
-    write_csv(rows, paths['csv'])
-    fig = plot_benchmark(rows)
+    write_csv(replicate_rows(results), paths['csv'])
+    write_csv(rows, paths['summary'])
+    write_csv(cl, paths['claims'])
+    fig = plot_benchmark(results, cl)
     with atomic_write(paths['png'], 'wb') as f:
         fig.savefig(f, format='png', dpi=110)
     plt.close(fig)
@@ -899,27 +1106,32 @@ def sic_variance_guard(
 
 # %% ../nbs/48_benchmark.ipynb #c6f1dc5d
 def main(argv: list[str]) -> int:
-    "`seaice benchmark [--root DIR] [--out DIR] [--tiny]`: the synthetic benchmark (resumes), table + figure."
+    "`seaice benchmark [--root DIR] [--out DIR] [--tiny]`: the synthetic benchmark (resumes), tables with intervals + figure."
     ap = argparse.ArgumentParser(
         prog='seaice benchmark',
-        description='Synthetic benchmark with known signals: baselines, '
-        'U-Nets and TSViT v1/v2/v3 over seeds on held-out sites (about 20 min on 2 cores; rerun to resume).',
+        description='Synthetic benchmark with known signals: baselines, U-Nets and TSViT v1/v2/v3 over world '
+        'draws x training seeds on held-out sites, claims as paired intervals (rerun to resume).',
     )
     ap.add_argument('--root', default='runs/benchmark', help='working folder (default runs/benchmark)')
-    ap.add_argument(
-        '--out', default='docs/benchmark', help='where benchmark.md/.csv/.png go (default docs/benchmark)'
-    )
+    ap.add_argument('--out', default='docs/benchmark', help='where the report goes (default docs/benchmark)')
     ap.add_argument('--tiny', action='store_true', help='a seconds-sized run (for testing)')
     ap.add_argument('--workers', type=int, default=2, help='parallel jobs, one CPU thread each (default 2)')
-    ap.add_argument('--seeds', type=int, nargs='+', default=None, help='training seeds (default 0 1 2)')
+    ap.add_argument('--seeds', type=int, nargs='+', default=None, help='training seeds (default 0 1)')
+    ap.add_argument('--world-seeds', type=int, nargs='+', default=None, help='world draws (default 0 1 2 3)')
     ap.add_argument('--steps', type=int, default=None, help='optimiser steps per network (default 200)')
     a = ap.parse_args(argv)
+    if a.workers < 1:
+        ap.error(f"--workers must be >= 1, got {a.workers}")
     kw = {
         'workers': a.workers,
         **({'seeds': a.seeds} if a.seeds else {}),
+        **({'world_seeds': a.world_seeds} if a.world_seeds else {}),
         **({'steps': a.steps} if a.steps else {}),
     }
-    cfg = tiny_config(**kw) if a.tiny else BenchmarkConfig(**kw)
+    try:
+        cfg = tiny_config(**kw) if a.tiny else BenchmarkConfig(**kw)
+    except ConfigError as e:
+        ap.error(str(e))
     res = run_benchmark(cfg, a.root)
     paths = write_report(cfg, res, a.out, a.root)
     print(paths['md'].read_text())

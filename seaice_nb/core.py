@@ -308,7 +308,7 @@ def file_digest(path: str | Path, algo: str = 'md5', chunk: int = 1 << 22) -> st
 # %% ../nbs/00_core.ipynb #94d508d6
 DETERMINISTIC_THREADS = 2  # intra-op threads of a deterministic run unless its config names a number
 _PINNED_ISA = dict(ATEN_CPU_CAPABILITY='avx2', ONEDNN_MAX_CPU_ISA='AVX2', MKL_CBWR='AVX2')
-NATIVE_KERNELS_ENV = 'SEAICE_NATIVE_KERNELS'  # set to 1: PyTorch picks its own SIMD kernels (runs then differ by machine)
+NATIVE_KERNELS_ENV = 'SEAICE_NATIVE_KERNELS'  # =1: PyTorch picks its SIMD kernels (runs differ by machine)
 
 
 def request_pinned_kernels() -> bool:
