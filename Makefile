@@ -19,7 +19,7 @@ env: $(STAMP)  ## create .venv and install seaice_nb with its dev tools
 demo: env  ## the main job on the built-in synthetic data (no downloads)
 	$(BIN)/python tools/demo.py
 
-benchmark: env  ## synthetic benchmark with known signals (about 20 min on 2 cores; rerun to resume) -> docs/benchmark/
+benchmark: env  ## synthetic benchmark: 4 world draws, claims as paired intervals (about 24 min on 2 cores; rerun to resume) -> docs/benchmark/
 	$(BIN)/seaice benchmark
 
 test: env  ## the whole test suite (what CI runs)

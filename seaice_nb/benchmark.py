@@ -61,7 +61,7 @@ SIGNAL_MODELS = ('tsvit_v1', 'tsvit_v2', 'tsvit_v3')  # the models of the signal
 # %% ../nbs/48_benchmark.ipynb #61774c71
 @dataclass
 class BenchmarkConfig:
-    "Size and knobs of one benchmark run: world kinds x world draws x training seeds (defaults: see `BENCHMARK_MINUTES`)."
+    "Size and knobs of one benchmark run: world kinds x world draws x training seeds (defaults: about 24 minutes on 2 cores)."
 
     world_seeds: list = field(default_factory=lambda: [0, 1, 2, 3])  # world draws: the outer replicates
     sites: int = 16  # acquisition sites (campaigns) per world draw
@@ -902,7 +902,8 @@ def plot_benchmark(results: list[dict], cl: list[dict]):
             if not len(v):
                 continue
             x = j + (i - (len(worlds) - 1) / 2) * wd
-            ax.bar(x, v.mean(), wd, color=colours[w], alpha=0.45, label=w if j == 0 else None)
+            first = w not in ax.get_legend_handles_labels()[1]
+            ax.bar(x, v.mean(), wd, color=colours[w], alpha=0.45, label=w if first else None)
             ax.plot(np.full(len(v), x) + np.linspace(-wd / 4, wd / 4, len(v)), v, '.', color=colours[w], ms=4)
     ax.set_xticks(range(len(models)), models, rotation=30, ha='right')
     ax.set_ylabel('combined score (held-out test sites, ×100)')
@@ -921,13 +922,14 @@ def plot_benchmark(results: list[dict], cl: list[dict]):
                 color=colours[w],
                 ms=4,
                 capsize=2,
-                label=w if names.index(c['claim']) == 0 else None,
+                label=w if w not in bx.get_legend_handles_labels()[1] else None,
             )
     bx.axvline(0, color='k', lw=0.7)
     bx.set_yticks(range(len(names)), names, fontsize=8)
     bx.invert_yaxis()
-    bx.set_xlabel('paired difference a − b, combined (95 % interval over world draws)')
-    bx.set_title('claims "a > b": shown when the interval lies above 0', fontsize=9)
+    bx.set_xlabel('a − b, combined (95 % CI, draws)')
+    bx.set_title('claim "a > b" shown: interval above 0', fontsize=9)
+    bx.legend(fontsize=8, title='world', title_fontsize=8)
     return fig
 
 # %% ../nbs/48_benchmark.ipynb #c33712f0
