@@ -12,10 +12,11 @@ from .charts import CHART_FILL
 from .core import DataError
 
 # %% auto #0
-__all__ = ['SIC_PERCENT', 'softmax', 'fit_temperature', 'reliability_bins', 'expected_calibration_error', 'brier_score',
-           'entropy', 'top2_margin', 'sic_distribution']
+__all__ = ['SIC_PERCENT', 'UNCERTAINTY_LAYERS', 'softmax', 'fit_temperature', 'reliability_bins', 'expected_calibration_error',
+           'brier_score', 'entropy', 'top2_margin', 'sic_distribution', 'uncertainty_maps', 'CalibrationAccumulator',
+           'run_temperatures']
 
-# %% ../nbs/42a_calibration.ipynb #4b36709a
+# %% ../nbs/42a_calibration.ipynb #e1446a36
 def _valid(
     scores: np.ndarray,  # [N, C] logits or probabilities
     labels: np.ndarray | None = None,  # [N] class indices, 255 = masked
@@ -152,7 +153,7 @@ def top2_margin(
     top2 = np.sort(probs, axis=1)[:, -2:]
     return top2[:, 1] - top2[:, 0]
 
-# %% ../nbs/42a_calibration.ipynb #554a900d
+# %% ../nbs/42a_calibration.ipynb #fdf53851
 SIC_PERCENT = np.arange(11) * 10.0  # the 11 SIC classes: 0 %, 10 %, ..., 100 %
 
 
@@ -175,3 +176,174 @@ def sic_distribution(
         'lower': quantile(q_lower),
         'upper': quantile(q_upper),
     }
+
+# %% ../nbs/42a_calibration.ipynb #b50dd165
+UNCERTAINTY_LAYERS = {  # name: (long name, units)
+    'confidence': ('probability of the predicted class', '1'),
+    'margin': ('top-2 margin: probability of the predicted class minus that of the runner-up', '1'),
+    'entropy': ('normalised entropy of the class probabilities (0 certain, 1 uniform)', '1'),
+    'expected': ('expected sea ice concentration of the class probabilities', '%'),
+    'lower': ('lower bound (10 % quantile) of the sea ice concentration', '%'),
+    'upper': ('upper bound (90 % quantile) of the sea ice concentration', '%'),
+}
+
+
+def uncertainty_maps(
+    probs: np.ndarray,  # [C, H, W] class probabilities of one task (uint8 percent or float)
+    sic: bool = False,  # also the SIC expected value and interval (C must be 11)
+) -> dict[str, np.ndarray]:
+    "float32 `[H, W]` maps: confidence, margin, normalised entropy (and SIC expected/lower/upper, in %)."
+    probs = np.asarray(probs)
+    if probs.ndim != 3:
+        raise DataError(f"probability maps must be [C, H, W], got shape {probs.shape}")
+    C, H, W = probs.shape
+    flat = probs.reshape(C, -1).T.astype(np.float64)
+    if probs.dtype == np.uint8:
+        flat = flat / 100.0
+    tot = flat.sum(axis=1, keepdims=True)
+    if (tot <= 0).any():
+        raise DataError(f"{int((tot <= 0).sum())} pixels have no probability mass (all classes 0)")
+    flat = flat / tot  # uint8 rounding leaves sums of 0.98..1.02
+    out = {
+        'confidence': flat.max(axis=1),
+        'margin': top2_margin(flat),
+        'entropy': entropy(flat, normalise=True),
+    }
+    if sic:
+        out.update(sic_distribution(flat))
+    return {k: v.reshape(H, W).astype(np.float32) for k, v in out.items()}
+
+# %% ../nbs/42a_calibration.ipynb #9a52576a
+class CalibrationAccumulator:
+    "Streaming calibration of one task's class probabilities against its chart (255 masked)."
+
+    def __init__(
+        self,
+        task: str,  # 'sic', 'sod' or 'floe' (decides the official metric)
+        n_classes: int,  # classes of the head
+        n_bins: int = 15,  # reliability bins
+        fine_bins: int = 1000,  # confidence bins for AUROC and risk-coverage
+    ):
+        self.task, self.n, self.n_bins, self.fine = task, int(n_classes), int(n_bins), int(fine_bins)
+        self.rel = np.zeros((3, self.n_bins))  # counts, confidence sums, correct sums
+        self.cms = np.zeros((self.fine, self.n, self.n), np.int64)  # per fine bin: true x predicted
+        self.brier = 0.0
+
+    def update(
+        self,
+        probs: np.ndarray,  # [N, C] (or [C, H, W]) class probabilities
+        labels: np.ndarray,  # [N] (or [H, W]) true classes, 255 = masked
+    ) -> 'CalibrationAccumulator':
+        probs, labels = np.asarray(probs), np.asarray(labels)
+        if probs.ndim == 3:
+            probs, labels = probs.reshape(probs.shape[0], -1).T, labels.reshape(-1)
+        probs, labels = _valid(probs, labels, 'probs')
+        if probs.shape[1] != self.n:
+            raise DataError(f"{self.task}: {probs.shape[1]} class probabilities, expected {self.n}")
+        if not len(labels):
+            return self
+        conf, pred = probs.max(axis=1), probs.argmax(axis=1)
+        b = np.clip(np.ceil(conf * self.n_bins).astype(np.int64) - 1, 0, self.n_bins - 1)
+        self.rel += np.stack(
+            [np.bincount(b, w, self.n_bins) for w in (np.ones_like(conf), conf, (pred == labels) * 1.0)]
+        )
+        f = np.clip(np.ceil(conf * self.fine).astype(np.int64) - 1, 0, self.fine - 1)
+        idx = (f * self.n + labels) * self.n + pred
+        self.cms += np.bincount(idx, minlength=self.cms.size).reshape(self.cms.shape)
+        self.brier += float(((probs - np.eye(self.n)[labels]) ** 2).sum())
+        return self
+
+    def n_pixels(self) -> int:
+        return int(self.rel[0].sum())
+
+    def reliability(self) -> dict:
+        "Edges, counts, mean confidence and accuracy per reliability bin (NaN in empty bins)."
+        c = self.rel[0]
+        with np.errstate(invalid='ignore', divide='ignore'):
+            return {
+                'edges': np.linspace(0, 1, self.n_bins + 1),
+                'counts': c.astype(np.int64),
+                'confidence': self.rel[1] / c,
+                'accuracy': self.rel[2] / c,
+            }
+
+    def _need(self):
+        if not self.n_pixels():
+            raise DataError(f"{self.task}: no valid pixels to measure calibration on")
+
+    def ece(self) -> float:
+        self._need()
+        c = self.rel[0]
+        full = c > 0
+        return float(np.abs(self.rel[2][full] - self.rel[1][full]).sum() / c.sum())
+
+    def brier_score(self) -> float:
+        self._need()
+        return self.brier / self.n_pixels()
+
+    def auroc(self) -> float:
+        "AUROC of (1 - confidence) for misclassified pixels; NaN when every pixel is right (or wrong)."
+        self._need()
+        right = np.trace(self.cms, axis1=1, axis2=2).astype(np.float64)
+        wrong = self.cms.sum(axis=(1, 2)) - right
+        if right.sum() == 0 or wrong.sum() == 0:
+            return float('nan')
+        # bins by confidence ascending = uncertainty descending: an error beats every right pixel above it
+        above = np.cumsum(right[::-1])[::-1] - right  # right pixels in more confident bins
+        return float((wrong * (above + 0.5 * right)).sum() / (wrong.sum() * right.sum()))
+
+    def risk_coverage(self) -> list[dict]:
+        "Per confidence threshold (descending): coverage, the official metric (x100) and accuracy of the pixels kept."
+        from seaice_nb.metrics import f1_from_confusion, r2_from_confusion
+
+        self._need()
+        n = self.n_pixels()
+        cum = np.cumsum(self.cms[::-1], axis=0)  # kept pixels for thresholds from high to low
+        rows = []
+        counts = self.cms.sum(axis=(1, 2))[::-1]
+        for k in np.nonzero(counts)[0]:
+            cm = cum[k]
+            score = r2_from_confusion(cm) if self.task == 'sic' else f1_from_confusion(cm)
+            rows.append(
+                {
+                    'threshold': round(float((self.fine - 1 - k) / self.fine), 4),
+                    'coverage': float(cm.sum() / n),
+                    'score': round(100 * score, 3),
+                    'accuracy': float(np.trace(cm) / cm.sum()),
+                }
+            )
+        return rows
+
+    def summary(self) -> dict:
+        "ECE, Brier score, AUROC, pixels and the reliability bins as plain numbers (JSON-ready)."
+        r = self.reliability()
+        nan = lambda a: [None if np.isnan(v) else round(float(v), 5) for v in a]  # noqa: E731
+        return {
+            'ece': round(self.ece(), 5),
+            'brier': round(self.brier_score(), 5),
+            'auroc_error': None if np.isnan(a := self.auroc()) else round(a, 5),
+            'n_pixels': self.n_pixels(),
+            'reliability': {
+                'edges': [round(float(e), 5) for e in r['edges']],
+                'counts': r['counts'].tolist(),
+                'confidence': nan(r['confidence']),
+                'accuracy': nan(r['accuracy']),
+            },
+        }
+
+# %% ../nbs/42a_calibration.ipynb #97e1c0e7
+def run_temperatures(
+    meta: dict,  # checkpoint metadata
+    source: str = 'checkpoint',  # for messages
+) -> dict[str, float]:
+    "`{task: T}` fitted on the validation scenes, `{}` when the checkpoint is not calibrated; `DataError` on a bad value."
+    cal = (meta or {}).get('calibration') or {}
+    out = {}
+    for task, rec in cal.items():
+        t = rec.get('temperature') if isinstance(rec, dict) else rec
+        if not isinstance(t, (int, float)) or not np.isfinite(t) or t <= 0:
+            raise DataError(
+                f"{source}: calibration temperature of {task} is {t!r}; expected a positive number"
+            )
+        out[task] = float(t)
+    return out

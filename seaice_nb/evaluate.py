@@ -18,11 +18,12 @@ from .charts import CHART_FILL, CHART_VARS, CHARTS, N_CLASSES, chart_dict, chart
 from .metrics import ConditionAccumulator, ScoreAccumulator, pixel_conditions, scene_conditions
 
 # %% auto #0
-__all__ = ['SUBMISSION_CHARTS', 'tile_starts', 'blend_window', 'check_store', 'predict_scene', 'target_valid', 'upsample_nearest',
-           'submission_name', 'check_classes', 'write_submission', 'check_submission', 'reference_charts',
-           'scene_nodata', 'submission_maps', 'score_submission', 'evaluate', 'main']
+__all__ = ['SUBMISSION_CHARTS', 'tile_starts', 'blend_window', 'check_store', 'class_probabilities', 'predict_scene',
+           'target_valid', 'upsample_nearest', 'submission_name', 'check_classes', 'write_submission',
+           'check_submission', 'reference_charts', 'scene_nodata', 'submission_maps', 'score_submission',
+           'CalibrationRecorder', 'evaluate', 'main']
 
-# %% ../nbs/42_evaluate.ipynb #bf286090
+# %% ../nbs/42_evaluate.ipynb #da6f8374
 def tile_starts(
     n: int,  # pixels along the axis
     tile: int,  # tile size
@@ -47,7 +48,7 @@ def blend_window(
         w[-overlap:] = np.minimum(w[-overlap:], r[::-1])
     return np.maximum(np.outer(w, w), floor).astype(np.float32)
 
-# %% ../nbs/42_evaluate.ipynb #b37d3e91
+# %% ../nbs/42_evaluate.ipynb #4f660b0f
 _PRE_KEYS = ('factor', 'coarse_factor', 'chart_method', 'min_valid', 'grid_offset')
 
 
@@ -85,10 +86,17 @@ def check_store(
             raise DataError(f"the {where} model reads {k} channels {w} but the store has {h}")
     return [have.index(c) for c in want] if want and want != have else None
 
-# %% ../nbs/42_evaluate.ipynb #c3b6ed75
-def _probs(out: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    "Softmax for classification heads; a 1-channel (regression) head stays a value."
-    return {c: (v.float().softmax(1) if v.shape[1] > 1 else v.float()) for c, v in out.items()}
+# %% ../nbs/42_evaluate.ipynb #1a52867a
+def class_probabilities(
+    blended: Mapping[
+        str, torch.Tensor
+    ],  # {task: [B, K, h, w] blended logits} (`predict_scene`'s `predict` input)
+    temperatures: Mapping[str, float]
+    | None = None,  # {task: T} of the run (`calibration.run_temperatures`); None: T = 1
+) -> dict[str, torch.Tensor]:
+    "Softmax of `logits / T` for every classification head; a 1-channel (regression) head is left out."
+    t = temperatures or {}
+    return {c: (v.float() / float(t.get(c, 1.0))).softmax(1) for c, v in blended.items() if v.shape[1] > 1}
 
 
 @torch.no_grad()
@@ -105,7 +113,7 @@ def predict_scene(
     device: str = 'cpu',  # where the model runs
     amp_dtype: torch.dtype | None = None,  # autocast dtype (e.g. torch.bfloat16 on CUDA)
     predict: Callable
-    | None = None,  # blended outputs -> class maps; default `models.losses.outputs_to_classes`
+    | None = None,  # blended logits -> class maps; default `models.losses.outputs_to_classes`
     mask_invalid: bool = False,  # set 255 where the target frame has no SAR data (for maps; not for the package)
 ) -> dict[str, np.ndarray]:
     "Class maps `{chart: uint8 [H, W]}` of one scene on the store grid (with `mask_invalid`, 255 where the target frame has no data)."
@@ -143,9 +151,9 @@ def predict_scene(
             batch = {kk: torch.from_numpy(np.stack([s[kk] for s in samples])).to(device) for kk in keys}
             with torch.autocast(device.split(':')[0], dtype=amp_dtype, enabled=amp_dtype is not None):
                 out = model(**batch)
-            probs = {c: v.cpu() for c, v in _probs(out).items() if c in CHARTS}
+            logits = {c: v.float().cpu() for c, v in out.items() if c in CHARTS}
             for i, x in enumerate(xs[b : b + batch_size]):
-                for c, p in probs.items():
+                for c, p in logits.items():
                     if c not in buf:
                         buf[c] = torch.zeros(p.shape[1], tile, Wp)
                     buf[c][:, :, x : x + tile] += p[i] * win
@@ -167,7 +175,7 @@ def target_valid(arrays: Mapping[str, Any]) -> np.ndarray:
     v = arrays['valid']
     return np.asarray(v[-1, :, :] if hasattr(v, 'oindex') else v[-1]).astype(bool)
 
-# %% ../nbs/42_evaluate.ipynb #855be510
+# %% ../nbs/42_evaluate.ipynb #da27e1de
 def upsample_nearest(
     a: np.ndarray,  # [H, W] class map on the store grid
     factor: int,  # store downsampling factor
@@ -182,7 +190,7 @@ def upsample_nearest(
         )
     return np.pad(up, ((0, ph), (0, pw)), mode='edge') if (ph or pw) else up
 
-# %% ../nbs/42_evaluate.ipynb #dffb911d
+# %% ../nbs/42_evaluate.ipynb #e5dd61e6
 SUBMISSION_CHARTS = CHART_VARS  # the official chart names, as in the package's variable names
 
 
@@ -302,7 +310,7 @@ def check_submission(
             raise DataError(f"{path}: {s} has shape {out[submission_name(s)]['SIC']}, expected {tuple(shp)}")
     return {k: v['SIC'] for k, v in out.items()}
 
-# %% ../nbs/42_evaluate.ipynb #74ba1e57
+# %% ../nbs/42_evaluate.ipynb #48d69048
 def _zone_channels(store, arrays) -> dict:
     "Pixel conditions (physical units) from the target frame's store channels, when the store has them."
     from seaice_nb.scenes import destandardise
@@ -419,7 +427,69 @@ def _write_csv(path: Path, rows: list[dict]):
         w.writeheader()
         w.writerows(rows)
 
-# %% ../nbs/42_evaluate.ipynb #cea4ce8b
+# %% ../nbs/42_evaluate.ipynb #fc3100ca
+class CalibrationRecorder:
+    "A `predict` callable for `predict_scene` that streams the scene's probabilities (T = 1 and calibrated) against its charts."
+
+    def __init__(
+        self,
+        temperatures: Mapping[str, float],  # {task: T} of the run; {} when it is not calibrated
+        n_bins: int = 15,  # reliability bins
+    ):
+        from seaice_nb.calibration import CalibrationAccumulator
+
+        self.temperatures = dict(temperatures)
+        self.acc = {
+            kind: {c: CalibrationAccumulator(c, N_CLASSES[c], n_bins) for c in CHARTS}
+            for kind in ('uncalibrated', 'calibrated')
+        }
+        self.labels, self.row = None, 0
+
+    def start(self, arrays: Mapping[str, Any]) -> 'CalibrationRecorder':
+        "Begin a scene: its charts (numpy or lazily read zarr) are the labels."
+        self.labels, self.row = {c: arrays[c] for c in CHARTS}, 0
+        return self
+
+    def __call__(self, blended: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        from seaice_nb.models.losses import outputs_to_classes
+
+        rows = next(iter(blended.values())).shape[-2]
+        for c, z in blended.items():
+            if z.shape[1] < 2 or c not in self.acc['uncalibrated']:
+                continue
+            y = np.asarray(self.labels[c][self.row : self.row + rows])
+            self.acc['uncalibrated'][c].update(z[0].float().softmax(0).numpy(), y)
+            if c in self.temperatures:
+                self.acc['calibrated'][c].update((z[0].float() / self.temperatures[c]).softmax(0).numpy(), y)
+        self.row += rows
+        return outputs_to_classes(blended)
+
+    def summary(self, reliability: bool = True) -> dict:
+        "`{'calibrated', 'temperatures', 'tasks': {task: {'uncalibrated': ..., 'calibrated': ... or None}}}`."
+        tasks = {}
+        for c, a in self.acc['uncalibrated'].items():
+            if not a.n_pixels():
+                continue
+            rec = {}
+            for kind in ('uncalibrated', 'calibrated'):
+                b = self.acc[kind][c]
+                s = b.summary() if b.n_pixels() else None
+                if s is not None and not reliability:
+                    s.pop('reliability')
+                rec[kind] = s
+            tasks[c] = rec
+        return {'calibrated': bool(self.temperatures), 'temperatures': self.temperatures, 'tasks': tasks}
+
+    def risk_coverage(self) -> list[dict]:
+        "Rows `task, probabilities, threshold, coverage, score, accuracy` of every task's risk-coverage curve."
+        out = []
+        for kind in ('uncalibrated', 'calibrated'):
+            for c, a in self.acc[kind].items():
+                if a.n_pixels():
+                    out += [{'task': c, 'probabilities': kind, **r} for r in a.risk_coverage()]
+        return out
+
+# %% ../nbs/42_evaluate.ipynb #ded3ca02
 def evaluate(
     checkpoint: str | Path,  # checkpoint written by the trainer, or a run directory (its best, else last)
     store: str | Path,  # preprocessed zarr store (or an open `SceneStore`)
@@ -435,9 +505,11 @@ def evaluate(
     progress: bool = True,  # tqdm over scenes
     model: nn.Module | None = None,  # model to load the checkpoint into (default: rebuilt from its config)
     maps: int = 2,  # with `figures`: map figures (prediction vs chart vs SAR) of the first `maps` scenes
+    calibration: bool = True,  # also measure calibration (ECE, reliability, Brier, AUROC, risk-coverage)
 ) -> dict:
     "Score a checkpoint on a store's scenes (the official 80 m score of its package when `scene_dir` is given)."
     from seaice_nb.data import SceneStore
+    from seaice_nb.calibration import run_temperatures
     from seaice_nb.runs import checkpoint_config, find_checkpoint, load_checkpoint
     import zarr
 
@@ -454,11 +526,30 @@ def evaluate(
     dev = ('cuda' if torch.cuda.is_available() else 'cpu') if device == 'auto' else device
     amp = torch.bfloat16 if dev.startswith('cuda') and torch.cuda.is_bf16_supported() else None
     n_frames = data.n_frames
+    temps = run_temperatures(meta, str(checkpoint))
+    if calibration and not temps:
+        log.info(
+            "%s holds no temperatures (trained before calibration or with calibrate: false): "
+            "only uncalibrated probabilities are measured",
+            Path(checkpoint).name,
+        )
+    rec = CalibrationRecorder(temps) if calibration else None
     grid, official, subs, shapes = ConditionAccumulator(), None, {}, {}
     for i, name in enumerate(tqdm(st.names, desc='scenes', disable=not progress)):
         arrays, m = st.arrays(name), st.meta[name]
         pred = predict_scene(
-            model, arrays, m, st.coarse_factor, tile, overlap, n_frames, chans, batch_size, dev, amp
+            model,
+            arrays,
+            m,
+            st.coarse_factor,
+            tile,
+            overlap,
+            n_frames,
+            chans,
+            batch_size,
+            dev,
+            amp,
+            predict=rec.start(arrays) if rec is not None else None,
         )
         if figures and out_dir is not None and i < maps:
             from seaice_nb import plots
@@ -497,6 +588,8 @@ def evaluate(
         'checkpoint': str(checkpoint),
         'code_version': meta.get('code_version'),
     }
+    if rec is not None:
+        scores['calibration'] = rec.summary(reliability=False)
     if scene_dir is None:
         log.info("no scene_dir: scores are on the store grid, not the official 80 m score")
     elif any(scores['n_masked_80m'].values()):
@@ -515,13 +608,19 @@ def evaluate(
         for c in CHARTS:
             with atomic_write(out / f'confusion_{c}.csv', 'w') as f:
                 np.savetxt(f, acc.cms[c], fmt='%d', delimiter=',')
+        if rec is not None:
+            with atomic_write(out / 'calibration.json', 'w') as f:
+                json.dump(
+                    {**rec.summary(), 'scenes': list(st.names), 'checkpoint': str(checkpoint)}, f, indent=1
+                )
+            _write_csv(out / 'risk_coverage.csv', rec.risk_coverage())
         if figures:
             from seaice_nb import plots
 
             plots.evaluation_figures(out)
     return scores
 
-# %% ../nbs/42_evaluate.ipynb #f7516b25
+# %% ../nbs/42_evaluate.ipynb #767a4790
 def main(argv: list[str]) -> int:
     "`seaice evaluate RUN [STORE] [--split MANIFEST --subset test] [--scene-dir DIR] [--out DIR] [--submission] [--quiet]`."
     from seaice_nb.runs import load_run
@@ -572,6 +671,11 @@ def main(argv: list[str]) -> int:
         help='keep the official upload package upload_package.nc (the package the 80 m score is computed from)',
     )
     ap.add_argument('--no-figures', action='store_true', help='tables and scores only')
+    ap.add_argument(
+        '--no-calibration',
+        action='store_true',
+        help='skip the calibration measures (ECE, reliability, Brier, risk-coverage)',
+    )
     ap.add_argument('--quiet', action='store_true', help='no progress bars')
     a = ap.parse_args(argv)
     run = load_run(a.run)
@@ -600,6 +704,7 @@ def main(argv: list[str]) -> int:
         a.submission,
         not a.no_figures,
         progress=not a.quiet,
+        calibration=not a.no_calibration,
     )
     print(
         json.dumps(
@@ -607,6 +712,10 @@ def main(argv: list[str]) -> int:
                 'official_80m': s['official_80m'],
                 'scored_from': s['scored_from'],
                 'store_grid': s['store_grid'],
+                'ece': {
+                    c: {k: (v or {}).get('ece') for k, v in r.items()}
+                    for c, r in (s.get('calibration') or {}).get('tasks', {}).items()
+                },
                 'out': str(out),
             }
         )

@@ -11,8 +11,8 @@ from .core import ConfigError, MissingFileError, SeaIceError, atomic_write, sour
 
 # %% auto #0
 __all__ = ['WORKFLOWS', 'DEMO_BASELINES', 'DEMO_INPUTS', 'WorkflowError', 'workflow_notebook', 'run_record', 'run_notebook',
-           'load_preset', 'save_show', 'show_files', 'map_figures', 'demo_steps', 'run_demo', 'demo_scores',
-           'demo_split_text', 'scores_markdown', 'demo_outputs', 'small_png', 'demo_main']
+           'load_preset', 'save_show', 'show_files', 'map_figures', 'uncertainty_figure', 'demo_steps', 'run_demo',
+           'demo_scores', 'demo_split_text', 'scores_markdown', 'demo_outputs', 'small_png', 'demo_main']
 
 # %% ../nbs/70_workflows.ipynb #423f9567
 WORKFLOWS = ('preprocess', 'train', 'evaluate', 'autolabel', 'figures')
@@ -175,7 +175,7 @@ def save_show(
     plt.close(fig)
     return files
 
-# %% ../nbs/70_workflows.ipynb #acbc2b64
+# %% ../nbs/70_workflows.ipynb #0694b5ac
 def show_files(
     paths,  # PNG files (or one)
     root: str | Path | None = None,  # print names relative to this folder
@@ -235,6 +235,72 @@ def map_figures(
                 scene_map(st, name, pred, Path(out_dir) / f"map_{name}_{c}", c, formats=formats)
             )  # drawn once, saved per format
     return out
+
+
+def uncertainty_figure(
+    checkpoint: str | Path,  # checkpoint written by the trainer, or a run directory
+    store: str | Path,  # preprocessed store
+    name: str,  # scene to draw
+    path: str | Path,  # output (suffix replaced per format)
+    chart: str = 'sod',  # which chart's prediction, confidence and errors
+    tile: int | None = None,
+    overlap: int | None = None,  # inference tiling (None: the run's data config)
+    device: str = 'cpu',  # where the model runs
+    formats: tuple[str, ...] = ('png',),  # one file per format; the first format's file is returned
+) -> Path:
+    "The uncertainty map of one stored scene (`plots.plot_uncertainty_map`) with the run's calibrated probabilities."
+    import numpy as np
+    import zarr
+    from seaice_nb.core import DataError
+    from seaice_nb.data import SceneStore
+    from seaice_nb.evaluate import check_store, predict_scene, target_valid
+    from seaice_nb.plots import plot_uncertainty_map
+    from seaice_nb.predict import ProbabilityRecorder
+    from seaice_nb.calibration import run_temperatures
+    from seaice_nb.runs import checkpoint_config, find_checkpoint, load_checkpoint
+
+    checkpoint = find_checkpoint(checkpoint)
+    model, meta = load_checkpoint(checkpoint)
+    data = checkpoint_config(meta, str(checkpoint)).data
+    st = SceneStore(store, [name], in_memory=False)
+    chans = check_store(meta, st)
+    temps = run_temperatures(meta, str(checkpoint))
+    arrays, m = st.arrays(name), st.meta[name]
+    rec = ProbabilityRecorder(m['shape'], keep=False, temperatures=temps, uncertainty=True)
+    pred = predict_scene(
+        model,
+        arrays,
+        m,
+        st.coarse_factor,
+        data.inference_tile if tile is None else tile,
+        data.inference_overlap if overlap is None else overlap,
+        data.n_frames,
+        chans,
+        device=device,
+        predict=rec,
+        mask_invalid=True,
+    )
+    ok = target_valid(arrays)
+    u = {k: np.where(ok, v, np.nan) for k, v in rec.uncertainty.items()}
+    if f"{chart}_confidence" not in u:
+        raise DataError(
+            f"the {chart} head of {checkpoint} is a regression head: it has no confidence to draw"
+        )
+    width = u['sic_upper'] - u['sic_lower'] if 'sic_upper' in u else None
+    g = zarr.open_group(st.root / name, mode='r')
+    return plot_uncertainty_map(
+        pred[chart],
+        np.asarray(arrays[chart][...]),
+        u[f"{chart}_confidence"],
+        width,
+        np.asarray(g['lat'][...]),
+        np.asarray(g['lon'][...]),
+        chart,
+        path,
+        title=name,
+        calibrated=bool(temps),
+        formats=formats,
+    )
 
 # %% ../nbs/70_workflows.ipynb #cd9b011f
 def demo_steps(

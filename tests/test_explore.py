@@ -180,6 +180,21 @@ def test_widgets_drive_figure_and_inspector_to_the_store_values(tiny):
         ex.overlay.value = 'error'
         e = ex.scene_panel.overlay.get_array()
         assert e[r, c] == int(cls['floe'][r, c] != s['floe'][r, c]) and e.mask[s['floe'] == 255].all()
+        ex.overlay.value = (
+            'confidence'  # the uncertainty layer, drawn from the run's (calibrated) probabilities
+        )
+        conf = ex.scene_panel.overlay.get_array()
+        assert conf[r, c] == pytest.approx(float(probs['floe'][:, r, c].max()), abs=1e-6)
+        assert 'FLOE confidence' in ex.legend.value and '≥ 90 %' in ex.legend.value
+        u = info['uncertainty']['floe']
+        assert u['confidence'] == pytest.approx(float(info['probabilities']['floe'].max()), abs=1e-5)
+        assert 0 <= u['margin'] <= u['confidence'] and 0 <= u['entropy'] <= 1
+        assert (
+            info['uncertainty']['sic']['lower']
+            <= info['uncertainty']['sic']['expected']
+            <= info['uncertainty']['sic']['upper']
+        )
+        assert f"confidence {u['confidence']:.0%}" in ex.inspector.value
         ex.frame.value = 2  # the inspector follows the frame
         assert ex.last_inspection['frame'] == 2
         assert ex.last_inspection['inputs']['hh'][0] == pytest.approx(float(hh[r, c]), abs=1e-9, nan_ok=True)

@@ -94,7 +94,8 @@ def test_predict_cli_on_unlabelled_test_scene_matches_evaluation(world):
     )
     name = scene.name.replace('_prep.nc', '')
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        [f'{name}_charts.nc', f'{name}_quicklook.png'] + [f'{name}_{c}.tif' for c in ('SIC', 'SOD', 'FLOE')]
+        [f'{name}_charts.nc', f'{name}_quicklook.png', f'{name}_uncertainty.tif']
+        + [f'{name}_{c}.tif' for c in ('SIC', 'SOD', 'FLOE')]
     )
     # the evaluation path on the stored copy of the same scene
     st = SceneStore(tmp / 'test.zarr', in_memory=False)
@@ -130,6 +131,13 @@ def test_predict_cli_on_unlabelled_test_scene_matches_evaluation(world):
         assert t.colormap(1)[0][:3] == (0, 100, 255)
         assert abs(t.res[0] - 320) < 1e-6  # the model grid: factor 4 x 80 m
     assert imread(out / f'{name}_quicklook.png').shape[1] > 800
+    with rasterio.open(out / f'{name}_uncertainty.tif') as t:
+        assert t.crs.to_epsg() == 3413 and t.dtypes[0] == 'float32'
+        bands = dict(zip(t.descriptions, range(1, t.count + 1)))
+        assert {'SOD_confidence', 'SOD_entropy', 'SIC_expected', 'SIC_lower', 'SIC_upper'} <= set(bands)
+        assert t.tags(bands['SIC_expected'])['units'] == '%'
+        conf = t.read(bands['SOD_confidence'])
+        assert np.nanmin(conf) >= 1 / 6 - 1e-6 and np.nanmax(conf) <= 1 + 1e-6  # 6 classes: at least 1/6
 
 
 def test_onnx_backend_and_int8_within_one_point(world):
@@ -240,6 +248,54 @@ def test_every_family_exports_and_matches_onnxruntime(preset, tmp_path):
         else _nothing()
     ):
         export_onnx(m, tmp_path / 'x.onnx', T, tile=32)
+
+
+def _calibrated_copy(run, dest, temperatures):
+    """`run` copied to `dest` with `temperatures` written into the checkpoint consumers load (as training does)."""
+    from seaice_nb.runs import find_checkpoint, read_checkpoint
+
+    shutil.copytree(run, dest)
+    ck = find_checkpoint(dest)
+    obj = read_checkpoint(ck)
+    obj['meta']['calibration'] = {c: {'temperature': t} for c, t in temperatures.items()}
+    torch.save(obj, ck)
+    return dest
+
+
+def test_calibrated_onnx_gives_the_pytorch_calibrated_probabilities(world, tmp_path):
+    from seaice_nb.evaluate import class_probabilities
+    from seaice_nb.export import export_run, real_batches
+    from seaice_nb.predict import OnnxModel, load_predictor, predict_maps
+
+    tmp, _, split = world
+    temps = {'sic': 1.7, 'sod': 2.5, 'floe': 0.6}  # far from 1: a missing or doubled division shows
+    run = _calibrated_copy(tmp / 'run', tmp_path / 'run', temps)
+    model, settings = load_predictor(run)
+    assert settings.temperatures == temps
+    rep = export_run(run, tmp_path / 'm.onnx', split['test'][:1])
+    assert rep['within_1e-4'] and rep['export']['temperatures_in_graph']
+    om = OnnxModel(tmp_path / 'm.onnx')
+    assert om.info['temperatures'] == temps
+    worst = 0.0
+    with torch.no_grad():
+        for b in real_batches(settings, split['test'][0], 32, 2, 2):
+            ref = class_probabilities(model(**b), temps)  # PyTorch: softmax(logits / T)
+            got = class_probabilities(om(**b))  # ONNX: T is in the graph
+            worst = max(worst, *(float((ref[c] - got[c]).abs().max()) for c in CHARTS))
+            raw = class_probabilities(model(**b))
+            assert float((raw['sod'] - ref['sod']).abs().max()) > 0.01  # the temperature matters
+    assert worst <= 1e-5, worst
+    # end to end: the calibrated confidence maps of `predict` agree, and both say they are calibrated
+    scene = _alone(world, 1)
+    a = predict_maps(model, settings, scene, tile=32, overlap=8, progress=False)
+    b = predict_maps(om, settings, scene, tile=32, overlap=8, progress=False)
+    assert a['calibrated'] and b['calibrated'] and a['temperatures'] == temps
+    for k in ('sod_confidence', 'sic_expected', 'floe_entropy'):
+        assert np.nanmax(np.abs(a['uncertainty'][k] - b['uncertainty'][k])) <= 1e-5 * (
+            100 if 'sic_' in k else 1
+        ), k
+    for c in CHARTS:
+        np.testing.assert_array_equal(a['maps'][c], b['maps'][c])
 
 
 class _nothing:
