@@ -297,7 +297,7 @@ def predict_classes(outputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tens
 
     return outputs_to_classes(outputs)
 
-# %% ../nbs/41_train.ipynb #f1adeb1e
+# %% ../nbs/41_train.ipynb #470b7bf9
 @dataclass
 class TrainResult:
     "What `train` returns (rank 0): the run directory, checkpoints, the best validation metric and the history."
@@ -420,6 +420,11 @@ def fit_temperatures(
         if not len(y):
             continue
         t = fit_temperature(z, y, seed=seed)
+        if not 0.051 < t < 19.9:  # at a bound of fit_temperature's search (0.05, 20)
+            get_logger('train').warning(
+                f"{c}: the fitted temperature {t:.2f} is at the search bound: the head's probabilities say "
+                f"little on the validation data (train longer, or check the validation scenes)"
+            )
         res[c] = {
             'temperature': round(t, 5),
             'ece_before': round(expected_calibration_error(softmax(z), y), 5),
@@ -447,7 +452,7 @@ def prepare_data(
         cfg = with_model_inputs(cfg, model_inputs(cfg.data, train_data.store))
     return cfg, train_data, val_data
 
-# %% ../nbs/41_train.ipynb #c2b18943
+# %% ../nbs/41_train.ipynb #c8672224
 class Trainer:
     "One training run on this process (or on this rank of a DDP group): `Trainer(cfg, ...).fit()`."
 
