@@ -656,7 +656,7 @@ def scene_map(
         formats=formats,
     )
 
-# %% ../nbs/43_plots.ipynb #23a148c7
+# %% ../nbs/43_plots.ipynb #b639a2bc
 def plot_uncertainty_map(
     pred: np.ndarray,  # [H, W] predicted class map of `chart_name` (255 = none)
     chart: np.ndarray,  # [H, W] reference chart (255 = none)
@@ -801,7 +801,7 @@ def plot_training_curves(
         a2.text(0.5, 0.5, 'no validation data', ha='center', va='center', transform=a2.transAxes)
     return _save(fig, path or run_dir / 'training_curves.png')
 
-# %% ../nbs/43_plots.ipynb #ea88045b
+# %% ../nbs/43_plots.ipynb #1494746c
 _CAL_STYLE = {'uncalibrated': ('0.55', '--'), 'calibrated': ('C0', '-')}
 
 
@@ -875,7 +875,12 @@ def plot_risk_coverage(
             cov = np.array([_num(r['coverage']) for r in sub]) * 100
             score = np.array([_num(r['score']) for r in sub])
             thr = np.array([_num(r['threshold']) for r in sub])
-            ax.plot(cov, score, ls, color=colour, lw=1, label=kind)
+            ax.plot(
+                cov, score, ls, color=colour, lw=1, label=f"{kind}: {'R²' if c == 'sic' else 'weighted F1'}"
+            )
+            if kind == 'calibrated' or not any(r['probabilities'] == 'calibrated' for r in rows):
+                acc = np.array([_num(r['accuracy']) for r in sub]) * 100
+                ax.plot(cov, acc, ':', color=colour, lw=1, label=f"{kind}: % exactly right")
             for m in marks if kind == 'calibrated' else ():
                 i = np.nonzero(thr >= m)[0]
                 if len(i):
@@ -891,8 +896,8 @@ def plot_risk_coverage(
         ax.set(
             xlim=(0, 100),
             xlabel='coverage (% of labelled pixels kept)',
-            ylabel=('R² ×100' if c == 'sic' else 'weighted F1 ×100'),
-            title=f"{c.upper()}: score of the confident pixels",
+            ylabel=('R² ×100' if c == 'sic' else 'weighted F1 ×100') + ' / % exactly right',
+            title=f"{c.upper()}: the confident pixels",
         )
         ax.legend(fontsize=5, loc='lower left')
     return _save(fig, path) if path is not None else fig
