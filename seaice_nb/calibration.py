@@ -177,7 +177,7 @@ def sic_distribution(
         'upper': quantile(q_upper),
     }
 
-# %% ../nbs/42a_calibration.ipynb #b50dd165
+# %% ../nbs/42a_calibration.ipynb #a6aee330
 UNCERTAINTY_LAYERS = {  # name: (long name, units)
     'confidence': ('probability of the predicted class', '1'),
     'margin': ('top-2 margin: probability of the predicted class minus that of the runner-up', '1'),
@@ -185,6 +185,10 @@ UNCERTAINTY_LAYERS = {  # name: (long name, units)
     'expected': ('expected sea ice concentration of the class probabilities', '%'),
     'lower': ('lower bound (10 % quantile) of the sea ice concentration', '%'),
     'upper': ('upper bound (90 % quantile) of the sea ice concentration', '%'),
+    'disagreement': (
+        'disagreement of the ensemble members or flipped views: mutual information / log C (0 agree)',
+        '1',
+    ),
 }
 
 
@@ -331,7 +335,7 @@ class CalibrationAccumulator:
             },
         }
 
-# %% ../nbs/42a_calibration.ipynb #97e1c0e7
+# %% ../nbs/42a_calibration.ipynb #6de4ca27
 def run_temperatures(
     meta: dict,  # checkpoint metadata
     source: str = 'checkpoint',  # for messages

@@ -86,7 +86,7 @@ def check_store(
             raise DataError(f"the {where} model reads {k} channels {w} but the store has {h}")
     return [have.index(c) for c in want] if want and want != have else None
 
-# %% ../nbs/42_evaluate.ipynb #1a52867a
+# %% ../nbs/42_evaluate.ipynb #cbcec678
 def class_probabilities(
     blended: Mapping[
         str, torch.Tensor
@@ -120,7 +120,11 @@ def predict_scene(
     from seaice_nb.data import crop_sample
 
     if predict is None:
-        from seaice_nb.models.losses import outputs_to_classes as predict
+        from seaice_nb.models.losses import outputs_to_classes
+
+        def predict(blended):
+            return outputs_to_classes({c: v for c, v in blended.items() if c in CHARTS})
+
     cf = coarse_factor
     if tile % cf or (tile - overlap) % cf:
         raise ConfigError(
@@ -131,6 +135,7 @@ def predict_scene(
     Wp = xs[-1] + tile
     win = torch.from_numpy(blend_window(tile, overlap))
     keys = tuple(model.input_keys)
+    extra = tuple(getattr(model, 'extra_outputs', ()))  # e.g. an ensemble's disagreement maps: blended too
     model.eval().to(device)
     buf: dict[str, torch.Tensor] = {}
     wsum = torch.zeros(tile, Wp)
@@ -151,7 +156,7 @@ def predict_scene(
             batch = {kk: torch.from_numpy(np.stack([s[kk] for s in samples])).to(device) for kk in keys}
             with torch.autocast(device.split(':')[0], dtype=amp_dtype, enabled=amp_dtype is not None):
                 out = model(**batch)
-            logits = {c: v.float().cpu() for c, v in out.items() if c in CHARTS}
+            logits = {c: v.float().cpu() for c, v in out.items() if c in CHARTS or c in extra}
             for i, x in enumerate(xs[b : b + batch_size]):
                 for c, p in logits.items():
                     if c not in buf:
@@ -489,7 +494,7 @@ class CalibrationRecorder:
                     out += [{'task': c, 'probabilities': kind, **r} for r in a.risk_coverage()]
         return out
 
-# %% ../nbs/42_evaluate.ipynb #ded3ca02
+# %% ../nbs/42_evaluate.ipynb #79de67d3
 def evaluate(
     checkpoint: str | Path,  # checkpoint written by the trainer, or a run directory (its best, else last)
     store: str | Path,  # preprocessed zarr store (or an open `SceneStore`)

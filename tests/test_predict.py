@@ -350,3 +350,44 @@ def test_temporal_model_uses_history_or_falls_back_logged(world, caplog, tmp_pat
     assert r['frames'] == 3 and 'falling back' not in caplog.text and r['tile'] == 32
     with pytest.raises(ConfigError, match='built for 32-pixel tiles'):
         predict(run, target, tmp_path / 'x', tile=64, progress=False)
+
+
+def test_ensemble_and_flipped_views_write_their_disagreement(world, tmp_path):
+    from seaice_nb import cli
+    from seaice_nb.predict import load_predictor, make_ensemble, predict_maps
+
+    tmp, _, _ = world
+    scene = _alone(world, 2)
+    model, settings = load_predictor(tmp / 'run')
+    one = predict_maps(model, settings, scene, tile=32, overlap=8, progress=False)
+    twice = predict_maps(
+        make_ensemble(model, settings, [tmp / 'run']), settings, scene, tile=32, overlap=8, progress=False
+    )
+    for c in CHARTS:  # a run averaged with itself: the same charts, no disagreement
+        np.testing.assert_array_equal(twice['maps'][c], one['maps'][c])
+    for c in ('sod', 'floe', 'sic'):
+        d = twice['uncertainty'][f'{c}_disagreement']
+        assert np.nanmax(np.abs(d)) <= 1e-5, c
+    np.testing.assert_allclose(
+        twice['uncertainty']['sod_confidence'], one['uncertainty']['sod_confidence'], atol=1e-5
+    )
+    assert 'sod_disagreement' not in one['uncertainty']  # only an ensemble has views to disagree
+    out = tmp_path / 'tta'
+    assert (
+        cli.main(
+            ['predict', str(tmp / 'run'), str(scene), '--out', str(out), '--tile', '32', '--overlap', '8']
+            + ['--tta', '--no-png', '--quiet']
+        )
+        == 0
+    )
+    with netCDF4.Dataset(next(out.glob('*_charts.nc'))) as nc:
+        v = nc.variables['SOD_disagreement']
+        assert v.units == '1' and 'mutual information' in v.long_name
+        d = np.asarray(v[:].filled(np.nan))
+        assert (
+            np.nanmin(d) >= 0 and np.nanmax(d) <= 1 and np.nanmax(d) > 1e-7
+        )  # a U-Net is not flip-invariant
+    with pytest.raises(ConfigError, match='members must read the same inputs'):
+        from seaice_nb.bench_predict import make_run
+
+        make_ensemble(model, settings, [make_run('tsvit_v2', tmp_path / 'v2', factor=4, tiny=True)])
