@@ -863,7 +863,7 @@ def claims(
             )
     return out
 
-# %% ../nbs/48_benchmark.ipynb #00b6145f
+# %% ../nbs/48_benchmark.ipynb #d113025e
 def _pm(r: dict, k: str) -> str:
     v = r.get(k, float('nan'))
     if v is None or math.isnan(v):
