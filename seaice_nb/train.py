@@ -452,7 +452,7 @@ def prepare_data(
         cfg = with_model_inputs(cfg, model_inputs(cfg.data, train_data.store))
     return cfg, train_data, val_data
 
-# %% ../nbs/41_train.ipynb #c8672224
+# %% ../nbs/41_train.ipynb #3b803038
 class Trainer:
     "One training run on this process (or on this rank of a DDP group): `Trainer(cfg, ...).fit()`."
 
@@ -801,9 +801,12 @@ class Trainer:
             res = fit_temperatures(
                 collect_logits(model, loader, info.device, self.amp_dtype, seed=cfg.seed), cfg.seed
             )
-            obj['meta']['calibration'] = res
-            with atomic_write(path, 'wb') as f:
-                torch.save(obj, f)
+            if (
+                obj['meta'].get('calibration') != res
+            ):  # a finished run trained again: the file stays as it was
+                obj['meta']['calibration'] = res
+                with atomic_write(path, 'wb') as f:
+                    torch.save(obj, f)
             record = {
                 'checkpoint': str(path.relative_to(self.run_dir)),
                 'fitted_on': f"validation data ({len(self.val_data)} samples), valid pixels only",
