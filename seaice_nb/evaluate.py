@@ -86,7 +86,7 @@ def check_store(
             raise DataError(f"the {where} model reads {k} channels {w} but the store has {h}")
     return [have.index(c) for c in want] if want and want != have else None
 
-# %% ../nbs/42_evaluate.ipynb #cbcec678
+# %% ../nbs/42_evaluate.ipynb #ebcf8a1d
 def class_probabilities(
     blended: Mapping[
         str, torch.Tensor
@@ -432,7 +432,7 @@ def _write_csv(path: Path, rows: list[dict]):
         w.writeheader()
         w.writerows(rows)
 
-# %% ../nbs/42_evaluate.ipynb #fc3100ca
+# %% ../nbs/42_evaluate.ipynb #f0860c27
 class CalibrationRecorder:
     "A `predict` callable for `predict_scene` that streams the scene's probabilities (T = 1 and calibrated) against its charts."
 
@@ -459,15 +459,18 @@ class CalibrationRecorder:
         from seaice_nb.models.losses import outputs_to_classes
 
         rows = next(iter(blended.values())).shape[-2]
-        for c, z in blended.items():
-            if z.shape[1] < 2 or c not in self.acc['uncalibrated']:
-                continue
+        charts = {c: v for c, v in blended.items() if c in CHARTS}
+        raw = class_probabilities(charts)
+        cal = class_probabilities(
+            {c: v for c, v in charts.items() if c in self.temperatures}, self.temperatures
+        )
+        for c, p in raw.items():
             y = np.asarray(self.labels[c][self.row : self.row + rows])
-            self.acc['uncalibrated'][c].update(z[0].float().softmax(0).numpy(), y)
-            if c in self.temperatures:
-                self.acc['calibrated'][c].update((z[0].float() / self.temperatures[c]).softmax(0).numpy(), y)
+            self.acc['uncalibrated'][c].update(p[0].numpy(), y)
+            if c in cal:
+                self.acc['calibrated'][c].update(cal[c][0].numpy(), y)
         self.row += rows
-        return outputs_to_classes(blended)
+        return outputs_to_classes(charts)
 
     def summary(self, reliability: bool = True) -> dict:
         "`{'calibrated', 'temperatures', 'tasks': {task: {'uncalibrated': ..., 'calibrated': ... or None}}}`."
