@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.seaice-installed
 
-.PHONY: env demo benchmark test docs export clean-nbs readme lab clean format lint
+.PHONY: env predict-env demo benchmark test docs export clean-nbs readme lab clean format lint
 
 $(STAMP): settings.ini setup.py
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 10), "seaice_nb needs Python >= 3.10, found " + sys.version.split()[0]'
@@ -15,6 +15,15 @@ $(STAMP): settings.ini setup.py
 	@touch $@
 
 env: $(STAMP)  ## create .venv and install seaice_nb with its dev tools
+
+PREDICT_VENV ?= .venv-predict
+PREDICT_REQS = $(shell $(PYTHON) -c "import configparser; c = configparser.ConfigParser(delimiters=['=']); c.read('settings.ini'); print(c['DEFAULT']['predict_requirements'])")
+
+predict-env:  ## a lean environment for `seaice predict MODEL.onnx SCENE.nc` (onnxruntime, no PyTorch) in .venv-predict
+	@test -x $(PREDICT_VENV)/bin/python || $(PYTHON) -m venv $(PREDICT_VENV)
+	$(PREDICT_VENV)/bin/python -m pip install --quiet --upgrade pip wheel setuptools
+	$(PREDICT_VENV)/bin/python -m pip install --progress-bar off $(PREDICT_REQS)
+	$(PREDICT_VENV)/bin/python -m pip install --progress-bar off --no-deps -e .
 
 demo: env  ## the main job on the built-in synthetic data (no downloads)
 	$(BIN)/python tools/demo.py

@@ -203,7 +203,8 @@ def map_figures(
 ) -> list[Path]:
     "Chart-vs-prediction maps of `names` (with `seaice_nb.plots.scene_map`); the model reads the frames it was trained with."
     from seaice_nb.data import SceneStore
-    from seaice_nb.evaluate import check_store, predict_scene
+    from seaice_nb.evaluate import check_store
+    from seaice_nb.inference import predict_scene
     from seaice_nb.plots import scene_map
     from seaice_nb.runs import checkpoint_config, find_checkpoint, load_checkpoint
 
@@ -253,7 +254,8 @@ def uncertainty_figure(
     import zarr
     from seaice_nb.core import DataError
     from seaice_nb.data import SceneStore
-    from seaice_nb.evaluate import check_store, predict_scene, target_valid
+    from seaice_nb.evaluate import check_store
+    from seaice_nb.inference import predict_scene, target_valid
     from seaice_nb.plots import plot_uncertainty_map
     from seaice_nb.predict import ProbabilityRecorder
     from seaice_nb.calibration import run_temperatures

@@ -263,7 +263,7 @@ def _calibrated_copy(run, dest, temperatures):
 
 
 def test_calibrated_onnx_gives_the_pytorch_calibrated_probabilities(world, tmp_path):
-    from seaice_nb.evaluate import class_probabilities
+    from seaice_nb.inference import class_probabilities
     from seaice_nb.export import export_run, real_batches
     from seaice_nb.predict import OnnxModel, load_predictor, predict_maps
 
@@ -281,9 +281,9 @@ def test_calibrated_onnx_gives_the_pytorch_calibrated_probabilities(world, tmp_p
         for b in real_batches(settings, split['test'][0], 32, 2, 2):
             ref = class_probabilities(model(**b), temps)  # PyTorch: softmax(logits / T)
             got = class_probabilities(om(**b))  # ONNX: T is in the graph
-            worst = max(worst, *(float((ref[c] - got[c]).abs().max()) for c in CHARTS))
+            worst = max(worst, *(float(np.abs(ref[c] - got[c]).max()) for c in CHARTS))
             raw = class_probabilities(model(**b))
-            assert float((raw['sod'] - ref['sod']).abs().max()) > 0.01  # the temperature matters
+            assert float(np.abs(raw['sod'] - ref['sod']).max()) > 0.01  # the temperature matters
     assert worst <= 1e-5, worst
     # end to end: the calibrated confidence maps of `predict` agree, and both say they are calibrated
     scene = _alone(world, 1)
@@ -296,6 +296,81 @@ def test_calibrated_onnx_gives_the_pytorch_calibrated_probabilities(world, tmp_p
         ), k
     for c in CHARTS:
         np.testing.assert_array_equal(a['maps'][c], b['maps'][c])
+
+
+def test_onnx_export_predicts_alone_without_pytorch(world, tmp_path):
+    """`seaice predict MODEL.onnx SCENE.nc` needs neither the checkpoint nor PyTorch (any `import torch` fails in
+    the child process) and writes the charts the PyTorch backend writes."""
+    import subprocess
+    import sys
+
+    import onnx
+    from seaice_nb import cli
+    from seaice_nb.core import CheckpointError
+    from seaice_nb.export import export_run
+    from seaice_nb.predict import predict
+
+    tmp, _, _ = world
+    model = tmp_path / 'ship' / 'model.onnx'
+    export_run(tmp / 'run', model)
+    scene = _alone(world, 2)
+    child = (
+        "import sys\n"
+        "sys.modules['torch'] = None  # from here on, `import torch` raises ImportError\n"
+        "from seaice_nb import cli\n"
+        "rc = cli.main(['predict', *sys.argv[1:4], '--tile', '32', '--overlap', '8', '--quiet'])\n"
+        "assert not [m for m, v in sys.modules.items() if v is not None and m.split('.')[0] == 'torch']\n"
+        "sys.exit(rc)\n"
+    )
+    r = subprocess.run(
+        [sys.executable, '-c', child, str(model), str(scene), '--out=' + str(tmp_path / 'onnx')],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert json.loads(r.stdout)['backend'] == 'onnx'
+    assert (
+        cli.main(
+            [
+                'predict',
+                str(tmp / 'run'),
+                str(scene),
+                '--out',
+                str(tmp_path / 'torch'),
+                '--tile',
+                '32',
+                '--overlap',
+                '8',
+                '--quiet',
+            ]
+        )
+        == 0
+    )
+    name = scene.name.replace('_prep.nc', '')
+    with (
+        netCDF4.Dataset(tmp_path / 'onnx' / f'{name}_charts.nc') as a,
+        netCDF4.Dataset(tmp_path / 'torch' / f'{name}_charts.nc') as b,
+    ):
+        for c in ('SIC', 'SOD', 'FLOE'):
+            # ONNX and PyTorch logits differ by ~1e-7: only a near-tie between two classes could flip a pixel
+            assert (np.asarray(a[c][:]) == np.asarray(b[c][:])).mean() >= 0.999, c
+        assert a.getncattr('seaice:checkpoint') == b.getncattr(
+            'seaice:checkpoint'
+        )  # provenance carried along
+    # an export without run settings (written by an older version, or by hand) is refused with what to do
+    m = onnx.load(str(model))
+    for p in m.metadata_props:
+        if p.key == 'seaice':
+            info = json.loads(p.value)
+            del info['run_settings']
+            p.value = json.dumps(info)
+    onnx.save(m, str(tmp_path / 'old.onnx'))
+    with pytest.raises(CheckpointError, match='carries no run settings.*--backend onnx --onnx'):
+        predict(tmp_path / 'old.onnx', scene, tmp_path / 'never')
+    assert not (tmp_path / 'never').exists()
+    with pytest.raises(ConfigError, match='is an ONNX export'):
+        predict(model, scene, tmp_path / 'never', backend='torch')
 
 
 class _nothing:
