@@ -324,33 +324,17 @@ def test_evaluate_without_submission_still_scores_a_package(tmp_path, monkeypatc
 
 @pytest.fixture(scope='module')
 def trained(tmp_path_factory):
-    """Synthetic scenes -> store (4x) -> a tiny U-Net trained from a config for one epoch."""
-    from seaice_nb.preprocess import PreprocessConfig, preprocess
-    from seaice_nb.synth import generate_scenes
-    from seaice_nb.train import TrainConfig, train
+    """The shared tiny world of `seaice_nb.testing`: 3 synthetic scenes -> store (4x) -> a U-Net trained for one
+    epoch; the scenes and store are linked read-only, the run is a private copy (evaluation writes into it)."""
+    from types import SimpleNamespace
+
+    from seaice_nb import testing
 
     tmp = tmp_path_factory.mktemp('e2e')
-    generate_scenes(tmp / 'scenes', 3, seed=2, size=(160, 200), progress=False)
-    preprocess(
-        tmp / 'scenes',
-        tmp / 'store.zarr',
-        PreprocessConfig(factor=4, max_frames=1, chunk=64),
-        workers=0,
-        progress=False,
-    )
-    from seaice_nb.data import DataConfig
-
-    cfg = TrainConfig(
-        name='e2e',
-        model='unet_baseline',
-        model_kwargs={'filters': [8, 8]},
-        epochs=1,
-        batch_size=4,
-        data=DataConfig(store=str(tmp / 'store.zarr'), crop=32),
-        progress=False,
-    )
-    res = train(cfg, run_dir=tmp / 'run')
-    return tmp, res
+    (tmp / 'scenes').symlink_to(testing.tiny_scenes(), target_is_directory=True)
+    (tmp / 'store.zarr').symlink_to(testing.tiny_store(), target_is_directory=True)
+    run = testing.tiny_run(dest=tmp / 'run')
+    return tmp, SimpleNamespace(last_checkpoint=run / 'checkpoints' / 'last.pt')
 
 
 def test_cli_evaluate_scores_at_80m_and_writes_package(trained):

@@ -18,35 +18,21 @@ WIDTH_MM = 174.0
 
 @pytest.fixture(scope='module')
 def runs(tmp_path_factory):
-    from seaice_nb.data import DataConfig
+    """Three tiny runs (two seeds of one name, one wider model) on the shared tiny world, each evaluated."""
+    from types import SimpleNamespace
+
+    from seaice_nb import testing
     from seaice_nb.evaluate import evaluate
-    from seaice_nb.preprocess import PreprocessConfig, preprocess
-    from seaice_nb.synth import generate_scenes
-    from seaice_nb.train import TrainConfig, train
 
     tmp = tmp_path_factory.mktemp('paper')
-    generate_scenes(tmp / 'scenes', 3, seed=2, size=(160, 200), progress=False)
-    preprocess(
-        tmp / 'scenes',
-        tmp / 'store.zarr',
-        PreprocessConfig(factor=4, max_frames=1, chunk=64),
-        workers=0,
-        progress=False,
-    )
+    (tmp / 'scenes').symlink_to(testing.tiny_scenes(), target_is_directory=True)
+    (tmp / 'store.zarr').symlink_to(testing.tiny_store(), target_is_directory=True)
     out = []
     for name, seed, filters in (('tiny', 0, [8, 8]), ('tiny', 1, [8, 8]), ('tiny_wide', 0, [12, 12])):
-        cfg = TrainConfig(
-            name=name,
-            seed=seed,
-            model='unet_baseline',
-            model_kwargs={'filters': filters},
-            epochs=1,
-            batch_size=4,
-            data=DataConfig(store=str(tmp / 'store.zarr'), crop=32),
-            progress=False,
+        run = testing.tiny_run(
+            name=name, seed=seed, model_kwargs={'filters': filters}, dest=tmp / f'{name}_s{seed}'
         )
-        run = tmp / f'{name}_s{seed}'
-        res = train(cfg, run_dir=run)
+        res = SimpleNamespace(last_checkpoint=run / 'checkpoints' / 'last.pt')
         evaluate(
             res.last_checkpoint,
             tmp / 'store.zarr',
