@@ -22,7 +22,7 @@ PREDICT_REQS = $(shell $(PYTHON) -c "import configparser; c = configparser.Confi
 predict-env:  ## a lean environment for `seaice predict MODEL.onnx SCENE.nc` (onnxruntime, no PyTorch) in .venv-predict
 	@test -x $(PREDICT_VENV)/bin/python || $(PYTHON) -m venv $(PREDICT_VENV)
 	$(PREDICT_VENV)/bin/python -m pip install --quiet --upgrade pip wheel setuptools
-	$(PREDICT_VENV)/bin/python -m pip install --progress-bar off $(PREDICT_REQS)
+	$(PREDICT_VENV)/bin/python -m pip install --progress-bar off $(foreach r,$(PREDICT_REQS),'$(r)')
 	$(PREDICT_VENV)/bin/python -m pip install --progress-bar off --no-deps -e .
 
 demo: env  ## the main job on the built-in synthetic data (no downloads)

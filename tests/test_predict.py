@@ -298,6 +298,47 @@ def test_calibrated_onnx_gives_the_pytorch_calibrated_probabilities(world, tmp_p
         np.testing.assert_array_equal(a['maps'][c], b['maps'][c])
 
 
+def _predict_requirements() -> list[str]:
+    from configparser import ConfigParser
+
+    cfg = ConfigParser(delimiters=['='])
+    cfg.read(Path(__file__).resolve().parent.parent / 'settings.ini')
+    return cfg['DEFAULT']['predict_requirements'].split()
+
+
+def _not_provided(modules: list[str], requirements: list[str]) -> list[str]:
+    """Distributions of the imported top-level `modules` outside the dependency closure of `requirements`."""
+    import sys
+    from importlib.metadata import PackageNotFoundError, distribution, packages_distributions
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    closure, todo = set(), [Requirement(r) for r in requirements]
+    while todo:
+        req = todo.pop()
+        name = canonicalize_name(req.name)
+        if name in closure:
+            continue
+        closure.add(name)
+        try:
+            dist = distribution(req.name)
+        except PackageNotFoundError:
+            continue
+        for q in map(Requirement, dist.requires or []):
+            if q.marker is None or any(q.marker.evaluate({'extra': e}) for e in (*req.extras, '')):
+                todo.append(q)
+    owners = packages_distributions()
+    out = set()
+    for m in modules:
+        if m in sys.stdlib_module_names or m == 'seaice_nb' or m not in owners:
+            continue  # the standard library, the package itself, or no installed distribution (builtins)
+        dists = {canonicalize_name(d) for d in owners[m]}
+        if not dists & closure:
+            out |= dists
+    return sorted(out)
+
+
 def test_onnx_export_predicts_alone_without_pytorch(world, tmp_path):
     """`seaice predict MODEL.onnx SCENE.nc` needs neither the checkpoint nor PyTorch (any `import torch` fails in
     the child process) and writes the charts the PyTorch backend writes."""
@@ -315,21 +356,39 @@ def test_onnx_export_predicts_alone_without_pytorch(world, tmp_path):
     export_run(tmp / 'run', model)
     scene = _alone(world, 2)
     child = (
-        "import sys\n"
+        "import builtins, sys\n"
         "sys.modules['torch'] = None  # from here on, `import torch` raises ImportError\n"
+        "direct, _import = set(), builtins.__import__\n"
+        "def record(name, globals=None, locals=None, fromlist=(), level=0):  # what seaice_nb itself imports\n"
+        "    if level == 0 and (globals or {}).get('__name__', '').startswith('seaice_nb'):\n"
+        "        direct.add(name.split('.')[0])\n"
+        "    return _import(name, globals, locals, fromlist, level)\n"
+        "builtins.__import__ = record\n"
         "from seaice_nb import cli\n"
         "rc = cli.main(['predict', *sys.argv[1:4], '--tile', '32', '--overlap', '8', '--quiet'])\n"
         "assert not [m for m, v in sys.modules.items() if v is not None and m.split('.')[0] == 'torch']\n"
+        "open(sys.argv[4], 'w').write('\\n'.join(sorted(direct)))\n"
         "sys.exit(rc)\n"
     )
     r = subprocess.run(
-        [sys.executable, '-c', child, str(model), str(scene), '--out=' + str(tmp_path / 'onnx')],
+        [
+            sys.executable,
+            '-c',
+            child,
+            str(model),
+            str(scene),
+            '--out=' + str(tmp_path / 'onnx'),
+            str(tmp_path / 'modules.txt'),
+        ],
         capture_output=True,
         text=True,
         timeout=600,
     )
     assert r.returncode == 0, r.stderr[-4000:]
     assert json.loads(r.stdout)['backend'] == 'onnx'
+    # every package seaice_nb imported on that path is installed by `make predict-env` (predict_requirements)
+    missing = _not_provided((tmp_path / 'modules.txt').read_text().split(), _predict_requirements())
+    assert not missing, f"add to predict_requirements in settings.ini: {missing}"
     assert (
         cli.main(
             [
