@@ -61,10 +61,30 @@ def _alone(world, i=0):
     return d / src.name
 
 
+def _predict_cli(run, scene, out, *extra) -> int:
+    """`seaice predict RUN SCENE --out OUT` on 32-pixel tiles, quietly."""
+    from seaice_nb import cli
+
+    return cli.main(
+        [
+            'predict',
+            str(run),
+            str(scene),
+            '--out',
+            str(out),
+            '--tile',
+            '32',
+            '--overlap',
+            '8',
+            '--quiet',
+            *extra,
+        ]
+    )
+
+
 def test_predict_cli_on_unlabelled_test_scene_matches_evaluation(world):
     import rasterio
     from matplotlib.image import imread
-    from seaice_nb import cli
     from seaice_nb.data import SceneStore
     from seaice_nb.evaluate import predict_scene, upsample_nearest
     from seaice_nb.runs import load_checkpoint
@@ -74,24 +94,7 @@ def test_predict_cli_on_unlabelled_test_scene_matches_evaluation(world):
     with netCDF4.Dataset(scene) as nc:
         assert 'SIC' not in nc.variables  # a test-set file: no charts
     out = tmp / 'out_cli'
-    assert (
-        cli.main(
-            [
-                'predict',
-                str(tmp / 'run'),
-                str(scene),
-                '--out',
-                str(out),
-                '--tile',
-                '32',
-                '--overlap',
-                '8',
-                '--probabilities',
-                '--quiet',
-            ]
-        )
-        == 0
-    )
+    assert _predict_cli(tmp / 'run', scene, out, '--probabilities') == 0
     name = scene.name.replace('_prep.nc', '')
     assert sorted(p.name for p in out.iterdir()) == sorted(
         [f'{name}_charts.nc', f'{name}_quicklook.png', f'{name}_uncertainty.tif']
@@ -346,7 +349,6 @@ def test_onnx_export_predicts_alone_without_pytorch(world, tmp_path):
     import sys
 
     import onnx
-    from seaice_nb import cli
     from seaice_nb.core import CheckpointError
     from seaice_nb.export import export_run
     from seaice_nb.predict import predict
@@ -389,23 +391,7 @@ def test_onnx_export_predicts_alone_without_pytorch(world, tmp_path):
     # every package seaice_nb imported on that path is installed by `make predict-env` (predict_requirements)
     missing = _not_provided((tmp_path / 'modules.txt').read_text().split(), _predict_requirements())
     assert not missing, f"add to predict_requirements in settings.ini: {missing}"
-    assert (
-        cli.main(
-            [
-                'predict',
-                str(tmp / 'run'),
-                str(scene),
-                '--out',
-                str(tmp_path / 'torch'),
-                '--tile',
-                '32',
-                '--overlap',
-                '8',
-                '--quiet',
-            ]
-        )
-        == 0
-    )
+    assert _predict_cli(tmp / 'run', scene, tmp_path / 'torch') == 0
     name = scene.name.replace('_prep.nc', '')
     with (
         netCDF4.Dataset(tmp_path / 'onnx' / f'{name}_charts.nc') as a,
