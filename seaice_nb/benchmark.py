@@ -159,7 +159,7 @@ def tiny_config(**kw) -> BenchmarkConfig:
     )
     return BenchmarkConfig(**{**base, **kw})
 
-# %% ../nbs/48_benchmark.ipynb #c0cea0e4
+# %% ../nbs/48_benchmark.ipynb #2e499d62
 def world_config(cfg: BenchmarkConfig, world: str, world_seed: int):
     "The `WorldConfig` of world kind `world`, draw `world_seed`."
     from seaice_nb.synth import WorldConfig
@@ -193,7 +193,7 @@ def build_world(
         per_site=cfg.per_site,
         months=tuple(cfg.months),
     )
-    pcfg = pp.PreprocessConfig(factor=cfg.factor, max_frames=cfg.n_frames, chunk=128)
+    pcfg = pp.PreprocessConfig(factor=cfg.factor, max_frames=cfg.n_frames)
     s = pp.preprocess(d / 'scenes', d / 'store.zarr', pcfg, workers=cfg.workers, progress=progress)
     if s['failed']:
         raise DataError(

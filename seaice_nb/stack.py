@@ -16,7 +16,7 @@ from .core import ConfigError, DataError
 
 # %% auto #0
 __all__ = ['to_3413', 'footprint', 'overlap_fraction', 'polar_grid_latlon', 'SceneInfo', 'select_frames', 'source_coords',
-           'reproject', 'stack_frames', 'crop_sample']
+           'reproject', 'stack_frames', 'sample_buffers', 'crop_sample']
 
 # %% ../nbs/21_stack.ipynb #89fe0277
 def to_3413(lat: np.ndarray, lon: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -181,9 +181,36 @@ def stack_frames(
         sources=srcs,
     )
 
-# %% ../nbs/21_stack.ipynb #6f274cb1
-def _window(a, y0: int, x0: int, h: int, w: int, fill, lead: tuple = (), pick: list[int] | None = None):
-    "a[lead..., pick, y0:y0+h, x0:x0+w] with out-of-range parts filled (numpy or zarr; reads only the picked channels)."
+# %% ../nbs/21_stack.ipynb #5a630afd
+def _read(a, key: tuple, n_lead: int, pick: list[int] | None, into: np.ndarray | None = None):
+    "a[key] for numpy, zarr (orthogonal) or PlanarArray; copied into `into` when given (else a view where numpy allows)."
+    if hasattr(a, 'read_into') and into is not None:
+        return a.read_into(key, into)  # memory-mapped planes: one copy, straight into the buffer
+    if pick is not None and not isinstance(a, np.ndarray):
+        part = np.asarray(a.oindex[key])  # zarr: only those chunks
+    elif pick is not None and n_lead:
+        part = a[key[:n_lead]][(slice(None), pick) + key[n_lead + 1 :]]
+    else:
+        part = np.asarray(a[key])
+    if into is None:
+        return part
+    np.copyto(into, part, casting='same_kind')
+    return into
+
+
+def _window(
+    a,  # numpy, zarr or data.PlanarArray [..., H, W]
+    y0: int,
+    x0: int,
+    h: int,
+    w: int,  # the window (may hang over the edges)
+    fill,  # value of the overhang
+    lead: tuple = (),  # indices of the leading axes (e.g. the frames)
+    pick: list[int] | None = None,  # channel indices (the axis after `lead`); None: all
+    out: np.ndarray
+    | None = None,  # write here (any dtype the values cast to safely, any strides) instead of a new array
+):
+    "a[lead..., pick, y0:y0+h, x0:x0+w] with out-of-range parts filled; reads only the picked channels."
     H, W = a.shape[-2:]
     ys, xs = max(y0, 0), max(x0, 0)
     ye, xe = min(y0 + h, H), min(x0 + w, W)
@@ -191,18 +218,43 @@ def _window(a, y0: int, x0: int, h: int, w: int, fill, lead: tuple = (), pick: l
     key = (
         lead + ((pick,) if pick is not None else ()) + mid + (slice(ys, max(ye, ys)), slice(xs, max(xe, xs)))
     )
-    if pick is not None and not isinstance(a, np.ndarray):
-        part = np.asarray(a.oindex[key])  # zarr: only those chunks
-    elif pick is not None:
-        part = a[lead][(slice(None), pick) + key[len(lead) + 1 :]] if lead else a[key]
-    else:
-        part = np.asarray(a[key])
-    if (ys, xs, ye, xe) == (y0, x0, y0 + h, x0 + w):
-        return part
-    out = np.full(part.shape[:-2] + (h, w), fill, dtype=part.dtype)
-    if ye > ys and xe > xs:
+    inside = (ys, xs, ye, xe) == (y0, x0, y0 + h, x0 + w)
+    if out is None and inside:
+        return _read(a, key, len(lead), pick)
+    if out is None:
+        part = _read(a, key, len(lead), pick)
+        out = np.full(part.shape[:-2] + (h, w), fill, dtype=part.dtype)
         out[..., ys - y0 : ye - y0, xs - x0 : xe - x0] = part
+        return out
+    if not inside:
+        out[...] = fill
+    if ye > ys and xe > xs:
+        _read(a, key, len(lead), pick, out[..., ys - y0 : ye - y0, xs - x0 : xe - x0])
     return out
+
+
+def sample_buffers(
+    n_frames: int,
+    n_channels: int,
+    h: int,
+    w: int,
+    n_amsr2: int,
+    n_era5: int,
+    coarse_factor: int,
+    batch: tuple = (),
+) -> dict:
+    "Empty numpy arrays of a sample's shapes and dtypes (with leading `batch` dims): what `crop_sample(out=...)` fills."
+    b, cf = tuple(batch), coarse_factor
+    return dict(
+        image=np.empty(b + (n_frames, n_channels, h, w), np.float32),
+        valid=np.empty(b + (n_frames, h, w), bool),
+        frame_mask=np.empty(b + (n_frames,), bool),
+        doy=np.empty(b + (n_frames,), np.int64),
+        days_before=np.empty(b + (n_frames,), np.int64),
+        **{c: np.empty(b + (h, w), np.int64) for c in CHARTS},
+        amsr2=np.empty(b + (n_amsr2, h // cf, w // cf), np.float32),
+        era5=np.empty(b + (n_era5, h // cf, w // cf), np.float32),
+    )
 
 
 def crop_sample(
@@ -215,41 +267,37 @@ def crop_sample(
     n_frames: int,  # T: frames in the sample (stored stacks are cut or zero-padded at the old end)
     coarse_factor: int,  # SAR-grid pixels per coarse cell
     channels: list[int] | None = None,  # channel indices (None: all)
+    out: dict
+    | None = None,  # `sample_buffers` (or views of them, e.g. flipped) to fill instead of new arrays
 ) -> dict:
-    "A sample dict of numpy arrays for one window (see the data card)."
-    if y0 % coarse_factor or x0 % coarse_factor or h % coarse_factor or w % coarse_factor:
-        raise ConfigError(
-            f"window ({y0}, {x0}, {h}, {w}) must be multiples of the coarse factor {coarse_factor}"
-        )
-    Ts = arr['image'].shape[0]
-    k = min(Ts, n_frames)
-    lead = (slice(Ts - k, Ts),)
-    img = _window(
-        arr['image'], y0, x0, h, w, 0, lead, channels
-    )  # only the window and the channels asked for are read
-    val = _window(arr['valid'], y0, x0, h, w, False, lead)
-    pad = n_frames - k
-    image = np.zeros((n_frames,) + img.shape[1:], np.float32)
-    image[pad:] = img
-    valid = np.zeros((n_frames, h, w), bool)
-    valid[pad:] = val
-    fm = np.zeros(n_frames, bool)
-    fm[pad:] = True
-    doy = np.zeros(n_frames, np.int64)
-    doy[pad:] = arr['doy'][Ts - k :]
-    days = np.zeros(n_frames, np.int64)
-    days[pad:] = arr['days_before'][Ts - k :]
+    "A sample dict of numpy arrays for one window (see the data card); each value is copied once, from the store into its buffer."
     cf = coarse_factor
-    out = dict(
-        image=image,
-        valid=valid,
-        frame_mask=fm,
-        doy=doy,
-        days_before=days,
-        **{c: _window(arr[c], y0, x0, h, w, 255).astype(np.int64) for c in CHARTS},
-        amsr2=_window(arr['amsr2'], y0 // cf, x0 // cf, h // cf, w // cf, 0).astype(np.float32),
-        era5=_window(arr['era5'], y0 // cf, x0 // cf, h // cf, w // cf, 0).astype(np.float32),
-    )
+    if y0 % cf or x0 % cf or h % cf or w % cf:
+        raise ConfigError(f"window ({y0}, {x0}, {h}, {w}) must be multiples of the coarse factor {cf}")
+    img_a = arr['image']
+    if out is None:
+        C = img_a.shape[1] if channels is None else len(channels)
+        out = sample_buffers(n_frames, C, h, w, arr['amsr2'].shape[0], arr['era5'].shape[0], cf)
+    else:
+        out = dict(out)
+    Ts = img_a.shape[0]
+    k = min(Ts, n_frames)
+    pad = n_frames - k
+    lead = (slice(Ts - k, Ts),)
+    out['image'][:pad] = 0
+    out['valid'][:pad] = False
+    _window(
+        img_a, y0, x0, h, w, 0, lead, channels, out['image'][pad:]
+    )  # only the window and channels asked for
+    _window(arr['valid'], y0, x0, h, w, False, lead, None, out['valid'][pad:])
+    out['frame_mask'][:pad], out['frame_mask'][pad:] = False, True
+    for key in ('doy', 'days_before'):
+        out[key][:pad] = 0
+        out[key][pad:] = arr[key][Ts - k :]
+    for c in CHARTS:
+        _window(arr[c], y0, x0, h, w, 255, (), None, out[c])
+    for key in ('amsr2', 'era5'):
+        _window(arr[key], y0 // cf, x0 // cf, h // cf, w // cf, 0, (), None, out[key])
     out['meta'] = {
         'scene': meta['scene'],
         'ice_service': meta['ice_service'],

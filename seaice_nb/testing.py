@@ -89,7 +89,7 @@ def copy_to(
     shutil.copytree(src, dest, ignore=shutil.ignore_patterns('.complete'))
     return dest
 
-# %% ../nbs/49_testing.ipynb #811c386c
+# %% ../nbs/49_testing.ipynb #1e290ab3
 _SYNTH_CODE = ('synth', 'scenes', 'charts', 'core')
 _STORE_CODE = _SYNTH_CODE + ('preprocess', 'stack')
 _RUN_CODE = _STORE_CODE + ('data', 'runs', 'train', 'models', 'inference', 'calibration', 'metrics')
@@ -120,7 +120,7 @@ def tiny_store(
     test_fraction: float = 0.0,
     factor: int = 4,  # SAR-grid downsampling
     max_frames: int = 1,  # frames per stack
-    chunk: int = 64,  # zarr chunk edge
+    chunk: Optional[int] = None,  # zarr chunk edge (None: whole planes, memory-mapped by lazy reads)
     dest: Optional[str | Path] = None,  # a private copy of the store here
 ) -> Path:
     "A store (`store.zarr`) preprocessed from `tiny_scenes(n, seed, size, test_fraction)` (that folder holds its scenes)."
