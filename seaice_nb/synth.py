@@ -32,9 +32,10 @@ from seaice_nb.scenes import (
 )
 
 # %% auto #0
-__all__ = ['GREENLAND_EAST', 'ICELAND', 'DOMAIN_KM', 'RES_KM', 'EW_INC', 'SWATH_KM', 'LOOKALIKE_KIND', 'SYNTH_VERSION',
-           'WorldConfig', 'World', 'incidence', 'backscatter', 'noise_floor_hv', 'amsr2_tb', 'Pass', 'raw_name',
-           'lookalike', 'surface', 'render', 'plan_passes', 'generate_scenes', 'main']
+__all__ = ['GREENLAND_EAST', 'ICELAND', 'DOMAIN_KM', 'RES_KM', 'STAGE_CALENDAR', 'REALISTIC', 'EW_INC', 'SWATH_KM',
+           'LOOKALIKE_KIND', 'REAL_MONTH_SCENES', 'OBSERVED_PLACEMENT', 'SYNTH_VERSION', 'WorldConfig', 'stage_mix',
+           'World', 'incidence', 'backscatter', 'noise_floor_hv', 'amsr2_tb', 'Pass', 'raw_name', 'lookalike',
+           'surface', 'render', 'plan_passes', 'generate_scenes', 'main']
 
 # %% ../nbs/11_synth.ipynb #0a909c0c
 def _hash01(ix, iy, seed: int):
@@ -120,7 +121,7 @@ def _fbm_t(x, y, t: float, scale, octaves, seed, period):
     b = _fbm(x, y, scale, octaves, seed + 104729 * (k + 1))
     return (a * (1 - w) + b * w) / np.sqrt((1 - w) ** 2 + w**2)
 
-# %% ../nbs/11_synth.ipynb #4262f9cc
+# %% ../nbs/11_synth.ipynb #2925a35b
 GREENLAND_EAST = [
     (59.8, -44.0),
     (60.6, -42.8),
@@ -204,12 +205,77 @@ class WorldConfig:
     floe_regimes: bool = (
         False  # pack-ice floe size from a drifting 25 km regime field (small .. vast), not mostly big
     )
+    stages: str = 'rules'  # 'rules': freeze-up and melt rules; 'calendar': first-year stages mixed as STAGE_CALENDAR says
+    floe_c0: tuple = (
+        0.35,
+        0.65,
+        0.9,
+    )  # concentration bounds of cake / small / medium floes (above: big or vast)
+    vast_above: float = 0.3  # pack-ice floes are vast where a 25 km noise field exceeds this, else big
+    miz_scale: float = 1.0  # multiplies the width of the marginal ice zone (intermediate concentrations)
 
     def __post_init__(self):
         if not 0 <= self.temporal < 1:
             raise ConfigError(f"WorldConfig.temporal is {self.temporal}; it must lie in [0, 1)")
         if not 0 <= self.multimodal <= 1:
             raise ConfigError(f"WorldConfig.multimodal is {self.multimodal}; it must lie in [0, 1]")
+        if self.stages not in ('rules', 'calendar'):
+            raise ConfigError(f"WorldConfig.stages is {self.stages!r}; choose 'rules' or 'calendar'")
+        c = tuple(self.floe_c0)
+        if len(c) != 3 or not 0 <= c[0] <= c[1] <= c[2] <= 1:
+            raise ConfigError(
+                f"WorldConfig.floe_c0 is {self.floe_c0!r}; give three rising concentrations in [0, 1]"
+            )
+        object.__setattr__(self, 'floe_c0', tuple(float(v) for v in c))  # a list from JSON reads the same
+
+
+# SOD shares (% of valid chart pixels) of new ice, young ice, thin and thick first-year ice and old ice per
+# month in the real AI4Arctic RTT charts (512 training scenes 2018-2021, summed from the challenge's
+# per-scene histograms)
+STAGE_CALENDAR = {
+    1: (0.8, 15.7, 12.7, 8.7, 15.0),
+    2: (0.4, 4.0, 7.1, 16.9, 11.1),
+    3: (0.7, 0.8, 4.3, 32.9, 14.2),
+    4: (0.4, 0.5, 1.0, 35.6, 10.6),
+    5: (0.3, 0.0, 0.0, 37.8, 10.4),
+    6: (0.0, 0.0, 0.0, 38.1, 10.2),
+    7: (0.0, 0.0, 0.0, 18.9, 8.9),
+    8: (0.0, 0.0, 0.0, 6.1, 14.8),
+    9: (2.3, 0.4, 0.0, 1.8, 11.0),
+    10: (6.2, 3.0, 0.1, 0.0, 10.4),
+    11: (6.4, 5.5, 1.2, 0.0, 14.4),
+    12: (3.8, 10.4, 10.7, 0.7, 19.6),
+}
+
+
+# WorldConfig settings that bring the world's chart statistics to the real data set's (with
+# `placement='observed'` scene plans; measured by `seaice_nb.realism`): stages from the calendar, fewer
+# cake/small/medium floes, a narrower marginal ice zone and more iceberg polygons
+REALISTIC = dict(
+    drift_kmd=3.0,
+    edge_period_days=60.0,
+    polygon_km=8.0,
+    old_ice_lat=64.0,
+    old_ice_depth_km=60.0,
+    rare_boost=1.5,
+    stages='calendar',
+    floe_c0=(0.02, 0.06, 0.25),
+    floe_regimes=False,
+    vast_above=-0.3,
+    miz_scale=0.4,
+    berg_fields=1.5,
+    berg_share=0.65,
+)
+
+
+def stage_mix(t: float) -> np.ndarray:  # days since 1 January
+    "Shares of new, young, thin FY, thick FY and old ice among the ice on day `t` (STAGE_CALENDAR, interpolated between mid-months)."
+    d = np.mod(t, 365.25) / 365.25 * 12 - 0.5  # month index, 0 = mid-January
+    k = math.floor(d)
+    f = d - k
+    a, b = (np.array(STAGE_CALENDAR[(k + i) % 12 + 1], float) for i in (0, 1))
+    a, b = a / a.sum(), b / b.sum()
+    return (1 - f) * a + f * b
 
 
 def _to_xy_km(pts):
@@ -247,7 +313,7 @@ def _lat_km(x, y):
     r = np.hypot(x, y)
     return 90 - 2 * np.degrees(np.arctan(r / (2 * 6371.0 * 0.96985)))
 
-# %% ../nbs/11_synth.ipynb #f4dcfe08
+# %% ../nbs/11_synth.ipynb #38e733ef
 class World:
     "A synthetic east-Greenland Arctic: `state(x, y, t)` at any points (km in EPSG:3413, days)."
 
@@ -308,7 +374,7 @@ class World:
         lat = _lat_km(x, y)
         seas, freeze = float(self.season(t)), bool(self.freezing(t))
         E = S(lambda a, b: self.edge_km(a, b, t))
-        w = 20 + 25 * (1 - seas)
+        w = (20 + 25 * (1 - seas)) * cfg.miz_scale  # width of the marginal ice zone, km
         c0 = np.clip(0.5 + (E - sd) / w, 0, 1)
         xa, ya = x + 0.12 * cfg.drift_kmd * t, y + cfg.drift_kmd * t  # drifted coordinates (southward flow)
         fast = (
@@ -340,19 +406,34 @@ class World:
             lambda a, b: _fbm(a + 0.12 * cfg.drift_kmd * t, b + cfg.drift_kmd * t, 60.0, 2, cfg.seed + 41)
         )
         p_old = np.clip((lat - cfg.old_ice_lat) / 6, 0, 1) * np.clip((E - sd) / cfg.old_ice_depth_km, 0, 1)
-        stage = np.where(
-            0.35 * age + p_old > 0.55, 5, np.where((np.mod(t, 365.25) < 170) & (E - sd > 25), 4, 3)
-        )
-        stage = np.where(
-            np.mod(t, 365.25) > 300, np.where(stage == 5, 5, np.where(E - sd > 60, 3, 2)), stage
-        )  # freeze-up: thin ice
-        if freeze:  # freeze-up band at the edge: new and young ice
+        if cfg.stages == 'calendar':  # the month's shares: old ice where the drifting age field is high
+            mix = stage_mix(t)
+            old_ice = ndtr(age + p_old - 0.5) > 1 - mix[4]  # more often north and deep in the pack
+            fy = mix[:4] / max(mix[:4].sum(), 1e-9)  # first-year stages: younger towards the edge
+            q = np.clip(
+                (E - sd + 0.5 * w) / (np.maximum(E, 0) + 0.5 * w), 0, 1
+            )  # 0 where c0 = 0, 1 at the coast
+            g = S(
+                lambda a, b: _fbm(a + 0.12 * cfg.drift_kmd * t, b + cfg.drift_kmd * t, 30.0, 2, cfg.seed + 45)
+            )
+            stage = np.where(
+                old_ice, 5, 1 + np.searchsorted(np.cumsum(fy)[:-1], ndtr(g + q - 0.5), side='right')
+            )
+            freeze = freeze and mix[0] > 0.01  # refrozen leads only where new ice forms this month
+        else:
+            old_ice = 0.35 * age + p_old > 0.55
+            stage = np.where(old_ice, 5, np.where((np.mod(t, 365.25) < 170) & (E - sd > 25), 4, 3))
+            stage = np.where(
+                np.mod(t, 365.25) > 300, np.where(stage == 5, 5, np.where(E - sd > 60, 3, 2)), stage
+            )  # freeze-up: thin ice
+        if freeze and cfg.stages == 'rules':  # freeze-up band at the edge: new and young ice
             band = (E - sd > -0.4 * w) & (E - sd < 0.25 * w * cfg.rare_boost)
             stage = np.where(
                 band & ~fast,
                 np.where(_where(band, lambda a, b: _fbm(a, b, 4.0, 2, cfg.seed + 43), xa, ya) > 0, 1, 2),
                 stage,
             )
+        if freeze:  # leads refreeze: new ice in this period's, young ice in the previous one's
             stage = np.where(fresh, 1, np.where(old, 2, stage))
             ice = ice | ((fresh | old) & (c0 > 0.8))
         else:
@@ -360,14 +441,19 @@ class World:
         stage = np.where(fast, 4, stage)
         # floe size
         fn = S(lambda a, b: _fbm(a + 0.12 * cfg.drift_kmd * t, b + cfg.drift_kmd * t, 25.0, 1, cfg.seed + 51))
+        b1, b2, b3 = cfg.floe_c0
         floe = np.where(
-            c0 < 0.35,
+            c0 < b1,
             1,
-            np.where(c0 < 0.65, 2, np.where(c0 < 0.9, 3, np.where(stage == 5, 5, np.where(fn > 0.3, 5, 4)))),
+            np.where(
+                c0 < b2, 2, np.where(c0 < b3, 3, np.where(stage == 5, 5, np.where(fn > cfg.vast_above, 5, 4)))
+            ),
         )
         if cfg.floe_regimes:
-            floe = np.where((c0 >= 0.9) & (stage != 5), np.digitize(fn, [-0.7, 0.0, 0.7]) + 2, floe)
-        floe = np.where(stage <= 2, np.where(stage == 1, -1, 1), floe)  # new ice: pancake/level -> no class
+            floe = np.where((c0 >= b3) & (stage != 5), np.digitize(fn, [-0.7, 0.0, 0.7]) + 2, floe)
+        cal = cfg.stages == 'calendar'
+        # new ice: cake (calendar) or no class (pancake/level); young ice: small floes (calendar) or cake
+        floe = np.where(stage <= 2, np.where(stage == 1, 1 if cal else -1, 2 if cal else 1), floe)
         floe = np.where(fast, -1, floe)  # fast ice -> no class
         # iceberg fields near glacier fronts: glacier ice, so no stage; floe class "bergs"
         bz = (sd < 30) & (S(lambda a, b: _fbm(a, b, 60.0, 2, cfg.seed + 61)) > cfg.berg_fields) & ~land
@@ -751,24 +837,47 @@ def render(world: World, p: Pass, scene_id: str, original_id: str) -> xr.Dataset
     ds.attrs.update({'synthetic': np.int32(1), 'synth_seed': np.int32(cfg.seed)})
     return ds
 
-# %% ../nbs/11_synth.ipynb #e36263ec
+# %% ../nbs/11_synth.ipynb #8c341a15
+# scenes per month (January first) of the real AI4Arctic training set, the 'observed' placement's calendar
+REAL_MONTH_SCENES = (35, 31, 31, 39, 41, 33, 41, 65, 71, 51, 37, 37)
+OBSERVED_PLACEMENT = dict(
+    edge_mean=0.7,  # mean offset of a site's centre from the ice edge, in footprints (> 0: on the water side)
+    edge_sd=0.35,  # spread of that offset, in footprints
+    edge_max=0.45,  # ... at most this far out (a footprint then still takes in the edge)
+    coast=0.7,  # share of sites whose footprint takes in the coast
+    coast_at=0.25,  # ... with their centre up to this many footprints inland
+)
+
+
 def plan_passes(
     world: World,
     n_scenes: int,
-    size=(500, 600),
+    size=(500, 600),  # (lines, samples)
     seed: int = 0,
-    per_site: int = 8,  # (lines, samples)
-    months: tuple[int, ...] | None = None,
-) -> list[Pass]:  # campaign months, in turn (None: all seasons)
+    per_site: int = 8,
+    months: tuple[int, ...] | None = None,  # campaign months, in turn (None: see `placement`)
+    placement: str = 'edge_coast',  # 'edge_coast': even sites on the ice edge, odd on the coast; 'observed': see OBSERVED_PLACEMENT
+) -> list[Pass]:
     "Deterministic list of passes: `n_scenes` acquisitions in campaigns of `per_site` over shared sites."
+    if placement not in ('edge_coast', 'observed'):
+        raise ConfigError(f"placement is {placement!r}; choose 'edge_coast' or 'observed'")
     rng = np.random.default_rng([seed, 1])
     H, W = size
     foot = max(H, W) * PIXEL_SPACING / 1e3
-    months = list(months or (3, 1, 4, 11, 2, 5, 12, 10, 7, 9))
     n_sites = max(1, math.ceil(n_scenes / per_site))
+    if months:
+        months = [months[k % len(months)] for k in range(n_sites)]
+    elif placement == 'observed':  # months drawn as often as the real data set has them
+        r = np.random.default_rng([seed, 4])
+        cdf = np.cumsum(REAL_MONTH_SCENES) / sum(REAL_MONTH_SCENES)
+        months = 1 + np.searchsorted(cdf, (np.arange(n_sites) + r.uniform()) / n_sites)  # systematic draw
+        months = r.permutation(months).tolist()
+    else:
+        months = [(3, 1, 4, 11, 2, 5, 12, 10, 7, 9)[k % 10] for k in range(n_sites)]
+    op = OBSERVED_PLACEMENT
     passes = []
     for k in range(n_sites):
-        start = dt.datetime(world.cfg.year, months[k % len(months)], 1 + int(rng.integers(0, 20)))
+        start = dt.datetime(world.cfg.year, int(months[k]), 1 + int(rng.integers(0, 20)))
         t = world.days(start)
         # candidate points; pick one on the ice edge (even sites) or near the coast (odd sites)
         cx = rng.uniform(DOMAIN_KM[0] + 150, DOMAIN_KM[1] - 150, 4000)
@@ -777,8 +886,20 @@ def plan_passes(
         E = world.edge_km(cx, cy, t)
         lat = _lat_km(cx, cy)
         ok = (lat > 64) & (lat < 80) & (sd > -0.2 * foot)
-        score = np.abs(sd - E) if k % 2 == 0 else np.abs(sd - 0.25 * foot)
-        score = np.where(ok & (sd > 0.1 * foot if k % 2 == 0 else ok), score, np.inf)
+        if (
+            placement == 'observed'
+        ):  # an offset from the edge drawn per site; some footprints take in the coast
+            u = min(rng.normal(op['edge_mean'], op['edge_sd']), op['edge_max']) * foot
+            coast = rng.random() < op['coast']
+            near = (
+                (sd > -op['coast_at'] * foot) & (sd < (0.3 - op['coast_at']) * foot)
+                if coast
+                else sd > 0.6 * foot
+            )
+            score = np.where(ok & near, np.abs(sd - E - u), np.inf)
+        else:
+            score = np.abs(sd - E) if k % 2 == 0 else np.abs(sd - 0.25 * foot)
+            score = np.where(ok & (sd > 0.1 * foot if k % 2 == 0 else ok), score, np.inf)
         i = int(np.argmin(score))
         xc, yc = cx[i], cy[i]
         north = math.atan2(-yc, -xc)  # map direction of geographic north here
@@ -815,7 +936,7 @@ def plan_passes(
         out.append(p)
     return out
 
-# %% ../nbs/11_synth.ipynb #88e5ceed
+# %% ../nbs/11_synth.ipynb #6baa69fe
 SYNTH_VERSION = 1
 
 
@@ -845,8 +966,9 @@ def generate_scenes(
     progress: bool = True,  # show a tqdm bar
     workers: int = 1,  # processes (fork); results do not depend on it
     per_site: int = 8,  # passes per site (campaigns of repeated passes within a week)
-    months: tuple[int, ...] | None = None,
-) -> Path:  # campaign months in turn (None: all seasons)
+    months: tuple[int, ...] | None = None,  # campaign months in turn (None: see `plan_passes`)
+    placement: str = 'edge_coast',  # where sites go and when: see `plan_passes`
+) -> Path:
     "Write a synthetic AI4Arctic RTT data set and return the path of its `manifest.json`."
     from tqdm.auto import tqdm
 
@@ -861,7 +983,7 @@ def generate_scenes(
     out.mkdir(parents=True, exist_ok=True)
     wc = dataclasses.replace(world or WorldConfig(), seed=seed)
     w = World(wc)
-    passes = plan_passes(w, n_scenes, (H, W), seed, per_site, months)
+    passes = plan_passes(w, n_scenes, (H, W), seed, per_site, months, placement)
     rng = np.random.default_rng([seed, 2])
     n_test = int(round(test_fraction * n_scenes))
     test_idx = set(rng.choice(n_scenes, n_test, replace=False).tolist()) if n_test else set()
@@ -872,9 +994,11 @@ def generate_scenes(
         'size': [H, W],
         'per_site': per_site,
         **({'months': list(months)} if months else {}),
+        **({'placement': placement} if placement != 'edge_coast' else {}),
         'test_fraction': test_fraction,
         'world': dataclasses.asdict(wc),
     }
+    params = json.loads(json.dumps(params))  # as the manifest stores it (tuples become lists)
     mpath = out / 'manifest.json'
     old = json.loads(mpath.read_text()) if mpath.exists() else {}
     done = {s['file']: s for s in old.get('scenes', [])} if old.get('params') == params else {}

