@@ -82,7 +82,7 @@ REAL = {
 # tolerances in percentage points of the held statistics (see the prose above)
 TOLERANCE = {'major': 8.0, 'rare_sod': 4.0, 'floe_mid': 7.0, 'bergs': 2.0, 'scenes': 10.0}
 
-# %% ../nbs/10a_realism.ipynb #8c8bbe86
+# %% ../nbs/10a_realism.ipynb #11381b1f
 def scene_record(path: str | Path) -> dict | None:  # an RTT `*_prep.nc` file
     "Chart histograms, SAR sums, month, region and ice service of one scene (None: a test scene without charts)."
     path = Path(path)
@@ -113,16 +113,21 @@ def scene_record(path: str | Path) -> dict | None:  # an RTT `*_prep.nc` file
         ds.close()
 
 
-def folder_records(folder: str | Path, workers: int = 2, progress: bool = True) -> tuple[list[dict], int]:
+def folder_records(
+    folder: str | Path | list, workers: int = 2, progress: bool = True
+) -> tuple[list[dict], int]:  # a folder of RTT scenes, or a list of folders (pooled)
     "`scene_record` of every `*_prep.nc` in `folder`, and how many test scenes had no charts."
     from tqdm.auto import tqdm
 
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise ConfigError(f"{folder} is not a folder; give a folder of RTT *_prep.nc scenes")
-    paths = sorted(folder.glob('*_prep.nc'))
-    if not paths:
-        raise DataError(f"{folder} holds no RTT scenes (*_prep.nc)")
+    folders = [Path(f) for f in folder] if isinstance(folder, (list, tuple)) else [Path(folder)]
+    paths = []
+    for f in folders:
+        if not f.is_dir():
+            raise ConfigError(f"{f} is not a folder; give a folder of RTT *_prep.nc scenes")
+        fp = sorted(f.glob('*_prep.nc'))
+        if not fp:
+            raise DataError(f"{f} holds no RTT scenes (*_prep.nc)")
+        paths += fp
     if workers < 1:
         raise ConfigError(f"workers is {workers}; give 1 or more")
     if workers == 1:
@@ -134,7 +139,9 @@ def folder_records(folder: str | Path, workers: int = 2, progress: bool = True) 
             recs = list(tqdm(it, total=len(paths), desc='realism', disable=not progress))
     kept = [r for r in recs if r is not None]
     if not kept:
-        raise DataError(f"none of the {len(paths)} scenes in {folder} has charts (test scenes only?)")
+        raise DataError(
+            f"none of the {len(paths)} scenes in {', '.join(map(str, folders))} has charts (test scenes only?)"
+        )
     return kept, len(recs) - len(kept)
 
 # %% ../nbs/10a_realism.ipynb #c580f839
@@ -375,9 +382,9 @@ def plot_realism(stats: dict, path: str | Path | None = None, real: dict = REAL,
         plt.close(fig)
     return fig
 
-# %% ../nbs/10a_realism.ipynb #4bff60f2
+# %% ../nbs/10a_realism.ipynb #bcea7c22
 def realism_report(
-    folder: str | Path,  # a folder of RTT *_prep.nc scenes
+    folder: str | Path | list,  # a folder of RTT *_prep.nc scenes, or a list of folders (pooled)
     out: str | Path | None = None,  # where realism.json/.md/.png go (None: nothing written)
     workers: int = 2,
     progress: bool = True,
@@ -390,7 +397,7 @@ def realism_report(
     held = [r for r in rows if r['held'] is not None]
     md = '\n\n'.join(
         [
-            f"# Realism: {title} ({stats['n_scenes']} scenes of {Path(folder).name}) vs the real AI4Arctic training set",
+            f"# Realism: {title} ({stats['n_scenes']} scenes) vs the real AI4Arctic training set",
             f"{sum(r['held'] for r in held)} of {len(held)} held statistics lie within their tolerance"
             + (f"; {skipped} test scenes without charts were skipped" if skipped else '')
             + '.',
