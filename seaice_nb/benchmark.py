@@ -27,7 +27,7 @@ __all__ = ['WORLD_BASE', 'WORLDS', 'SAR', 'TSVIT_SMALL', 'NETWORKS', 'BASELINES'
            'summarise', 'claims', 'markdown_table', 'calibration_table', 'claims_table', 'write_csv', 'plot_benchmark',
            'write_report', 'paired_interval', 'sic_variance_guard', 'main']
 
-# %% ../nbs/48_benchmark.ipynb #82d051c2
+# %% ../nbs/48_benchmark.ipynb #73a2e30e
 WORLD_BASE = dict(
     REALISTIC
 )  # the world calibrated to the real data set's chart statistics (`seaice_nb.realism`)
@@ -53,10 +53,10 @@ NETWORKS = {
 BASELINES = ('majority', 'gbm', 'gbm_frames', 'gbm_frames_amsr2')
 SIGNAL_MODELS = ('tsvit_v1', 'tsvit_v2', 'tsvit_v3')  # the models of the signal claims (v2 > v1, v3 > v2)
 
-# %% ../nbs/48_benchmark.ipynb #3f4af808
+# %% ../nbs/48_benchmark.ipynb #3585aa4a
 @dataclass
 class BenchmarkConfig:
-    "Size and knobs of one benchmark run: world kinds x world draws x training seeds (defaults: about 24 minutes on 2 cores)."
+    "Size and knobs of one benchmark run: world kinds x world draws x training seeds (defaults: about 27 minutes on 2 cores)."
 
     world_seeds: list = field(default_factory=lambda: [0, 1, 2, 3])  # world draws: the outer replicates
     sites: int = 16  # acquisition sites (campaigns) per world draw
@@ -211,7 +211,7 @@ def scene_sites(
     m = json.loads(path.read_text())
     return {r['file'].replace('_prep.nc', ''): int(r['site']) for r in m['scenes']}
 
-# %% ../nbs/48_benchmark.ipynb #bbd654e6
+# %% ../nbs/48_benchmark.ipynb #671adf76
 def class_counts(store: str | Path, scenes: list[str]) -> dict[str, np.ndarray]:
     "Labelled pixels per class and chart over `scenes` of a store (target charts)."
     import zarr
@@ -997,7 +997,7 @@ def plot_benchmark(results: list[dict], cl: list[dict]):
     bx.legend(fontsize=8, title='world', title_fontsize=8)
     return fig
 
-# %% ../nbs/48_benchmark.ipynb #6199b519
+# %% ../nbs/48_benchmark.ipynb #5e0b5118
 def write_report(cfg: BenchmarkConfig, results: list[dict], out_dir, root=None) -> dict[str, Path]:
     "benchmark.md, benchmark.csv (every replicate), benchmark_summary.csv, benchmark_claims.csv and benchmark.png."
     import matplotlib.pyplot as plt
