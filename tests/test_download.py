@@ -293,8 +293,10 @@ def test_kill_midway_then_resume(tmp_path):
 
 def test_ctrl_c_keeps_finished_work(tmp_path):
     done = make_files([20_000], seed=20, pattern='done{i}.nc')[0]
-    slow = make_files([2_000_000], seed=21, pattern='slow{i}.nc', first_id=50000001)[0]
-    slow.rate = 500_000
+    # 16 s of transfer: Ctrl-C lands mid-file even when a loaded machine starts the command late or
+    # wakes this loop late (at 2 MB and 500 kB/s it once finished first and the interrupt came too late)
+    slow = make_files([4_000_000], seed=21, pattern='slow{i}.nc', first_id=50000001)[0]
+    slow.rate = 250_000
     with FigshareServer({5: [done, slow]}) as srv:
         cmd = (
             seaice_command()
@@ -304,10 +306,14 @@ def test_ctrl_c_keeps_finished_work(tmp_path):
         p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         part = tmp_path / f'.{slow.name}.part'
         t0 = time.monotonic()
-        while not (part.is_file() and part.stat().st_size > 200_000) and time.monotonic() - t0 < 20:
+        while not (part.is_file() and part.stat().st_size > 200_000) and time.monotonic() - t0 < 60:
+            if p.poll() is not None:
+                break
             time.sleep(0.02)
+        started = part.is_file() and part.stat().st_size > 200_000
         p.send_signal(signal.SIGINT)
         out, _ = p.communicate(timeout=20)
+        assert started, f"the slow file never reached 200 kB before the command ended or 60 s passed: {out}"
         assert p.returncode == 130, out
         assert 'interrupted' in out
         assert_verified(tmp_path, [done])
