@@ -19,21 +19,25 @@ from .synth import REALISTIC
 from .realism import REAL, realism_report
 
 # %% auto #0
-__all__ = ['WORLD_BASE', 'WORLDS', 'SAR', 'TSVIT_SMALL', 'NETWORKS', 'BASELINES', 'SIGNAL_MODELS', 'COLUMNS', 'CAL_COLUMNS',
-           'CLAIMS', 'SIGNAL_CLAIMS', 'BenchmarkConfig', 'tiny_config', 'world_config', 'world_dir', 'build_world',
-           'scene_sites', 'class_counts', 'sic_spread', 'choose_sites', 'site_split', 'chart_site_counts',
-           'score_record', 'pixel_features', 'fit_baseline', 'network_config', 'test_scores', 'train_network',
-           'result_path', 'split_path', 'jobs', 'load_results', 'prepare_worlds', 'run_benchmark', 'replicate_rows',
-           'summarise', 'claims', 'markdown_table', 'calibration_table', 'claims_table', 'write_csv', 'plot_benchmark',
-           'write_report', 'paired_interval', 'sic_variance_guard', 'main']
+__all__ = ['WORLD_BASE', 'WORLDS', 'SAR', 'TSVIT_SMALL', 'TSVIT_SEAICE', 'NETWORKS', 'MAIN_NETWORKS', 'ABLATIONS', 'BASELINES',
+           'SIGNAL_MODELS', 'COLUMNS', 'CAL_COLUMNS', 'CLAIMS', 'SIGNAL_CLAIMS', 'BenchmarkConfig', 'tiny_config',
+           'world_config', 'world_dir', 'build_world', 'scene_sites', 'class_counts', 'sic_spread', 'choose_sites',
+           'site_split', 'chart_site_counts', 'score_record', 'pixel_features', 'fit_baseline', 'network_config',
+           'test_scores', 'train_network', 'result_path', 'split_path', 'jobs', 'load_results', 'prepare_worlds',
+           'run_benchmark', 'replicate_rows', 'summarise', 'claims', 'signal_effects', 'markdown_table',
+           'calibration_table', 'claims_table', 'write_csv', 'plot_benchmark', 'write_report', 'paired_interval',
+           'sic_variance_guard', 'main']
 
-# %% ../nbs/48_benchmark.ipynb #73a2e30e
+# %% ../nbs/48_benchmark.ipynb #d5c3b804
 WORLD_BASE = dict(
     REALISTIC
 )  # the world calibrated to the real data set's chart statistics (`seaice_nb.realism`)
 WORLDS = {'signals': dict(temporal=0.4, multimodal=1.0), 'knobs_off': dict(temporal=0.0, multimodal=0.0)}
 SAR = ['hh', 'hv', 'incidence_angle', 'distance_map']
 TSVIT_SMALL = dict(dim=64, temporal_depth=2, spatial_depth=2, num_heads=4, patch_size=4)  # the CPU preset
+TSVIT_SEAICE = dict(
+    TSVIT_SMALL, sic_regression=True, stem=16, refine=32
+)  # + SIC regressed (as the winner), a convolutional stem and the full-resolution decoder
 
 NETWORKS = {
     'unet_baseline': dict(
@@ -46,14 +50,45 @@ NETWORKS = {
     'unet_winner': dict(
         model='unet_winner', n_frames=1, channels=None, kwargs={'sic_regression': True}, train={}
     ),
-    'tsvit_v1': dict(model='seaice_tsvit_v1', n_frames=1, channels=SAR, kwargs=TSVIT_SMALL, train={}),
-    'tsvit_v2': dict(model='seaice_tsvit_v2', n_frames=3, channels=SAR, kwargs=TSVIT_SMALL, train={}),
-    'tsvit_v3': dict(model='seaice_tsvit_v3_xattn', n_frames=3, channels=SAR, kwargs=TSVIT_SMALL, train={}),
+    'tsvit_v1': dict(model='seaice_tsvit_v1', n_frames=1, channels=SAR, kwargs=TSVIT_SEAICE, train={}),
+    'tsvit_v2': dict(model='seaice_tsvit_v2', n_frames=3, channels=SAR, kwargs=TSVIT_SEAICE, train={}),
+    'tsvit_v3': dict(model='seaice_tsvit_v3_pixel', n_frames=3, channels=None, kwargs=TSVIT_SEAICE, train={}),
 }
+MAIN_NETWORKS = tuple(NETWORKS)  # what a default run trains
+ABLATIONS = {  # the steps from the first TSViT v3 to the one above (`--models`; not in a default run)
+    'tsvit_v3_xattn': dict(  # the first v3: SAR frames + AMSR2/ERA5 tokens by cross-attention, SIC classes
+        model='seaice_tsvit_v3_xattn', n_frames=3, channels=SAR, kwargs=TSVIT_SMALL, train={}
+    ),
+    'tsvit_v3_xattn_reg': dict(  # + SIC regressed
+        model='seaice_tsvit_v3_xattn',
+        n_frames=3,
+        channels=SAR,
+        kwargs=dict(TSVIT_SMALL, sic_regression=True),
+        train={},
+    ),
+    'tsvit_v3_pixel_plain': dict(  # pixel-level fusion (every channel, every frame), neither stem nor decoder
+        model='seaice_tsvit_v3_pixel',
+        n_frames=3,
+        channels=None,
+        kwargs=dict(TSVIT_SEAICE, stem=0, refine=0),
+        train={},
+    ),
+    'tsvit_v3_pixel_nodec': dict(  # + the stem alone
+        model='seaice_tsvit_v3_pixel',
+        n_frames=3,
+        channels=None,
+        kwargs=dict(TSVIT_SEAICE, refine=0),
+        train={},
+    ),
+    'tsvit_v3_pixel_nostem': dict(  # + the decoder alone
+        model='seaice_tsvit_v3_pixel', n_frames=3, channels=None, kwargs=dict(TSVIT_SEAICE, stem=0), train={}
+    ),
+}
+NETWORKS.update(ABLATIONS)
 BASELINES = ('majority', 'gbm', 'gbm_frames', 'gbm_frames_amsr2')
 SIGNAL_MODELS = ('tsvit_v1', 'tsvit_v2', 'tsvit_v3')  # the models of the signal claims (v2 > v1, v3 > v2)
 
-# %% ../nbs/48_benchmark.ipynb #3585aa4a
+# %% ../nbs/48_benchmark.ipynb #fbb819f2
 @dataclass
 class BenchmarkConfig:
     "Size and knobs of one benchmark run: world kinds x world draws x training seeds (defaults: about 27 minutes on 2 cores)."
@@ -79,7 +114,7 @@ class BenchmarkConfig:
     )  # WorldConfig settings shared by the world kinds
     models: dict = field(
         default_factory=lambda: {
-            'signals': list(BASELINES) + list(NETWORKS),
+            'signals': list(BASELINES) + list(MAIN_NETWORKS),
             'knobs_off': list(SIGNAL_MODELS),  # what the signal claims need: they must vanish here
         }
     )  # per world kind
@@ -128,6 +163,13 @@ class BenchmarkConfig:
         for k in ('workers', 'models', 'seeds', 'world_seeds'):
             d.pop(k)  # a job's result does not depend on which other jobs run
         return hashlib.md5(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+    def job_key(self, name: str) -> str:
+        "`key()` plus model `name`'s definition (`NETWORKS[name]`): a network whose preset, channels or recipe changed is retrained."
+        spec = NETWORKS.get(name, name)
+        return hashlib.md5(json.dumps([self.key(), spec], sort_keys=True, default=str).encode()).hexdigest()[
+            :10
+        ]
 
 
 def tiny_config(**kw) -> BenchmarkConfig:
@@ -609,7 +651,7 @@ def train_network(cfg: BenchmarkConfig, name: str, seed: int, store_path, split:
         'best_val': res.best,
     }
 
-# %% ../nbs/48_benchmark.ipynb #2c623644
+# %% ../nbs/48_benchmark.ipynb #97e79351
 def _job(args) -> tuple[str, dict]:
     "Run one (world, world draw, model, seed) job in a worker process; returns (result path, record)."
     cfg, world, ws, name, seed, root = args
@@ -627,7 +669,7 @@ def _job(args) -> tuple[str, dict]:
             name, st, split['train'], split['test'], cfg.n_frames, cfg.gbm_pixels, seed, cfg.gbm_iter
         )
     else:
-        run_dir = root / 'runs' / f"{world}_w{ws}" / f"{name}_s{seed}"
+        run_dir = root / 'runs' / f"{world}_w{ws}" / f"{name}_s{seed}_{cfg.job_key(name)}"
         rec = train_network(cfg, name, seed, store, split, run_dir)
     rec.update(
         world=world,
@@ -637,7 +679,7 @@ def _job(args) -> tuple[str, dict]:
         test_sites=split['sites']['test'],
         test_sic_var=round(split['sic_var']['test'], 3),
         sic_ok=not any(m.startswith('sic') for m in split['missing']['test']),
-        key=cfg.key(),
+        key=cfg.job_key(name),
         code_version=code_version(),
     )
     path = result_path(root, world, ws, name, seed)
@@ -667,13 +709,13 @@ def jobs(cfg: BenchmarkConfig) -> list[tuple[str, int, str, int]]:
 
 
 def load_results(cfg: BenchmarkConfig, root) -> list[dict]:
-    "Finished results of this config (same key) under `root/results`."
+    "Finished results of this config and these model definitions (same `job_key`) under `root/results`."
     out = []
     for w, ws, m, s in jobs(cfg):
         p = result_path(root, w, ws, m, s)
         if p.exists():
             r = json.loads(p.read_text())
-            if r.get('key') == cfg.key():
+            if r.get('key') == cfg.job_key(m):
                 out.append(r)
     return out
 
@@ -758,7 +800,7 @@ def _report(rec: dict, progress: bool, i: int = 0, n: int = 0, t0: float | None 
             flush=True,
         )
 
-# %% ../nbs/48_benchmark.ipynb #40870027
+# %% ../nbs/48_benchmark.ipynb #b875c762
 COLUMNS = ('combined', 'sic_r2', 'sod_f1', 'floe_f1', 'sic_accuracy')
 CAL_COLUMNS = tuple(
     f'{c}_{k}' for c in ('sic', 'sod', 'floe') for k in ('ece', 'ece_calibrated', 'auroc', 'temperature')
@@ -862,6 +904,55 @@ def claims(
                     'sic_ok': all(r['sic_ok'] is not False for r in ra + rb),
                 }
             )
+    return out
+
+
+def signal_effects(
+    results: list[dict],  # the per-replicate results
+    worlds: dict | None = None,  # world kind -> knobs (default `WORLDS`)
+    level: float = 0.95,  # confidence level of the intervals
+) -> list[dict]:
+    "Does a signal claim's gain follow its knob? (a − b with the knob) − (a − b without it), paired by world draw and seed."
+    worlds = WORLDS if worlds is None else worlds
+    rows = replicate_rows(results)
+    kinds = list(dict.fromkeys(r['world'] for r in rows))
+    out = []
+    for (a, b), knob in SIGNAL_CLAIMS.items():
+        on = [w for w in kinds if worlds.get(w, {}).get(knob, 1)]
+        off = [w for w in kinds if not worlds.get(w, {}).get(knob, 1)]
+        for w1 in on:
+            for w0 in off:
+                diffs = []
+                for w, tag in ((w1, 'with'), (w0, 'without')):
+                    sc = {
+                        (r['world_seed'], r['seed'], r['model']): r['combined']
+                        for r in rows
+                        if r['world'] == w and r['model'] in (a, b)
+                    }
+                    diffs += [
+                        {'model': tag, 'world_seed': ws, 'seed': sd, 'combined': v - sc[(ws, sd, b)]}
+                        for (ws, sd, m), v in sc.items()
+                        if m == a and (ws, sd, b) in sc
+                    ]
+                if not {d['model'] for d in diffs} >= {'with', 'without'}:
+                    continue
+                p = paired_interval(diffs, 'with', 'without', unit='world_seed', level=level)
+                out.append(
+                    {
+                        'world': f"{w1} − {w0}",
+                        'claim': f"{a} − {b} grows with the {knob} knob",
+                        'what': f"what the {knob} signal adds to {a} over {b}",
+                        **p,
+                        'expected': 'shown',
+                        'result': p['verdict'],
+                        'as_expected': p['verdict'] == 'shown',
+                        'sic_ok': all(
+                            r['sic_ok'] is not False
+                            for r in rows
+                            if r['world'] in (w1, w0) and r['model'] in (a, b)
+                        ),
+                    }
+                )
     return out
 
 # %% ../nbs/48_benchmark.ipynb #d113025e
@@ -997,7 +1088,7 @@ def plot_benchmark(results: list[dict], cl: list[dict]):
     bx.legend(fontsize=8, title='world', title_fontsize=8)
     return fig
 
-# %% ../nbs/48_benchmark.ipynb #5e0b5118
+# %% ../nbs/48_benchmark.ipynb #0650aacc
 def write_report(cfg: BenchmarkConfig, results: list[dict], out_dir, root=None) -> dict[str, Path]:
     "benchmark.md, benchmark.csv (every replicate), benchmark_summary.csv, benchmark_claims.csv and benchmark.png."
     import matplotlib.pyplot as plt
@@ -1005,6 +1096,7 @@ def write_report(cfg: BenchmarkConfig, results: list[dict], out_dir, root=None) 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows, cl = summarise(results), claims(results, cfg.worlds)
+    effects = signal_effects(results, cfg.worlds)
     versions = sorted({r.get('code_version', 'unrecorded') for r in results})
     steps = '/'.join(str(n) for n in sorted({r['steps'] for r in results if r['steps']})) or str(cfg.steps)
     draws = sorted({r['world_seed'] for r in results})
@@ -1080,6 +1172,16 @@ def write_report(cfg: BenchmarkConfig, results: list[dict], out_dir, root=None) 
                 cal,
                 '',
             ]
+    for w in dict.fromkeys(e['world'] for e in effects):
+        md += [
+            f"\n## What the knobs themselves add (`{w}`)\n",
+            "A signal claim compares two models in one world, and a model can gain there from more than the "
+            "knob (AMSR2 tells water from ice in every world, the knob only hides old ice in the SAR). Its "
+            "difference in the world with the knob minus the same difference in the world without it, paired "
+            "by world draw and seed, is what the knob itself adds:\n",
+            claims_table(effects, w),
+            '',
+        ]
     paths = {
         'md': out_dir / 'benchmark.md',
         'csv': out_dir / 'benchmark.csv',
@@ -1091,7 +1193,7 @@ def write_report(cfg: BenchmarkConfig, results: list[dict], out_dir, root=None) 
         f.write('\n'.join(md) + '\n')
     write_csv(replicate_rows(results), paths['csv'])
     write_csv(rows, paths['summary'])
-    write_csv(cl, paths['claims'])
+    write_csv(cl + effects, paths['claims'])
     fig = plot_benchmark(results, cl)
     with atomic_write(paths['png'], 'wb') as f:
         fig.savefig(f, format='png', dpi=110)
@@ -1197,7 +1299,7 @@ def sic_variance_guard(
         )
     return rec
 
-# %% ../nbs/48_benchmark.ipynb #96388392
+# %% ../nbs/48_benchmark.ipynb #188a17e8
 def main(argv: list[str]) -> int:
     "`seaice benchmark [--root DIR] [--out DIR] [--tiny]`: the synthetic benchmark (resumes), tables with intervals + figure."
     ap = argparse.ArgumentParser(
@@ -1212,6 +1314,14 @@ def main(argv: list[str]) -> int:
     ap.add_argument('--seeds', type=int, nargs='+', default=None, help='training seeds (default 0)')
     ap.add_argument('--world-seeds', type=int, nargs='+', default=None, help='world draws (default 0 1 2 3)')
     ap.add_argument('--steps', type=int, default=None, help='optimiser steps per network (default 200)')
+    ap.add_argument(
+        '--models',
+        nargs='+',
+        default=None,
+        metavar='MODEL',
+        help='models of the signals world (default: every baseline and main network; the ablations '
+        f"{', '.join(ABLATIONS)} only when named); the knobs-off world runs those of {', '.join(SIGNAL_MODELS)} named",
+    )
     a = ap.parse_args(argv)
     if a.workers < 1:
         ap.error(f"--workers must be >= 1, got {a.workers}")
@@ -1221,6 +1331,9 @@ def main(argv: list[str]) -> int:
         **({'world_seeds': a.world_seeds} if a.world_seeds else {}),
         **({'steps': a.steps} if a.steps else {}),
     }
+    if a.models:
+        off = [m for m in a.models if m in SIGNAL_MODELS]
+        kw['models'] = {'signals': list(dict.fromkeys(a.models)), **({'knobs_off': off} if off else {})}
     try:
         cfg = tiny_config(**kw) if a.tiny else BenchmarkConfig(**kw)
     except ConfigError as e:

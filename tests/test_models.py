@@ -29,6 +29,7 @@ CASES = {
         16,
         3,
     ),
+    'seaice_tsvit_v3_pixel': (dict(in_chans=6, img_size=16, patch_size=4, refine=8, **TINY_TSVIT), 16, 3),
     'unet_baseline': (dict(filters=(4, 6, 8, 8)), 16, 1),
     'unet_winner': (dict(filters=(4, 4, 8, 8)), 16, 1),
     'unet_4level': (dict(filters=(4, 6, 6, 6)), 16, 1),

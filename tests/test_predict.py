@@ -225,6 +225,10 @@ FAMILIES = {
     'seaice_tsvit_v2': (TINY, 3),
     'seaice_tsvit_v3_early': ({**TINY, 'amsr2_chans': 3, 'era5_chans': 2}, 3),
     'seaice_tsvit_v3_xattn': ({**TINY, 'amsr2_chans': 3, 'era5_chans': 2, 'fusion_depth': 1}, 3),
+    'seaice_tsvit_v3_pixel': (
+        {**TINY, 'stem': 8, 'refine': 8},
+        3,
+    ),  # the conv stem and full-resolution decoder
 }
 
 
@@ -236,6 +240,11 @@ def test_every_family_exports_and_matches_onnxruntime(preset, tmp_path):
     kw, T = FAMILIES[preset]
     torch.manual_seed(0)
     m = create_model(preset, in_chans=5, **kw)
+    for name, mod in m.named_modules():
+        if (
+            name.endswith('refine') and mod is not None
+        ):  # a trained decoder (it starts at zero): its path must export
+            torch.nn.init.normal_(mod[-1].weight, std=0.1)
     info = export_onnx(m, tmp_path / 'm.onnx', T)
     assert info['dynamic_tile'] == preset.startswith('unet') and info['tile'] == (
         None if preset.startswith('unet') else 16
