@@ -28,7 +28,7 @@ predict-env:  ## a lean environment for `seaice predict MODEL.onnx SCENE.nc` (on
 demo: env  ## the main job on the built-in synthetic data (no downloads)
 	$(BIN)/python tools/demo.py
 
-benchmark: env  ## synthetic benchmark: 4 world draws, claims as paired intervals (about 27 min on 2 cores; rerun to resume) -> docs/benchmark/
+benchmark: env  ## synthetic benchmark: 4 world draws x 2 seeds, claims as paired intervals (about 26 min on 2 cores; rerun to resume) -> docs/benchmark/
 	$(BIN)/seaice benchmark
 
 test: env  ## the whole test suite (what CI runs)

@@ -52,3 +52,27 @@ def test_choose_sites_without_test_sites():
     sites = {0: z(), 1: z(floe=no_bergs), 2: z(floe=no_bergs), 3: z(floe=no_bergs)}
     ch = choose_sites(sites, 1, 0, seed=0, min_pixels=1)
     assert ch['val'] == [0] and ch['test'] == [] and ch['missing'] == {'val': [], 'test': []}
+
+
+def test_cli_models_names_ablations_and_refuses_unknown(monkeypatch, tmp_path, capsys):
+    "`--models` picks the signals world's models (ablations included) and the knobs-off world's signal models."
+    from seaice_nb import benchmark as bm
+
+    seen = {}
+    md = tmp_path / 'benchmark.md'
+    md.write_text('report\n')
+
+    def run(cfg, root):
+        seen['cfg'] = cfg
+        return []
+
+    monkeypatch.setattr(bm, 'run_benchmark', run)
+    monkeypatch.setattr(bm, 'write_report', lambda cfg, res, out, root: {'md': md})
+    assert bm.main(['--models', 'gbm', 'tsvit_v3', 'tsvit_v3_xattn', '--root', str(tmp_path)]) == 0
+    assert seen['cfg'].models == {'signals': ['gbm', 'tsvit_v3', 'tsvit_v3_xattn'], 'knobs_off': ['tsvit_v3']}
+    assert bm.BenchmarkConfig().models['signals'] == list(bm.BASELINES) + list(
+        bm.MAIN_NETWORKS
+    )  # no ablations
+    with pytest.raises(SystemExit):
+        bm.main(['--models', 'tsvit_v9', '--root', str(tmp_path)])
+    assert "unknown benchmark model 'tsvit_v9'" in capsys.readouterr().err

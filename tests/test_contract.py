@@ -55,7 +55,7 @@ def seaice(*args, cwd=None, check=True):
 
 
 def test_every_train_preset_is_listed():
-    assert PRESETS == ['tsvit_v1', 'tsvit_v2', 'tsvit_v3', 'unet_baseline', 'unet_winner']
+    assert PRESETS == ['tsvit_v1', 'tsvit_v2', 'tsvit_v3', 'tsvit_v3_pixel', 'unet_baseline', 'unet_winner']
 
 
 @pytest.mark.parametrize('preset', PRESETS)
