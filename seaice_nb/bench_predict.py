@@ -13,7 +13,7 @@ from .core import ConfigError, get_logger, to_dict
 # %% auto #0
 __all__ = ['FAMILIES', 'BACKENDS', 'make_run', 'run_config', 'bench_predict', 'main']
 
-# %% ../nbs/47_bench_predict.ipynb #389cd140
+# %% ../nbs/47_bench_predict.ipynb #6cb5b433
 FAMILIES = {  # family -> (preset, frames it reads, tiny keyword overrides for smoke runs)
     'unet': ('unet_winner', 1, {'filters': [8, 8, 16, 16]}),
     'tsvit_v1': ('seaice_tsvit_v1', 1, {'img_size': 32, 'dim': 32, 'temporal_depth': 1, 'spatial_depth': 1}),
@@ -22,6 +22,11 @@ FAMILIES = {  # family -> (preset, frames it reads, tiny keyword overrides for s
         'seaice_tsvit_v3_xattn',
         3,
         {'img_size': 32, 'dim': 32, 'temporal_depth': 1, 'spatial_depth': 1, 'fusion_depth': 1},
+    ),
+    'tsvit_v3_pixel': (  # pixel-level fusion: every stored channel of every frame (the synthetic benchmark's v3)
+        'seaice_tsvit_v3_pixel',
+        3,
+        {'img_size': 32, 'dim': 32, 'temporal_depth': 1, 'spatial_depth': 1, 'stem': 4, 'refine': 8},
     ),
 }
 BACKENDS = ('torch', 'onnx', 'int8')
@@ -40,7 +45,7 @@ def make_run(
     from seaice_nb.models import create_model
     from seaice_nb.preprocess import PreprocessConfig
     from seaice_nb.data import DataConfig
-    from seaice_nb.runs import TrainConfig, save_checkpoint
+    from seaice_nb.runs import TrainConfig, model_accepts, save_checkpoint
     from seaice_nb.core import file_digest
     from seaice_nb.predict import fixed_tile
 
@@ -49,7 +54,7 @@ def make_run(
     preset, frames, small = FAMILIES[family]
     pre = PreprocessConfig(factor=factor, max_frames=frames)
     kw = {'in_chans': len(pre.channels), **(small if tiny else {})}
-    if preset.startswith('seaice_tsvit_v3'):
+    if 'amsr2_chans' in model_accepts(preset):  # the fusion models that read AMSR2/ERA5 on their coarse grid
         kw.update(amsr2_chans=len(pre.amsr2), era5_chans=len(pre.era5), coarse_factor=pre.coarse_factor)
     model = create_model(preset, **kw).eval()
     run = Path(root) / family
@@ -79,7 +84,7 @@ def make_run(
     quantize_int8(onnx, run / 'export' / 'model.int8.onnx', method, calib)
     return run
 
-# %% ../nbs/47_bench_predict.ipynb #8cca0866
+# %% ../nbs/47_bench_predict.ipynb #09eebab3
 def _child(spec: dict) -> dict:
     "One configuration in this (fresh) process: read timed alone, then `predict` end to end; seconds and peak RSS."
     import numpy as np
@@ -149,7 +154,7 @@ def run_config(spec: dict, timeout: float = 900) -> dict:
         }
     return json.loads(line[2:])
 
-# %% ../nbs/47_bench_predict.ipynb #57a2c109
+# %% ../nbs/47_bench_predict.ipynb #7d8d3a4f
 def bench_predict(
     size: tuple[int, int] = (5000, 5200),  # scene (lines, samples) at 80 m
     factor: int = 10,  # preprocessing downsampling
@@ -248,7 +253,7 @@ def _sweep(work, size, factor, families, backends, threads, repeat, tiny, progre
         'workdir': str(work) if keep else None,
     }
 
-# %% ../nbs/47_bench_predict.ipynb #253ecb20
+# %% ../nbs/47_bench_predict.ipynb #b7ee594c
 def main(argv: list[str]) -> int:
     "`seaice bench predict [--size H W] [--factor N] [--families ...] [--backends ...] [--threads 1 2] [--out FILE]`."
     ap = argparse.ArgumentParser(
