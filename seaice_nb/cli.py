@@ -13,14 +13,14 @@ __all__ = ['COMMANDS', 'BENCHES', 'CONFIG_KINDS', 'bench_main', 'main', 'config_
 # %% ../nbs/90_cli.ipynb #f8ed7442
 COMMANDS = {
     'config': ('seaice_nb.cli:config_main', 'show a preset resolved into its typed config'),
-    'validate': ('seaice_nb.scenes:validate_main', 'check AI4Arctic RTT scene files against the schema'),
-    'synth': ('seaice_nb.synth:main', 'write a synthetic Arctic in the exact AI4Arctic RTT format'),
+    'validate': ('seaice_nb.data.scenes:validate_main', 'check AI4Arctic RTT scene files against the schema'),
+    'synth': ('seaice_nb.data.synth:main', 'write a synthetic Arctic in the exact AI4Arctic RTT format'),
     'preprocess': (
-        'seaice_nb.preprocess:main',
+        'seaice_nb.data.preprocess:main',
         'downsample, align, stack and write scenes to a zarr store (resumable, parallel)',
     ),
     'download': (
-        'seaice_nb.download:main',
+        'seaice_nb.data.download:main',
         'download and verify AI4Arctic data from DTU Data (figshare), resumable',
     ),
     'submit': (
@@ -32,19 +32,19 @@ COMMANDS = {
         'label 8-bit Sentinel-2 RGB scenes into water/thin/thick ice tiles (pool, Dask or SLURM; resumable)',
     ),
     'train': (
-        'seaice_nb.train:main',
+        'seaice_nb.training.trainer:main',
         'train a model from a preset (resumes; --nproc N for local DDP; torchrun/srun aware)',
     ),
     'evaluate': (
-        'seaice_nb.evaluate:main',
+        'seaice_nb.evaluation.evaluate:main',
         'official AI4Arctic score, per-condition tables, figures and the upload package of a checkpoint',
     ),
     'predict': (
-        'seaice_nb.predict:main',
+        'seaice_nb.inference.predict:main',
         'charts of one new scene with a trained run: CF NetCDF at 80 m, EPSG:3413 GeoTIFFs, quick-look (torch or onnx)',
     ),
     'export': (
-        'seaice_nb.export:main',
+        'seaice_nb.inference.export:main',
         'export a run to ONNX checked against PyTorch; int8 quantisation scored before and after',
     ),
     'demo': (
@@ -59,23 +59,23 @@ COMMANDS = {
 
 BENCHES = {
     'model': (
-        'seaice_nb.models.bench:main',
+        'seaice_nb.bench.model:main',
         'training-step samples/s per model preset, fused vs explicit attention, GFLOP/s vs matmul',
     ),
     'predict': (
-        'seaice_nb.bench_predict:main',
+        'seaice_nb.bench.predict:main',
         'whole-scene prediction end to end per model family: torch vs onnxruntime fp32 vs int8, 1/2 threads',
     ),
     'loader': (
-        'seaice_nb.bench_loader:main',
+        'seaice_nb.bench.loader:main',
         'loader batches/s after warm-up: zarr store vs per-patch NetCDF, fraction of memcpy bandwidth',
     ),
     'preprocess': (
-        'seaice_nb.bench_preprocess:main',
+        'seaice_nb.bench.preprocess:main',
         'preprocessing wall/CPU/peak memory per full-size scene, 1 vs 3 frames, vs an xarray read',
     ),
     'download': (
-        'seaice_nb.download:bench_main',
+        'seaice_nb.data.download:bench_main',
         'downloader throughput vs a plain copy over loopback, resume re-fetch',
     ),
     'autolabel': (
@@ -83,7 +83,7 @@ BENCHES = {
         'labeller/filter Mpx/s per core vs memcpy and the per-tile HSV way; pool and Dask speed-up',
     ),
     'explore': (
-        'seaice_nb.explore:bench_main',
+        'seaice_nb.viz.explore:bench_main',
         'explorer redraw ms per action (layer, frame, overlay, opacity): in-place updates vs rebuilding the figure',
     ),
 }
@@ -140,8 +140,8 @@ def main(argv: list[str] | None = None) -> int:
 
 # %% ../nbs/90_cli.ipynb #95b93b6b
 CONFIG_KINDS = {
-    'preprocess': 'seaice_nb.preprocess:PreprocessConfig',
-    'train': 'seaice_nb.runs:TrainConfig',
+    'preprocess': 'seaice_nb.data.preprocess:PreprocessConfig',
+    'train': 'seaice_nb.training.runs:TrainConfig',
     'autolabel': 'seaice_nb.autolabel:AutolabelConfig',
 }
 

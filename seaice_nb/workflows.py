@@ -201,12 +201,12 @@ def map_figures(
     device: str = 'cpu',  # where the model runs
     formats: tuple[str, ...] = ('png',),  # one file per format; the first format's files are returned
 ) -> list[Path]:
-    "Chart-vs-prediction maps of `names` (with `seaice_nb.plots.scene_map`); the model reads the frames it was trained with."
-    from seaice_nb.data import SceneStore
-    from seaice_nb.evaluate import check_store
+    "Chart-vs-prediction maps of `names` (with `seaice_nb.viz.plots.scene_map`); the model reads the frames it was trained with."
+    from seaice_nb.data.datasets import SceneStore
+    from seaice_nb.evaluation.evaluate import check_store
     from seaice_nb.inference import predict_scene
-    from seaice_nb.plots import scene_map
-    from seaice_nb.runs import checkpoint_config, find_checkpoint, load_checkpoint
+    from seaice_nb.viz.plots import scene_map
+    from seaice_nb.training.runs import checkpoint_config, find_checkpoint, load_checkpoint
 
     if not names:
         return []
@@ -253,13 +253,13 @@ def uncertainty_figure(
     import numpy as np
     import zarr
     from seaice_nb.core import DataError
-    from seaice_nb.data import SceneStore
-    from seaice_nb.evaluate import check_store
+    from seaice_nb.data.datasets import SceneStore
+    from seaice_nb.evaluation.evaluate import check_store
     from seaice_nb.inference import predict_scene, target_valid
-    from seaice_nb.plots import plot_uncertainty_map
-    from seaice_nb.predict import ProbabilityRecorder
-    from seaice_nb.calibration import run_temperatures
-    from seaice_nb.runs import checkpoint_config, find_checkpoint, load_checkpoint
+    from seaice_nb.viz.plots import plot_uncertainty_map
+    from seaice_nb.inference.predict import ProbabilityRecorder
+    from seaice_nb.evaluation.calibration import run_temperatures
+    from seaice_nb.training.runs import checkpoint_config, find_checkpoint, load_checkpoint
 
     checkpoint = find_checkpoint(checkpoint)
     model, meta = load_checkpoint(checkpoint)
@@ -451,9 +451,9 @@ def demo_scores(
     n_frames: int = 3,  # frames of the stacks
 ) -> list[dict]:
     "Validation scores (store grid) of the demo's models beside the majority-class and per-pixel gradient-boosting baselines."
-    from seaice_nb import splits
+    from seaice_nb.data import splits
     from seaice_nb.benchmark import fit_baseline
-    from seaice_nb.data import SceneStore
+    from seaice_nb.data.datasets import SceneStore
 
     root = Path(root)
     data = root / 'data'
@@ -487,7 +487,7 @@ def demo_scores(
 
 def demo_split_text(root: str | Path, seed: int) -> str:
     "What the demo's scores are measured on, in words (data, split, seed)."
-    from seaice_nb import splits
+    from seaice_nb.data import splits
 
     m = splits.load_manifest(Path(root) / 'data' / 'split.json')
     n = {k: len(splits.scenes_of(m, k)) for k in ('train', 'val')}

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from seaice_nb.benchmark import BenchmarkConfig, chart_site_counts, choose_sites, sic_spread
-from seaice_nb.metrics import N_CLASSES
+from seaice_nb.evaluation.metrics import N_CLASSES
 
 
 def test_benchmark_split_covers_every_class():

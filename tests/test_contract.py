@@ -21,9 +21,9 @@ PRESETS = sorted(
 @pytest.fixture(scope='module')
 def small_store(tmp_path_factory):
     "Four tiny synthetic scenes preprocessed at 4x with 3-frame stacks, and an official-style split."
-    from seaice_nb import splits
-    from seaice_nb.preprocess import PreprocessConfig, preprocess
-    from seaice_nb.synth import generate_scenes
+    from seaice_nb.data import splits
+    from seaice_nb.data.preprocess import PreprocessConfig, preprocess
+    from seaice_nb.data.synth import generate_scenes
 
     tmp = tmp_path_factory.mktemp('contract')
     generate_scenes(tmp / 'scenes', 4, seed=3, size=(160, 200), progress=False)
@@ -62,7 +62,7 @@ def test_every_train_preset_is_listed():
 def test_cli_and_papermill_resolve_the_same_config(preset, small_store, tmp_path):
     "`seaice train PRESET --dry-run` and `papermill train.ipynb -p dry_run True` save the same config.yaml and model sizes."
     from seaice_nb.core import load_config
-    from seaice_nb.runs import TrainConfig, build_model
+    from seaice_nb.training.runs import TrainConfig, build_model
     from seaice_nb.workflows import run_notebook
 
     store, split = small_store / 'store.zarr', small_store / 'split.json'
@@ -156,19 +156,19 @@ def test_no_module_imports_one_that_imports_it_back():
 
 
 def test_importing_the_trainer_pulls_in_neither_plots_nor_evaluate():
-    code = 'import sys, seaice_nb.train; print(" ".join(m for m in sys.modules if m.startswith("seaice_nb")))'
+    code = 'import sys, seaice_nb.training.trainer; print(" ".join(m for m in sys.modules if m.startswith("seaice_nb")))'
     mods = subprocess.run(
         [PY, '-c', code], capture_output=True, text=True, cwd=REPO, check=True
     ).stdout.split()
-    assert 'seaice_nb.train' in mods and 'seaice_nb.runs' in mods
-    assert 'seaice_nb.plots' not in mods and 'seaice_nb.evaluate' not in mods, mods
+    assert 'seaice_nb.training.trainer' in mods and 'seaice_nb.training.runs' in mods
+    assert 'seaice_nb.viz.plots' not in mods and 'seaice_nb.evaluation.evaluate' not in mods, mods
 
 
 def test_mlflow_tracker_logs_to_a_local_store(tmp_path, monkeypatch):
     monkeypatch.delenv('MLFLOW_TRACKING_URI', raising=False)
     import mlflow
     from seaice_nb.core import to_dict
-    from seaice_nb.runs import Tracker, TrainConfig, read_metrics
+    from seaice_nb.training.runs import Tracker, TrainConfig, read_metrics
 
     png = tmp_path / 'curve.png'
     import matplotlib

@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import SCENE_LISTS
 
-from seaice_nb.data import (
+from seaice_nb.data.datasets import (
     PatchDataset,
     RareClassSampler,
     SceneDataset,
@@ -18,8 +18,8 @@ from seaice_nb.data import (
     flip_rotate,
     make_loader,
 )
-from seaice_nb.preprocess import PreprocessConfig, preprocess
-from seaice_nb.splits import (
+from seaice_nb.data.preprocess import PreprocessConfig, preprocess
+from seaice_nb.data.splits import (
     SplitConfig,
     check_split,
     load_scene_list,
@@ -27,7 +27,7 @@ from seaice_nb.splits import (
     official_split,
     scene_records,
 )
-from seaice_nb.synth import generate_scenes
+from seaice_nb.data.synth import generate_scenes
 
 P = 32
 
@@ -180,7 +180,7 @@ def test_split_has_no_leakage():
 
 
 def test_bench_runs_tiny(workdir):
-    from seaice_nb.bench_loader import run_benchmark
+    from seaice_nb.bench.loader import run_benchmark
 
     r = run_benchmark(
         workdir,
@@ -203,7 +203,7 @@ def test_bench_runs_tiny(workdir):
 
 
 def test_split_of_a_store_with_spatial_buffer(store):
-    from seaice_nb.splits import store_records
+    from seaice_nb.data.splits import store_records
 
     recs, fps = store_records(store)
     last = max(recs, key=lambda r: r['time'])
@@ -240,7 +240,7 @@ def _rchar() -> int:
 
 def test_lazy_reads_only_the_channels_asked_for(store):
     "One chunk per (frame, channel) plane: a lazy window of 4 of the 18 channels maps only those 4 image planes."
-    from seaice_nb import data
+    from seaice_nb.data import datasets as data
 
     st = SceneStore(store, in_memory=False)
     name = st.names[0]

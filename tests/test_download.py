@@ -1,4 +1,4 @@
-"""Integration tests of `seaice download` over real HTTP on 127.0.0.1 (seaice_nb.figshare_server):
+"""Integration tests of `seaice download` over real HTTP on 127.0.0.1 (seaice_nb.testing.figshare_server):
 every fault at once, bot challenges and URL-form fallback, 416, a killed and an interrupted process, the
 benchmark on tiny sizes, and the committed scene manifest."""
 
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from seaice_nb.core import DownloadError, file_digest
-from seaice_nb.download import (
+from seaice_nb.data.download import (
     Downloader,
     Retry,
     bench_main,
@@ -22,7 +22,7 @@ from seaice_nb.download import (
     verify,
     write_scene_manifest,
 )
-from seaice_nb.figshare_server import FakeFile, FigshareServer, make_files
+from seaice_nb.testing.figshare_server import FakeFile, FigshareServer, make_files
 from conftest import require
 
 pytestmark = pytest.mark.timeout(60)

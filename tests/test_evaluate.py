@@ -11,7 +11,7 @@ from sklearn.metrics import f1_score, r2_score
 from torch import nn
 
 from seaice_nb.core import CheckpointError, ConfigError, DataError
-from seaice_nb.evaluate import (
+from seaice_nb.evaluation.evaluate import (
     check_store,
     check_submission,
     predict_scene,
@@ -221,11 +221,11 @@ class Oracle(nn.Module):
 
 def test_perfect_model_at_factor_10_scores_99_through_the_package(tmp_path):
     "Issue 14: the 80 m score is the written package's score, and a perfect model is not ruined by masking."
-    from seaice_nb.data import SceneStore
-    from seaice_nb.evaluate import evaluate, score_submission, submission_maps
-    from seaice_nb.preprocess import PreprocessConfig, preprocess
-    from seaice_nb.synth import generate_scenes
-    from seaice_nb.runs import save_checkpoint
+    from seaice_nb.data.datasets import SceneStore
+    from seaice_nb.evaluation.evaluate import evaluate, score_submission, submission_maps
+    from seaice_nb.data.preprocess import PreprocessConfig, preprocess
+    from seaice_nb.data.synth import generate_scenes
+    from seaice_nb.training.runs import save_checkpoint
 
     generate_scenes(tmp_path / 'scenes', 3, seed=4, size=(300, 360), progress=False)
     preprocess(
@@ -261,7 +261,7 @@ def test_perfect_model_at_factor_10_scores_99_through_the_package(tmp_path):
     assert again.scores() == s['official_80m'] and again.n_pixels() == s['n_pixels_80m']
     # the package holds 255 only where the scene itself has no SAR data
     import netCDF4
-    from seaice_nb.scenes import open_scene
+    from seaice_nb.data.scenes import open_scene
 
     with netCDF4.Dataset(out / 'upload_package.nc') as nc:
         for name in s['scenes']:
@@ -286,16 +286,16 @@ def test_perfect_model_at_factor_10_scores_99_through_the_package(tmp_path):
 
 def test_evaluate_without_submission_still_scores_a_package(tmp_path, monkeypatch):
     "submission=False: the 80 m score still comes from a (temporary) package, removed afterwards."
-    from seaice_nb import evaluate as ev
+    from seaice_nb.evaluation import evaluate as ev
 
     seen = []
     real = ev.score_submission
     monkeypatch.setattr(
         ev, 'score_submission', lambda p, *a, **k: (seen.append(Path(p)), real(p, *a, **k))[1]
     )
-    from seaice_nb.preprocess import PreprocessConfig, preprocess
-    from seaice_nb.synth import generate_scenes
-    from seaice_nb.runs import save_checkpoint
+    from seaice_nb.data.preprocess import PreprocessConfig, preprocess
+    from seaice_nb.data.synth import generate_scenes
+    from seaice_nb.training.runs import save_checkpoint
 
     generate_scenes(tmp_path / 'scenes', 1, seed=6, size=(100, 120), progress=False)
     preprocess(
@@ -324,11 +324,11 @@ def test_evaluate_without_submission_still_scores_a_package(tmp_path, monkeypatc
 
 @pytest.fixture(scope='module')
 def trained(tmp_path_factory):
-    """The shared tiny world of `seaice_nb.testing`: 3 synthetic scenes -> store (4x) -> a U-Net trained for one
+    """The shared tiny world of `seaice_nb.testing.fixtures`: 3 synthetic scenes -> store (4x) -> a U-Net trained for one
     epoch; the scenes and store are linked read-only, the run is a private copy (evaluation writes into it)."""
     from types import SimpleNamespace
 
-    from seaice_nb import testing
+    from seaice_nb.testing import fixtures as testing
 
     tmp = tmp_path_factory.mktemp('e2e')
     (tmp / 'scenes').symlink_to(testing.tiny_scenes(), target_is_directory=True)
@@ -339,9 +339,9 @@ def trained(tmp_path_factory):
 
 def test_cli_evaluate_scores_at_80m_and_writes_package(trained):
     from seaice_nb import cli
-    from seaice_nb.data import SceneStore
-    from seaice_nb.scenes import open_scene
-    from seaice_nb.runs import load_checkpoint
+    from seaice_nb.data.datasets import SceneStore
+    from seaice_nb.data.scenes import open_scene
+    from seaice_nb.training.runs import load_checkpoint
 
     tmp, res = trained
     out = tmp / 'eval'
@@ -399,9 +399,9 @@ def test_cli_evaluate_scores_at_80m_and_writes_package(trained):
 
 
 def test_bad_input_names_the_mismatch(trained):
-    from seaice_nb.evaluate import evaluate
+    from seaice_nb.evaluation.evaluate import evaluate
     from seaice_nb.models import create_model
-    from seaice_nb.preprocess import PreprocessConfig, preprocess
+    from seaice_nb.data.preprocess import PreprocessConfig, preprocess
 
     tmp, res = trained
     other = tmp / 'store2x.zarr'

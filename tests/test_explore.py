@@ -15,9 +15,9 @@ from matplotlib.backend_bases import MouseEvent, PickEvent
 from conftest import require
 
 from seaice_nb.core import DataError, MissingFileError
-from seaice_nb.explore import explore, explore_demo
+from seaice_nb.viz.explore import explore, explore_demo
 from seaice_nb.charts import CLASS_TABLES
-from seaice_nb.scenes import destandardise
+from seaice_nb.data.scenes import destandardise
 
 FLAGS = [
     '--no-sandbox',
@@ -35,8 +35,8 @@ CHANNELS = ['hh', 'hv', 'incidence_angle', 'distance_map']
 def tiny_run(root: Path, store: Path, name: str, preset: str, **kw) -> Path:
     "A checkpoint as the trainer writes it (meta with config, channels, frames, preprocessing), initialised with seed 0."
     from seaice_nb.core import to_dict
-    from seaice_nb.data import DataConfig
-    from seaice_nb.runs import TrainConfig, build_model, save_checkpoint
+    from seaice_nb.data.datasets import DataConfig
+    from seaice_nb.training.runs import TrainConfig, build_model, save_checkpoint
 
     cfg = TrainConfig(model=preset, model_kwargs=kw, data=DataConfig(crop=32, n_frames=3, channels=CHANNELS))
     torch.manual_seed(0)
@@ -57,9 +57,9 @@ def tiny_run(root: Path, store: Path, name: str, preset: str, **kw) -> Path:
 @pytest.fixture(scope='module')
 def tiny(tmp_path_factory):
     "4 synthetic scenes -> store (2x, stacks of up to 3 frames) + split.json beside it, a tiny TSViT v2 and a tiny U-Net run."
-    from seaice_nb.preprocess import PreprocessConfig, preprocess
-    from seaice_nb.splits import official_split, save_manifest, store_records
-    from seaice_nb.synth import generate_scenes
+    from seaice_nb.data.preprocess import PreprocessConfig, preprocess
+    from seaice_nb.data.splits import official_split, save_manifest, store_records
+    from seaice_nb.data.synth import generate_scenes
 
     root = tmp_path_factory.mktemp('explore')
     generate_scenes(root / 'scenes', 4, seed=0, size=(100, 125), progress=False)
@@ -277,7 +277,7 @@ def test_demo_layout_opens_in_one_call_and_bad_input_is_named(tiny, tmp_path):
 
 NOTEBOOK_CELLS = [
     "%matplotlib widget",
-    "from seaice_nb.explore import explore\nex = explore({store!r}, run={run!r})\nex",
+    "from seaice_nb.viz.explore import explore\nex = explore({store!r}, run={run!r})\nex",
     "ex.inspect(20, 30);",
 ]
 

@@ -21,8 +21,8 @@ def runs(tmp_path_factory):
     """Three tiny runs (two seeds of one name, one wider model) on the shared tiny world, each evaluated."""
     from types import SimpleNamespace
 
-    from seaice_nb import testing
-    from seaice_nb.evaluate import evaluate
+    from seaice_nb.testing import fixtures as testing
+    from seaice_nb.evaluation.evaluate import evaluate
 
     tmp = tmp_path_factory.mktemp('paper')
     (tmp / 'scenes').symlink_to(testing.tiny_scenes(), target_is_directory=True)

@@ -8,7 +8,7 @@ from sklearn.metrics import f1_score, r2_score
 from seaice_nb.charts import UnknownChartError
 from seaice_nb.core import DataError
 from seaice_nb.charts import CHARTS, N_CLASSES
-from seaice_nb.metrics import (
+from seaice_nb.evaluation.metrics import (
     ConditionAccumulator,
     ScoreAccumulator,
     combine_scores,
@@ -215,7 +215,9 @@ def test_chart_constants_have_one_home():
     import re
     from pathlib import Path
     import seaice_nb
-    from seaice_nb import charts, metrics, scenes, preprocess
+    from seaice_nb import charts
+    from seaice_nb.evaluation import metrics
+    from seaice_nb.data import scenes, preprocess
     from seaice_nb.models import losses
 
     pat = re.compile(

@@ -11,17 +11,17 @@ import pytest
 import torch
 
 from seaice_nb.core import ConfigError, DataError
-from seaice_nb.metrics import CHARTS, N_CLASSES
+from seaice_nb.evaluation.metrics import CHARTS, N_CLASSES
 
 
 @pytest.fixture(scope='module')
 def world(tmp_path_factory):
     """Six synthetic scenes of one world (3 train, 3 test with charts only in _reference.nc), two stores, a tiny U-Net."""
-    from seaice_nb.preprocess import PreprocessConfig, preprocess
-    from seaice_nb.synth import generate_scenes
-    from seaice_nb.data import DataConfig
-    from seaice_nb.runs import TrainConfig
-    from seaice_nb.train import train
+    from seaice_nb.data.preprocess import PreprocessConfig, preprocess
+    from seaice_nb.data.synth import generate_scenes
+    from seaice_nb.data.datasets import DataConfig
+    from seaice_nb.training.runs import TrainConfig
+    from seaice_nb.training.trainer import train
 
     tmp = tmp_path_factory.mktemp('predict')
     m = json.loads(
@@ -85,9 +85,9 @@ def _predict_cli(run, scene, out, *extra) -> int:
 def test_predict_cli_on_unlabelled_test_scene_matches_evaluation(world):
     import rasterio
     from matplotlib.image import imread
-    from seaice_nb.data import SceneStore
-    from seaice_nb.evaluate import predict_scene, upsample_nearest
-    from seaice_nb.runs import load_checkpoint
+    from seaice_nb.data.datasets import SceneStore
+    from seaice_nb.evaluation.evaluate import predict_scene, upsample_nearest
+    from seaice_nb.training.runs import load_checkpoint
 
     tmp, res, _ = world
     scene = _alone(world)
@@ -145,8 +145,8 @@ def test_predict_cli_on_unlabelled_test_scene_matches_evaluation(world):
 
 def test_onnx_backend_and_int8_within_one_point(world):
     from seaice_nb import cli
-    from seaice_nb.export import export_run, real_batches
-    from seaice_nb.predict import OnnxModel, load_predictor
+    from seaice_nb.inference.export import export_run, real_batches
+    from seaice_nb.inference.predict import OnnxModel, load_predictor
 
     tmp, _, split = world
     rep = export_run(
@@ -234,7 +234,7 @@ FAMILIES = {
 
 @pytest.mark.parametrize('preset', list(FAMILIES))
 def test_every_family_exports_and_matches_onnxruntime(preset, tmp_path):
-    from seaice_nb.export import check_export, export_onnx
+    from seaice_nb.inference.export import check_export, export_onnx
     from seaice_nb.models import create_model
 
     kw, T = FAMILIES[preset]
@@ -264,7 +264,7 @@ def test_every_family_exports_and_matches_onnxruntime(preset, tmp_path):
 
 def _calibrated_copy(run, dest, temperatures):
     """`run` copied to `dest` with `temperatures` written into the checkpoint consumers load (as training does)."""
-    from seaice_nb.runs import find_checkpoint, read_checkpoint
+    from seaice_nb.training.runs import find_checkpoint, read_checkpoint
 
     shutil.copytree(run, dest)
     ck = find_checkpoint(dest)
@@ -276,8 +276,8 @@ def _calibrated_copy(run, dest, temperatures):
 
 def test_calibrated_onnx_gives_the_pytorch_calibrated_probabilities(world, tmp_path):
     from seaice_nb.inference import class_probabilities
-    from seaice_nb.export import export_run, real_batches
-    from seaice_nb.predict import OnnxModel, load_predictor, predict_maps
+    from seaice_nb.inference.export import export_run, real_batches
+    from seaice_nb.inference.predict import OnnxModel, load_predictor, predict_maps
 
     tmp, _, split = world
     temps = {'sic': 1.7, 'sod': 2.5, 'floe': 0.6}  # far from 1: a missing or doubled division shows
@@ -359,8 +359,8 @@ def test_onnx_export_predicts_alone_without_pytorch(world, tmp_path):
 
     import onnx
     from seaice_nb.core import CheckpointError
-    from seaice_nb.export import export_run
-    from seaice_nb.predict import predict
+    from seaice_nb.inference.export import export_run
+    from seaice_nb.inference.predict import predict
 
     tmp, _, _ = world
     model = tmp_path / 'ship' / 'model.onnx'
@@ -437,7 +437,7 @@ class _nothing:
 
 def test_corrupt_or_foreign_scene_fails_naming_it_and_writes_nothing(world):
     import xarray as xr
-    from seaice_nb.predict import predict
+    from seaice_nb.inference.predict import predict
 
     tmp, _, split = world
     good = _alone(world, 2)
@@ -458,14 +458,14 @@ def test_corrupt_or_foreign_scene_fails_naming_it_and_writes_nothing(world):
     with pytest.raises(
         DataError, match='not earlier than the target'
     ):  # history must be older than the target
-        from seaice_nb.predict import load_predictor, scene_inputs
+        from seaice_nb.inference.predict import load_predictor, scene_inputs
 
         scene_inputs(good, load_predictor(tmp / 'run')[1], [good])
 
 
 def test_temporal_model_uses_history_or_falls_back_logged(world, caplog, tmp_path):
-    from seaice_nb.bench_predict import make_run
-    from seaice_nb.predict import predict
+    from seaice_nb.bench.predict import make_run
+    from seaice_nb.inference.predict import predict
 
     tmp, _, split = world
     run = make_run('tsvit_v2', tmp_path, factor=4, tiny=True)  # a TSViT v2 run on 3 frames (untrained)
@@ -483,7 +483,7 @@ def test_temporal_model_uses_history_or_falls_back_logged(world, caplog, tmp_pat
 
 def test_ensemble_and_flipped_views_write_their_disagreement(world, tmp_path):
     from seaice_nb import cli
-    from seaice_nb.predict import load_predictor, make_ensemble, predict_maps
+    from seaice_nb.inference.predict import load_predictor, make_ensemble, predict_maps
 
     tmp, _, _ = world
     scene = _alone(world, 2)
@@ -517,6 +517,6 @@ def test_ensemble_and_flipped_views_write_their_disagreement(world, tmp_path):
             np.nanmin(d) >= 0 and np.nanmax(d) <= 1 and np.nanmax(d) > 1e-7
         )  # a U-Net is not flip-invariant
     with pytest.raises(ConfigError, match='members must read the same inputs'):
-        from seaice_nb.bench_predict import make_run
+        from seaice_nb.bench.predict import make_run
 
         make_ensemble(model, settings, [make_run('tsvit_v2', tmp_path / 'v2', factor=4, tiny=True)])

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from seaice_nb.preprocess import (
+from seaice_nb.data.preprocess import (
     PreprocessConfig,
     done_scenes,
     find_scenes,
@@ -17,8 +17,8 @@ from seaice_nb.preprocess import (
     validate_store,
     main as preprocess_main,
 )
-from seaice_nb import stack
-from seaice_nb.synth import generate_scenes
+from seaice_nb.data import stack
+from seaice_nb.data.synth import generate_scenes
 
 CFG = PreprocessConfig(factor=2, max_frames=3, max_days=10, chunk=64)
 SIZE = (200, 240)
@@ -103,7 +103,7 @@ def test_resume_after_sigkill(scenes_dir, tmp_path):
     cmd = [
         sys.executable,
         '-c',
-        'import sys; from seaice_nb.preprocess import main; sys.exit(main(sys.argv[1:]))',
+        'import sys; from seaice_nb.data.preprocess import main; sys.exit(main(sys.argv[1:]))',
         str(scenes_dir),
         str(out),
         '--workers',
@@ -173,8 +173,8 @@ def test_dask_client(scenes_dir, tmp_path):
 def test_cli_registered(tmp_path, capsys):
     from seaice_nb.cli import COMMANDS, BENCHES, main
 
-    assert COMMANDS['preprocess'][0] == 'seaice_nb.preprocess:main'
-    assert BENCHES['loader'][0] == 'seaice_nb.bench_loader:main'
+    assert COMMANDS['preprocess'][0] == 'seaice_nb.data.preprocess:main'
+    assert BENCHES['loader'][0] == 'seaice_nb.bench.loader:main'
     assert main(['preprocess', str(tmp_path / 'nowhere'), str(tmp_path / 'o.zarr')]) == 1
     assert 'neither a scene file nor a folder' in capsys.readouterr().err
 
@@ -197,13 +197,13 @@ def test_bench_preprocess_tiny(capsys):
 def test_old_store_is_refused_but_audited(scenes_dir, store, tmp_path):
     "A store of format 1 cannot be trained on (the message says how to rebuild it) but validation still checks its values."
     import zarr
-    from seaice_nb.data import SceneStore
+    from seaice_nb.data.datasets import SceneStore
 
     out, _ = store
     old = tmp_path / 'old.zarr'
     shutil.copytree(out, old)
     meta = json.loads((old / 'zarr.json').read_text())
-    meta['attributes']['seaice:format'] = 'seaice_nb.preprocess/1'
+    meta['attributes']['seaice:format'] = 'seaice_nb.data.preprocess/1'
     (old / 'zarr.json').write_text(json.dumps(meta))
     name = done_scenes(old)[0]
     g = zarr.open_group(old / name, mode='r+')
@@ -213,5 +213,5 @@ def test_old_store_is_refused_but_audited(scenes_dir, store, tmp_path):
     with pytest.raises(Exception, match='--overwrite'):
         SceneStore(old)
     problems = validate_store(old)
-    assert any('format seaice_nb.preprocess/1' in p and '--overwrite' in p for p in problems), problems
+    assert any('format seaice_nb.data.preprocess/1' in p and '--overwrite' in p for p in problems), problems
     assert f"{name}: sic has 1 pixels outside 0..10 (or 255), e.g. 200" in problems

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import xarray as xr
 
-import seaice_nb.preprocess as pp
-from seaice_nb.preprocess import PreprocessConfig, done_scenes, find_scenes, preprocess, validate_store
-from seaice_nb.scenes import CHART_VARS, SAR_DIMS, write_scene
-from seaice_nb.synth import generate_scenes
+import seaice_nb.data.preprocess as pp
+from seaice_nb.data.preprocess import PreprocessConfig, done_scenes, find_scenes, preprocess, validate_store
+from seaice_nb.data.scenes import CHART_VARS, SAR_DIMS, write_scene
+from seaice_nb.data.synth import generate_scenes
 
 SIZE = (100, 120)
 OPTS = ['-o', 'factor=2', '-o', 'chunk=32', '-o', 'max_days=30', '-o', 'min_overlap=0.05']
@@ -183,7 +183,7 @@ def _alive(pid: int) -> bool:
 CMD = [
     sys.executable,
     '-c',
-    'import sys; from seaice_nb.preprocess import main; sys.exit(main(sys.argv[1:]))',
+    'import sys; from seaice_nb.data.preprocess import main; sys.exit(main(sys.argv[1:]))',
 ]
 
 

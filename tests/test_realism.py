@@ -1,4 +1,4 @@
-"""seaice_nb.realism: the calibrated world holds the real data set's chart statistics; the default world does not."""
+"""seaice_nb.data.realism: the calibrated world holds the real data set's chart statistics; the default world does not."""
 
 import json, subprocess, sys
 from pathlib import Path
@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 
 from seaice_nb.core import ConfigError, DataError
-from seaice_nb.realism import compare, folder_records, statistics
-from seaice_nb.synth import REALISTIC, WorldConfig, generate_scenes, plan_passes, World
+from seaice_nb.data.realism import compare, folder_records, statistics
+from seaice_nb.data.synth import REALISTIC, WorldConfig, generate_scenes, plan_passes, World
 
 SEAICE = [str(Path(sys.executable).parent / 'seaice')]  # the installed command
 DRAWS = range(200, 208)  # the draws the REALISTIC settings were chosen on (checked on 300-307, see 11_synth)

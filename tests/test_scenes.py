@@ -1,4 +1,4 @@
-"""seaice_nb.scenes: names, the validator on defective files, the `seaice validate` command, geolocation."""
+"""seaice_nb.data.scenes: names, the validator on defective files, the `seaice validate` command, geolocation."""
 
 import json, subprocess, sys
 from collections import Counter
@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from conftest import SCENE_LISTS
 
-from seaice_nb import scenes as S
-from seaice_nb.synth import generate_scenes
+from seaice_nb.data import scenes as S
+from seaice_nb.data.synth import generate_scenes
 
 SEAICE = [str(Path(sys.executable).parent / 'seaice')]
 

@@ -272,9 +272,9 @@ def test_cli_dry_run_and_errors(tmp_path, capsys):
 def test_preprocess_on_dask_slurmcluster(slurm_cluster, tmp_path):
     "Scenes preprocessed on a Dask worker that dask_jobqueue.SLURMCluster submitted as a SLURM job (no hand-started scheduler)."
     pytest.importorskip('dask_jobqueue')
-    from seaice_nb.preprocess import PreprocessConfig, done_scenes, preprocess
+    from seaice_nb.data.preprocess import PreprocessConfig, done_scenes, preprocess
     from seaice_nb.slurm import dask_slurm_client
-    from seaice_nb.synth import generate_scenes
+    from seaice_nb.data.synth import generate_scenes
 
     generate_scenes(tmp_path / 'scenes', 3, seed=1, size=(100, 120), progress=False)
     with slurm_cluster.activated():
@@ -307,8 +307,8 @@ def test_preprocess_on_dask_slurmcluster(slurm_cluster, tmp_path):
 
 def test_preprocess_array_tasks_use_their_cpus(slurm_cluster, tmp_path):
     "An array job of 2 tasks with 2 CPUs each: each writes its block of scenes with 2 worker processes, sharing the store lock."
-    from seaice_nb.preprocess import done_scenes, validate_store
-    from seaice_nb.synth import generate_scenes
+    from seaice_nb.data.preprocess import done_scenes, validate_store
+    from seaice_nb.data.synth import generate_scenes
 
     generate_scenes(tmp_path / 'scenes', 4, seed=1, size=(100, 120), progress=False)
     seaice = Path(sys.executable).parent / 'seaice'

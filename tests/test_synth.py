@@ -1,4 +1,4 @@
-"""seaice_nb.synth: validity, determinism, the command, and that the physics is shaped right."""
+"""seaice_nb.data.synth: validity, determinism, the command, and that the physics is shaped right."""
 
 import json, subprocess, sys, warnings
 from pathlib import Path
@@ -6,9 +6,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from seaice_nb import scenes as S
+from seaice_nb.data import scenes as S
 from seaice_nb.core import file_digest
-from seaice_nb.synth import World, WorldConfig, generate_scenes
+from seaice_nb.data.synth import World, WorldConfig, generate_scenes
 
 SEAICE = [str(Path(sys.executable).parent / 'seaice')]
 

@@ -10,8 +10,8 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from seaice_nb.core import CheckpointError, ConfigError
-from seaice_nb.metrics import CHARTS, N_CLASSES
-from seaice_nb.train import TrainConfig, launch, read_checkpoint, train
+from seaice_nb.evaluation.metrics import CHARTS, N_CLASSES
+from seaice_nb.training.trainer import TrainConfig, launch, read_checkpoint, train
 
 HERE = Path(__file__).resolve().parent
 
@@ -104,7 +104,7 @@ KILL_SCRIPT = textwrap.dedent('''
     sys.path.insert(0, {here!r})
     import torch; torch.set_num_threads(1)
     from test_train import TinyNet, RandomSamples, ce_loss, argmax, resume_cfg
-    from seaice_nb.train import train
+    from seaice_nb.training.trainer import train
     def kill(event, state, model):
         if event == 'step' and state['global_step'] == 9:
             os.kill(os.getpid(), signal.SIGKILL)
@@ -413,9 +413,9 @@ def test_cli_train_from_a_preset(tmp_path, one_thread, monkeypatch):
 # --- determinism across processes and machines -----------------------------------------------------
 DETERMINISM_SCRIPT = textwrap.dedent('''
     import json, sys
-    from seaice_nb.data import DataConfig
-    from seaice_nb.runs import TrainConfig
-    from seaice_nb.train import train
+    from seaice_nb.data.datasets import DataConfig
+    from seaice_nb.training.runs import TrainConfig
+    from seaice_nb.training.trainer import train
     store, out, deterministic = sys.argv[1], sys.argv[2], sys.argv[3] == '1'
     models = {
         'unet_baseline': {'filters': [8, 8]},
@@ -432,8 +432,8 @@ DETERMINISM_SCRIPT = textwrap.dedent('''
 @pytest.fixture(scope='module')
 def tiny_store(tmp_path_factory):
     "Four synthetic scenes preprocessed into a store with two-frame stacks (no torch in this process's share)."
-    from seaice_nb.preprocess import PreprocessConfig, preprocess
-    from seaice_nb.synth import generate_scenes
+    from seaice_nb.data.preprocess import PreprocessConfig, preprocess
+    from seaice_nb.data.synth import generate_scenes
 
     tmp = tmp_path_factory.mktemp('det')
     generate_scenes(tmp / 'scenes', 4, seed=5, size=(96, 120), progress=False)
@@ -482,7 +482,7 @@ def test_deterministic_runs_are_bit_identical_across_thread_and_kernel_settings(
 def test_importing_seaice_nb_pins_kernels_before_the_first_torch_operation():
     # a workflow notebook builds its model (torch operations) before the trainer calls fix_numerics
     script = (
-        'import os, torch, seaice_nb.data; torch.ones(8).sum(); '
+        'import os, torch, seaice_nb.data.datasets; torch.ones(8).sum(); '
         'print(torch.backends.cpu.get_cpu_capability(), os.environ.get("ATEN_CPU_CAPABILITY"))'
     )
     env = {

@@ -69,7 +69,7 @@ def test_parameters_cell_is_typed_and_documented(name):
 @pytest.mark.parametrize('preset', ['unet_baseline', 'unet_winner', 'tsvit_v1', 'tsvit_v2', 'tsvit_v3'])
 def test_train_presets_load_and_build(preset):
     "Every train preset is a valid TrainConfig whose model builds with sizes that follow a (small) data config."
-    from seaice_nb.runs import TrainConfig, build_model, with_model_inputs
+    from seaice_nb.training.runs import TrainConfig, build_model, with_model_inputs
     from seaice_nb.workflows import load_preset
 
     cfg = load_preset(preset, TrainConfig, {'data.crop': 32}, kind='train')
@@ -162,7 +162,7 @@ def test_demo_notebooks_record_parameters_and_outputs(demo):
         assert package.exists() and scores['scored_from'] == str(
             package
         )  # and the reported score is its score
-        from seaice_nb.evaluate import score_submission
+        from seaice_nb.evaluation.evaluate import score_submission
 
         assert score_submission(package, root / 'data' / 'scenes').scores() == scores['official_80m']
         assert json.loads((run / 'evaluate_val.json').read_text())['scored_from'] == str(package)
@@ -195,7 +195,7 @@ def test_demo_notebooks_record_parameters_and_outputs(demo):
 
 def test_demo_split_holds_out_whole_sites(demo):
     "The demo validates on whole held-out sites: no site has passes on both sides, and the split says which."
-    from seaice_nb import splits
+    from seaice_nb.data import splits
     from seaice_nb.benchmark import scene_sites
 
     root, out, _ = demo
@@ -315,7 +315,7 @@ CHAIN = {
 
 def test_slurm_chain_preprocess_train_evaluate_figures(slurm_cluster, tmp_path):
     from seaice_nb.slurm import check, report, submit_chain, wait
-    from seaice_nb.synth import generate_scenes
+    from seaice_nb.data.synth import generate_scenes
 
     run = tmp_path / 'chain'
     generate_scenes(tmp_path / 'scenes', 3, seed=5, size=(200, 240), progress=False)

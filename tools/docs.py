@@ -13,7 +13,7 @@ installed and nothing outside the checkout is written:
    pages become relative (nbdev writes them absolute, to the published host), and signature comments
    lose their markdown (they sit in a code block, where `[`x`](url)` would show as it is typed);
 4. render with Quarto when it is installed, else with smalldocs (pure Python), whose pages get the names
-   Quarto would give them (nbdev's `output-file`: `10_scenes.ipynb` -> `scenes.html`), so the
+   Quarto would give them (nbdev's `output-file`: `10_data.scenes.ipynb` -> `data.scenes.html`), so the
    cross-reference links of both routes resolve.
 
     python tools/docs.py            # build _docs/

@@ -1,9 +1,9 @@
 #!/usr/bin/env python
 """Authoring helper: round-trip a notebook through jupytext's percent format.
 
-    python tools/nb.py topy nbs/10_scenes.ipynb  [out.py]   # notebook -> editable percent script
-    python tools/nb.py build src.py nbs/10_scenes.ipynb      # script -> notebook, executed, cleaned, exported
-    python tools/nb.py build src.py nbs/10_scenes.ipynb --no-exec
+    python tools/nb.py topy nbs/10_data.scenes.ipynb  [out.py]   # notebook -> editable percent script
+    python tools/nb.py build src.py nbs/10_data.scenes.ipynb      # script -> notebook, executed, cleaned, exported
+    python tools/nb.py build src.py nbs/10_data.scenes.ipynb --no-exec
 
 The notebook stays the source of truth: the script is a scratch copy (keep it out of git).
 `build` executes the notebook in nbs/ (so saved outputs reach the docs), runs nbdev_clean on it and

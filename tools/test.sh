@@ -36,7 +36,7 @@ t0=$(date +%s)
 echo "nbdev_test took $(( $(date +%s) - t0 )) s"
 
 step "pytest"
-# fixtures of seaice_nb.testing (scenes, store, tiny runs), built once per code version and shared by the workers
+# fixtures of seaice_nb.testing.fixtures (scenes, store, tiny runs), built once per code version and shared by the workers
 export SEAICE_NB_TEST_CACHE="${SEAICE_NB_TEST_CACHE:-$PWD/.pytest_cache/seaice_nb-fixtures}"
 t0=$(date +%s)
 # two workers, a test file each at a time: much of the suite waits on kernels, SLURM, browsers and servers
