@@ -14,7 +14,8 @@ from scipy import ndimage
 
 from .evaluation.calibration import run_temperatures
 from .core import ConfigError, DataError, atomic_write, code_version, get_logger
-from .evaluation.metrics import CHARTS, N_CLASSES, ScoreAccumulator
+from .charts import CHARTS, N_CLASSES
+from .evaluation.metrics import ScoreAccumulator
 from .data.synth import REALISTIC
 from .data.realism import REAL, realism_report
 

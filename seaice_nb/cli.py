@@ -75,15 +75,15 @@ BENCHES = {
         'preprocessing wall/CPU/peak memory per full-size scene, 1 vs 3 frames, vs an xarray read',
     ),
     'download': (
-        'seaice_nb.data.download:bench_main',
+        'seaice_nb.bench.download:main',
         'downloader throughput vs a plain copy over loopback, resume re-fetch',
     ),
     'autolabel': (
-        'seaice_nb.autolabel.parallel:bench_main',
+        'seaice_nb.bench.autolabel:main',
         'labeller/filter Mpx/s per core vs memcpy and the per-tile HSV way; pool and Dask speed-up',
     ),
     'explore': (
-        'seaice_nb.viz.explore:bench_main',
+        'seaice_nb.bench.explore:main',
         'explorer redraw ms per action (layer, frame, overlay, opacity): in-place updates vs rebuilding the figure',
     ),
 }

@@ -180,9 +180,9 @@ def test_split_has_no_leakage():
 
 
 def test_bench_runs_tiny(workdir):
-    from seaice_nb.bench.loader import run_benchmark
+    from seaice_nb.bench.loader import bench_loader
 
-    r = run_benchmark(
+    r = bench_loader(
         workdir,
         n_scenes=3,
         size=(200, 240),

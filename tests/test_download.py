@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 
 from seaice_nb.core import DownloadError, file_digest
+from seaice_nb.bench.download import main as bench_main
 from seaice_nb.data.download import (
     Downloader,
     Retry,
-    bench_main,
     check_name,
     kill_and_resume,
     list_files,

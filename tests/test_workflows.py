@@ -219,7 +219,6 @@ def test_demo_evaluation_writes_the_package():
 def test_demo_second_run_reuses_finished_steps(demo):
     root, _, _ = demo
     nbs = {p: p.stat().st_mtime_ns for p in root.rglob('*.ipynb')}
-    t0 = time.time()
     r = subprocess.run(
         [PY, 'tools/demo.py', '--quick', '--quiet', '--root', str(root)],
         cwd=REPO,
@@ -229,8 +228,8 @@ def test_demo_second_run_reuses_finished_steps(demo):
     )
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.count('finished earlier, reused') == 6, r.stdout
-    assert {p: p.stat().st_mtime_ns for p in root.rglob('*.ipynb')} == nbs
-    assert time.time() - t0 < 60
+    assert {p: p.stat().st_mtime_ns for p in root.rglob('*.ipynb')} == nbs  # nothing ran again
+    # (no wall-time bound: on a loaded 2-core machine a reuse pass took 115 s; the test failed by luck)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler
 from ..core import ConfigError
 
 # %% auto #0
-__all__ = ['time_loader', 'memcpy_rate', 'NetCDFPatchDataset', 'time_layouts', 'run_benchmark', 'main']
+__all__ = ['time_loader', 'memcpy_rate', 'NetCDFPatchDataset', 'time_layouts', 'bench_loader', 'main']
 
 # %% ../../nbs/80_bench.loader.ipynb #52d9e4e1
 def _batch_bytes(b) -> int:
@@ -189,7 +189,7 @@ def _median(rs: list[dict]) -> dict:
     return {**s[(len(s) - 1) // 2], 'repeats_MB_s': [r['MB_s'] for r in rs]}
 
 
-def run_benchmark(
+def bench_loader(
     workdir: str | Path | None = None,  # where scenes and the store are made (reused when present)
     n_scenes: int = 6,  # synthetic scenes
     size: tuple[int, int] = (2600, 2600),  # 80 m pixels per scene
@@ -322,7 +322,7 @@ def main(argv: list[str]) -> int:
         '--layouts', action='store_true', help='also time random windows in several zarr chunk layouts'
     )
     a = ap.parse_args(argv)
-    r = run_benchmark(
+    r = bench_loader(
         a.workdir,
         a.scenes,
         tuple(a.size),

@@ -13,7 +13,7 @@ import xarray as xr
 from ..core import ConfigError
 
 # %% auto #0
-__all__ = ['run_benchmark', 'main']
+__all__ = ['bench_preprocess', 'main']
 
 # %% ../../nbs/81_bench.preprocess.ipynb #a267f2a0
 def _in_child(fn, *args) -> dict:
@@ -68,7 +68,7 @@ def _preprocess(files: list[str], out: str, frames: int, factor: int) -> dict:
     return {'written': len(s['written']), 'reads': s['reads'], 'frames_per_target': n_frames}
 
 # %% ../../nbs/81_bench.preprocess.ipynb #b84fd5aa
-def run_benchmark(
+def bench_preprocess(
     workdir: str | Path | None = None,  # scenes are made here (reused when present)
     size: tuple[int, int] = (5000, 5200),  # (lines, samples) of each synthetic scene
     n_scenes: int = 3,  # scenes (one site, a few days apart: 3-frame stacks form)
@@ -180,7 +180,8 @@ def main(argv: list[str]) -> int:
     a = ap.parse_args(argv)
     print(
         json.dumps(
-            run_benchmark(a.workdir, tuple(a.size), a.scenes, a.factor, a.repeats, a.cores, a.total), indent=1
+            bench_preprocess(a.workdir, tuple(a.size), a.scenes, a.factor, a.repeats, a.cores, a.total),
+            indent=1,
         )
     )
     return 0

@@ -18,7 +18,7 @@ from ..core import ConfigError, DataError, DownloadError, MissingFileError, atom
 __all__ = ['DEFAULT_API', 'ARTICLES', 'PUBLIC_FORMS', 'log', 'MANIFEST_FORMAT', 'SCENE_COLUMNS', 'article_id', 'url_forms',
            'check_name', 'safe_path', 'RemoteFile', 'Retry', 'retry_after', 'list_files', 'Outcome', 'verify',
            'Downloader', 'Report', 'write_manifest', 'read_manifest', 'verify_dir', 'scene_rows',
-           'write_scene_manifest', 'read_scene_manifest', 'main', 'seaice_command', 'kill_and_resume', 'bench_main']
+           'write_scene_manifest', 'read_scene_manifest', 'main', 'seaice_command', 'kill_and_resume']
 
 # %% ../../nbs/14_data.download.ipynb #b549fdde
 DEFAULT_API = 'https://api.figshare.com/v2'
@@ -910,76 +910,3 @@ def kill_and_resume(srv, article: int, f, dest: Path, kill_after: float = 1.0, t
         'rerun_exit': r.returncode,
         'rerun_output': r.stdout + r.stderr,
     }
-
-
-def _plain_copy(urls: list[str], dest: Path) -> None:
-    "The baseline: one stream per file, straight to disk."
-    dest.mkdir(parents=True, exist_ok=True)
-    with requests.Session() as s:
-        for i, u in enumerate(urls):
-            with s.get(u, stream=True) as r, open(dest / f"plain{i}", 'wb') as out:
-                r.raise_for_status()
-                shutil.copyfileobj(r.raw, out, 1 << 20)
-
-
-def bench_main(argv: list[str] | None = None) -> int:
-    "`seaice bench download`: downloader throughput (1 and 4 workers) vs a plain copy over loopback, and resume re-fetch."
-    import tempfile
-    from seaice_nb.testing.figshare_server import FigshareServer, make_files
-
-    ap = argparse.ArgumentParser(
-        prog='seaice bench download', description=bench_main.__doc__.split(': ', 1)[1]
-    )
-    ap.add_argument('--files', type=int, default=8, help='number of files (default: 8)')
-    ap.add_argument('--size-mb', type=float, default=16, help='size of each file in MiB (default: 16)')
-    ap.add_argument(
-        '--resume-mb', type=float, default=8, help='size of the file killed and resumed, MiB (default: 8)'
-    )
-    ap.add_argument('--rate-mb', type=float, default=4, help='throttle of that file, MiB/s (default: 4)')
-    ap.add_argument('--repeat', type=int, default=2, help='timed repetitions, best is kept (default: 2)')
-    ap.add_argument('--dir', type=Path, default=None, help='scratch folder (default: a temporary folder)')
-    a = ap.parse_args(argv)
-    files = make_files([int(a.size_mb * 2**20)] * a.files, seed=0)
-    slow = make_files([int(a.resume_mb * 2**20)], seed=1, first_id=50000001, pattern='resume{i}.nc')[0]
-    slow.rate = a.rate_mb * 2**20
-    total = sum(len(f.data) for f in files)
-    out = {'files': a.files, 'bytes': total}
-    with FigshareServer({1: files, 2: [slow]}) as srv, tempfile.TemporaryDirectory(dir=a.dir) as tmp:
-
-        def timed(fn):
-            best = float('inf')
-            for i in range(a.repeat):
-                d = Path(tmp) / f"run{time.monotonic_ns()}"
-                t0 = time.perf_counter()
-                fn(d)
-                best = min(best, time.perf_counter() - t0)
-                shutil.rmtree(d)
-            return total / best / 2**20
-
-        listing = list_files(1, srv.api)
-        out['plain_MiBps'] = round(
-            timed(lambda d: _plain_copy([f"{srv.api}/file/download/{f.id}" for f in files], d)), 1
-        )
-        for w in (1, 4):
-
-            def run(d, w=w):
-                rep = Downloader(d, workers=w, progress=False).run(listing)
-                if not rep.ok:
-                    raise DownloadError(rep.summary())
-
-            out[f'workers{w}_MiBps'] = round(timed(run), 1)
-            out[f'workers{w}_ratio'] = round(out[f'workers{w}_MiBps'] / out['plain_MiBps'], 2)
-        k = kill_and_resume(srv, 2, slow, Path(tmp) / 'resume', kill_after=0.5)
-        out['resume'] = {
-            x: k[x]
-            for x in (
-                'size',
-                'part_bytes_at_kill',
-                'missing',
-                'refetched',
-                'served_before_kill',
-                'rerun_exit',
-            )
-        }
-    print(json.dumps(out, indent=1))
-    return 0 if out['resume']['rerun_exit'] == 0 else 1

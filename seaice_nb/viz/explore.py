@@ -23,7 +23,7 @@ from ..evaluation.evaluate import check_store
 from ..inference import class_probabilities, classes_from_outputs, predict_scene
 from ..models.tsvit import TSViT, attention_rollout, record_attention
 from ..training.runs import load_run
-from ..charts import CHART_FILL, CLASS_TABLES, chart_cmap
+from ..charts import CHART_FILL, CHARTS, CLASS_TABLES, chart_cmap
 from ..data.scenes import add_land, destandardise, open_scene, polar_stereo_crs, to_polar_stereo
 # matplotlib and ipywidgets are imported where figures and widgets are made: reading and computing need neither
 
@@ -31,8 +31,7 @@ from ..data.scenes import add_land, destandardise, open_scene, polar_stereo_crs,
 __all__ = ['SAR_LAYERS', 'COARSE_UNITS', 'TASKS', 'ERROR_CLASSES', 'OVERLAYS', 'CONFIDENCE_BANDS', 'ERA5_NAMES', 'run_model',
            'SceneSource', 'layer_names', 'layer_style', 'layer_array', 'error_map', 'class_legend', 'predict_probs',
            'find_tsvit', 'explain_window', 'explain_pixel', 'ExploreData', 'ViewState', 'ScenePanel', 'FootprintMap',
-           'ExplainPanel', 'legend_html', 'inspector_html', 'Explorer', 'explore', 'explore_demo', 'bench_redraw',
-           'bench_main']
+           'ExplainPanel', 'legend_html', 'inspector_html', 'Explorer', 'explore', 'explore_demo']
 
 # %% ../../nbs/47_viz.explore.ipynb #097d71f2
 def run_model(
@@ -57,7 +56,7 @@ COARSE_UNITS = {
     'tcwv': 'kg m-2',
     'tclw': 'kg m-2',
 }
-TASKS = ('sic', 'sod', 'floe')
+TASKS = CHARTS  # the explorer's overlays are the charts (one home: seaice_nb.charts)
 
 
 def _is_store(p: Path) -> bool:
@@ -1352,122 +1351,3 @@ def explore_demo(
     if not run.exists():
         raise MissingFileError(f"{run} does not exist; the demo trains 'tsvit_v2' and 'unet_baseline'")
     return explore(store, run, **kwargs)
-
-# %% ../../nbs/47_viz.explore.ipynb #f98f2356
-def _render(fig):
-    fig.canvas.draw()
-
-
-def _deferred(fig):
-    "Make `draw_idle` a no-op, as in ipympl, where it only schedules the one render the browser receives."
-    fig.canvas.draw_idle = lambda *a, **k: None
-    return fig
-
-
-def bench_redraw(
-    data: ExploreData,  # scenes (and a model for prediction/explanation timings)
-    scene: str | None = None,  # scene (None: the largest)
-    repeats: int = 5,  # A/B pairs per action
-) -> dict:
-    "Median ms per explorer action (update in place + render) vs rebuilding the figure, and their ratio."
-    import matplotlib.pyplot as plt
-
-    scene = scene or max(data.names, key=lambda n: (len(data.frames(n)), np.prod(data.src.meta[n]['shape'])))
-    T = len(data.frames(scene))
-    layers = layer_names(data.src)[:2]
-    res = {
-        'scene': scene,
-        'shape': list(data.src.meta[scene]['shape']),
-        'frames': T,
-        'repeats': repeats,
-        'load_average': [round(x, 2) for x in os.getloadavg()],
-    }
-    t = time.perf_counter()
-    data.prediction(scene)
-    res['first_prediction_ms'] = round((time.perf_counter() - t) * 1e3, 1)
-    with _no_autodisplay():
-        panel = ScenePanel(data, _deferred(plt.figure(figsize=(6.6, 4.8))))
-    st = ViewState(scene, layers[0], -1, 'prediction' if data.model is not None else 'chart', 'sod')
-    panel.update(st)
-    _render(panel.fig)
-    r = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        _render(panel.fig)
-        r.append(time.perf_counter() - t)
-    res['render_only_ms'] = round(float(np.median(r)) * 1e3, 1)
-    actions = {
-        'layer': ('base', lambda i: setattr(st, 'layer', layers[i % len(layers)])),
-        'frame': ('base', lambda i: setattr(st, 'frame', i % T)),
-        'overlay': ('overlay', lambda i: setattr(st, 'task', TASKS[i % 3])),
-        'opacity': ('overlay', lambda i: setattr(st, 'alpha', 0.3 + 0.1 * (i % 5))),
-    }
-    upd, reb = {}, {}
-    for name, (part, change) in actions.items():
-        a, b = [], []
-        for i in range(repeats):
-            change(i + 1)
-            t = time.perf_counter()
-            panel.update(st, (part,))
-            _render(panel.fig)
-            a.append(time.perf_counter() - t)
-            t = time.perf_counter()
-            with _no_autodisplay():
-                p2 = ScenePanel(data, _deferred(plt.figure(figsize=(6.6, 4.8))))
-            p2.update(st)
-            _render(p2.fig)
-            plt.close(p2.fig)
-            b.append(time.perf_counter() - t)
-        upd[name], reb[name] = float(np.median(a)) * 1e3, float(np.median(b)) * 1e3
-    res['update_ms'] = {k: round(v, 1) for k, v in upd.items()}
-    res['rebuild_ms'] = {k: round(v, 1) for k, v in reb.items()}
-    res['rebuild_over_update'] = {k: round(reb[k] / upd[k], 2) for k in upd}
-    H, W = data.src.meta[scene]['shape']
-    t = time.perf_counter()
-    data.inspect(scene, H // 2, W // 2)
-    res['inspect_ms'] = round((time.perf_counter() - t) * 1e3, 1)
-    if data.model is not None:
-        t = time.perf_counter()
-        data.explain(scene, H // 2, W // 2, 'sod')
-        res['explain_ms'] = round((time.perf_counter() - t) * 1e3, 1)
-    plt.close(panel.fig)
-    return res
-
-
-def bench_main(argv: list[str]) -> int:
-    "`seaice bench explore [STORE] [--run RUN]`: explorer redraw times vs rebuilding the figure (synthetic data without STORE)."
-    ap = argparse.ArgumentParser(prog='seaice bench explore', description=bench_main.__doc__)
-    ap.add_argument(
-        'store',
-        nargs='?',
-        help='preprocessed store or folder of scenes (default: 4 synthetic scenes, demo-sized)',
-    )
-    ap.add_argument('--run', help='run directory or checkpoint')
-    ap.add_argument('--repeats', type=int, default=5, help='A/B pairs per action (default 5)')
-    a = ap.parse_args(argv)
-    import matplotlib
-
-    matplotlib.use('Agg')
-    with tempfile.TemporaryDirectory() as tmp:
-        store = a.store
-        if store is None:
-            from seaice_nb.data.preprocess import PreprocessConfig, preprocess
-            from seaice_nb.data.synth import generate_scenes
-
-            generate_scenes(Path(tmp) / 'scenes', 4, seed=0, size=(400, 480), progress=False)
-            store = Path(tmp) / 'store.zarr'
-            preprocess(
-                Path(tmp) / 'scenes',
-                store,
-                PreprocessConfig(factor=4, max_frames=3, max_days=30),
-                workers=0,
-                progress=False,
-            )
-        res = bench_redraw(ExploreData(store, a.run), repeats=a.repeats)
-    res['data'] = (
-        'synthetic (seaice_nb.data.synth, seed 0, 4 scenes of 400 x 480 px at 4x: the demo size)'
-        if a.store is None
-        else str(a.store)
-    )
-    print(json.dumps(res, indent=1))
-    return 0
