@@ -79,7 +79,7 @@ def patches_to_map(
         p2=patch_size,
     )
 
-# %% ../../nbs/31_models.tsvit.ipynb #a00e50f9
+# %% ../../nbs/31_models.tsvit.ipynb #66cd20b8
 def block_head_rows(
     blk: Block,  # a timm `Block` (pre-norm attention + MLP)
     x: torch.Tensor,  # [B, N, C] tokens
