@@ -232,3 +232,31 @@ def test_bench_runs_tiny(capsys):
     assert set(res['presets']) == {'unet_4level', 'seaice_tsvit_v2'}
     assert res['attention']['fused_over_unfused'] > 0 and res['matmul_gflops'] > 0
     assert main(['bench', 'model', '--presets', 'nope']) == 1
+
+
+def test_official_tsvit_parity_and_comparison():
+    "Issue 26: the attributed copy of the official TSViT has our PASTIS24 parameter count; a tiny A/B run."
+    from seaice_nb.bench.model import OfficialTSViT, compare_official, official_config, official_input
+
+    n = lambda m: sum(p.numel() for p in m.parameters())
+    assert n(OfficialTSViT(official_config())) == n(create_model('tsvit_pastis24')) == 1_657_476
+    tiny = dict(img_size=8, dim=16, temporal_depth=1, spatial_depth=2, num_heads=2)
+    off = OfficialTSViT(official_config(num_classes=5, **tiny))
+    assert n(off) == n(create_model('tsvit_pastis24', num_classes=5, **tiny))
+    doy = torch.tensor([[1, 200, 366]])
+    assert off(official_input(torch.randn(1, 3, 10, 8, 8), doy)).shape == (1, 5, 8, 8)
+    res = compare_official(batch_size=1, frames=3, repeats=2, warmup=0, **tiny)
+    assert res['params_ours'] == res['params_official'] and res['repeats'] == 2
+    assert res['ratio_min'] <= res['ratio_median'] <= res['ratio_max'] and isinstance(res['goals_met'], bool)
+
+
+def test_bench_official_only_cli(capsys):
+    "`seaice bench model --official-only` prints the comparison alone (PASTIS24 sizes, 3 frames: fast)."
+    from seaice_nb.cli import main
+
+    args = ['--official-frames', '3', '--official-batch-size', '1', '--official-repeats', '1']
+    assert main(['bench', 'model', '--official-only', *args, '--matmul-n', '64', '--threads', '1']) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res['presets'] == {} and 'attention' not in res
+    assert res['official']['params_ours'] == res['official']['params_official'] == 1_657_476
+    assert res['official']['frames'] == 3 and res['official']['goal'] == 1.3
