@@ -1,7 +1,7 @@
 """The house keeps its layering: modules import only lower-numbered notebooks' modules, no notebook imports a
 later one, and the module paths of 0.1 still import (with a warning naming the new path)."""
 
-import ast, importlib, json, re, subprocess, sys, warnings
+import ast, importlib, io, json, re, subprocess, sys, tokenize, warnings
 from pathlib import Path
 
 import pytest
@@ -149,3 +149,71 @@ def test_old_module_path_warns_by_default():
     assert r.returncode == 0, r.stderr
     assert 'seaice_nb.splits moved to seaice_nb.data.splits' in r.stderr, r.stderr
     assert r.stderr.count('ModuleMovedWarning') == 1, r.stderr  # charts and slurm did not move
+
+
+# Modules whose notebooks others are still converting: their function-level imports are not yet reviewed.
+# Remove a module from this set once each of its deferred imports is hoisted or says why it stays.
+PENDING = {
+    'seaice_nb/data/scenes.py',  # 10_data.scenes
+    'seaice_nb/data/synth.py',  # 12_data.synth
+    'seaice_nb/data/download.py',  # 14_data.download
+    'seaice_nb/models/tsvit.py',  # 31_models.tsvit
+    'seaice_nb/viz/explore.py',  # 47_viz.explore
+    'seaice_nb/autolabel/parallel.py',  # 52_autolabel.parallel
+    'seaice_nb/bench/loader.py',  # 80_bench.loader
+    'seaice_nb/bench/preprocess.py',  # 81_bench.preprocess
+    'seaice_nb/bench/model.py',  # 82_bench.model
+    'seaice_nb/bench/predict.py',  # 83_bench.predict
+    'seaice_nb/cli.py',  # 90_cli
+}
+
+
+def unexplained_imports(src: str) -> list[int]:
+    """Lines of imports inside a function (or a class) that carry no `#` comment saying why they are not at the
+    top of the module (an optional or heavy dependency, a path that runs without it, a cycle). A statement over
+    several lines may carry the comment on any of them (the formatter moves it after the closing parenthesis)."""
+    commented = {
+        t.start[0] for t in tokenize.generate_tokens(io.StringIO(src).readline) if t.type == tokenize.COMMENT
+    }
+    out = []
+
+    def visit(node, nested):
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, (ast.Import, ast.ImportFrom)) and nested:
+                if not commented & set(range(child.lineno, child.end_lineno + 1)):
+                    out.append(child.lineno)
+            visit(child, nested or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)))
+
+    visit(ast.parse(src), False)
+    return out
+
+
+def test_function_level_imports_say_why():
+    "Imports belong at the top of the module, where readers and tools see the dependencies, unless a comment says why not."
+    assert all((ROOT / p).exists() for p in PENDING), [p for p in PENDING if not (ROOT / p).exists()]
+    bad = []
+    for p in sorted(PKG.rglob('*.py')):
+        rel = p.relative_to(ROOT).as_posix()
+        if p.name == '_modidx.py' or rel in PENDING:
+            continue
+        lines = p.read_text().splitlines()
+        bad += [f"{rel}:{n}: {lines[n - 1].strip()}" for n in unexplained_imports(p.read_text())]
+    assert not bad, 'move these imports to the top of the module, or say why they stay:\n' + '\n'.join(bad)
+
+
+def test_import_check_can_fail():
+    src = (
+        "import os\n"
+        "try:\n    import resource\nexcept ImportError:\n    resource = None\n"  # module level: fine
+        "def f():\n"
+        "    import json\n"  # 7: no reason given
+        "    import zarr  # zarr: not in the predict environment\n"
+        "    from a import (\n        b,\n    )\n"  # 9: no reason given
+        "    from c import (  # heavy, only for maps\n        d,\n    )\n"
+        "    from e import (\n        g,\n    )  # cycle: e imports this module\n"
+        "    s = '# not a comment'; import pickle\n"  # 18: a '#' in a string is no comment
+        "    class K:\n        import csv\n"  # 20: in a class body inside the function
+        "    def inner():\n        import math\n"  # 22: a nested function
+        "class C:\n    def m(self):\n        import re  # re: why not\n"
+    )
+    assert unexplained_imports(src) == [7, 9, 18, 20, 22]
