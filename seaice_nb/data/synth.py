@@ -940,7 +940,7 @@ def plan_passes(
         out.append(p)
     return out
 
-# %% ../../nbs/12_data.synth.ipynb #6a4b106d
+# %% ../../nbs/12_data.synth.ipynb #f056d541
 SYNTH_VERSION = 1
 
 
