@@ -13,7 +13,7 @@ from .core import ConfigError, SeaIceError, find_config, load_config, parse_over
 # %% auto #0
 __all__ = ['COMMANDS', 'BENCHES', 'CONFIG_KINDS', 'bench_main', 'main', 'config_main']
 
-# %% ../nbs/90_cli.ipynb #1bd48ee8
+# %% ../nbs/90_cli.ipynb #6ab87e8b
 COMMANDS = {
     'config': ('seaice_nb.cli:config_main', 'show a preset resolved into its typed config'),
     'validate': ('seaice_nb.data.scenes:validate_main', 'check AI4Arctic RTT scene files against the schema'),
@@ -37,6 +37,10 @@ COMMANDS = {
     'train': (
         'seaice_nb.training.trainer:main',
         'train a model from a preset (resumes; --nproc N for local DDP; torchrun/srun aware)',
+    ),
+    'pretrain': (
+        'seaice_nb.training.pretrain:main',
+        'self-supervised pre-training of a TSViT by masked target-frame reconstruction (resumes; then train -o init_from=RUN)',
     ),
     'evaluate': (
         'seaice_nb.evaluation.evaluate:main',
@@ -140,10 +144,11 @@ def main(argv: list[str] | None = None) -> int:
         print("seaice: interrupted; finished work is kept, rerun the same command to resume", file=sys.stderr)
         return 130
 
-# %% ../nbs/90_cli.ipynb #8df238c0
+# %% ../nbs/90_cli.ipynb #4c3a62da
 CONFIG_KINDS = {
     'preprocess': 'seaice_nb.data.preprocess:PreprocessConfig',
     'train': 'seaice_nb.training.runs:TrainConfig',
+    'pretrain': 'seaice_nb.training.pretrain:PretrainConfig',
     'autolabel': 'seaice_nb.autolabel:AutolabelConfig',
 }
 

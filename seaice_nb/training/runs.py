@@ -41,7 +41,7 @@ __all__ = ['CKPT_FORMAT', 'TrainConfig', 'model_factory', 'model_accepts', 'with
            'prepare_run_dir', 'save_checkpoint', 'read_checkpoint', 'checkpoint_config', 'load_weights',
            'load_checkpoint', 'Run', 'find_checkpoint', 'load_run', 'Tracker', 'read_metrics']
 
-# %% ../../nbs/42_training.runs.ipynb #d7b2df65
+# %% ../../nbs/42_training.runs.ipynb #c75cdfb9
 def _check_model_name(name: str):
     if ':' in name:
         return  # 'package.module:callable' is resolved when the model is built
@@ -110,7 +110,7 @@ class TrainConfig:
     num_workers: int = 0  # DataLoader worker processes per training process
     device: Literal['auto', 'cpu', 'cuda'] = 'auto'  # 'auto' = CUDA when available
     init_from: Optional[str] = (
-        None  # transfer learning: checkpoint whose matching tensors initialise the model
+        None  # transfer learning: a checkpoint or run directory (trained, or `seaice pretrain`) whose matching tensors initialise the model
     )
     transfer_lr_scale: float = 0.5  # learning rate factor when `init_from` is set
     tracking: Literal['files', 'tensorboard', 'mlflow'] = (
@@ -400,7 +400,7 @@ def load_run(path: str | Path) -> Run:
     run_dir = ckpt.parent.parent if ckpt.parent.name == 'checkpoints' else ckpt.parent
     return Run(run_dir, ckpt, checkpoint_config(meta, str(ckpt)), meta)
 
-# %% ../../nbs/42_training.runs.ipynb #3e66c839
+# %% ../../nbs/42_training.runs.ipynb #29fed1de
 class Tracker:
     "Metrics of a run: `metrics.csv` always, plus TensorBoard or MLflow (`kind`); a no-op off rank 0."
 
