@@ -38,7 +38,7 @@ class Resources:
     extra: list[str] = field(default_factory=list)  # further sbatch options, verbatim, e.g. ['--qos=short']
 
 # %% ../nbs/02_slurm.ipynb #aeb804dc
-KINDS = ('preprocess', 'train', 'evaluate', 'autolabel', 'figures')
+KINDS = ('preprocess', 'pretrain', 'train', 'evaluate', 'autolabel', 'figures')
 CHAIN = ('preprocess', 'train', 'evaluate', 'figures')
 _NAME = re.compile(r'^[A-Za-z0-9_.-]+$')
 

@@ -203,7 +203,7 @@ def test_old_store_is_refused_but_audited(scenes_dir, store, tmp_path):
     old = tmp_path / 'old.zarr'
     shutil.copytree(out, old)
     meta = json.loads((old / 'zarr.json').read_text())
-    meta['attributes']['seaice:format'] = 'seaice_nb.data.preprocess/1'
+    meta['attributes']['seaice:format'] = 'seaice_nb.preprocess/1'
     (old / 'zarr.json').write_text(json.dumps(meta))
     name = done_scenes(old)[0]
     g = zarr.open_group(old / name, mode='r+')
@@ -213,5 +213,13 @@ def test_old_store_is_refused_but_audited(scenes_dir, store, tmp_path):
     with pytest.raises(Exception, match='--overwrite'):
         SceneStore(old)
     problems = validate_store(old)
-    assert any('format seaice_nb.data.preprocess/1' in p and '--overwrite' in p for p in problems), problems
+    assert any('format seaice_nb.preprocess/1' in p and '--overwrite' in p for p in problems), problems
     assert f"{name}: sic has 1 pixels outside 0..10 (or 255), e.g. 200" in problems
+
+
+def test_store_format_is_the_one_release_0_1_wrote(store):
+    "The format written into zarr.json is an on-disk name: moving the module (seaice_nb.data.preprocess) must not change it, or every existing store is refused."
+    out, _ = store
+    assert (
+        json.loads((out / 'zarr.json').read_text())['attributes']['seaice:format'] == 'seaice_nb.preprocess/2'
+    )

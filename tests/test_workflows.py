@@ -42,7 +42,7 @@ def error_outputs(nb_path: Path) -> list[str]:
 # the parameters cells: one per notebook, typed and commented literals papermill can read
 
 
-@pytest.mark.parametrize('name', ['preprocess', 'train', 'evaluate', 'autolabel', 'figures'])
+@pytest.mark.parametrize('name', ['preprocess', 'pretrain', 'train', 'evaluate', 'autolabel', 'figures'])
 def test_parameters_cell_is_typed_and_documented(name):
     import papermill as pm
 
@@ -410,6 +410,51 @@ def test_slurm_autolabel_job_with_dask_workers_as_jobs(slurm_cluster, tmp_path):
     assert list((tmp_path / 'dask-logs').glob('*')), (
         "no Dask worker job logs: the workers did not run as SLURM jobs"
     )
+
+
+PRETRAIN = {
+    'steps': 3, 'batch_size': 2, 'crop': 16,
+    'overrides': {'model_kwargs.patch_size': 4, 'model_kwargs.dim': 32, 'model_kwargs.temporal_depth': 1,
+                  'model_kwargs.spatial_depth': 1, 'progress': False},
+}  # fmt: skip
+
+
+def test_pretrain_job_on_slurm_then_train_from_it(slurm_cluster, tmp_path):
+    "The pretrain job runs its notebook on the cluster into <run_dir>/pretrain; a train run then starts from it."
+    from seaice_nb.slurm import report, submit_job, wait
+    from seaice_nb.testing.fixtures import tiny_store
+
+    from seaice_nb.data import splits
+
+    store = tiny_store(n=3, max_frames=3)
+    recs, _ = splits.store_records(store)
+    split = splits.save_manifest(splits.given_split(recs, [recs[-1]['scene']]), tmp_path / 'split.json')
+    run = tmp_path / 'pre'
+    job = submit_job(
+        'pretrain', run, {**PRETRAIN, 'store': str(store), 'split': str(split)}, seed=3, env=slurm_cluster.env
+    )
+    infos = wait([job.job_id], timeout=300, poll=1, env=slurm_cluster.env)
+    assert infos[job.job_id].ok, (
+        report([job], infos) + '\n' + '\n'.join(p.read_text()[-2000:] for p in (run / 'slurm').glob('*.out'))
+    )
+    p = injected(run / 'pretrain.ipynb')
+    assert (p['slurm_job_id'], p['seed'], p['steps']) == (int(job.job_id), 3, 3)
+    summary = json.loads((run / 'pretrain' / 'summary.json').read_text())
+    assert summary['steps'] == 3 and summary['kind'] == 'pretrain'
+    assert (run / 'figures' / 'pretrain_loss.png').exists()
+    assert summary['scenes'] == 2  # the split's train scenes only: its validation scene stays unseen
+    assert (run / 'pretrain' / 'figures' / 'pretrain_reconstruction.png').exists()
+    assert error_outputs(run / 'pretrain.ipynb') == []
+    # the train notebook fine-tunes from it (init_from: the pre-training run directory)
+    nb = run_notebook(
+        'train', tmp_path / 'ft',
+        {'preset': 'tsvit_v2', 'store': str(store), 'split': str(split), 'epochs': 1, 'steps_per_epoch': 1,
+         'batch_size': 2, 'crop': 16, 'evaluate_val': False, 'model_kwargs': {'patch_size': 4, 'dim': 32, 'temporal_depth': 1, 'spatial_depth': 1},
+         'overrides': {'init_from': str(run / 'pretrain')}},
+        progress=False,
+    )  # fmt: skip
+    assert injected(nb)['overrides'] == {'init_from': str(run / 'pretrain')}
+    assert 'transfer from' in (tmp_path / 'ft' / 'train.ipynb').read_text()
 
 
 def test_preprocess_refuses_a_site_split_of_real_scenes(tmp_path):

@@ -491,8 +491,8 @@ def plan_stacks(
     return plan, failed
 
 # %% ../../nbs/21_data.preprocess.ipynb #b3e018b2
-STORE_FORMAT = 'seaice_nb.data.preprocess/2'
-_OLD_FORMATS = {'seaice_nb.data.preprocess/1': 'all channels in one chunk'}
+STORE_FORMAT = 'seaice_nb.preprocess/2'  # an on-disk name, not a module path: it stays when modules move
+_OLD_FORMATS = {'seaice_nb.preprocess/1': 'all channels in one chunk'}
 
 
 def _n_classes(chart: str) -> int:

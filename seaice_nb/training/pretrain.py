@@ -74,7 +74,9 @@ def patch_mask(
         raise ConfigError(f"mask_ratio must be in (0, 1), got {ratio}")
     n = grid[0] * grid[1]
     if n < 2:
-        raise ConfigError(f"a {grid[0]}x{grid[1]} patch grid has nothing to mask: use a larger crop or smaller patches")
+        raise ConfigError(
+            f"a {grid[0]}x{grid[1]} patch grid has nothing to mask: use a larger crop or smaller patches"
+        )
     k = min(n - 1, max(1, round(ratio * n)))
     order = torch.rand(batch_size, n, generator=generator).argsort(1)
     return (order < k).reshape(batch_size, *grid)
@@ -97,7 +99,9 @@ class MaskedReconstruction(nn.Module):
         n_in = getattr(model, 'in_chans', self.core.in_chans)
         if any(not 0 <= t < n_in for t in targets):
             raise ConfigError(f"target channels {targets} are outside the model's {n_in} image channels")
-        patch_mask(1, self.core.grid, mask_ratio, torch.Generator())  # checks the ratio and the grid now, not at the first step
+        patch_mask(
+            1, self.core.grid, mask_ratio, torch.Generator()
+        )  # checks the ratio and the grid now, not at the first step
         self.targets, self.mask_ratio = list(targets), mask_ratio
         p, K, d = self.core.patch_size, self.core.num_tokens, self.core.dim
         self.mask_embed = nn.Parameter(torch.zeros(d))
@@ -173,8 +177,12 @@ class PretrainConfig:
 
     name: str = 'pretrain'  # run name: the run directory is `<run_root>/<date>_<name>`
     model: str = 'seaice_tsvit_v2'  # a TSViT-family preset of `seaice_nb.models`
-    model_kwargs: dict[str, Any] = field(default_factory=dict)  # preset overrides (sizes that follow the data are filled in)
-    data: DataConfig = field(default_factory=lambda: DataConfig(min_valid=0.0))  # store, split, channels, crop, frames
+    model_kwargs: dict[str, Any] = field(
+        default_factory=dict
+    )  # preset overrides (sizes that follow the data are filled in)
+    data: DataConfig = field(
+        default_factory=lambda: DataConfig(min_valid=0.0)
+    )  # store, split, channels, crop, frames
     targets: list[str] = field(default_factory=lambda: ['hh', 'hv'])  # channels reconstructed under the mask
     mask_ratio: float = 0.6  # share of the target frame's patches masked
     steps: int = 2000  # optimiser steps
@@ -227,15 +235,20 @@ def pretrain_config(
     if kind == 'train':
         data = dict(d.get('data') or {})
         data['min_valid'] = 0.0  # every window: the loss needs SAR, not labels
-        d = {k: d[k] for k in _FROM_TRAIN if k in d} | {'data': data, 'name': f"{d.get('name', 'run')}_pretrain"}
+        d = {k: d[k] for k in _FROM_TRAIN if k in d} | {
+            'data': data,
+            'name': f"{d.get('name', 'run')}_pretrain",
+        }
     elif kind != 'pretrain':
-        raise ConfigError(f"{source or 'config'} is a {kind!r} preset; pre-training reads a 'pretrain' or 'train' one")
+        raise ConfigError(
+            f"{source or 'config'} is a {kind!r} preset; pre-training reads a 'pretrain' or 'train' one"
+        )
     base = to_dict(from_dict(PretrainConfig, d, source=source))
     for k, v in (overrides or {}).items():
         set_dotted(base, k, v)
     return from_dict(PretrainConfig, base, source=source)
 
-# %% ../../nbs/43c_training.pretrain.ipynb #c757dae3
+# %% ../../nbs/43c_training.pretrain.ipynb #cb400c09
 @dataclass
 class PretrainResult:
     "What `pretrain` returns: the run directory, its checkpoint, steps done and the mean loss of the first and last logged windows."
@@ -283,6 +296,7 @@ def pretrain(
     cfg: PretrainConfig,
     run_dir: str | Path | None = None,  # default `<run_root>/<date>_<name>`
     limit: Optional[int] = None,  # stop after this many new steps (tests of resuming)
+    windows: Optional[PatchDataset] = None,  # the windows to draw from (default: `pretrain_windows(cfg)`)
 ) -> PretrainResult:
     "Pre-train the model of `cfg` by masked target-frame reconstruction (resumes `run_dir/checkpoints/last.pt`)."
     log = get_logger('pretrain')
@@ -290,7 +304,7 @@ def pretrain(
     if not cfg.deterministic and cfg.threads:
         torch.set_num_threads(cfg.threads)
     numerics = {'deterministic': cfg.deterministic, 'threads': torch.get_num_threads()}
-    ds = pretrain_windows(cfg)
+    ds = pretrain_windows(cfg) if windows is None else windows
     cfg = with_model_inputs(cfg, model_inputs(cfg.data, ds.store))
     model = build_model(cfg)
     task = MaskedReconstruction(model, [ds.channels.index(t) for t in cfg.targets], cfg.mask_ratio)
@@ -303,7 +317,9 @@ def pretrain(
     if ck.exists():
         obj = read_checkpoint(ck)
         if obj['meta'].get('kind') != 'pretrain':
-            raise CheckpointError(f"{ck} is not a pre-training checkpoint (meta.kind {obj['meta'].get('kind')!r})")
+            raise CheckpointError(
+                f"{ck} is not a pre-training checkpoint (meta.kind {obj['meta'].get('kind')!r})"
+            )
         model.load_state_dict(obj['model'])
         task.load_state_dict(obj['task'], strict=False)
         opt.load_state_dict(obj['optimizer'])
@@ -313,22 +329,44 @@ def pretrain(
     stop = cfg.steps if limit is None else min(cfg.steps, start + limit)
     t0, window, losses = time.time(), [], []
     task.train()
-    bar = tqdm(range(start, stop), desc=f"pretrain {cfg.name}", disable=not cfg.progress, initial=start, total=cfg.steps)
+    bar = tqdm(
+        range(start, stop),
+        desc=f"pretrain {cfg.name}",
+        disable=not cfg.progress,
+        initial=start,
+        total=cfg.steps,
+    )
 
     def save(step):
-        meta = {'kind': 'pretrain', 'config': to_dict(cfg), 'step': step, 'code_version': code_version(), 'format': CKPT_FORMAT}
+        meta = {
+            'kind': 'pretrain',
+            'config': to_dict(cfg),
+            'step': step,
+            'code_version': code_version(),
+            'format': CKPT_FORMAT,
+        }
         head = {k: v for k, v in task.state_dict().items() if not k.startswith('model.')}
-        obj = {'format': CKPT_FORMAT, 'model': model.state_dict(), 'task': head, 'optimizer': opt.state_dict(), 'meta': meta}
+        obj = {
+            'format': CKPT_FORMAT,
+            'model': model.state_dict(),
+            'task': head,
+            'optimizer': opt.state_dict(),
+            'meta': meta,
+        }
         ck.parent.mkdir(parents=True, exist_ok=True)
         with atomic_write(ck, 'wb') as f:
             torch.save(obj, f)
 
     for step in bar:
-        batch = {k: v.to(dev) if isinstance(v, torch.Tensor) else v for k, v in _step_batch(ds, cfg, step).items()}
+        batch = {
+            k: v.to(dev) if isinstance(v, torch.Tensor) else v for k, v in _step_batch(ds, cfg, step).items()
+        }
         torch.manual_seed(cfg.seed * 1_000_003 + step)  # dropout and modality dropout of this step
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
         for grp in opt.param_groups:
-            grp['lr'] = cfg.lr * lr_factor(step, cfg.steps, cfg.warmup_steps, 'cosine', floor=cfg.min_lr_ratio)
+            grp['lr'] = cfg.lr * lr_factor(
+                step, cfg.steps, cfg.warmup_steps, 'cosine', floor=cfg.min_lr_ratio
+            )
         H, W = batch['image'].shape[-2:]
         grid = (H // task.core.patch_size, W // task.core.patch_size)
         loss, _ = task(batch, patch_mask(cfg.batch_size, grid, cfg.mask_ratio, g))
@@ -355,7 +393,7 @@ def pretrain(
     summary_path = run / 'summary.json'
     prev = json.loads(summary_path.read_text()) if summary_path.exists() else {}
     summary = {
-        'kind': 'pretrain', 'steps': done, 'of': cfg.steps, 'checkpoint': str(ck),
+        'kind': 'pretrain', 'steps': done, 'of': cfg.steps, 'checkpoint': str(ck), 'scenes': len(ds.store), 'windows': len(ds),
         'first_loss': prev.get('first_loss', losses[0] if losses else None),
         'last_loss': losses[-1] if losses else prev.get('last_loss'),
         'wall_s': round(prev.get('wall_s', 0.0) + wall, 1), 'numerics': numerics, 'code_version': code_version(),
@@ -363,11 +401,15 @@ def pretrain(
     with atomic_write(summary_path, 'w') as f:
         json.dump(summary, f, indent=1)
     if done == cfg.steps and losses:
-        plot_reconstruction(task, _step_batch(ds, cfg, 0), run / 'figures' / 'pretrain_reconstruction.png', cfg)
-    log.info(f"pretrain {cfg.name}: step {done}/{cfg.steps}, loss {summary['first_loss']} -> {summary['last_loss']} ({wall:.0f} s)")
+        plot_reconstruction(
+            task, _step_batch(ds, cfg, 0), run / 'figures' / 'pretrain_reconstruction.png', cfg
+        )
+    log.info(
+        f"pretrain {cfg.name}: step {done}/{cfg.steps}, loss {summary['first_loss']} -> {summary['last_loss']} ({wall:.0f} s)"
+    )
     return PretrainResult(run, ck, done, summary['first_loss'], summary['last_loss'], summary['wall_s'])
 
-# %% ../../nbs/43c_training.pretrain.ipynb #5c596d9d
+# %% ../../nbs/43c_training.pretrain.ipynb #72b47b48
 def plot_reconstruction(
     task: MaskedReconstruction,
     batch: Mapping[str, torch.Tensor],  # a batch of windows
@@ -389,19 +431,38 @@ def plot_reconstruction(
     pix = repeat(out['mask'], 'b h w -> b (h p1) (w p2)', p1=p, p2=p).cpu().numpy()
     truth, pred = out['target'][:, 0].cpu().numpy(), out['pred'][:, 0].float().cpu().numpy()
     valid = batch['valid'][:, -1].bool().cpu().numpy() if 'valid' in batch else np.ones_like(pix)
-    shown = np.where(pix, np.nan, truth)
     filled = np.where(pix, pred, truth)
     with figure_style():
-        fig, axes = plt.subplots(n, 3, figsize=(7.5, 2.5 * n), squeeze=False)
+        fig, axes = plt.subplots(n, 3, figsize=(7.5, 2.4 * n + 0.6), squeeze=False, layout='constrained')
         lim = np.nanpercentile(truth[valid[: len(truth)]], [2, 98]) if valid.any() else (-2, 2)
+        hole = np.zeros(pix.shape[1:] + (4,))
+        hole[..., :3] = (0.93, 0.55, 0.16)  # the masked patches, in orange over the input
         for i in range(n):
-            for j, (img, title) in enumerate(((shown[i], 'input (masked patches blank)'), (filled[i], 'reconstruction in the masked patches'), (truth[i], 'truth'))):
+            for j, (img, title) in enumerate(
+                (
+                    (truth[i], 'input (orange: masked)'),
+                    (filled[i], 'masked patches filled in'),
+                    (truth[i], 'truth'),
+                )
+            ):
                 im = axes[i, j].imshow(np.where(valid[i], img, np.nan), cmap='gray', vmin=lim[0], vmax=lim[1])
+                if j == 0:
+                    hole[..., 3] = pix[i]
+                    axes[i, j].imshow(hole.copy())
                 axes[i, j].set_xticks([]), axes[i, j].set_yticks([])
                 if i == 0:
                     axes[i, j].set_title(title, fontsize=8)
-        fig.colorbar(im, ax=axes, shrink=0.6, label=f"{(cfg.targets[0] if cfg else 'channel 0').upper()} (standardised)")
-        name = f"{cfg.model}, {int(100 * task.mask_ratio)} % of the target frame's patches masked" if cfg else 'masked reconstruction'
+        fig.colorbar(
+            im,
+            ax=axes,
+            shrink=0.6,
+            label=f"{(cfg.targets[0] if cfg else 'channel 0').upper()} (standardised)",
+        )
+        name = (
+            f"{cfg.model}, {int(100 * task.mask_ratio)} % of the target frame's patches masked"
+            if cfg
+            else 'masked reconstruction'
+        )
         fig.suptitle(name, fontsize=9)
         if path is not None:
             save_figure(fig, path)
@@ -415,14 +476,19 @@ def main(argv: list[str]) -> int:
         description='Pre-train a TSViT-family model by masked target-frame reconstruction on the training scenes '
         '(labels unread); rerunning resumes. Fine-tune with: seaice train PRESET -o init_from=RUN_DIR',
     )
-    ap.add_argument('preset', help="a train preset (tsvit_v1, tsvit_v2, tsvit_v3, tsvit_v3_pixel: its model and data) or a 'kind: pretrain' YAML")
+    ap.add_argument(
+        'preset',
+        help="a train preset (tsvit_v1, tsvit_v2, tsvit_v3, tsvit_v3_pixel: its model and data) or a 'kind: pretrain' YAML",
+    )
     ap.add_argument(
         '-o', '--override', action='append', default=[], metavar='KEY=VALUE',
         help='dotted override with a YAML value, e.g. -o steps=500 -o data.store=runs/x/store.zarr (repeatable)',
     )  # fmt: skip
     ap.add_argument('--run-dir', default=None, help='run directory (default: <run_root>/<date>_<name>)')
     ap.add_argument('--quiet', action='store_true', help='no progress bar')
-    ap.add_argument('--dry-run', action='store_true', help='resolve the config against the data, print the sizes, stop')
+    ap.add_argument(
+        '--dry-run', action='store_true', help='resolve the config against the data, print the sizes, stop'
+    )
     a = ap.parse_args(argv)
     overrides = parse_overrides(a.override)
     if a.quiet:
