@@ -25,7 +25,9 @@ def command(
     "The parser of a `seaice` subcommand, its program name and description taken from `fn`'s docstring."
     m = _USAGE.match(fn.__doc__ or '')
     if m is None:
-        raise ValueError(f"{fn.__qualname__}'s docstring {fn.__doc__!r} must read \"`seaice NAME ...`: description\"")
+        raise ValueError(
+            f"{fn.__qualname__}'s docstring {fn.__doc__!r} must read \"`seaice NAME ...`: description\""
+        )
     return argparse.ArgumentParser(prog=m[1], description=description or m[2], epilog=epilog)
 
 # %% ../nbs/00b_args.ipynb #306d6083
@@ -100,7 +102,9 @@ def add_workdir(
     what: str,  # what the folder holds
 ) -> None:
     "`--workdir DIR`: a folder kept for the inputs a benchmark builds (default: a temporary one)."
-    ap.add_argument('--workdir', default=None, help=f'folder for {what} (reused when present; default: a temp dir)')
+    ap.add_argument(
+        '--workdir', default=None, help=f'folder for {what} (reused when present; default: a temp dir)'
+    )
 
 # %% ../nbs/00b_args.ipynb #6ba217d8
 def add_size(
@@ -120,10 +124,16 @@ def add_tiles(
 ) -> None:
     "`--tile`, `--overlap` (default: the run's data config) and `--batch-size` of tiled inference."
     ap.add_argument(
-        '--tile', type=int, default=None, help=f"inference tile in {grid} pixels (default: the run's data config)"
+        '--tile',
+        type=int,
+        default=None,
+        help=f"inference tile in {grid} pixels (default: the run's data config)",
     )
     ap.add_argument(
-        '--overlap', type=int, default=None, help=f"tile overlap in {grid} pixels (default: the run's data config)"
+        '--overlap',
+        type=int,
+        default=None,
+        help=f"tile overlap in {grid} pixels (default: the run's data config)",
     )
     ap.add_argument('--batch-size', type=int, default=batch_size, help='tiles per forward pass')
 
