@@ -6,7 +6,7 @@ __version__ = "0.1.0"
 # %% auto #0
 __all__ = ['MOVED', 'ModuleMovedWarning', 'moved_attr']
 
-# %% ../nbs/00a_layout.ipynb #cd8ac213
+# %% ../nbs/00a_layout.ipynb #29a15394
 import importlib, importlib.abc, importlib.util, sys, warnings  # noqa: E402 (nbdev writes __version__ above)
 
 MOVED: dict[str, str] = {  # 0.1 module -> its home since 0.2

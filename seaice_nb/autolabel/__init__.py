@@ -49,7 +49,7 @@ def rule_lut(rule: RuleConfig | None = None) -> np.ndarray:
     lut[rule.thick_min :] = THICK
     return lut
 
-# %% ../../nbs/50_autolabel.ipynb #15b15ecc
+# %% ../../nbs/50_autolabel.ipynb #cf4a6d9d
 _BLOCK_PX = 1 << 16  # pixels per block: 192 KiB of RGB, fits in L2
 
 
@@ -63,18 +63,22 @@ def _check_rgb(rgb, name='rgb') -> np.ndarray:
     return rgb
 
 
+def _row_blocks(rgb: np.ndarray, out: np.ndarray):
+    "Cache-sized row blocks of `rgb` as its (R, G, B) planes, each with the same rows of `out`."
+    rows = max(1, _BLOCK_PX // max(rgb.shape[1], 1))
+    for y in range(0, rgb.shape[0], rows):
+        yield *cv2.split(rgb[y : y + rows]), out[y : y + rows]
+
+
 def brightness(
     rgb: np.ndarray,  # uint8 [y, x, 3]
     out: np.ndarray | None = None,  # optional uint8 [y, x] output buffer
 ) -> np.ndarray:
     "V = max(R, G, B) per pixel (OpenCV's HSV value channel), uint8 [y, x]."
     rgb = _check_rgb(rgb)
-    h, w = rgb.shape[:2]
-    out = np.empty((h, w), np.uint8) if out is None else out
-    rows = max(1, _BLOCK_PX // max(w, 1))
-    for y in range(0, h, rows):
-        r, g, b = cv2.split(rgb[y : y + rows])
-        cv2.max(cv2.max(r, g), b, dst=out[y : y + rows])
+    out = np.empty(rgb.shape[:2], np.uint8) if out is None else out
+    for r, g, b, o in _row_blocks(rgb, out):
+        cv2.max(cv2.max(r, g), b, dst=o)
     return out
 
 
@@ -86,12 +90,9 @@ def label_rgb(
     "Class map (0 water, 1 thin ice, 2 thick ice) of an 8-bit RGB image, one pass over the pixels."
     rgb = _check_rgb(rgb)
     lut = rule_lut(rule)
-    h, w = rgb.shape[:2]
-    out = np.empty((h, w), np.uint8) if out is None else out
-    rows = max(1, _BLOCK_PX // max(w, 1))
-    for y in range(0, h, rows):
-        r, g, b = cv2.split(rgb[y : y + rows])
-        cv2.LUT(cv2.max(cv2.max(r, g), b), lut, dst=out[y : y + rows])
+    out = np.empty(rgb.shape[:2], np.uint8) if out is None else out
+    for r, g, b, o in _row_blocks(rgb, out):
+        cv2.LUT(cv2.max(cv2.max(r, g), b), lut, dst=o)
     return out
 
 # %% ../../nbs/50_autolabel.ipynb #a9fb82b3
@@ -188,7 +189,7 @@ def levels(labels: np.ndarray) -> np.ndarray:
     lut[[WATER, THIN, THICK]] = (0, 155, 255)
     return lut[labels]
 
-# %% ../../nbs/50_autolabel.ipynb #d9c94909
+# %% ../../nbs/50_autolabel.ipynb #a811e68f
 def read_rgb(path: str | Path) -> np.ndarray:
     "Read an 8-bit RGB image file (PNG, JPEG, TIFF/GeoTIFF) as uint8 [y, x, 3] in R, G, B order."
     path = Path(path)
