@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.seaice-installed
 
-.PHONY: env predict-env demo benchmark test docs export clean-nbs readme lab clean format lint
+.PHONY: env predict-env demo benchmark benchmark-pretrain test docs export clean-nbs readme lab clean format lint
 
 $(STAMP): settings.ini setup.py
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 10), "seaice_nb needs Python >= 3.10, found " + sys.version.split()[0]'
@@ -30,6 +30,10 @@ demo: env  ## the main job on the built-in synthetic data (no downloads)
 
 benchmark: env  ## synthetic benchmark: 4 world draws x 2 seeds, claims as paired intervals (about 26 min on 2 cores; rerun to resume) -> docs/benchmark/
 	$(BIN)/seaice benchmark
+
+PRETRAINED_ROWS = tsvit_v2_pre tsvit_v3_pre tsvit_v3_few tsvit_v3_pre_few
+benchmark-pretrain: env  ## the benchmark plus its pre-training rows (what docs/benchmark/ holds; about 56 min on 2 cores, 30 of them for the extra rows; resumes)
+	$(BIN)/seaice benchmark --models majority gbm gbm_frames gbm_frames_amsr2 unet_baseline unet_winner tsvit_v1 tsvit_v2 tsvit_v3 $(PRETRAINED_ROWS)
 
 test: env  ## the whole test suite (what CI runs)
 	bash tools/test.sh
