@@ -50,13 +50,27 @@ from .trainer import lr_factor
 __all__ = ['tsvit_core', 'patch_mask', 'MaskedReconstruction', 'PretrainConfig', 'pretrain_config', 'PretrainResult',
            'pretrain_windows', 'pretrain', 'plot_reconstruction', 'main']
 
-# %% ../../nbs/43c_training.pretrain.ipynb #8b3e535d
+# %% ../../nbs/43c_training.pretrain.ipynb #7fe1d133
+_TSVIT_PARTS = (
+    'patch_embed',
+    'head_norm',
+    'grid',
+    'patch_size',
+    'num_tokens',
+    'dim',
+    'img_size',
+    'in_chans',
+)  # what pre-training uses
+
+
 def tsvit_core(
     model: nn.Module,  # a TSViT, or a fusion model holding one as `sar` (cross-attention) or `tsvit` (early fusion)
 ) -> TSViT:
     "The `TSViT` whose patch tokens are masked and whose spatial output is read; `ConfigError` for any other model."
     for m in (model, getattr(model, 'sar', None), getattr(model, 'tsvit', None)):
-        if isinstance(m, TSViT):
+        if all(
+            hasattr(m, a) for a in _TSVIT_PARTS
+        ):  # by what it has, not its class: a reloaded module's TSViT counts too
             return m
     raise ConfigError(
         f"{type(model).__name__} is not of the TSViT family: pre-training masks TSViT patch tokens "
