@@ -19,9 +19,9 @@ from . import __version__
 # %% auto #0
 __all__ = ['DETERMINISTIC_THREADS', 'NATIVE_KERNELS_ENV', 'SeaIceError', 'ConfigError', 'MissingFileError', 'DataError',
            'DownloadError', 'CheckpointError', 'from_dict', 'to_dict', 'source_root', 'config_dirs', 'find_config',
-           'resolve', 'set_dotted', 'load_config', 'parse_overrides', 'save_config', 'atomic_write', 'file_digest',
-           'request_pinned_kernels', 'fix_numerics', 'seed_everything', 'code_version', 'get_logger', 'record_start',
-           'make_run_dir']
+           'resolve', 'set_dotted', 'read_preset', 'load_config', 'parse_overrides', 'save_config', 'atomic_write',
+           'file_digest', 'request_pinned_kernels', 'fix_numerics', 'seed_everything', 'code_version', 'get_logger',
+           'record_start', 'make_run_dir']
 
 # %% ../nbs/00_core.ipynb #e97f4444
 class SeaIceError(Exception):
@@ -234,20 +234,23 @@ def set_dotted(d: dict, key: str, value) -> dict:
     return d
 
 
+def read_preset(src: str | Path | dict) -> tuple[dict, str | None]:
+    "The mapping of the preset or YAML file `src` (a dict: a copy of it) and the file it came from (None for a dict)."
+    if isinstance(src, dict):
+        return dict(src), None
+    path = find_config(src)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping of keys to values, got {type(data).__name__}")
+    return data, str(path)
+
+
 def load_config(src: str | Path | dict, cls, overrides: dict | None = None, kind: str | None = None):
     "Load the preset or YAML file `src` (or a dict) into the dataclass `cls`, applying dotted `overrides`; a top-level `kind:` must equal `kind`."
-    source = None
-    if isinstance(src, dict):
-        data = dict(src)
-    else:
-        path = find_config(src)
-        source = str(path)
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path} is not valid YAML: {e}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path} must hold a mapping of keys to values, got {type(data).__name__}")
+    data, source = read_preset(src)
     found = data.pop('kind', None)  # presets say what they configure: `kind: train`
     if kind is not None and found is not None and found != kind:
         raise ConfigError(f"{source or 'config'} is a {found!r} preset, expected a {kind!r} one")

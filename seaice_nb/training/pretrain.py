@@ -12,7 +12,6 @@ from typing import Any, Literal, Mapping, Optional
 
 import numpy as np
 import torch
-import yaml
 from einops import rearrange, repeat
 from torch import nn
 from timm.layers import trunc_normal_
@@ -25,7 +24,7 @@ from seaice_nb.core import (
     DataError,
     atomic_write,
     code_version,
-    find_config,
+    read_preset,
     from_dict,
     get_logger,
     parse_overrides,
@@ -237,15 +236,7 @@ def pretrain_config(
     overrides: Optional[Mapping[str, Any]] = None,  # dotted keys, e.g. {'steps': 500, 'data.store': ...}
 ) -> PretrainConfig:
     "The `PretrainConfig` of a pre-training preset, or of a train preset's model and data (run `<name>_pretrain`)."
-    source = None
-    if isinstance(src, dict):
-        d = dict(src)
-    else:
-        path = find_config(src)
-        source = str(path)
-        d = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(d, dict):
-            raise ConfigError(f"{path} must hold a mapping of keys to values")
+    d, source = read_preset(src)
     kind = d.pop('kind', 'pretrain')
     if kind == 'train':
         data = dict(d.get('data') or {})
