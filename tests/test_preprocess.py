@@ -192,6 +192,24 @@ def test_bench_preprocess_tiny(capsys):
     )
     assert all(v['cpu_s_per_scene'] > 0 and v['peak_rss_MB'] > 0 for v in r['results'].values())
     assert r['ratios']['three_vs_single_frame_cpu'] > 0 and r['extrapolation']['scenes'] == 512
+    assert set(r['goals_met']) == {
+        'three_frame_le_1.5x_single',
+        'throughput_ge_50pct_xarray',
+        'peak_memory_le_1.5GB',
+    }
+    assert (
+        r['extrapolation']['slurm_array']['tasks'] == 32
+        and len(r['ratios']['throughput_vs_xarray_read_rounds']) == 1
+    )
+
+
+def test_bench_preprocess_refuses_bad_counts(capsys):
+    "A count below 1 is an argparse error that names the flag, before any scene is made."
+    from seaice_nb.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(['bench', 'preprocess', '--array-tasks', '0'])
+    assert e.value.code == 2 and '--array-tasks must be at least 1' in capsys.readouterr().err
 
 
 def test_old_store_is_refused_but_audited(scenes_dir, store, tmp_path):

@@ -21,7 +21,7 @@ from ..data.preprocess import PreprocessConfig, find_scenes, preprocess
 # %% auto #0
 __all__ = ['bench_preprocess', 'main']
 
-# %% ../../nbs/81_bench.preprocess.ipynb #8418eeae
+# %% ../../nbs/81_bench.preprocess.ipynb #731a4bb4
 def _in_child(fn, *args) -> dict:
     "Run `fn(*args)` (returning a JSON-able dict) in a forked process; add its wall, CPU seconds and peak RSS."
     r, w = os.pipe()
@@ -30,8 +30,10 @@ def _in_child(fn, *args) -> dict:
         os.close(r)
         code = 0
         try:
+            start = _rss_mb()  # pages shared with the parent right after the fork
             t0 = time.perf_counter()
             out = fn(*args)
+            out['start_rss_MB'] = start
             out['wall_s'] = time.perf_counter() - t0
         except BaseException as e:  # report any failure to the parent
             out, code = {'error': f"{type(e).__name__}: {e}"}, 1
@@ -70,7 +72,7 @@ def _preprocess(files: list[str], out: str, frames: int, factor: int) -> dict:
     n_frames = [zarr.open_group(Path(out) / g, mode='r')['image'].shape[0] for g in s['written']]
     return {'written': len(s['written']), 'reads': s['reads'], 'frames_per_target': n_frames}
 
-# %% ../../nbs/81_bench.preprocess.ipynb #1d01dade
+# %% ../../nbs/81_bench.preprocess.ipynb #6b4c560b
 def bench_preprocess(
     workdir: str | Path | None = None,  # scenes are made here (reused when present)
     size: tuple[int, int] = (5000, 5200),  # (lines, samples) of each synthetic scene
@@ -79,6 +81,9 @@ def bench_preprocess(
     repeats: int = 1,  # A/B/C rounds (medians reported)
     cores: int = 16,  # worker processes of the extrapolation
     total: int = 512,  # scenes of the extrapolation (the AI4Arctic training set)
+    array_tasks: int = 32,  # SLURM array tasks of the extrapolation
+    cpus_per_task: int = 4,  # worker processes per array task
+    max_memory_gb: float = 1.5,  # the peak-memory goal per scene (one worker)
 ) -> dict:
     "Time xarray read vs single-frame vs 3-frame preprocessing in forked processes; returns the JSON-able figures."
 
@@ -100,6 +105,7 @@ def bench_preprocess(
             'wall_s_per_scene': round(med(k, 'wall_s') / n, 3),
             'cpu_s_per_scene': round(med(k, 'cpu_s') / n, 3),
             'peak_rss_MB': round(med(k, 'peak_rss_MB'), 1),
+            'rss_at_fork_MB': round(med(k, 'start_rss_MB'), 1),
             'MB_per_cpu_s': round(mb / med(k, 'cpu_s'), 1),
         }
         for k in runs
@@ -108,6 +114,7 @@ def bench_preprocess(
         per[k]['frames_per_target'] = runs[k][0]['frames_per_target']
         per[k]['scene_reads'] = runs[k][0]['reads']
     three = per['three_frame']['cpu_s_per_scene']
+    peak = max(per[k]['peak_rss_MB'] for k in ('single_frame', 'three_frame'))
     out = {
         'size_80m': list(size),
         'n_scenes': n,
@@ -122,12 +129,12 @@ def bench_preprocess(
             'three_vs_single_frame_wall': round(
                 per['three_frame']['wall_s_per_scene'] / per['single_frame']['wall_s_per_scene'], 3
             ),
-            'throughput_vs_xarray_read': round(
-                per['three_frame']['MB_per_cpu_s'] / per['xarray_read']['MB_per_cpu_s'], 3
-            ),
-            'single_frame_throughput_vs_xarray_read': round(
-                per['single_frame']['MB_per_cpu_s'] / per['xarray_read']['MB_per_cpu_s'], 3
-            ),
+            # per round: the xarray read and the preprocessing of the same round, seconds apart
+            'throughput_vs_xarray_read': _round_ratio(runs, 'three_frame'),
+            'single_frame_throughput_vs_xarray_read': _round_ratio(runs, 'single_frame'),
+            'throughput_vs_xarray_read_rounds': [
+                round(x['cpu_s'] / t['cpu_s'], 3) for x, t in zip(runs['xarray_read'], runs['three_frame'])
+            ],
         },
         'extrapolation': {
             'scenes': total,
@@ -135,13 +142,42 @@ def bench_preprocess(
             'hours_3frame': round(total * three / cores / 3600, 3),
             'peak_memory_GB_all_workers': round(cores * per['three_frame']['peak_rss_MB'] / 1024, 1),
             'assumes': 'per-scene CPU time as measured, scenes spread evenly over the cores, I/O not the limit',
+            'slurm_array': _array_extrapolation(
+                total, array_tasks, cpus_per_task, three, per['single_frame']['cpu_s_per_scene'], peak
+            ),
         },
     }
     out['goals_met'] = {
         'three_frame_le_1.5x_single': out['ratios']['three_vs_single_frame_cpu'] <= 1.5,
         'throughput_ge_50pct_xarray': out['ratios']['throughput_vs_xarray_read'] >= 0.5,
+        f'peak_memory_le_{max_memory_gb:g}GB': peak <= max_memory_gb * 1024,
     }
     return out
+
+
+def _round_ratio(runs: dict, way: str) -> float:
+    "Median over the rounds of throughput(way) / throughput(xarray read): the same bytes, so a CPU-time ratio."
+    return round(
+        statistics.median(x['cpu_s'] / t['cpu_s'] for x, t in zip(runs['xarray_read'], runs[way])), 3
+    )
+
+
+def _array_extrapolation(
+    total: int, tasks: int, cpus: int, target_cpu_s: float, frame_cpu_s: float, peak_mb: float
+) -> dict:
+    "Hours of a `seaice submit preprocess --array 0-(tasks-1)` run: each task writes a contiguous block of targets."
+    per = -(-total // tasks)
+    hours = lambda extra: round(per * (target_cpu_s + extra * frame_cpu_s) / cpus / 3600, 3)
+    return {
+        'tasks': tasks,
+        'cpus_per_task': cpus,
+        'targets_per_task': per,
+        'hours_per_task': hours(0),  # every earlier frame inside the task's own block
+        'hours_per_task_worst': hours(2),  # every target reads its two earlier frames itself
+        'memory_per_task_GB': round(cpus * peak_mb / 1024, 1),
+        'core_hours': round(tasks * cpus * hours(0), 2),
+        'assumes': 'tasks run at once; a task reads the earlier frames of its first targets from the block before it',
+    }
 
 
 def _rss_mb() -> float:
@@ -150,7 +186,7 @@ def _rss_mb() -> float:
             return int(line.split()[1]) / 1024
     return 0.0
 
-# %% ../../nbs/81_bench.preprocess.ipynb #2cfc3f0b
+# %% ../../nbs/81_bench.preprocess.ipynb #bc23fa90
 def main(argv: list[str]) -> int:
     "`seaice bench preprocess`: Preprocessing wall/CPU/peak memory per scene, single- vs 3-frame, against an xarray read of the same scenes; extrapolated to 512 scenes; prints JSON."
     ap = command(main)
@@ -165,6 +201,23 @@ def main(argv: list[str]) -> int:
     )
     ap.add_argument('--cores', type=int, default=16, help='worker processes of the 512-scene extrapolation')
     ap.add_argument('--total', type=int, default=512, help='scenes of the extrapolation')
+    ap.add_argument('--array-tasks', type=int, default=32, help='SLURM array tasks of the extrapolation')
+    ap.add_argument('--cpus-per-task', type=int, default=4, help='worker processes per array task')
     a = ap.parse_args(argv)
-    print_json(bench_preprocess(a.workdir, tuple(a.size), a.scenes, a.factor, a.repeats, a.cores, a.total))
+    for k in ('scenes', 'factor', 'repeats', 'cores', 'total', 'array_tasks', 'cpus_per_task'):
+        if getattr(a, k) < 1:
+            ap.error(f"--{k.replace('_', '-')} must be at least 1")
+    print_json(
+        bench_preprocess(
+            a.workdir,
+            tuple(a.size),
+            a.scenes,
+            a.factor,
+            a.repeats,
+            a.cores,
+            a.total,
+            a.array_tasks,
+            a.cpus_per_task,
+        )
+    )
     return 0

@@ -356,7 +356,7 @@ def _check_values(ds, v, arr, problems):
         np.isfinite(arr) if arr.dtype.kind == 'f' else None
     )  # one pass over the array; NaN/inf split only when present
     n_bad = int(arr.size - np.count_nonzero(finite)) if finite is not None else 0
-    n_nan = int(np.isnan(arr).sum()) if n_bad else 0
+    n_nan = int(np.count_nonzero(np.isnan(arr))) if n_bad else 0
     n_inf = n_bad - n_nan
     if n_inf:
         P('error', f"{n_inf} infinite values (+-inf): the file is corrupt; download or regenerate it")
@@ -364,20 +364,26 @@ def _check_values(ds, v, arr, problems):
         if n_nan:
             P('error', f"{n_nan} NaN values in a chart (charts are uint8 with {CHART_FILL} = masked)")
         a = np.where(~np.isfinite(arr), CHART_FILL, arr) if n_nan or n_inf else arr
-        bad = (a != CHART_FILL) & ((a < 0) | (a >= N_CLASSES[v]))
+        if a.dtype == np.uint8:  # the schema's dtype: no negatives, and a class above the range is rare
+            bad = a >= N_CLASSES[v]
+            bad = bad & (a != CHART_FILL) if bad.any() else bad
+        else:
+            bad = (a != CHART_FILL) & ((a < 0) | (a >= N_CLASSES[v]))
         if bad.any():
             P(
                 'error',
                 f"{int(bad.sum())} pixels outside 0..{N_CLASSES[v] - 1} (or {CHART_FILL}), e.g. {a[bad].flat[0]!r}",
             )
-        if not (a != CHART_FILL).any():
+        if (
+            (a.min() == CHART_FILL) if a.dtype == np.uint8 else not (a != CHART_FILL).any()
+        ):  # 255: uint8's max
             P('warning', 'the chart is masked everywhere')
         if 'chart_fill_value' in ds[v].attrs and int(ds[v].attrs['chart_fill_value']) != CHART_FILL:
             P('error', f"chart_fill_value is {ds[v].attrs['chart_fill_value']}, expected {CHART_FILL}")
     elif s.group == 'sar':
         if n_nan:
             P('error', f"{n_nan} NaN values (no data must be stored as {SAR_FILL})")
-        ok = finite & (arr != SAR_FILL)
+        ok = finite & (arr != SAR_FILL) if n_bad else arr != SAR_FILL
         if not ok.any():
             P('error', 'no valid pixels (all no-data)')
             return
@@ -425,13 +431,13 @@ def _check_charts(ds, charts, problems):
         a = charts.get(c)
         if a is None or a.shape != sic.shape:
             continue
-        n = int((water & (a != 0)).sum())
+        n = int(np.count_nonzero(water & (a != 0)))  # count_nonzero: 5x a bool sum
         if n:
             problems.append(Problem('error', c, f"{n} pixels where SIC is 0 (open water) but {c} is not 0"))
-        n = int((ice & (a == 0)).sum())
+        n = int(np.count_nonzero(ice & (a == 0)))
         if n:
             problems.append(Problem('error', c, f"{n} pixels where SIC > 0 (ice) but {c} is 0 (open water)"))
-        n = int(((sic == CHART_FILL) & (a != CHART_FILL)).sum())
+        n = int(np.count_nonzero((sic == CHART_FILL) & (a != CHART_FILL)))
         if n:
             problems.append(Problem('warning', c, f"{n} pixels classified where SIC is masked"))
 
