@@ -107,25 +107,28 @@ def make_run(
     quantize_int8(onnx, run / 'export' / 'model.int8.onnx', method, calib)
     return run
 
-# %% ../../nbs/83_bench.predict.ipynb #028d13f9
+# %% ../../nbs/83_bench.predict.ipynb #722ee314
 def _child(spec: dict) -> dict:
     "One configuration in this (fresh) process: read timed alone, then `predict` end to end; seconds and peak RSS."
     import numpy as np  # in the measured child: only what a prediction loads
     from seaice_nb.inference.predict import predict  # in the measured child: only what a prediction loads
     from seaice_nb.data.scenes import open_scene  # in the measured child: only what a prediction loads
 
+    history = spec.get('history', [])
     t = time.perf_counter()
-    ds = open_scene(spec['scene'])
-    try:
-        ds.load()
-    finally:
-        ds.close()
+    for path in [*history, spec['scene']]:  # every frame the model reads, as `predict` will
+        ds = open_scene(path)
+        try:
+            ds.load()
+        finally:
+            ds.close()
     read = time.perf_counter() - t
     onnx = Path(spec['run']) / 'export' / ('model.int8.onnx' if spec['backend'] == 'int8' else 'model.onnx')
     r = predict(
         spec['run'],
         spec['scene'],
         spec['out'],
+        history=history,
         backend='torch' if spec['backend'] == 'torch' else 'onnx',
         onnx=onnx,
         threads=spec['threads'],
@@ -177,7 +180,7 @@ def run_config(spec: dict, timeout: float = 900) -> dict:
         }
     return json.loads(line[2:])
 
-# %% ../../nbs/83_bench.predict.ipynb #a6f3ef8f
+# %% ../../nbs/83_bench.predict.ipynb #ac71820a
 def bench_predict(
     size: tuple[int, int] = (5000, 5200),  # scene (lines, samples) at 80 m
     factor: int = 10,  # preprocessing downsampling
@@ -207,9 +210,16 @@ def _sweep(work, size, factor, families, backends, threads, repeat, tiny, progre
 
     log = get_logger('bench')
     t = time.perf_counter()
-    generate_scenes(work / 'scene', 1, seed=0, size=tuple(size), progress=False)
-    scene = next((work / 'scene').glob('*_prep.nc'))
+    bad = [f for f in families if f not in FAMILIES]
+    if bad:
+        raise ConfigError(f"family {bad[0]!r}; choose from {', '.join(FAMILIES)}")
+    n_frames = max(FAMILIES[f][1] for f in families)
+    # passes of one site in time order (the file names start with the acquisition time): the newest is
+    # the target, the earlier ones are the history the temporal families read
+    generate_scenes(work / 'scene', n_frames, seed=0, size=tuple(size), progress=False)
+    *earlier, scene = sorted((work / 'scene').glob('*_prep.nc'))
     synth_s = time.perf_counter() - t
+    history = {f: [str(p) for p in earlier[len(earlier) - FAMILIES[f][1] + 1 :]] for f in families}
     runs = {f: make_run(f, work / 'runs', factor, tiny, scene) for f in families}
     configs = [(f, b, n) for f in families for b in backends for n in threads]
     rows = []
@@ -223,6 +233,7 @@ def _sweep(work, size, factor, families, backends, threads, repeat, tiny, progre
                         'threads': n,
                         'run': str(runs[f]),
                         'scene': str(scene),
+                        'history': history[f],
                         'out': str(work / 'out' / f'{f}-{b}-{n}'),
                     }
                 )
@@ -252,6 +263,7 @@ def _sweep(work, size, factor, families, backends, threads, repeat, tiny, progre
         'benchmark': 'seaice bench predict',
         'scene': {
             'file': scene.name,
+            'history': [p.name for p in earlier],
             'size_80m': list(size),
             'factor': factor,
             'synthetic': True,
