@@ -16,7 +16,7 @@ from .scenes import to_polar_stereo, from_polar_stereo
 
 # %% auto #0
 __all__ = ['to_3413', 'footprint', 'overlap_fraction', 'polar_grid_latlon', 'SceneInfo', 'select_frames', 'bilinear',
-           'source_coords', 'reproject', 'stack_frames', 'sample_buffers', 'crop_sample']
+           'source_coords', 'reproject', 'stack_frames', 'plane_copier', 'copy_into', 'sample_buffers', 'crop_sample']
 
 # %% ../../nbs/20_data.stack.ipynb #eef88064
 def to_3413(lat: np.ndarray, lon: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -192,7 +192,69 @@ def stack_frames(
         sources=srcs,
     )
 
-# %% ../../nbs/20_data.stack.ipynb #c72eb3a3
+# %% ../../nbs/20_data.stack.ipynb #3d1d5143
+_CV_DTYPES = frozenset(
+    np.dtype(t) for t in (np.uint8, np.int8, np.uint16, np.int16, np.int32, np.float32, np.float64)
+)
+
+
+def _plane_writer(into: np.ndarray):
+    "(`into` as a view with positive strides, the OpenCV call that turns a plane `src` into it) or None for a plain copy."
+    if into.ndim < 2 or 0 in into.shape[-2:]:
+        return None
+    *_, s0, s1 = into.strides
+    t = abs(s0) < abs(s1)  # a transposed view: rows of `into` are columns of the buffer
+    if (s0 < 0 and s1 < 0 and t) or (s1 >= 0 and not t):
+        return None  # rows in either order (numpy is fast), or the one turn OpenCV has no single call for
+    p = into[..., ::-1, :] if s0 < 0 else into
+    p = p[..., ::-1] if s1 < 0 else p
+    p = p.swapaxes(-1, -2) if t else p
+    import cv2  # only here: the predict-only install never turns windows
+
+    if not t:
+        code = 1 if s0 > 0 else -1  # mirror the columns, or turn by 180 degrees
+        return p, lambda src, dst=None: cv2.flip(src, code, dst=dst)
+    if s0 > 0 and s1 > 0:
+        return p, lambda src, dst=None: cv2.transpose(src, dst=dst)
+    code = cv2.ROTATE_90_COUNTERCLOCKWISE if s0 > 0 else cv2.ROTATE_90_CLOCKWISE
+    return p, lambda src, dst=None: cv2.rotate(src, code, dst=dst)
+
+
+def plane_copier(into: np.ndarray, dtype):
+    "`put(i, src)`: copy the 2-D `src` (of `dtype`, the shape of a plane) into plane `into[i]`, as `np.copyto(..., casting='same_kind')` does."
+    dtype = np.dtype(dtype)
+    src_dt = np.dtype(np.uint8) if dtype.kind == 'b' else dtype  # OpenCV has no bool: the same bytes as uint8
+    w = _plane_writer(into) if src_dt in _CV_DTYPES and np.can_cast(dtype, into.dtype, 'same_kind') else None
+    if w is None:
+        return lambda i, src: np.copyto(into[i + (...,)], src, casting='same_kind')
+    p, write = w
+    same = into.dtype == dtype and p.strides[-1] == p.itemsize  # OpenCV writes into the buffer itself
+
+    def put(i, src):
+        src = src.view(src_dt)
+        if src.strides[-1] != src.itemsize:
+            src = np.ascontiguousarray(src)
+        if (
+            not same
+        ):  # a cast (e.g. uint8 charts into int64): turned by OpenCV, then cast by a contiguous copy
+            np.copyto(p[i], write(src), casting='same_kind')
+        elif write(src, p[i].view(src_dt)).ctypes.data != p[i].ctypes.data:  # OpenCV made its own array
+            np.copyto(into[i], src.view(dtype))
+
+    return put
+
+
+def copy_into(into: np.ndarray, part: np.ndarray) -> np.ndarray:
+    "`np.copyto(into, part, casting='same_kind')`, with OpenCV turning the planes when `into` is a flipped or turned view."
+    if into.ndim < 2 or part.shape != into.shape:
+        np.copyto(into, part, casting='same_kind')
+        return into
+    put = plane_copier(into, part.dtype)
+    for i in np.ndindex(*into.shape[:-2]):
+        put(i, part[i])
+    return into
+
+# %% ../../nbs/20_data.stack.ipynb #69335ae2
 def _read(a, key: tuple, n_lead: int, pick: list[int] | None, into: np.ndarray | None = None):
     "a[key] for numpy, zarr (orthogonal) or PlanarArray; copied into `into` when given (else a view where numpy allows)."
     if hasattr(a, 'read_into') and into is not None:
@@ -205,8 +267,7 @@ def _read(a, key: tuple, n_lead: int, pick: list[int] | None, into: np.ndarray |
         part = np.asarray(a[key])
     if into is None:
         return part
-    np.copyto(into, part, casting='same_kind')
-    return into
+    return copy_into(into, part)
 
 
 def _window(
