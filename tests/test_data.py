@@ -192,11 +192,13 @@ def test_bench_runs_tiny(workdir):
         frames=2,
         n_batches=3,
         warmup=1,
-        workers=(0,),
+        workers=(0, 2),  # 2: the SlotLoader's ring of shared buffers
         netcdf_batches=1,
         repeats=2,
     )
-    assert set(r['results']) == {'store_T2_w0', 'lazy_T2_w0', 'netcdf_T1_w0', 'memcpy'}
+    assert set(r['results']) == {
+        f'{k}_w{w}' for k in ('store_T2', 'lazy_T2', 'netcdf_T1') for w in (0, 2)
+    } | {'memcpy'}
     assert all(v['MB_s'] > 0 and len(v['repeats_MB_s']) >= 2 for v in r['results'].values())
     assert 0 < r['ratios']['lazy_fraction_of_memcpy_w0'] and r['ratios']['lazy_vs_netcdf_w0'] > 0
     assert set(r['goals_met']) == {'lazy_vs_netcdf_20x', 'lazy_25pct_memcpy', 'store_40pct_memcpy'}

@@ -41,10 +41,10 @@ from . import splits
 
 # %% auto #0
 __all__ = ['PlanarArray', 'open_planes', 'resolve_memory_budget', 'SceneStore', 'flip_rotate', 'PatchDataset', 'Batch',
-           'collate_batch', 'to_tensors', 'RareClassSampler', 'SceneDataset', 'loader_kwargs', 'make_loader',
-           'DataConfig', 'model_inputs', 'store_nbytes', 'build_datasets']
+           'collate_batch', 'to_tensors', 'RareClassSampler', 'SceneDataset', 'BatchSlots', 'SlotLoader',
+           'loader_kwargs', 'make_loader', 'DataConfig', 'model_inputs', 'store_nbytes', 'build_datasets']
 
-# %% ../../nbs/23_data.datasets.ipynb #0a9623c7
+# %% ../../nbs/23_data.datasets.ipynb #de2570c0
 def _planar_layout(a) -> bool:
     "True when zarr array `a` is a local, uncompressed array with one chunk per trailing (y, x) plane."
     md = getattr(a, 'metadata', None)
@@ -417,7 +417,7 @@ def flip_rotate(
     _turn_wind(out, k, flip, wind)
     return out
 
-# %% ../../nbs/23_data.datasets.ipynb #418478e4
+# %% ../../nbs/23_data.datasets.ipynb #985db211
 class PatchDataset(Dataset):
     "Random training patches `[T, C, P, P]` from a preprocessed store (see the data card above)."
 
@@ -534,13 +534,29 @@ class PatchDataset(Dataset):
             s = flip_rotate(s, k, flip, self._wind)
         return to_tensors(s)
 
+    def sample_shapes(self) -> dict:
+        "Empty numpy arrays of one sample's shapes and dtypes (`sample_buffers`)."
+        P = self.patch_size
+        return sample_buffers(
+            self.n_frames,
+            len(self.channels),
+            P,
+            P,
+            len(self.amsr2_channels),
+            len(self.era5_channels),
+            self.coarse_factor,
+        )
+
     def __getitems__(self, indices: list[int]) -> Batch:
         "Samples `indices` cut straight into one batch (each value copied once, already flipped); see `collate_batch`."
+        shapes = self.sample_shapes()
         P, cf = self.patch_size, self.coarse_factor
-        shapes = sample_buffers(
-            self.n_frames, len(self.channels), P, P, len(self.amsr2_channels), len(self.era5_channels), cf
-        )
-        batch = {k: _batch_tensor((len(indices),) + v.shape, v.dtype) for k, v in shapes.items()}
+        slots = _WORKER_SLOTS  # set in the workers of a SlotLoader only
+        slot = slots.acquire(get_worker_info().id, len(indices)) if slots is not None else None
+        if slot is not None:  # a buffer of the ring, its pages mapped already
+            batch = {k: v[slot, : len(indices)] for k, v in slots.buffers.items()}
+        else:
+            batch = {k: _batch_tensor((len(indices),) + v.shape, v.dtype) for k, v in shapes.items()}
         views = {k: v.numpy() for k, v in batch.items()}
         metas = []
         for b, i in enumerate(indices):
@@ -562,7 +578,10 @@ class PatchDataset(Dataset):
             _turn_wind(mine, k, flip, self._wind)
             metas.append(s['meta'])
         batch['meta'] = default_collate(metas)
-        return Batch(batch)
+        out = Batch(batch)
+        if slot is not None:  # what crosses to the main process: the slot's number, not its tensors
+            out.batch = {_SLOT: slot, 'n': len(indices), 'meta': batch['meta']}
+        return out
 
 
 _POOL: list = []  # [mmap, weakref to the array over it]: batch buffers, reused once nothing refers to them
@@ -716,7 +735,97 @@ class SceneDataset(Dataset):
             )
         )
 
-# %% ../../nbs/23_data.datasets.ipynb #98f3c4a8
+# %% ../../nbs/23_data.datasets.ipynb #a4039747
+_SLOT = '_seaice_slot'  # key of the batch a SlotLoader worker sends: the slot's number instead of tensors
+_WORKER_SLOTS = None  # the BatchSlots of this process's SlotLoader, in its workers only
+
+
+class BatchSlots:
+    "A ring of batch buffers in shared memory, made once by the main process for a `SlotLoader`'s workers."
+
+    def __init__(
+        self,
+        shapes: dict,  # key -> numpy array of one sample's shape and dtype (`sample_buffers`)
+        batch_size: int,
+        n_workers: int,
+        per_worker: int,  # slots of each worker
+    ):
+        n = n_workers * per_worker
+        self.batch_size, self.per_worker = batch_size, per_worker
+        self.buffers = {
+            k: torch.zeros((n, batch_size) + v.shape, dtype=torch.from_numpy(v).dtype).share_memory_()
+            for k, v in shapes.items()
+        }  # zeros: every page is mapped once, here, not in each batch
+        self.state = torch.zeros(n, dtype=torch.uint8).share_memory_()  # 1: a worker filled it, 0: free
+        self.nbytes = sum(v.numel() * v.element_size() for v in self.buffers.values())
+
+    def acquire(self, worker: int, n: int) -> int | None:
+        "A free slot of `worker` for a batch of `n`, marked taken; None when all of its slots are taken."
+        if n > self.batch_size:
+            return None
+        state = self.state.numpy()
+        for j in range(worker * self.per_worker, (worker + 1) * self.per_worker):
+            if state[j] == 0:
+                state[j] = 1
+                return j
+        return None
+
+    def take(self, sent: dict, pin: bool = False) -> dict:
+        "The batch a worker `sent`: copied out of its slot (pinned memory with `pin`), and the slot freed."
+        j, n = sent[_SLOT], sent['n']
+        out = {}
+        for k, buf in self.buffers.items():
+            src = buf[j, :n].numpy()
+            dst = (
+                torch.empty(src.shape, dtype=buf.dtype, pin_memory=True)
+                if pin
+                else _batch_tensor(src.shape, src.dtype)
+            )
+            np.copyto(dst.numpy(), src)
+            out[k] = dst
+        self.state[j] = 0
+        out['meta'] = sent['meta']
+        return out
+
+
+def _slot_worker_init(slots: BatchSlots, init, worker_id: int):
+    global _WORKER_SLOTS
+    _WORKER_SLOTS = slots
+    if init is not None:
+        init(worker_id)
+
+
+class SlotLoader(DataLoader):
+    "A `DataLoader` (with `collate_batch`) whose workers cut `PatchDataset` batches into a ring of shared buffers made once; see above."
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        *args,
+        slot_budget_gb: float = 4.0,  # the most shared memory the ring may take (fewer slots per worker, at least 1)
+        **kwargs,
+    ):
+        kwargs['collate_fn'] = collate_batch
+        super().__init__(dataset, *args, **kwargs)
+        self.slots = None
+        if self.num_workers > 0 and isinstance(dataset, PatchDataset) and self.batch_size:
+            shapes = dataset.sample_shapes()
+            one = self.batch_size * sum(v.nbytes for v in shapes.values())
+            per = max(
+                1, min((self.prefetch_factor or 2) + 1, int(slot_budget_gb * 1e9 // (one * self.num_workers)))
+            )
+            self.slots = BatchSlots(shapes, self.batch_size, self.num_workers, per)
+            self.worker_init_fn = functools.partial(_slot_worker_init, self.slots, self.worker_init_fn)
+
+    def __iter__(self):
+        it = super().__iter__()
+        return it if self.slots is None else self._unslot(it)
+
+    def _unslot(self, it):
+        for b in it:
+            yield self.slots.take(b, self.pin_memory) if isinstance(b, dict) and _SLOT in b else b
+
+# %% ../../nbs/23_data.datasets.ipynb #aa31ce5d
 def loader_kwargs(
     batch_size: int = 16,  # samples per batch
     num_workers: int | None = None,  # None: min(8, usable CPUs)
@@ -748,9 +857,7 @@ def make_loader(
     kw = loader_kwargs(batch_size, num_workers, device, train)
     if isinstance(dataset, SceneDataset) and dataset.items and dataset.items[0][3] != dataset.items[-1][3]:
         kw['batch_size'] = 1
-    return DataLoader(
-        dataset, sampler=sampler, shuffle=(train and sampler is None), collate_fn=collate_batch, **kw
-    )
+    return SlotLoader(dataset, sampler=sampler, shuffle=(train and sampler is None), **kw)
 
 # %% ../../nbs/23_data.datasets.ipynb #1ec9e6b7
 @dataclass
