@@ -417,7 +417,7 @@ def flip_rotate(
     _turn_wind(out, k, flip, wind)
     return out
 
-# %% ../../nbs/23_data.datasets.ipynb #985db211
+# %% ../../nbs/23_data.datasets.ipynb #d163a90c
 class PatchDataset(Dataset):
     "Random training patches `[T, C, P, P]` from a preprocessed store (see the data card above)."
 
@@ -550,13 +550,21 @@ class PatchDataset(Dataset):
     def __getitems__(self, indices: list[int]) -> Batch:
         "Samples `indices` cut straight into one batch (each value copied once, already flipped); see `collate_batch`."
         shapes = self.sample_shapes()
-        P, cf = self.patch_size, self.coarse_factor
         slots = _WORKER_SLOTS  # set in the workers of a SlotLoader only
         slot = slots.acquire(get_worker_info().id, len(indices)) if slots is not None else None
         if slot is not None:  # a buffer of the ring, its pages mapped already
             batch = {k: v[slot, : len(indices)] for k, v in slots.buffers.items()}
         else:
             batch = {k: _batch_tensor((len(indices),) + v.shape, v.dtype) for k, v in shapes.items()}
+        try:
+            return self._cut(indices, batch, slot)
+        except BaseException:
+            if slot is not None:
+                slots.release(slot)  # nothing will be sent from it
+            raise
+
+    def _cut(self, indices: list[int], batch: dict, slot: int | None) -> Batch:
+        P, cf = self.patch_size, self.coarse_factor
         views = {k: v.numpy() for k, v in batch.items()}
         metas = []
         for b, i in enumerate(indices):
@@ -609,8 +617,7 @@ def _batch_tensor(shape: tuple, dtype) -> torch.Tensor:
     t = torch.from_numpy(np.empty(0, dtype))
     n = math.prod(shape) * t.element_size()
     if get_worker_info() is not None:
-        storage = t._typed_storage()._new_shared(math.prod(shape), device='cpu')
-        return t.new(storage).resize_(shape)
+        return _shared_tensor(shape, dtype)
     if n < 1 << 22:
         return torch.empty(shape, dtype=t.dtype)
     return torch.from_numpy(
@@ -735,13 +742,19 @@ class SceneDataset(Dataset):
             )
         )
 
-# %% ../../nbs/23_data.datasets.ipynb #a4039747
+# %% ../../nbs/23_data.datasets.ipynb #9536a48d
 _SLOT = '_seaice_slot'  # key of the batch a SlotLoader worker sends: the slot's number instead of tensors
 _WORKER_SLOTS = None  # the BatchSlots of this process's SlotLoader, in its workers only
 
 
+def _shared_tensor(shape: tuple, dtype) -> torch.Tensor:
+    "An uninitialised tensor in shared memory (how a loader worker hands a batch over)."
+    t = torch.from_numpy(np.empty(0, dtype))
+    return t.new(t._typed_storage()._new_shared(math.prod(shape), device='cpu')).resize_(shape)
+
+
 class BatchSlots:
-    "A ring of batch buffers in shared memory, made once by the main process for a `SlotLoader`'s workers."
+    "A ring of batch buffers in shared memory, made by the main process for one pass of a `SlotLoader` (every pass of a persistent one)."
 
     def __init__(
         self,
@@ -751,20 +764,29 @@ class BatchSlots:
         per_worker: int,  # slots of each worker
     ):
         n = n_workers * per_worker
-        self.batch_size, self.per_worker = batch_size, per_worker
+        self.batch_size, self.n_workers, self.per_worker = batch_size, n_workers, per_worker
         self.buffers = {
-            k: torch.zeros((n, batch_size) + v.shape, dtype=torch.from_numpy(v).dtype).share_memory_()
-            for k, v in shapes.items()
-        }  # zeros: every page is mapped once, here, not in each batch
-        self.state = torch.zeros(n, dtype=torch.uint8).share_memory_()  # 1: a worker filled it, 0: free
+            k: _shared_tensor((n, batch_size) + v.shape, v.dtype).zero_() for k, v in shapes.items()
+        }  # zeroed: every page is mapped once, here, not in each batch
+        self.state = _shared_tensor((n,), np.uint8).zero_()  # 1: a worker filled it, 0: free
+        self.generation = _shared_tensor((1,), np.int64).zero_()  # the loader's pass
+        self._seen = None  # in a worker: the pass it last saw
         self.nbytes = sum(v.numel() * v.element_size() for v in self.buffers.values())
+
+    def new_pass(self):
+        "Before a persistent loader's next pass: its workers then free their slots (batches of the last pass the loader drained unread)."
+        self.generation += 1
 
     def acquire(self, worker: int, n: int) -> int | None:
         "A free slot of `worker` for a batch of `n`, marked taken; None when all of its slots are taken."
-        if n > self.batch_size:
+        if n > self.batch_size or not 0 <= worker < self.n_workers:
             return None
-        state = self.state.numpy()
-        for j in range(worker * self.per_worker, (worker + 1) * self.per_worker):
+        state, mine = self.state.numpy(), range(worker * self.per_worker, (worker + 1) * self.per_worker)
+        g = int(self.generation[0])
+        if g != self._seen:  # a new pass: what this worker's slots held, the loader has dropped
+            state[mine.start : mine.stop] = 0
+            self._seen = g
+        for j in mine:
             if state[j] == 0:
                 state[j] = 1
                 return j
@@ -783,9 +805,12 @@ class BatchSlots:
             )
             np.copyto(dst.numpy(), src)
             out[k] = dst
-        self.state[j] = 0
+        self.release(j)
         out['meta'] = sent['meta']
         return out
+
+    def release(self, j: int):
+        self.state[j] = 0
 
 
 def _slot_worker_init(slots: BatchSlots, init, worker_id: int):
@@ -796,34 +821,46 @@ def _slot_worker_init(slots: BatchSlots, init, worker_id: int):
 
 
 class SlotLoader(DataLoader):
-    "A `DataLoader` (with `collate_batch`) whose workers cut `PatchDataset` batches into a ring of shared buffers made once; see above."
+    "A `DataLoader` (with `collate_batch`) whose workers cut `PatchDataset` batches into a ring of shared buffers; see above."
 
     def __init__(
         self,
         dataset: Dataset,
-        *args,
-        slot_budget_gb: float = 4.0,  # the most shared memory the ring may take (fewer slots per worker, at least 1)
-        **kwargs,
+        *,
+        slot_budget_gb: float = 4.0,  # the most shared memory a ring may take (fewer slots per worker, at least 1)
+        **kwargs,  # DataLoader's
     ):
-        kwargs['collate_fn'] = collate_batch
-        super().__init__(dataset, *args, **kwargs)
-        self.slots = None
-        if self.num_workers > 0 and isinstance(dataset, PatchDataset) and self.batch_size:
-            shapes = dataset.sample_shapes()
-            one = self.batch_size * sum(v.nbytes for v in shapes.values())
-            per = max(
-                1, min((self.prefetch_factor or 2) + 1, int(slot_budget_gb * 1e9 // (one * self.num_workers)))
+        if kwargs.setdefault('collate_fn', collate_batch) is not collate_batch:
+            raise ConfigError(
+                "a SlotLoader collates with collate_batch; use a plain DataLoader for another collate_fn"
             )
-            self.slots = BatchSlots(shapes, self.batch_size, self.num_workers, per)
-            self.worker_init_fn = functools.partial(_slot_worker_init, self.slots, self.worker_init_fn)
+        super().__init__(dataset, **kwargs)
+        self.slot_budget_gb, self._init, self.slots = slot_budget_gb, self.worker_init_fn, None
+
+    def _new_slots(self) -> BatchSlots:
+        shapes = self.dataset.sample_shapes()
+        one = self.batch_size * sum(v.nbytes for v in shapes.values())
+        budget = int(self.slot_budget_gb * 1e9 // (one * self.num_workers))
+        slots = BatchSlots(
+            shapes, self.batch_size, self.num_workers, max(1, min(self.prefetch_factor + 1, budget))
+        )
+        self.worker_init_fn = functools.partial(_slot_worker_init, slots, self._init)
+        return slots
 
     def __iter__(self):
-        it = super().__iter__()
-        return it if self.slots is None else self._unslot(it)
+        if not (self.num_workers > 0 and isinstance(self.dataset, PatchDataset) and self.batch_size):
+            return super().__iter__()
+        if not self.persistent_workers:
+            self.slots = self._new_slots()  # a ring per pass: two passes alive at once never share one
+        elif self.slots is None:
+            self.slots = self._new_slots()  # the workers, made by this first pass, keep it
+        else:
+            self.slots.new_pass()
+        return self._unslot(super().__iter__(), self.slots)
 
-    def _unslot(self, it):
+    def _unslot(self, it, slots: BatchSlots):
         for b in it:
-            yield self.slots.take(b, self.pin_memory) if isinstance(b, dict) and _SLOT in b else b
+            yield slots.take(b, self.pin_memory) if isinstance(b, dict) and _SLOT in b else b
 
 # %% ../../nbs/23_data.datasets.ipynb #aa31ce5d
 def loader_kwargs(

@@ -192,7 +192,7 @@ def stack_frames(
         sources=srcs,
     )
 
-# %% ../../nbs/20_data.stack.ipynb #3d1d5143
+# %% ../../nbs/20_data.stack.ipynb #910af943
 _CV_DTYPES = frozenset(
     np.dtype(t) for t in (np.uint8, np.int8, np.uint16, np.int16, np.int32, np.float32, np.float64)
 )
@@ -237,7 +237,7 @@ def plane_copier(into: np.ndarray, dtype):
         if (
             not same
         ):  # a cast (e.g. uint8 charts into int64): turned by OpenCV, then cast by a contiguous copy
-            np.copyto(p[i], write(src), casting='same_kind')
+            np.copyto(p[i], write(src).view(dtype), casting='same_kind')
         elif write(src, p[i].view(src_dt)).ctypes.data != p[i].ctypes.data:  # OpenCV made its own array
             np.copyto(into[i], src.view(dtype))
 
