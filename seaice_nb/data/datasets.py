@@ -742,7 +742,7 @@ class SceneDataset(Dataset):
             )
         )
 
-# %% ../../nbs/23_data.datasets.ipynb #9536a48d
+# %% ../../nbs/23_data.datasets.ipynb #3529f9e2
 _SLOT = '_seaice_slot'  # key of the batch a SlotLoader worker sends: the slot's number instead of tensors
 _WORKER_SLOTS = None  # the BatchSlots of this process's SlotLoader, in its workers only
 
@@ -769,24 +769,14 @@ class BatchSlots:
             k: _shared_tensor((n, batch_size) + v.shape, v.dtype).zero_() for k, v in shapes.items()
         }  # zeroed: every page is mapped once, here, not in each batch
         self.state = _shared_tensor((n,), np.uint8).zero_()  # 1: a worker filled it, 0: free
-        self.generation = _shared_tensor((1,), np.int64).zero_()  # the loader's pass
-        self._seen = None  # in a worker: the pass it last saw
         self.nbytes = sum(v.numel() * v.element_size() for v in self.buffers.values())
-
-    def new_pass(self):
-        "Before a persistent loader's next pass: its workers then free their slots (batches of the last pass the loader drained unread)."
-        self.generation += 1
 
     def acquire(self, worker: int, n: int) -> int | None:
         "A free slot of `worker` for a batch of `n`, marked taken; None when all of its slots are taken."
         if n > self.batch_size or not 0 <= worker < self.n_workers:
             return None
-        state, mine = self.state.numpy(), range(worker * self.per_worker, (worker + 1) * self.per_worker)
-        g = int(self.generation[0])
-        if g != self._seen:  # a new pass: what this worker's slots held, the loader has dropped
-            state[mine.start : mine.stop] = 0
-            self._seen = g
-        for j in mine:
+        state = self.state.numpy()
+        for j in range(worker * self.per_worker, (worker + 1) * self.per_worker):
             if state[j] == 0:
                 state[j] = 1
                 return j
@@ -854,13 +844,14 @@ class SlotLoader(DataLoader):
             self.slots = self._new_slots()  # a ring per pass: two passes alive at once never share one
         elif self.slots is None:
             self.slots = self._new_slots()  # the workers, made by this first pass, keep it
-        else:
-            self.slots.new_pass()
         return self._unslot(super().__iter__(), self.slots)
 
     def _unslot(self, it, slots: BatchSlots):
         for b in it:
             yield slots.take(b, self.pin_memory) if isinstance(b, dict) and _SLOT in b else b
+        # the pass is complete: every task was returned, so no worker holds a slot now. Slots still marked
+        # taken belong to batches an abandoned earlier pass left unread (the loader drained them): free them
+        slots.state.zero_()
 
 # %% ../../nbs/23_data.datasets.ipynb #aa31ce5d
 def loader_kwargs(
